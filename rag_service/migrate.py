@@ -1,0 +1,799 @@
+"""The re-embedding worker (``embedshift migrate run``): backfill, then catch up on the queue.
+
+Safe to kill at any instant. Each batch is one transaction: binary COPY of the vectors into a temp
+staging table, one upsert into the side table guarded by the content hash (a row re-worded while
+it was being embedded is not stored), the queue entries it served, its status row and the
+checkpoint. Whatever was not committed is simply found again by the next run: pending rows are
+defined by the data (no vector, or a vector whose hash is not the text's), never by a counter.
+
+Two phases, one pipeline:
+
+1. **backfill** pages the source by primary key from the last checkpoint, skipping rows that
+   already have a current vector. A completed pass is recorded, so later runs skip it.
+2. **catch-up** drains the queue the trigger fills (rows inserted or re-worded since setup),
+   so work after the backfill is proportional to what changed.
+
+Embedding requests run ``concurrency`` batches ahead of the writer; batches are written in order
+on one connection, which keeps the checkpoint contiguous.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any, Literal, Protocol
+
+import psycopg
+from pgvector.psycopg import register_vector_async
+from psycopg import sql
+
+from rag_service.errors import (
+    BudgetExceeded,
+    ConfigError,
+    DatabaseError,
+    EmbedshiftError,
+    WorkerBusy,
+)
+from rag_service.providers.base import EmbeddingProvider, Embeddings, Purpose
+from rag_service.providers.pricing import PriceTable
+from rag_service.schema import (
+    Layout,
+    check_target_compatible,
+    connect,
+    first_line,
+    inspect_source,
+    table_exists,
+)
+from rag_service.spec import DataPlaneSpec
+
+log = logging.getLogger(__name__)
+
+Phase = Literal["backfill", "catchup"]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Rows whose id hashes to ``index`` modulo ``count``; one worker (advisory lock) per shard."""
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, value: str) -> Shard:
+        """``I/N`` with 0 ≤ I < N. Pure."""
+        try:
+            index_text, count_text = value.split("/")
+            shard = cls(index=int(index_text), count=int(count_text))
+        except ValueError:
+            raise ConfigError(f"--shard: {value!r} must be I/N, e.g. 0/4") from None
+        if not 0 <= shard.index < shard.count:
+            raise ConfigError(f"--shard: {value!r} needs 0 ≤ I < N, e.g. 0/4 … 3/4")
+        return shard
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    limit: int | None = None
+    categories: tuple[str, ...] = ()
+    shard: Shard = field(default_factory=Shard)
+    batch_size: int = 100
+    concurrency: int = 4
+    budget_usd: float | None = None
+    rescan: bool = False
+    max_catchup_passes: int = 20
+
+
+@dataclass(frozen=True)
+class SourceRow:
+    id: Any
+    text: str
+    category: str | None
+    content_hash: bytes
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Rows to embed, plus queue entries to settle without embedding (already current or gone)."""
+
+    phase: Phase
+    rows: tuple[SourceRow, ...]
+    queue_entries: tuple[tuple[Any, int], ...] = ()  # (id, seq) read from the queue
+    unembeddable_ids: tuple[Any, ...] = ()  # text became empty: drop their vectors
+    checkpoint_id: Any = None
+
+
+@dataclass
+class RunReport:
+    target: str
+    embedded: int = 0
+    changed_while_embedding: int = 0
+    settled_from_queue: int = 0
+    tokens: int = 0
+    cost_usd: float = 0.0
+    batches: int = 0
+    seconds: float = 0.0
+    pending: int = 0
+    stopped_by: str | None = None  # "limit" when --limit ended the run early
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+
+class ProgressSink(Protocol):
+    """Where a run reports progress: a progress bar, JSON lines, or nothing."""
+
+    def started(self, *, total: int, target: str, phase: Phase) -> None: ...
+
+    def advanced(self, *, rows: int, tokens: int, cost_usd: float) -> None: ...
+
+    def finished(self, report: RunReport) -> None: ...
+
+
+class NullProgress:
+    def started(self, *, total: int, target: str, phase: Phase) -> None:
+        return None
+
+    def advanced(self, *, rows: int, tokens: int, cost_usd: float) -> None:
+        return None
+
+    def finished(self, report: RunReport) -> None:
+        return None
+
+
+def shard_filter(column: sql.Composable, shard: Shard) -> sql.Composable:
+    """SQL true for ids in ``shard``; stable across processes (PostgreSQL's own hash). Pure."""
+    if shard.count == 1:
+        return sql.SQL("true")
+    return sql.SQL("(((hashtextextended({col}::text, 0) % {n}) + {n}) % {n}) = {i}").format(
+        col=column, n=sql.Literal(shard.count), i=sql.Literal(shard.index)
+    )
+
+
+def _category_filter(layout: Layout, categories: Sequence[str]) -> sql.Composable:
+    if not categories:
+        return sql.SQL("true")
+    if layout.category_column is None:
+        raise ConfigError(
+            "--category: the spec has no categoryColumn, so rows cannot be chosen by category; "
+            "set spec.database.categoryColumn (or --category-column)"
+        )
+    return sql.SQL("{} = ANY({})").format(layout.s_category, sql.Literal(list(categories)))
+
+
+def pending_query(layout: Layout, options: RunOptions) -> sql.Composable:
+    """Embeddable source rows with no vector or a stale one, within shard and categories. Pure."""
+    return sql.SQL(
+        "SELECT count(*) FROM {src} s LEFT JOIN {tgt} t ON t.id = {sid}\n"
+        "WHERE {embeddable} AND {shard} AND {cats}\n"
+        "  AND (t.id IS NULL OR t.content_hash <> {hash})"
+    ).format(
+        src=layout.source.ident,
+        tgt=layout.target.ident,
+        sid=layout.s_id,
+        embeddable=layout.s_embeddable,
+        shard=shard_filter(layout.s_id, options.shard),
+        cats=_category_filter(layout, options.categories),
+        hash=layout.s_hash,
+    )
+
+
+async def _scalar(conn: psycopg.AsyncConnection[Any], query: sql.Composable, params: Any = None) -> Any:
+    cur = await conn.execute(query, params)
+    row = await cur.fetchone()
+    return row[0] if row else None
+
+
+class _Checkpoint:
+    """The backfill cursor of one (target, shard, category set); an optimisation, not a truth."""
+
+    def __init__(self, layout: Layout, options: RunOptions) -> None:
+        self._layout = layout
+        self.key = (
+            str(layout.target),
+            options.shard.index,
+            options.shard.count,
+            ",".join(sorted(options.categories)),
+        )
+
+    async def read(self, conn: psycopg.AsyncConnection[Any]) -> tuple[str | None, bool]:
+        cur = await conn.execute(
+            sql.SQL(
+                "SELECT last_id, completed_at IS NOT NULL FROM {} WHERE target_table = %s "
+                "AND shard_index = %s AND shard_count = %s AND categories = %s"
+            ).format(self._layout.checkpoint.ident),
+            self.key,
+        )
+        row = await cur.fetchone()
+        return (row[0], bool(row[1])) if row else (None, False)
+
+    def write(self, *, last_id: Any, completed: bool) -> tuple[sql.Composable, tuple[Any, ...]]:
+        return (
+            sql.SQL(
+                "INSERT INTO {} (target_table, shard_index, shard_count, categories, last_id, "
+                "completed_at, updated_at) VALUES (%s, %s, %s, %s, %s, "
+                "CASE WHEN %s THEN now() END, now())\n"
+                "ON CONFLICT (target_table, shard_index, shard_count, categories) DO UPDATE SET "
+                "last_id = COALESCE(EXCLUDED.last_id, {}.last_id), "
+                "completed_at = EXCLUDED.completed_at, updated_at = now()"
+            ).format(self._layout.checkpoint.ident, sql.Identifier(self._layout.checkpoint.name)),
+            (*self.key, None if last_id is None else str(last_id), completed),
+        )
+
+
+class Worker:
+    """One run of one shard. Holds three connections: lock+reads, writes, and nothing else."""
+
+    def __init__(
+        self,
+        *,
+        layout: Layout,
+        provider: EmbeddingProvider,
+        prices: PriceTable,
+        options: RunOptions,
+        migration: str,
+        progress: ProgressSink,
+        reader: psycopg.AsyncConnection[Any],
+        writer: psycopg.AsyncConnection[Any],
+    ) -> None:
+        self.layout = layout
+        self.provider = provider
+        self.prices = prices
+        self.options = options
+        self.migration = migration
+        self.progress = progress
+        self.reader = reader
+        self.writer = writer
+        self.report = RunReport(target=layout.migration_target)
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self._checkpoint = _Checkpoint(layout, options)
+        self._spent_before = 0.0
+        self._launched = 0
+        self._id_typname = "text"
+        self._id_type = sql.SQL(layout.id_type)
+        provider_name, _, rest = layout.target_spec.descriptor.partition(":")
+        self._price_key = (provider_name, rest.rsplit("@", 1)[0])
+
+    # ---- reading -------------------------------------------------------------------------
+
+    async def _backfill_batches(self, after: str | None) -> AsyncIterator[Batch]:
+        layout = self.layout
+        cursor: Any = after
+        first = True
+        query = sql.SQL(
+            "SELECT {sid}, {text}, {cat}, {hash} FROM {src} s LEFT JOIN {tgt} t ON t.id = {sid}\n"
+            "WHERE ({after}) AND {embeddable} AND {shard} AND {cats}\n"
+            "  AND (t.id IS NULL OR t.content_hash <> {hash})\n"
+            "ORDER BY {sid} LIMIT %(limit)s"
+        )
+        while True:
+            after_clause = (
+                sql.SQL("true")
+                if cursor is None
+                else sql.SQL("{} > CAST(%(after)s AS {})").format(layout.s_id, self._id_type)
+            )
+            limit = self._room(self.options.batch_size)
+            if limit == 0:
+                return
+            cur = await self.reader.execute(
+                query.format(
+                    sid=layout.s_id,
+                    text=layout.s_text,
+                    cat=layout.s_category,
+                    hash=layout.s_hash,
+                    src=layout.source.ident,
+                    tgt=layout.target.ident,
+                    after=after_clause,
+                    embeddable=layout.s_embeddable,
+                    shard=shard_filter(layout.s_id, self.options.shard),
+                    cats=_category_filter(layout, self.options.categories),
+                ),
+                {"after": None if cursor is None else str(cursor), "limit": limit},
+            )
+            rows = [SourceRow(r[0], r[1], r[2], r[3]) for r in await cur.fetchall()]
+            if not rows:
+                return
+            if first and after is not None:
+                log.info("backfill: resuming %s after id %s", self.options.shard, after)
+            first = False
+            cursor = rows[-1].id
+            self._launched += len(rows)
+            yield Batch(phase="backfill", rows=tuple(rows), checkpoint_id=cursor)
+
+    async def _catchup_batches(self) -> AsyncIterator[Batch]:
+        """One pass over the queue in id order."""
+        layout = self.layout
+        cursor: Any = None
+        query = sql.SQL(
+            "SELECT q.id, q.seq, {text}, {cat}, {hash}, s.{sid_col} IS NOT NULL AND {embeddable},"
+            " t.content_hash IS NOT DISTINCT FROM {hash}\n"
+            "FROM {queue} q LEFT JOIN {src} s ON {sid} = q.id LEFT JOIN {tgt} t ON t.id = q.id\n"
+            "WHERE ({after}) AND {shard} AND (s.{sid_col} IS NULL OR {cats})\n"
+            "ORDER BY q.id LIMIT %(limit)s"
+        )
+        while True:
+            after_clause = (
+                sql.SQL("true")
+                if cursor is None
+                else sql.SQL("q.id > CAST(%(after)s AS {})").format(self._id_type)
+            )
+            cur = await self.reader.execute(
+                query.format(
+                    text=layout.s_text,
+                    cat=layout.s_category,
+                    hash=layout.s_hash,
+                    sid_col=sql.Identifier(layout.id_column),
+                    sid=layout.s_id,
+                    embeddable=layout.s_embeddable,
+                    queue=layout.queue.ident,
+                    src=layout.source.ident,
+                    tgt=layout.target.ident,
+                    after=after_clause,
+                    shard=shard_filter(sql.SQL("q.id"), self.options.shard),
+                    cats=_category_filter(layout, self.options.categories),
+                ),
+                {"after": None if cursor is None else str(cursor), "limit": self.options.batch_size},
+            )
+            found = await cur.fetchall()
+            if not found:
+                return
+            cursor = found[-1][0]
+            entries = tuple((r[0], r[1]) for r in found)
+            rows: list[SourceRow] = []
+            unembeddable: list[Any] = []
+            for qid, _seq, text, cat, digest, embeddable, current in found:
+                if not embeddable:
+                    unembeddable.append(qid)
+                elif not current and self._room(len(rows) + 1) > len(rows):
+                    rows.append(SourceRow(qid, text, cat, digest))
+            served = {r.id for r in rows}
+            # Entries whose rows we are not embedding now (limit reached) stay queued.
+            keep = [
+                (qid, seq)
+                for (qid, seq), r in zip(entries, found, strict=True)
+                if qid in served or not r[5] or r[6]
+            ]
+            self._launched += len(rows)
+            yield Batch(
+                phase="catchup",
+                rows=tuple(rows),
+                queue_entries=tuple(keep),
+                unembeddable_ids=tuple(unembeddable),
+            )
+            if self.options.limit is not None and self._launched >= self.options.limit:
+                return
+
+    def _room(self, wanted: int) -> int:
+        """How many more rows ``--limit`` allows (``wanted`` when there is no limit)."""
+        if self.options.limit is None:
+            return wanted
+        return max(0, min(wanted, self.options.limit - self._launched))
+
+    # ---- embedding and writing -----------------------------------------------------------
+
+    def _estimate_cost(self, rows: Sequence[SourceRow]) -> float:
+        tokens = self.provider.estimate_tokens([r.text for r in rows])
+        return self.prices.cost(*self._price_key, tokens)
+
+    async def _pipeline(self, batches: AsyncIterator[Batch]) -> None:
+        inflight: deque[tuple[Batch, asyncio.Task[Embeddings] | None, float, datetime]] = deque()
+        reserved = 0.0
+        try:
+            async for batch in batches:
+                estimate = self._estimate_cost(batch.rows)
+                budget = self.options.budget_usd
+                spent = self._spent_before + self.report.cost_usd
+                if budget is not None and batch.rows and spent + reserved + estimate > budget:
+                    while inflight:
+                        reserved -= inflight[0][2]
+                        await self._write(*inflight.popleft())
+                    raise BudgetExceeded(
+                        f"--budget-usd: ${self._spent_before + self.report.cost_usd:.4f} of "
+                        f"${budget:.4f} spent on {self.layout.migration_target}; the next batch "
+                        f"(≈${estimate:.4f}) would exceed it. Progress is saved; raise the "
+                        "budget (spec.migration.budgetUSD) and rerun to continue"
+                    )
+                task = (
+                    asyncio.create_task(
+                        self.provider.embed([r.text for r in batch.rows], Purpose.DOCUMENT)
+                    )
+                    if batch.rows
+                    else None
+                )
+                inflight.append((batch, task, estimate, datetime.now(UTC)))
+                reserved += estimate
+                while len(inflight) >= self.options.concurrency:
+                    reserved -= inflight[0][2]
+                    await self._write(*inflight.popleft())
+            while inflight:
+                reserved -= inflight[0][2]
+                await self._write(*inflight.popleft())
+        finally:
+            for _, task, _, _ in inflight:
+                if task is not None:
+                    task.cancel()
+
+    async def _write(
+        self,
+        batch: Batch,
+        task: asyncio.Task[Embeddings] | None,
+        estimate: float,
+        started: datetime,
+    ) -> None:
+        del estimate
+        embeddings: Embeddings | None = None
+        if task is not None:
+            try:
+                embeddings = await task
+            except EmbedshiftError as exc:
+                await self._record_failure(batch, started, str(exc))
+                raise
+        layout = self.layout
+        stored_ids: list[Any] = []
+        async with self.writer.transaction():
+            if embeddings is not None and batch.rows:
+                stored_ids = await self._upsert(batch.rows, embeddings)
+            if batch.unembeddable_ids:
+                await self.writer.execute(
+                    sql.SQL(
+                        "DELETE FROM {tgt} t WHERE t.id = ANY(CAST(%s AS {idt}[])) AND NOT EXISTS "
+                        "(SELECT 1 FROM {src} s WHERE {sid} = t.id AND {embeddable})"
+                    ).format(
+                        tgt=layout.target.ident,
+                        idt=self._id_type,
+                        src=layout.source.ident,
+                        sid=layout.s_id,
+                        embeddable=layout.s_embeddable,
+                    ),
+                    [list(batch.unembeddable_ids)],
+                )
+            if batch.queue_entries:
+                # Only the (id, seq) pairs we read: a change since then renewed seq and stays.
+                await self.writer.execute(
+                    sql.SQL(
+                        "DELETE FROM {queue} q USING unnest(CAST(%s AS {idt}[]), "
+                        "CAST(%s AS bigint[])) AS served(id, seq) "
+                        "WHERE q.id = served.id AND q.seq = served.seq"
+                    ).format(queue=layout.queue.ident, idt=self._id_type),
+                    [[e[0] for e in batch.queue_entries], [e[1] for e in batch.queue_entries]],
+                )
+            usage = embeddings.usage if embeddings is not None else None
+            tokens = usage.tokens if usage else 0
+            cost = usage.cost_usd if usage else 0.0
+            stored = set(stored_ids)
+            by_category = Counter(r.category or "" for r in batch.rows if r.id in stored)
+            await self.writer.execute(
+                sql.SQL(
+                    "INSERT INTO {} (migration, target_table, target, shard, phase, status, "
+                    "first_id, last_id, rows, skipped, tokens, cost_usd, by_category, worker, "
+                    "started_at) VALUES (%s, %s, %s, %s, %s, 'done', %s, %s, %s, %s, %s, %s, "
+                    "%s::jsonb, %s, %s)"
+                ).format(layout.status.ident),
+                [
+                    self.migration,
+                    str(layout.target),
+                    layout.migration_target,
+                    str(self.options.shard),
+                    batch.phase,
+                    str(batch.rows[0].id) if batch.rows else None,
+                    str(batch.rows[-1].id) if batch.rows else None,
+                    len(stored_ids),
+                    len(batch.rows) - len(stored_ids),
+                    tokens,
+                    cost,
+                    _json(dict(by_category)),
+                    self.worker_id,
+                    started,
+                ],
+            )
+            if batch.checkpoint_id is not None:
+                query, params = self._checkpoint.write(
+                    last_id=batch.checkpoint_id, completed=False
+                )
+                await self.writer.execute(query, params)
+        self.report.batches += 1
+        self.report.embedded += len(stored_ids)
+        self.report.changed_while_embedding += len(batch.rows) - len(stored_ids)
+        self.report.settled_from_queue += len(batch.queue_entries)
+        self.report.tokens += tokens
+        self.report.cost_usd += cost
+        self.progress.advanced(rows=len(batch.rows), tokens=tokens, cost_usd=cost)
+
+    async def _upsert(self, rows: Sequence[SourceRow], embeddings: Embeddings) -> list[Any]:
+        layout = self.layout
+        vectors = embeddings.vectors
+        if vectors.shape != (len(rows), layout.target_spec.dimensions):
+            raise DatabaseError(
+                f"internal: {vectors.shape} vectors for {len(rows)} rows; nothing was stored"
+            )
+        cur = self.writer.cursor()
+        async with cur.copy(
+            "COPY embedshift_staging (id, embedding, content_hash) FROM STDIN (FORMAT BINARY)"
+        ) as copy:
+            copy.set_types([self._id_typname, layout.target_spec.vector_type, "bytea"])
+            for row, vector in zip(rows, vectors, strict=True):
+                await copy.write_row((row.id, vector, row.content_hash))
+        # FOR KEY SHARE waits out a concurrent delete (the row then drops out) and re-reads a row
+        # updated meanwhile, so the hash compared is the text as of this statement.
+        cur = await self.writer.execute(
+            sql.SQL(
+                "WITH src AS (\n"
+                "  SELECT {sid} AS id, {hash} AS content_hash, {cat} AS category FROM {src} s\n"
+                "  WHERE {sid} = ANY(CAST(%(ids)s AS {idt}[])) FOR KEY SHARE OF s\n"
+                ")\n"
+                "INSERT INTO {tgt} (id, embedding, content_hash, model, category)\n"
+                "SELECT st.id, st.embedding, st.content_hash, %(model)s, src.category\n"
+                "FROM embedshift_staging st JOIN src ON src.id = st.id "
+                "AND src.content_hash = st.content_hash\n"
+                "ON CONFLICT (id) DO UPDATE SET embedding = EXCLUDED.embedding, "
+                "content_hash = EXCLUDED.content_hash, model = EXCLUDED.model, "
+                "category = EXCLUDED.category, embedded_at = now()\n"
+                "RETURNING id"
+            ).format(
+                sid=layout.s_id,
+                hash=layout.s_hash,
+                cat=layout.s_category,
+                src=layout.source.ident,
+                idt=self._id_type,
+                tgt=layout.target.ident,
+            ),
+            {"ids": [r.id for r in rows], "model": layout.migration_target},
+        )
+        return [r[0] for r in await cur.fetchall()]
+
+    async def _record_failure(self, batch: Batch, started: datetime, error: str) -> None:
+        try:
+            await self.writer.execute(
+                sql.SQL(
+                    "INSERT INTO {} (migration, target_table, target, shard, phase, status, "
+                    "first_id, last_id, rows, error, worker, started_at) VALUES "
+                    "(%s, %s, %s, %s, %s, 'failed', %s, %s, 0, %s, %s, %s)"
+                ).format(self.layout.status.ident),
+                [
+                    self.migration,
+                    str(self.layout.target),
+                    self.layout.migration_target,
+                    str(self.options.shard),
+                    batch.phase,
+                    str(batch.rows[0].id) if batch.rows else None,
+                    str(batch.rows[-1].id) if batch.rows else None,
+                    error[:2000],
+                    self.worker_id,
+                    started,
+                ],
+            )
+            await self.writer.commit()
+        except psycopg.Error:
+            log.exception("could not record the failed batch")
+
+    # ---- the run -------------------------------------------------------------------------
+
+    async def prepare(self) -> None:
+        await register_vector_async(self.writer)
+        cur = await self.reader.execute(
+            "SELECT t.typname FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
+            "WHERE a.attrelid = to_regclass(%s) AND a.attname = %s",
+            [self.layout.source.regclass_text, self.layout.id_column],
+        )
+        row = await cur.fetchone()
+        self._id_typname = str(row[0]) if row else "text"
+        async with self.writer.transaction():
+            await self.writer.execute(
+                sql.SQL(
+                    "CREATE TEMP TABLE IF NOT EXISTS embedshift_staging "
+                    "(id {}, embedding {}, content_hash bytea) ON COMMIT DELETE ROWS"
+                ).format(self._id_type, self.layout.vector_type)
+            )
+        spent = await _scalar(
+            self.reader,
+            sql.SQL("SELECT COALESCE(sum(cost_usd), 0) FROM {} WHERE target_table = %s").format(
+                self.layout.status.ident
+            ),
+            [str(self.layout.target)],
+        )
+        self._spent_before = float(spent or 0)
+
+    async def run(self) -> RunReport:
+        started = time.monotonic()
+        last_id, completed = await self._checkpoint.read(self.reader)
+        if self.options.rescan:
+            last_id, completed = None, False
+        if not completed:
+            total = int(await _scalar(self.reader, pending_query(self.layout, self.options)) or 0)
+            self.progress.started(
+                total=min(total, self.options.limit or total),
+                target=self.layout.migration_target,
+                phase="backfill",
+            )
+            await self._pipeline(self._backfill_batches(last_id))
+            if self.options.limit is None or self._launched < self.options.limit:
+                async with self.writer.transaction():
+                    query, params = self._checkpoint.write(last_id=None, completed=True)
+                    await self.writer.execute(query, params)
+                log.info("backfill of shard %s complete", self.options.shard)
+        else:
+            queued = int(
+                await _scalar(
+                    self.reader,
+                    sql.SQL("SELECT count(*) FROM {} q WHERE {}").format(
+                        self.layout.queue.ident, shard_filter(sql.SQL("q.id"), self.options.shard)
+                    ),
+                )
+                or 0
+            )
+            self.progress.started(
+                total=min(queued, self.options.limit or queued),
+                target=self.layout.migration_target,
+                phase="catchup",
+            )
+        for _ in range(self.options.max_catchup_passes):
+            if self.options.limit is not None and self._launched >= self.options.limit:
+                self.report.stopped_by = "limit"
+                break
+            before = (self.report.batches, self.report.settled_from_queue)
+            await self._pipeline(self._catchup_batches())
+            if (self.report.batches, self.report.settled_from_queue) == before:
+                break
+        self.report.pending = int(
+            await _scalar(self.reader, pending_query(self.layout, self.options)) or 0
+        )
+        self.report.seconds = time.monotonic() - started
+        self.progress.finished(self.report)
+        return self.report
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+async def run_migration(
+    url: str,
+    spec: DataPlaneSpec,
+    *,
+    provider: EmbeddingProvider,
+    options: RunOptions,
+    migration: str,
+    prices: PriceTable | None = None,
+    progress: ProgressSink | None = None,
+) -> RunReport:
+    """Run one shard to completion (or ``--limit``/budget). Raises EmbedshiftError subclasses."""
+    if provider.dimensions != spec.target.dimensions:
+        raise ConfigError(
+            f"--target: provider gives {provider.dimensions} dimensions, spec says "
+            f"{spec.target.dimensions}"
+        )
+    reader = await connect(url, autocommit=True)
+    try:
+        layout = await inspect_source(reader, spec)
+        for table in (layout.target, layout.queue, layout.status, layout.checkpoint):
+            if not await table_exists(reader, table):
+                raise DatabaseError(
+                    f"{table} does not exist: run `embedshift migrate setup` with the same "
+                    "table and target first"
+                )
+        await check_target_compatible(reader, layout)
+        options = replace(options, categories=tuple(dict.fromkeys(options.categories)))
+        lock_key = f"embedshift:{layout.target}:{options.shard}"
+        locked = await _scalar(
+            reader, sql.SQL("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"), [lock_key]
+        )
+        if not locked:
+            raise WorkerBusy(
+                f"shard {options.shard} of {layout.target} is being migrated by another worker "
+                "(advisory lock held); wait for it, or run another --shard"
+            )
+        writer = await connect(url)
+        try:
+            worker = Worker(
+                layout=layout,
+                provider=provider,
+                prices=prices or PriceTable(),
+                options=options,
+                migration=migration,
+                progress=progress or NullProgress(),
+                reader=reader,
+                writer=writer,
+            )
+            await worker.prepare()
+            return await worker.run()
+        except psycopg.Error as exc:
+            raise DatabaseError(f"database error during the run: {first_line(exc)}") from None
+        finally:
+            await writer.close()
+    finally:
+        await reader.close()
+
+
+@dataclass
+class DryRun:
+    """What ``run`` would do now, from SQL alone: nothing is embedded, nothing written."""
+
+    target: str
+    rows: int
+    estimated_tokens: int
+    estimated_cost_usd: float
+    by_category: dict[str, int]
+    sample: list[dict[str, Any]]
+    setup_done: bool
+
+
+async def plan_run(
+    url: str,
+    spec: DataPlaneSpec,
+    *,
+    options: RunOptions,
+    prices: PriceTable | None = None,
+    sample_size: int = 10,
+) -> DryRun:
+    """Count the rows a run would embed (all rows if setup has not run) and estimate the cost.
+
+    Tokens are estimated as characters / 3, the same conservative rule budgets use.
+    """
+    prices = prices or PriceTable()
+    conn = await connect(url, autocommit=True)
+    async with conn:
+        layout = await inspect_source(conn, spec)
+        setup_done = await table_exists(conn, layout.target)
+        stale = (
+            sql.SQL("NOT EXISTS (SELECT 1 FROM {tgt} t WHERE t.id = {sid} AND t.content_hash = {h})")
+            .format(tgt=layout.target.ident, sid=layout.s_id, h=layout.s_hash)
+            if setup_done
+            else sql.SQL("true")
+        )
+        where = sql.SQL("{} AND {} AND {} AND {}").format(
+            layout.s_embeddable,
+            shard_filter(layout.s_id, options.shard),
+            _category_filter(layout, options.categories),
+            stale,
+        )
+        limit = sql.SQL("LIMIT {}").format(sql.Literal(options.limit)) if options.limit else sql.SQL("")
+        cur = await conn.execute(
+            sql.SQL(
+                "SELECT COALESCE(cat, ''), count(*), COALESCE(sum(length(txt) / 3 + 1), 0) FROM "
+                "(SELECT {cat} AS cat, {text} AS txt FROM {src} s WHERE {where} ORDER BY {sid} "
+                "{limit}) AS p GROUP BY 1 ORDER BY 1"
+            ).format(
+                cat=layout.s_category,
+                text=layout.s_text,
+                src=layout.source.ident,
+                where=where,
+                sid=layout.s_id,
+                limit=limit,
+            )
+        )
+        counts = await cur.fetchall()
+        cur = await conn.execute(
+            sql.SQL(
+                "SELECT {sid}, {cat}, left({text}, 80) FROM {src} s WHERE {where} "
+                "ORDER BY {sid} LIMIT %s"
+            ).format(
+                sid=layout.s_id, cat=layout.s_category, text=layout.s_text,
+                src=layout.source.ident, where=where,
+            ),
+            [min(sample_size, options.limit or sample_size)],
+        )
+        sample = [
+            {"id": str(r[0]), "category": r[1], "text": r[2]} for r in await cur.fetchall()
+        ]
+    tokens = sum(int(t) for _, _, t in counts)
+    provider, _, rest = spec.target.descriptor.partition(":")
+    return DryRun(
+        target=spec.target.descriptor,
+        rows=sum(int(n) for _, n, _ in counts),
+        estimated_tokens=tokens,
+        estimated_cost_usd=prices.cost(provider, rest.rsplit("@", 1)[0], tokens),
+        by_category={c: int(n) for c, n, _ in counts},
+        sample=sample,
+        setup_done=setup_done,
+    )

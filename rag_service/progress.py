@@ -1,0 +1,141 @@
+"""Where a migration stands, read from the data: ``embedshift migrate status`` and verify's counts.
+
+Counts come from the source and side tables themselves (what is true now), spend and errors from
+``embedding_migration_status`` (what the workers did).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from rag_service.errors import DatabaseError
+from rag_service.schema import Layout, connect, inspect_source, table_exists
+from rag_service.spec import DataPlaneSpec
+
+
+@dataclass(frozen=True)
+class CategoryCounts:
+    category: str
+    source: int  # embeddable source rows
+    current: int  # of those, with a vector of their current text
+    stale: int  # vectors of older text
+    no_text: int  # source rows with no text (never embedded)
+
+    @property
+    def pending(self) -> int:
+        return self.source - self.current
+
+
+@dataclass
+class MigrationProgress:
+    target: str
+    categories: list[CategoryCounts] = field(default_factory=list)
+    target_rows: int = 0
+    queued: int = 0
+    batches: int = 0
+    failed_batches: int = 0
+    tokens: int = 0
+    cost_usd: float = 0.0
+    tokens_by_category: dict[str, int] = field(default_factory=dict)
+    recent_errors: list[dict[str, Any]] = field(default_factory=list)
+
+    def total(self, attribute: str) -> int:
+        return sum(int(getattr(c, attribute)) for c in self.categories)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "total": self.total("source"),
+            "migrated": self.total("current"),
+            "pending": self.total("pending"),
+            "stale": self.total("stale"),
+            "queued": self.queued,
+            "batches": self.batches,
+            "failedBatches": self.failed_batches,
+            "tokens": self.tokens,
+            "costUSD": round(self.cost_usd, 6),
+            "byCategory": {
+                c.category: {**asdict(c), "pending": c.pending} for c in self.categories
+            },
+            "recentErrors": self.recent_errors,
+        }
+
+
+async def category_counts(
+    conn: psycopg.AsyncConnection[Any], layout: Layout
+) -> list[CategoryCounts]:
+    """Per-category source, current and stale counts, in one pass over source ⟕ target."""
+    cur = await conn.execute(
+        sql.SQL(
+            "SELECT COALESCE({cat}, '') AS category,\n"
+            "  count(*) FILTER (WHERE {embeddable}),\n"
+            "  count(t.id) FILTER (WHERE {embeddable} AND t.content_hash = {hash}),\n"
+            "  count(t.id) FILTER (WHERE t.content_hash <> {hash}),\n"
+            "  count(*) FILTER (WHERE NOT {embeddable})\n"
+            "FROM {src} s LEFT JOIN {tgt} t ON t.id = {sid}\n"
+            "GROUP BY 1 ORDER BY 1"
+        ).format(
+            cat=layout.s_category,
+            embeddable=layout.s_embeddable,
+            hash=layout.s_hash,
+            src=layout.source.ident,
+            tgt=layout.target.ident,
+            sid=layout.s_id,
+        )
+    )
+    return [CategoryCounts(*row) for row in await cur.fetchall()]
+
+
+async def count_rows(conn: psycopg.AsyncConnection[Any], table: Any) -> int:
+    cur = await conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table.ident))
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def open_layout(conn: psycopg.AsyncConnection[Any], spec: DataPlaneSpec) -> Layout:
+    """The layout of a migration whose setup has run (else a message saying to run it)."""
+    layout = await inspect_source(conn, spec)
+    if not await table_exists(conn, layout.target):
+        raise DatabaseError(
+            f"{layout.target} does not exist: run `embedshift migrate setup` (and `run`) first"
+        )
+    return layout
+
+
+async def migration_progress(url: str, spec: DataPlaneSpec, *, errors: int = 5) -> MigrationProgress:
+    conn = await connect(url, autocommit=True)
+    async with conn:
+        layout = await open_layout(conn, spec)
+        progress = MigrationProgress(target=layout.migration_target)
+        progress.categories = await category_counts(conn, layout)
+        progress.target_rows = await count_rows(conn, layout.target)
+        progress.queued = await count_rows(conn, layout.queue)
+        cur = await conn.execute(
+            sql.SQL(
+                "SELECT count(*) FILTER (WHERE status = 'done'),"
+                " count(*) FILTER (WHERE status = 'failed'),"
+                " COALESCE(sum(tokens), 0), COALESCE(sum(cost_usd), 0)"
+                " FROM {} WHERE target_table = %s"
+            ).format(layout.status.ident),
+            [str(layout.target)],
+        )
+        row = await cur.fetchone()
+        if row:
+            progress.batches, progress.failed_batches = int(row[0]), int(row[1])
+            progress.tokens, progress.cost_usd = int(row[2]), float(row[3])
+        cur = await conn.execute(
+            sql.SQL(
+                "SELECT finished_at, shard, first_id, last_id, error FROM {} "
+                "WHERE target_table = %s AND status = 'failed' ORDER BY id DESC LIMIT %s"
+            ).format(layout.status.ident),
+            [str(layout.target), errors],
+        )
+        progress.recent_errors = [
+            {"at": r[0].isoformat(), "shard": r[1], "firstId": r[2], "lastId": r[3], "error": r[4]}
+            for r in await cur.fetchall()
+        ]
+        return progress

@@ -1,0 +1,103 @@
+"""The offline provider: deterministic feature hashing of words and word pairs.
+
+No key, no network, any dimension. Texts that share words get close, unit-length vectors, which is
+what the demo, the tests and the benchmarks need from a model. ``crc32`` (not Python's ``hash()``)
+keeps vectors identical across processes and machines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from rag_service.providers.base import Embeddings, Purpose, Usage, Vectors, l2_normalise
+
+_WORD = re.compile(r"\w+")
+_BIGRAM_WEIGHT = 0.5
+_CACHE_LIMIT = 500_000
+# Below this many texts, hashing is faster than a hop to a worker thread.
+_INLINE_TEXTS = 64
+
+
+class HashEmbedder:
+    """Pure and deterministic, with a private memo of feature → (column, sign)."""
+
+    def __init__(self, dimensions: int, *, seed: str = "hash") -> None:
+        if dimensions < 1:
+            raise ValueError("dimensions must be positive")
+        self.dimensions = dimensions
+        self._seed = zlib.crc32(seed.encode())
+        self._memo: dict[str, tuple[int, float]] = {}
+
+    def _feature(self, feature: str) -> tuple[int, float]:
+        hit = self._memo.get(feature)
+        if hit is None:
+            h = zlib.crc32(feature.encode(), self._seed)
+            hit = (h % self.dimensions, 1.0 if h & 0x80000000 else -1.0)
+            if len(self._memo) >= _CACHE_LIMIT:
+                self._memo.clear()
+            self._memo[feature] = hit
+        return hit
+
+    def embed(self, texts: Sequence[str]) -> Vectors:
+        dims = self.dimensions
+        flat: list[int] = []  # row * dims + column, so one bincount builds the matrix
+        vals: list[float] = []
+        memo = self._memo
+        feature = self._feature
+        for i, text in enumerate(texts):
+            words = _WORD.findall(text.lower()) or ["<empty>"]
+            base = i * dims
+            for w in words:
+                col, sign = memo.get(w) or feature(w)
+                flat.append(base + col)
+                vals.append(sign)
+            for a, b in zip(words, words[1:], strict=False):
+                col, sign = feature(a + " " + b)
+                flat.append(base + col)
+                vals.append(sign * _BIGRAM_WEIGHT)
+        out = np.bincount(
+            np.asarray(flat, dtype=np.int64),
+            weights=np.asarray(vals, dtype=np.float64),
+            minlength=len(texts) * dims,
+        )
+        return l2_normalise(out.reshape(len(texts), dims).astype(np.float32))
+
+
+def count_words(texts: Sequence[str]) -> int:
+    """The local provider's token count: words. Pure."""
+    return sum(len(_WORD.findall(t)) or 1 for t in texts)
+
+
+class LocalProvider:
+    """``local:<name>@<dims>``; ``<name>`` seeds the hash, so two local models differ."""
+
+    def __init__(self, *, model: str, dimensions: int) -> None:
+        self._model = model
+        self._embedder = HashEmbedder(dimensions, seed=model)
+
+    @property
+    def descriptor(self) -> str:
+        return f"local:{self._model}@{self._embedder.dimensions}"
+
+    @property
+    def dimensions(self) -> int:
+        return self._embedder.dimensions
+
+    def estimate_tokens(self, texts: Sequence[str]) -> int:
+        return count_words(texts)
+
+    async def embed(self, texts: Sequence[str], purpose: Purpose) -> Embeddings:
+        del purpose  # documents and queries embed alike
+        if len(texts) <= _INLINE_TEXTS:
+            vectors = self._embedder.embed(texts)
+        else:
+            vectors = await asyncio.to_thread(self._embedder.embed, texts)
+        return Embeddings(vectors=vectors, usage=Usage(tokens=count_words(texts), requests=1))
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,496 @@
+"""Every table embedshift owns, and ``setup``: inspect the source, refuse what is unsafe, then DDL.
+
+What ``setup`` installs next to the user's source table (which is never rewritten):
+
+- the **target side table** (one per source table and target model): source id → vector, content
+  hash, model, category copy. Its id references the source with ``ON DELETE CASCADE``, so deleted
+  documents lose their vectors, and dropping the side table undoes everything.
+- the **pending queue** and a trigger on the source: every insert, and every update of the text,
+  upserts the id with a fresh ``seq``. Workers delete only the ``(id, seq)`` pairs they read, so a
+  change that races a worker stays queued and is never lost.
+- ``embedding_migration_status`` (one row per batch: rows, tokens, cost, errors), the backfill
+  checkpoint, and the routing row table ``embedshift_rollout`` that rag_service follows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from rag_service.errors import DatabaseError, SchemaRefused
+from rag_service.identifiers import TableName, derived_identifier
+from rag_service.spec import DataPlaneSpec, EmbeddingSpec
+
+log = logging.getLogger(__name__)
+
+STATUS_TABLE = "embedding_migration_status"
+CHECKPOINT_TABLE = "embedshift_backfill_checkpoint"
+ROLLOUT_TABLE = "embedshift_rollout"
+ROLLOUT_CHANNEL = "embedshift_rollout"
+
+_TEXT_TYPES = {"text", "character varying", "character", "citext"}
+_LOCK_TIMEOUT = "2s"
+_LOCK_ATTEMPTS = 6
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Resolved names and catalog facts for one (source table, target model). Immutable."""
+
+    source: TableName
+    target: TableName
+    queue: TableName
+    queue_seq: TableName
+    trigger_function: TableName
+    trigger_name: str
+    index_name: str
+    status: TableName
+    checkpoint: TableName
+    rollout: TableName
+    id_column: str
+    text_column: str
+    category_column: str | None
+    source_embedding_column: str | None
+    id_type: str
+    target_spec: EmbeddingSpec
+    source_spec: EmbeddingSpec | None
+
+    # SQL fragments over the source aliased ``s``; composed, never formatted from user input.
+    @property
+    def s_id(self) -> sql.Composable:
+        return sql.SQL("s.{}").format(sql.Identifier(self.id_column))
+
+    @property
+    def s_text(self) -> sql.Composable:
+        return sql.SQL("s.{}").format(sql.Identifier(self.text_column))
+
+    @property
+    def s_category(self) -> sql.Composable:
+        if self.category_column is None:
+            return sql.SQL("NULL::text")
+        return sql.SQL("s.{}::text").format(sql.Identifier(self.category_column))
+
+    @property
+    def s_hash(self) -> sql.Composable:
+        """The content hash, always computed by the server so reader and guard agree."""
+        return sql.SQL("sha256(convert_to({}, 'UTF8'))").format(self.s_text)
+
+    @property
+    def s_embeddable(self) -> sql.Composable:
+        """Rows with no text cannot be embedded; they are reported, never queued as pending."""
+        return sql.SQL("({0} IS NOT NULL AND btrim({0}, E' \\t\\r\\n') <> '')").format(self.s_text)
+
+    @property
+    def vector_type(self) -> sql.Composable:
+        return sql.SQL("{}({})").format(
+            sql.SQL(self.target_spec.vector_type), sql.Literal(self.target_spec.dimensions)
+        )
+
+    @property
+    def migration_target(self) -> str:
+        return self.target_spec.descriptor
+
+
+@dataclass(frozen=True)
+class SourceFacts:
+    """What the catalog says about the source table."""
+
+    relkind: str
+    columns: dict[str, str]  # name → format_type
+    id_is_unique: bool
+
+
+async def connect(url: str, *, autocommit: bool = False) -> psycopg.AsyncConnection[Any]:
+    """Connect, turning an unreachable server into one line without the password."""
+    try:
+        return await psycopg.AsyncConnection.connect(url, autocommit=autocommit, connect_timeout=10)
+    except psycopg.OperationalError as exc:
+        raise DatabaseError(
+            f"cannot connect to the database ({describe_url(url)}): {first_line(exc)}; "
+            "check DATABASE_URL (or --database-url)"
+        ) from None
+
+
+def describe_url(url: str) -> str:
+    """Host, port and database of a connection string, never the password. Pure."""
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "an unparseable connection string"
+    host = params.get("host") or "localhost"
+    port = params.get("port") or "5432"
+    return f"host={host} port={port} dbname={params.get('dbname') or '?'}"
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+async def inspect_source(conn: psycopg.AsyncConnection[Any], spec: DataPlaneSpec) -> Layout:
+    """Read the catalog, refuse a source embedshift cannot handle, and resolve every name.
+
+    Raises DatabaseError/SchemaRefused naming the table or column; changes nothing.
+    """
+    db = spec.database
+    source = db.table_name
+    facts = await _source_facts(conn, source, db.id_column)
+    if facts is None:
+        raise DatabaseError(
+            f"spec.database.table: table {str(source)!r} does not exist (check the name and "
+            "schema, e.g. public.documents)"
+        )
+    if facts.relkind == "p":
+        raise SchemaRefused(
+            f"spec.database.table: {source} is a partitioned table; embedshift cannot install its "
+            "trigger and foreign key safely on it. Point it at one partition, or migrate a "
+            "non-partitioned copy (nothing was changed)"
+        )
+    if facts.relkind not in ("r",):
+        raise SchemaRefused(
+            f"spec.database.table: {source} is not an ordinary table (relkind {facts.relkind!r}); "
+            "name the table that holds the documents (nothing was changed)"
+        )
+    wanted = {
+        "idColumn": db.id_column,
+        "textColumn": db.text_column,
+        "categoryColumn": db.category_column,
+        "sourceEmbeddingColumn": db.source_embedding_column,
+    }
+    for field, column in wanted.items():
+        if column is not None and column not in facts.columns:
+            known = ", ".join(sorted(facts.columns))
+            raise DatabaseError(
+                f"spec.database.{field}: column {column!r} not found in {source}; "
+                f"its columns are {known}"
+            )
+    text_type = facts.columns[db.text_column].split("(")[0]
+    if text_type not in _TEXT_TYPES:
+        raise SchemaRefused(
+            f"spec.database.textColumn: {source}.{db.text_column} is {text_type}, not text; "
+            "name the column that holds the document text (nothing was changed)"
+        )
+    if not facts.id_is_unique:
+        raise SchemaRefused(
+            f"spec.database.idColumn: {source}.{db.id_column} is not unique (no primary key or "
+            "unique index on that column alone); add one, or name the table's primary key "
+            "(nothing was changed)"
+        )
+    return layout_for(spec, id_type=facts.columns[db.id_column])
+
+
+def layout_for(spec: DataPlaneSpec, *, id_type: str) -> Layout:
+    """Every name embedshift uses for ``spec``. Pure."""
+    source = spec.database.table_name
+    target = spec.target_table
+    return Layout(
+        source=source,
+        target=target,
+        queue=source.sibling(derived_identifier(target.name, "pending")),
+        queue_seq=source.sibling(derived_identifier(target.name, "pending_seq")),
+        trigger_function=source.sibling(derived_identifier(target.name, "enqueue")),
+        trigger_name=derived_identifier(target.name, "trigger"),
+        index_name=derived_identifier(target.name, spec.target.index.type),
+        status=source.sibling(STATUS_TABLE),
+        checkpoint=source.sibling(CHECKPOINT_TABLE),
+        rollout=source.sibling(ROLLOUT_TABLE),
+        id_column=spec.database.id_column,
+        text_column=spec.database.text_column,
+        category_column=spec.database.category_column,
+        source_embedding_column=spec.database.source_embedding_column,
+        id_type=id_type,
+        target_spec=spec.target,
+        source_spec=spec.source,
+    )
+
+
+async def _source_facts(
+    conn: psycopg.AsyncConnection[Any], table: TableName, id_column: str
+) -> SourceFacts | None:
+    cur = await conn.execute("SELECT to_regclass(%s)::oid", [table.regclass_text])
+    row = await cur.fetchone()
+    if row is None or row[0] is None:
+        return None
+    oid = row[0]
+    cur = await conn.execute("SELECT relkind::text FROM pg_class WHERE oid = %s", [oid])
+    relkind = (await cur.fetchone() or ("?",))[0]
+    cur = await conn.execute(
+        """
+        SELECT attname, format_type(atttypid, atttypmod)
+        FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped
+        """,
+        [oid],
+    )
+    columns = {name: typ for name, typ in await cur.fetchall()}
+    cur = await conn.execute(
+        """
+        SELECT EXISTS (
+            SELECT 1 FROM pg_index i
+            JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+            WHERE i.indrelid = %s AND i.indisunique AND i.indisvalid AND i.indnkeyatts = 1
+              AND i.indpred IS NULL AND i.indexprs IS NULL AND a.attname = %s
+        )
+        """,
+        [oid, id_column],
+    )
+    unique = bool((await cur.fetchone() or (False,))[0])
+    return SourceFacts(relkind=relkind, columns=columns, id_is_unique=unique)
+
+
+async def table_exists(conn: psycopg.AsyncConnection[Any], table: TableName) -> bool:
+    cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", [table.regclass_text])
+    row = await cur.fetchone()
+    return bool(row and row[0])
+
+
+async def existing_vector_type(conn: psycopg.AsyncConnection[Any], layout: Layout) -> str | None:
+    """``vector(768)`` (or halfvec) of an existing side table, None if it does not exist."""
+    if not await table_exists(conn, layout.target):
+        return None
+    cur = await conn.execute(
+        """
+        SELECT format_type(atttypid, atttypmod) FROM pg_attribute
+        WHERE attrelid = to_regclass(%s) AND attname = 'embedding' AND NOT attisdropped
+        """,
+        [layout.target.regclass_text],
+    )
+    row = await cur.fetchone()
+    return str(row[0]) if row else "missing"
+
+
+def setup_statements(layout: Layout, *, migration: str) -> list[sql.Composable]:
+    """The idempotent DDL ``setup`` runs, in order. Pure."""
+    src = layout.source.ident
+    tgt = layout.target.ident
+    queue = layout.queue.ident
+    sid = sql.Identifier(layout.id_column)
+    id_type = sql.SQL(layout.id_type)
+    statements: list[sql.Composable] = [
+        sql.SQL("CREATE EXTENSION IF NOT EXISTS vector"),
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {tgt} (\n"
+            "    id {id_type} PRIMARY KEY REFERENCES {src} ({sid})"
+            " ON DELETE CASCADE ON UPDATE CASCADE,\n"
+            "    embedding {vtype} NOT NULL,\n"
+            "    content_hash bytea NOT NULL,\n"
+            "    model text NOT NULL,\n"
+            "    category text,\n"
+            "    embedded_at timestamptz NOT NULL DEFAULT now()\n"
+            ")"
+        ).format(tgt=tgt, id_type=id_type, src=src, sid=sid, vtype=layout.vector_type),
+        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (category)").format(
+            sql.Identifier(derived_identifier(layout.target.name, "category")), tgt
+        ),
+        sql.SQL("CREATE SEQUENCE IF NOT EXISTS {}").format(layout.queue_seq.ident),
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {queue} (\n"
+            "    id {id_type} PRIMARY KEY REFERENCES {src} ({sid})"
+            " ON DELETE CASCADE ON UPDATE CASCADE,\n"
+            "    seq bigint NOT NULL,\n"
+            "    enqueued_at timestamptz NOT NULL DEFAULT now()\n"
+            ")"
+        ).format(queue=queue, id_type=id_type, src=src, sid=sid),
+        _trigger_function(layout),
+        sql.SQL(
+            "CREATE OR REPLACE TRIGGER {name} AFTER INSERT OR UPDATE OF {cols} ON {src}\n"
+            "    FOR EACH ROW EXECUTE FUNCTION {fn}()"
+        ).format(
+            name=sql.Identifier(layout.trigger_name),
+            cols=sql.SQL(", ").join(
+                sql.Identifier(c) for c in (layout.text_column, layout.category_column) if c
+            ),
+            src=src,
+            fn=layout.trigger_function.ident,
+        ),
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {status} (\n"
+            "    id bigserial PRIMARY KEY,\n"
+            "    migration text NOT NULL,\n"
+            "    target_table text NOT NULL,\n"
+            "    target text NOT NULL,\n"
+            "    shard text NOT NULL,\n"
+            "    phase text NOT NULL,\n"
+            "    status text NOT NULL CHECK (status IN ('done', 'failed')),\n"
+            "    first_id text,\n"
+            "    last_id text,\n"
+            "    rows integer NOT NULL DEFAULT 0,\n"
+            "    skipped integer NOT NULL DEFAULT 0,\n"
+            "    tokens bigint NOT NULL DEFAULT 0,\n"
+            "    cost_usd numeric(16, 8) NOT NULL DEFAULT 0,\n"
+            "    by_category jsonb NOT NULL DEFAULT '{{}}',\n"
+            "    error text,\n"
+            "    worker text,\n"
+            "    started_at timestamptz NOT NULL,\n"
+            "    finished_at timestamptz NOT NULL DEFAULT now()\n"
+            ")"
+        ).format(status=layout.status.ident),
+        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (target_table, status, id)").format(
+            sql.Identifier(derived_identifier(STATUS_TABLE, "target")), layout.status.ident
+        ),
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {} (\n"
+            "    target_table text NOT NULL,\n"
+            "    shard_index integer NOT NULL,\n"
+            "    shard_count integer NOT NULL,\n"
+            "    categories text NOT NULL,\n"
+            "    last_id text,\n"
+            "    completed_at timestamptz,\n"
+            "    updated_at timestamptz NOT NULL DEFAULT now(),\n"
+            "    PRIMARY KEY (target_table, shard_index, shard_count, categories)\n"
+            ")"
+        ).format(layout.checkpoint.ident),
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {} (\n"
+            "    migration text PRIMARY KEY,\n"
+            "    percentage integer NOT NULL DEFAULT 0 CHECK (percentage BETWEEN 0 AND 100),\n"
+            "    emergency boolean NOT NULL DEFAULT false,\n"
+            "    reason text NOT NULL DEFAULT '',\n"
+            "    source jsonb,\n"
+            "    target jsonb,\n"
+            "    updated_at timestamptz NOT NULL DEFAULT now()\n"
+            ")"
+        ).format(layout.rollout.ident),
+        sql.SQL(
+            "INSERT INTO {} (migration, percentage, source, target) VALUES ({}, 0, {}, {})\n"
+            "    ON CONFLICT (migration) DO UPDATE\n"
+            "    SET source = EXCLUDED.source, target = EXCLUDED.target, updated_at = now()"
+        ).format(
+            layout.rollout.ident,
+            sql.Literal(migration),
+            sql.Literal(json.dumps(_source_descriptor(layout))),
+            sql.Literal(json.dumps(_target_descriptor(layout))),
+        ),
+    ]
+    return statements
+
+
+def _source_descriptor(layout: Layout) -> dict[str, Any]:
+    return {
+        "table": str(layout.source),
+        "idColumn": layout.id_column,
+        "textColumn": layout.text_column,
+        "categoryColumn": layout.category_column,
+        "embeddingColumn": layout.source_embedding_column,
+        "model": layout.source_spec.descriptor if layout.source_spec else None,
+    }
+
+
+def _target_descriptor(layout: Layout) -> dict[str, Any]:
+    return {
+        "table": str(layout.target),
+        "embeddingColumn": "embedding",
+        "vectorType": layout.target_spec.vector_type,
+        "model": layout.target_spec.descriptor,
+        "index": layout.index_name,
+    }
+
+
+def _trigger_function(layout: Layout) -> sql.Composable:
+    """Queue inserted and re-worded rows; keep the target's category copy in step.
+
+    ``seq`` changes on every enqueue, so a worker's ``DELETE ... WHERE seq = <what it read>``
+    cannot remove an entry that a later change renewed.
+    """
+    new_text = sql.SQL("NEW.{}").format(sql.Identifier(layout.text_column))
+    old_text = sql.SQL("OLD.{}").format(sql.Identifier(layout.text_column))
+    category_sync: sql.Composable = sql.SQL("")
+    if layout.category_column:
+        cat = sql.Identifier(layout.category_column)
+        category_sync = sql.SQL(
+            "    IF TG_OP = 'UPDATE' AND NEW.{cat} IS DISTINCT FROM OLD.{cat} THEN\n"
+            "        UPDATE {tgt} SET category = NEW.{cat}::text WHERE id = NEW.{sid};\n"
+            "    END IF;\n"
+        ).format(cat=cat, tgt=layout.target.ident, sid=sql.Identifier(layout.id_column))
+    return sql.SQL(
+        "CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $embedshift$\n"
+        "BEGIN\n"
+        "    IF TG_OP = 'INSERT' OR {new_text} IS DISTINCT FROM {old_text} THEN\n"
+        "        INSERT INTO {queue} (id, seq) VALUES (NEW.{sid}, nextval({seq}))\n"
+        "        ON CONFLICT (id) DO UPDATE SET seq = EXCLUDED.seq, enqueued_at = now();\n"
+        "    END IF;\n"
+        "{category_sync}"
+        "    RETURN NULL;\n"
+        "END\n"
+        "$embedshift$"
+    ).format(
+        fn=layout.trigger_function.ident,
+        new_text=new_text,
+        old_text=old_text,
+        queue=layout.queue.ident,
+        sid=sql.Identifier(layout.id_column),
+        seq=sql.Literal(str(layout.queue_seq.ident.as_string())),
+        category_sync=category_sync,
+    )
+
+
+async def check_target_compatible(conn: psycopg.AsyncConnection[Any], layout: Layout) -> None:
+    """Refuse a side table that exists with another vector type or size (nothing changed)."""
+    existing = await existing_vector_type(conn, layout)
+    wanted = f"{layout.target_spec.vector_type}({layout.target_spec.dimensions})"
+    if existing is not None and existing != wanted:
+        raise SchemaRefused(
+            f"spec.target: {layout.target} already exists with embedding {existing}, but the spec "
+            f"asks for {wanted}; drop that table to start over or fix target.dimensions / "
+            "target.index.halfvec (nothing was changed)"
+        )
+
+
+async def setup(
+    url: str, spec: DataPlaneSpec, *, migration: str, dry_run: bool = False
+) -> list[str]:
+    """Install everything (idempotent) and return the SQL; with ``dry_run``, change nothing.
+
+    The whole setup is one transaction under a short ``lock_timeout`` retried with backoff, so it
+    never queues behind a long query holding the source table and never half-applies.
+    """
+    spec.target.check_indexable()
+    conn = await connect(url, autocommit=True)
+    async with conn:
+        layout = await inspect_source(conn, spec)
+        await check_target_compatible(conn, layout)
+        statements = setup_statements(layout, migration=migration)
+        rendered = [s.as_string(conn) + ";" for s in statements]
+        if dry_run:
+            return rendered
+        await run_with_lock_retry(conn, statements, what=f"setup of {layout.target}")
+        log.info("setup: %s ready for %s (queue %s)", layout.target, layout.source, layout.queue)
+        return rendered
+
+
+async def run_with_lock_retry(
+    conn: psycopg.AsyncConnection[Any],
+    statements: Sequence[sql.Composable],
+    *,
+    what: str,
+    attempts: int = _LOCK_ATTEMPTS,
+) -> None:
+    """Run ``statements`` in one transaction with a short lock_timeout, retrying on lock waits."""
+    for attempt in range(1, attempts + 1):
+        try:
+            async with conn.transaction():
+                await conn.execute(
+                    sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(_LOCK_TIMEOUT))
+                )
+                for statement in statements:
+                    await conn.execute(statement)
+            return
+        except psycopg.errors.LockNotAvailable:
+            if attempt == attempts:
+                raise DatabaseError(
+                    f"{what}: a long-running query keeps a lock on the table; gave up after "
+                    f"{attempts} tries of {_LOCK_TIMEOUT} each (nothing was changed); retry when "
+                    "it is done"
+                ) from None
+            delay = min(30.0, 0.5 * 2**attempt) * random.uniform(0.5, 1.0)
+            log.warning("%s: lock not available, retrying in %.1fs", what, delay)
+            await asyncio.sleep(delay)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise DatabaseError(f"{what}: permission denied: {first_line(exc)}") from None

@@ -1,0 +1,91 @@
+"""A sample RAG corpus in the guide's categories, for the demo, tests and benchmarks.
+
+Deterministic for a seed. Documents are short templated sentences, so texts in a category share
+words and the ``local`` hashing embedder gives them meaningful neighbours. Source (v1) vectors are
+1536-d ``local:hash`` vectors, like the guide's v1 column.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import numpy as np
+import psycopg
+from pgvector.psycopg import register_vector
+from psycopg import sql
+
+from rag_service.identifiers import TableName
+from rag_service.providers.local import HashEmbedder
+
+CATEGORIES = ("facilities", "pricing", "events")
+
+_VOCAB = {
+    "facilities": (
+        ["pool", "gym", "sauna", "parking", "locker room", "court", "studio", "cafe", "spa"],
+        ["opens at", "closes at", "is renovated in", "is accessible from", "is reserved on"],
+        ["seven", "nine", "noon", "the weekend", "level two", "the north entrance", "Mondays"],
+    ),
+    "pricing": (
+        ["membership", "day pass", "family plan", "student rate", "parking fee", "towel hire"],
+        ["costs", "is discounted to", "rises to", "includes", "is refunded at"],
+        ["twenty euros", "half price", "ten percent off", "the annual fee", "one free guest"],
+    ),
+    "events": (
+        ["yoga class", "swim meet", "open day", "concert", "tennis cup", "kids camp", "workshop"],
+        ["starts on", "is moved to", "sells tickets from", "is cancelled for", "returns in"],
+        ["Friday evening", "the spring", "June", "the main hall", "the outdoor pool", "August"],
+    ),
+}
+
+
+def documents(count: int, *, seed: int = 7) -> Iterator[tuple[int, str, str]]:
+    """(id, text, category) for ``count`` documents, ids 1..count. Pure for a seed."""
+    rng = random.Random(seed)
+    for doc_id in range(1, count + 1):
+        category = CATEGORIES[doc_id % len(CATEGORIES)]
+        subjects, verbs, objects = _VOCAB[category]
+        sentences = [
+            f"The {rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}."
+            for _ in range(rng.randint(2, 4))
+        ]
+        yield doc_id, f"{' '.join(sentences)} Note {doc_id}.", category
+
+
+def create_corpus(
+    url: str,
+    *,
+    table: str = "documents",
+    count: int = 10_000,
+    source_dimensions: int = 1536,
+    seed: int = 7,
+    chunk: int = 5_000,
+) -> TableName:
+    """(Re)create ``table`` (id bigint PK, content, category, embedding vector(d)) and fill it."""
+    name = TableName.parse(table, field="table")
+    embedder = HashEmbedder(source_dimensions, seed="hash")
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        register_vector(conn)
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(name.ident))
+        conn.execute(
+            sql.SQL(
+                "CREATE TABLE {} (id bigint PRIMARY KEY, content text, category text NOT NULL, "
+                "embedding vector({}))"
+            ).format(name.ident, sql.Literal(source_dimensions))
+        )
+        docs = list(documents(count, seed=seed))
+        with conn.cursor() as cur:
+            for start in range(0, len(docs), chunk):
+                part = docs[start : start + chunk]
+                vectors = embedder.embed([text for _, text, _ in part])
+                with cur.copy(
+                    sql.SQL(
+                        "COPY {} (id, content, category, embedding) FROM STDIN (FORMAT BINARY)"
+                    ).format(name.ident)
+                ) as copy:
+                    copy.set_types(["int8", "text", "text", "vector"])
+                    for (doc_id, text, category), vector in zip(part, vectors, strict=True):
+                        copy.write_row((doc_id, text, category, np.asarray(vector)))
+        conn.execute(sql.SQL("ANALYZE {}").format(name.ident))
+    return name
