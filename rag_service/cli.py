@@ -33,7 +33,6 @@ from rag_service.providers.pricing import PriceTable
 from rag_service.schema import first_line, setup
 from rag_service.spec import (
     DataPlaneSpec,
-    DatabaseSpec,
     EmbeddingSpec,
     load_resource,
     validation_message,
@@ -73,10 +72,20 @@ def _add_spec_flags(parser: argparse.ArgumentParser) -> None:
         default=_env("DATABASE_URL"),
         help="PostgreSQL connection string (env DATABASE_URL)",
     )
-    g.add_argument("--table", default=_env("EMBEDSHIFT_TABLE"), help="source table, e.g. public.documents")
-    g.add_argument("--id-column", default=_env("EMBEDSHIFT_ID_COLUMN"), help="unique id column (default id)")
-    g.add_argument("--text-column", default=_env("EMBEDSHIFT_TEXT_COLUMN"), help="text column (default content)")
-    g.add_argument("--category-column", default=_env("EMBEDSHIFT_CATEGORY_COLUMN"), help="category column")
+    g.add_argument(
+        "--table", default=_env("EMBEDSHIFT_TABLE"), help="source table, e.g. public.documents"
+    )
+    g.add_argument(
+        "--id-column", default=_env("EMBEDSHIFT_ID_COLUMN"), help="unique id column (default id)"
+    )
+    g.add_argument(
+        "--text-column",
+        default=_env("EMBEDSHIFT_TEXT_COLUMN"),
+        help="text column (default content)",
+    )
+    g.add_argument(
+        "--category-column", default=_env("EMBEDSHIFT_CATEGORY_COLUMN"), help="category column"
+    )
     g.add_argument(
         "--source-column", default=_env("EMBEDSHIFT_SOURCE_COLUMN"), help="v1 embedding column"
     )
@@ -86,8 +95,12 @@ def _add_spec_flags(parser: argparse.ArgumentParser) -> None:
         help="target model as provider:model@dims, e.g. openai:text-embedding-3-small@768, "
         "google:gemini-embedding-001@1536, local:hash@768 (env EMBEDSHIFT_TARGET)",
     )
-    g.add_argument("--target-base-url", default=_env("EMBEDSHIFT_TARGET_BASE_URL"), help="API base URL")
-    g.add_argument("--source", default=_env("EMBEDSHIFT_SOURCE"), help="v1 model, provider:model@dims")
+    g.add_argument(
+        "--target-base-url", default=_env("EMBEDSHIFT_TARGET_BASE_URL"), help="API base URL"
+    )
+    g.add_argument(
+        "--source", default=_env("EMBEDSHIFT_SOURCE"), help="v1 model, provider:model@dims"
+    )
     g.add_argument(
         "--migration",
         default=_env("EMBEDSHIFT_MIGRATION"),
@@ -106,7 +119,7 @@ def _add_spec_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="embedshift",
-        description="Move a pgvector RAG corpus to a new embedding model without a big-bang cutover.",
+        description="Move a pgvector RAG corpus to a new embedding model, step by step.",
     )
     parser.add_argument("--version", action="version", version=f"embedshift {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -127,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_spec_flags(p)
     p.add_argument("--dry-run", action="store_true", help="print the SQL, change nothing")
-    p.add_argument("--halfvec", action="store_true", default=None, help="store halfvec (≤ 4000 dims)")
+    p.add_argument(
+        "--halfvec", action="store_true", default=None, help="store halfvec (≤ 4000 dims)"
+    )
     p.set_defaults(handler=_setup)
 
     p = steps.add_parser(
@@ -137,14 +152,22 @@ def build_parser() -> argparse.ArgumentParser:
         "queue. Killing it at any moment loses nothing: rerun to resume.",
     )
     _add_spec_flags(p)
-    p.add_argument("--dry-run", action="store_true", help="show what would be embedded and the cost")
+    p.add_argument(
+        "--dry-run", action="store_true", help="show what would be embedded and the cost"
+    )
     p.add_argument("--limit", type=_positive, help="embed at most N rows in this run")
-    p.add_argument("--category", action="append", default=None, help="only this category (repeatable)")
-    p.add_argument("--shard", type=Shard.parse, default=Shard(), metavar="I/N", help="run shard I of N")
+    p.add_argument(
+        "--category", action="append", default=None, help="only this category (repeatable)"
+    )
+    p.add_argument(
+        "--shard", type=Shard.parse, default=Shard(), metavar="I/N", help="run shard I of N"
+    )
     p.add_argument("--batch-size", type=_positive, help="rows per transaction (default 100)")
     p.add_argument("--concurrency", type=_positive, help="batches embedding at once (default 4)")
     p.add_argument("--budget-usd", type=float, help="stop before spending more than this in total")
-    p.add_argument("--rescan", action="store_true", help="rescan the whole table, not just the queue")
+    p.add_argument(
+        "--rescan", action="store_true", help="rescan the whole table, not just the queue"
+    )
     p.add_argument("--json", action="store_true", help="JSON lines instead of a progress bar")
     p.set_defaults(handler=_run)
 
@@ -157,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable result")
     p.set_defaults(handler=_verify)
 
-    p = steps.add_parser("index", help="build the target ANN index concurrently (repairs leftovers)")
+    p = steps.add_parser(
+        "index", help="build the target ANN index concurrently (repairs leftovers)"
+    )
     _add_spec_flags(p)
     p.add_argument("--maintenance-work-mem", default="512MB", help="memory for the build")
     p.add_argument("--json", action="store_true", help="machine-readable result")
@@ -205,7 +230,10 @@ def resolve(args: argparse.Namespace) -> tuple[DataPlaneSpec, str, str, PriceTab
         raise ConfigError("--table: which source table? pass --table (or --config FILE)")
     if args.target:
         target = EmbeddingSpec.parse(args.target, field="--target")
-        raw["target"] = {**raw.get("target", {}), **target.model_dump(by_alias=True, include={"provider", "model", "dimensions"})}
+        raw["target"] = {
+            **raw.get("target", {}),
+            **target.model_dump(by_alias=True, include={"provider", "model", "dimensions"}),
+        }
     if "target" not in raw:
         raise ConfigError(
             "--target: which model to migrate to? e.g. --target openai:text-embedding-3-small@768 "
@@ -217,7 +245,10 @@ def resolve(args: argparse.Namespace) -> tuple[DataPlaneSpec, str, str, PriceTab
         raw["target"].setdefault("index", {})["halfvec"] = True
     if args.source:
         source = EmbeddingSpec.parse(args.source, field="--source")
-        raw["source"] = {**raw.get("source", {}), **source.model_dump(by_alias=True, include={"provider", "model", "dimensions"})}
+        raw["source"] = {
+            **raw.get("source", {}),
+            **source.model_dump(by_alias=True, include={"provider", "model", "dimensions"}),
+        }
     try:
         spec = DataPlaneSpec.model_validate(raw)
     except ValidationError as exc:
@@ -324,7 +355,7 @@ def _print_run(report: RunReport) -> None:
         f"embedded {report.embedded} rows in {report.seconds:.1f}s "
         f"({report.rows_per_second:.0f} rows/s) with {report.target}; "
         f"{report.tokens:,} tokens, ${report.cost_usd:.4f}; {report.pending} pending"
-        + (f"; stopped at --limit" if report.stopped_by == "limit" else "")
+        + ("; stopped at --limit" if report.stopped_by == "limit" else "")
         + (
             f"; {report.changed_while_embedding} rows changed while embedding and stay queued"
             if report.changed_while_embedding
@@ -336,7 +367,12 @@ def _print_run(report: RunReport) -> None:
 async def _verify(args: argparse.Namespace) -> int:
     spec, _, url, _ = resolve(args)
     result = await verify(
-        url, spec, sample=args.sample, k=args.k, min_recall=args.min_recall, ef_search=args.ef_search
+        url,
+        spec,
+        sample=args.sample,
+        k=args.k,
+        min_recall=args.min_recall,
+        ef_search=args.ef_search,
     )
     if args.json:
         print(json.dumps(result.as_dict()))
@@ -347,7 +383,10 @@ async def _verify(args: argparse.Namespace) -> int:
         _out.print(table)
         cats = Table("category", "source", "current", "pending", "stale", "no text")
         for c in result.categories:
-            cats.add_row(c.category or "(none)", *(str(v) for v in (c.source, c.current, c.pending, c.stale, c.no_text)))
+            cats.add_row(
+                c.category or "(none)",
+                *(str(v) for v in (c.source, c.current, c.pending, c.stale, c.no_text)),
+            )
         _out.print(cats)
         _out.print("verification passed" if result.ok else "verification FAILED")
     return 0 if result.ok else 1
@@ -359,7 +398,9 @@ async def _index(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(asdict(report)))
     else:
-        _out.print(f"index {report.name}: {report.action} in {report.seconds:.1f}s\n  {report.definition}")
+        _out.print(
+            f"index {report.name}: {report.action} in {report.seconds:.1f}s\n  {report.definition}"
+        )
     return 0
 
 
@@ -369,17 +410,29 @@ async def _status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(progress.as_dict()))
         return 0
-    table = Table("category", "source", "migrated", "pending", "stale", "%", title=f"status {progress.target}")
+    table = Table(
+        "category", "source", "migrated", "pending", "stale", "%", title=f"status {progress.target}"
+    )
     for c in progress.categories:
         share = 100.0 * c.current / c.source if c.source else 100.0
-        table.add_row(c.category or "(none)", str(c.source), str(c.current), str(c.pending), str(c.stale), f"{share:.1f}")
+        table.add_row(
+            c.category or "(none)",
+            str(c.source),
+            str(c.current),
+            str(c.pending),
+            str(c.stale),
+            f"{share:.1f}",
+        )
     _out.print(table)
     _out.print(
-        f"{progress.batches} batches, {progress.failed_batches} failed; {progress.tokens:,} tokens, "
-        f"${progress.cost_usd:.4f}; {progress.queued} queued changes"
+        f"{progress.batches} batches, {progress.failed_batches} failed; "
+        f"{progress.tokens:,} tokens, ${progress.cost_usd:.4f}; {progress.queued} queued changes"
     )
     for error in progress.recent_errors:
-        _out.print(f"  failed {error['at']} shard {error['shard']} ids {error['firstId']}…{error['lastId']}: {error['error']}")
+        _out.print(
+            f"  failed {error['at']} shard {error['shard']} "
+            f"ids {error['firstId']}…{error['lastId']}: {error['error']}"
+        )
     return 0
 
 

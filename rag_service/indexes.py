@@ -16,7 +16,7 @@ import psycopg
 from psycopg import sql
 
 from rag_service.errors import DatabaseError
-from rag_service.schema import Layout, connect, first_line, inspect_source, table_exists
+from rag_service.schema import Layout, Query, connect, first_line, inspect_source, table_exists
 from rag_service.spec import DataPlaneSpec
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def opclass(layout: Layout) -> str:
     return f"{layout.target_spec.vector_type}_cosine_ops"
 
 
-def index_statement(layout: Layout) -> sql.Composable:
+def index_statement(layout: Layout) -> Query:
     """The CREATE INDEX for the spec's index parameters. Pure."""
     index = layout.target_spec.index
     if index.type == "hnsw":
@@ -82,13 +82,10 @@ async def index_state(conn: psycopg.AsyncConnection[Any], layout: Layout) -> Ind
 def _matches(definition: str, layout: Layout) -> bool:
     """Does an existing index's definition carry the spec's method, opclass and parameters?"""
     index = layout.target_spec.index
-    wanted = (
-        [f"USING {index.type}", opclass(layout)]
-        + (
-            [f"m='{index.m}'", f"ef_construction='{index.ef_construction}'"]
-            if index.type == "hnsw"
-            else [f"lists='{index.lists}'"]
-        )
+    wanted = [f"USING {index.type}", opclass(layout)] + (
+        [f"m='{index.m}'", f"ef_construction='{index.ef_construction}'"]
+        if index.type == "hnsw"
+        else [f"lists='{index.lists}'"]
     )
     return all(part in definition for part in wanted)
 

@@ -46,6 +46,7 @@ from rag_service.providers.base import EmbeddingProvider, Embeddings, Purpose
 from rag_service.providers.pricing import PriceTable
 from rag_service.schema import (
     Layout,
+    Query,
     check_target_compatible,
     connect,
     first_line,
@@ -172,7 +173,7 @@ def _category_filter(layout: Layout, categories: Sequence[str]) -> sql.Composabl
     return sql.SQL("{} = ANY({})").format(layout.s_category, sql.Literal(list(categories)))
 
 
-def pending_query(layout: Layout, options: RunOptions) -> sql.Composable:
+def pending_query(layout: Layout, options: RunOptions) -> Query:
     """Embeddable source rows with no vector or a stale one, within shard and categories. Pure."""
     return sql.SQL(
         "SELECT count(*) FROM {src} s LEFT JOIN {tgt} t ON t.id = {sid}\n"
@@ -189,7 +190,7 @@ def pending_query(layout: Layout, options: RunOptions) -> sql.Composable:
     )
 
 
-async def _scalar(conn: psycopg.AsyncConnection[Any], query: sql.Composable, params: Any = None) -> Any:
+async def _scalar(conn: psycopg.AsyncConnection[Any], query: Query, params: Any = None) -> Any:
     cur = await conn.execute(query, params)
     row = await cur.fetchone()
     return row[0] if row else None
@@ -218,7 +219,7 @@ class _Checkpoint:
         row = await cur.fetchone()
         return (row[0], bool(row[1])) if row else (None, False)
 
-    def write(self, *, last_id: Any, completed: bool) -> tuple[sql.Composable, tuple[Any, ...]]:
+    def write(self, *, last_id: Any, completed: bool) -> tuple[Query, tuple[Any, ...]]:
         return (
             sql.SQL(
                 "INSERT INTO {} (target_table, shard_index, shard_count, categories, last_id, "
@@ -343,7 +344,10 @@ class Worker:
                     shard=shard_filter(sql.SQL("q.id"), self.options.shard),
                     cats=_category_filter(layout, self.options.categories),
                 ),
-                {"after": None if cursor is None else str(cursor), "limit": self.options.batch_size},
+                {
+                    "after": None if cursor is None else str(cursor),
+                    "limit": self.options.batch_size,
+                },
             )
             found = await cur.fetchall()
             if not found:
@@ -383,6 +387,8 @@ class Worker:
     # ---- embedding and writing -----------------------------------------------------------
 
     def _estimate_cost(self, rows: Sequence[SourceRow]) -> float:
+        if not rows:
+            return 0.0
         tokens = self.provider.estimate_tokens([r.text for r in rows])
         return self.prices.cost(*self._price_key, tokens)
 
@@ -498,9 +504,7 @@ class Worker:
                 ],
             )
             if batch.checkpoint_id is not None:
-                query, params = self._checkpoint.write(
-                    last_id=batch.checkpoint_id, completed=False
-                )
+                query, params = self._checkpoint.write(last_id=batch.checkpoint_id, completed=False)
                 await self.writer.execute(query, params)
         self.report.batches += 1
         self.report.embedded += len(stored_ids)
@@ -746,8 +750,9 @@ async def plan_run(
         layout = await inspect_source(conn, spec)
         setup_done = await table_exists(conn, layout.target)
         stale = (
-            sql.SQL("NOT EXISTS (SELECT 1 FROM {tgt} t WHERE t.id = {sid} AND t.content_hash = {h})")
-            .format(tgt=layout.target.ident, sid=layout.s_id, h=layout.s_hash)
+            sql.SQL(
+                "NOT EXISTS (SELECT 1 FROM {tgt} t WHERE t.id = {sid} AND t.content_hash = {h})"
+            ).format(tgt=layout.target.ident, sid=layout.s_id, h=layout.s_hash)
             if setup_done
             else sql.SQL("true")
         )
@@ -757,7 +762,9 @@ async def plan_run(
             _category_filter(layout, options.categories),
             stale,
         )
-        limit = sql.SQL("LIMIT {}").format(sql.Literal(options.limit)) if options.limit else sql.SQL("")
+        limit = (
+            sql.SQL("LIMIT {}").format(sql.Literal(options.limit)) if options.limit else sql.SQL("")
+        )
         cur = await conn.execute(
             sql.SQL(
                 "SELECT COALESCE(cat, ''), count(*), COALESCE(sum(length(txt) / 3 + 1), 0) FROM "
@@ -778,14 +785,15 @@ async def plan_run(
                 "SELECT {sid}, {cat}, left({text}, 80) FROM {src} s WHERE {where} "
                 "ORDER BY {sid} LIMIT %s"
             ).format(
-                sid=layout.s_id, cat=layout.s_category, text=layout.s_text,
-                src=layout.source.ident, where=where,
+                sid=layout.s_id,
+                cat=layout.s_category,
+                text=layout.s_text,
+                src=layout.source.ident,
+                where=where,
             ),
             [min(sample_size, options.limit or sample_size)],
         )
-        sample = [
-            {"id": str(r[0]), "category": r[1], "text": r[2]} for r in await cur.fetchall()
-        ]
+        sample = [{"id": str(r[0]), "category": r[1], "text": r[2]} for r in await cur.fetchall()]
     tokens = sum(int(t) for _, _, t in counts)
     provider, _, rest = spec.target.descriptor.partition(":")
     return DryRun(

@@ -106,7 +106,9 @@ async def open_layout(conn: psycopg.AsyncConnection[Any], spec: DataPlaneSpec) -
     return layout
 
 
-async def migration_progress(url: str, spec: DataPlaneSpec, *, errors: int = 5) -> MigrationProgress:
+async def migration_progress(
+    url: str, spec: DataPlaneSpec, *, errors: int = 5
+) -> MigrationProgress:
     conn = await connect(url, autocommit=True)
     async with conn:
         layout = await open_layout(conn, spec)

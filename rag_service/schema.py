@@ -31,6 +31,9 @@ from rag_service.spec import DataPlaneSpec, EmbeddingSpec
 
 log = logging.getLogger(__name__)
 
+# What psycopg executes: a plain SQL string or a composition of identifiers and literals.
+Query = sql.SQL | sql.Composed
+
 STATUS_TABLE = "embedding_migration_status"
 CHECKPOINT_TABLE = "embedshift_backfill_checkpoint"
 ROLLOUT_TABLE = "embedshift_rollout"
@@ -266,14 +269,14 @@ async def existing_vector_type(conn: psycopg.AsyncConnection[Any], layout: Layou
     return str(row[0]) if row else "missing"
 
 
-def setup_statements(layout: Layout, *, migration: str) -> list[sql.Composable]:
+def setup_statements(layout: Layout, *, migration: str) -> list[Query]:
     """The idempotent DDL ``setup`` runs, in order. Pure."""
     src = layout.source.ident
     tgt = layout.target.ident
     queue = layout.queue.ident
     sid = sql.Identifier(layout.id_column)
     id_type = sql.SQL(layout.id_type)
-    statements: list[sql.Composable] = [
+    statements: list[Query] = [
         sql.SQL("CREATE EXTENSION IF NOT EXISTS vector"),
         sql.SQL(
             "CREATE TABLE IF NOT EXISTS {tgt} (\n"
@@ -393,7 +396,7 @@ def _target_descriptor(layout: Layout) -> dict[str, Any]:
     }
 
 
-def _trigger_function(layout: Layout) -> sql.Composable:
+def _trigger_function(layout: Layout) -> Query:
     """Queue inserted and re-worded rows; keep the target's category copy in step.
 
     ``seq`` changes on every enqueue, so a worker's ``DELETE ... WHERE seq = <what it read>``
@@ -467,7 +470,7 @@ async def setup(
 
 async def run_with_lock_retry(
     conn: psycopg.AsyncConnection[Any],
-    statements: Sequence[sql.Composable],
+    statements: Sequence[Query],
     *,
     what: str,
     attempts: int = _LOCK_ATTEMPTS,

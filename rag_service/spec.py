@@ -33,7 +33,7 @@ class ProviderName(str, Enum):
     LOCAL = "local"
 
 
-# Known models: (smallest, largest) dimensions the API accepts, and whether it accepts a size at all.
+# Known models: the (smallest, largest) dimensions the API accepts.
 _MODEL_DIMENSIONS: dict[tuple[ProviderName, str], tuple[int, int]] = {
     (ProviderName.OPENAI, "text-embedding-3-small"): (1, 1536),
     (ProviderName.OPENAI, "text-embedding-3-large"): (1, 3072),

@@ -48,12 +48,6 @@ class Verification:
         }
 
 
-async def _one(conn: psycopg.AsyncConnection[Any], query: sql.Composable, params: Any = None) -> Any:
-    cur = await conn.execute(query, params)
-    row = await cur.fetchone()
-    return row[0] if row else None
-
-
 def _norm(layout: Layout) -> sql.Composable:
     fn = "l2_norm" if layout.target_spec.vector_type == "halfvec" else "vector_norm"
     return sql.SQL("{}(t.embedding)").format(sql.SQL(fn))
@@ -74,7 +68,9 @@ async def verify(
         result = Verification(target=layout.migration_target)
         await _counts(conn, layout, result)
         await _vector_checks(conn, layout, result)
-        await _recall(conn, layout, result, sample=sample, k=k, min_recall=min_recall, ef_search=ef_search)
+        await _recall(
+            conn, layout, result, sample=sample, k=k, min_recall=min_recall, ef_search=ef_search
+        )
         return result
 
 
@@ -184,7 +180,9 @@ async def _recall(
     for qid in query_ids:
         async with conn.transaction():
             if ef_search is not None and layout.target_spec.index.type == "hnsw":
-                await conn.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(ef_search)))
+                await conn.execute(
+                    sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(ef_search))
+                )
             await conn.execute("SET LOCAL enable_seqscan = off")
             approx = {r[0] for r in await (await conn.execute(knn, [qid, k])).fetchall()}
         async with conn.transaction():

@@ -1,4 +1,5 @@
-"""Embedding providers behind one protocol, built from a spec (``openai:text-embedding-3-small@768``)."""
+"""Embedding providers behind one protocol, built from a spec such as
+``openai:text-embedding-3-small@768``."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def make_provider(
     """Build the provider ``spec`` names. Raises AuthenticationFailed if a needed key is missing."""
     prices = prices or PriceTable()
     if spec.provider is ProviderName.LOCAL:
-        return LocalProvider(model=spec.model, dimensions=spec.dimensions)
+        return LocalProvider(model=spec.model, dimensions=spec.dimensions, prices=prices)
     if not api_key:
         variables = " or ".join(
             (f"EMBEDSHIFT_{role.upper()}_API_KEY", *_PROVIDER_KEY_VARIABLES[spec.provider])

