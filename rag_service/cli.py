@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--category", action="append", default=None, help="only this category (repeatable)"
     )
     p.add_argument(
-        "--shard", type=Shard.parse, default=Shard(), metavar="I/N", help="run shard I of N"
+        "--shard", type=_shard, default=Shard(), metavar="I/N", help="run shard I of N"
     )
     p.add_argument("--batch-size", type=_positive, help="rows per transaction (default 100)")
     p.add_argument("--concurrency", type=_positive, help="batches embedding at once (default 4)")
@@ -193,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable result")
     p.set_defaults(handler=_status)
     return parser
+
+
+def _shard(value: str) -> Shard:
+    try:
+        return Shard.parse(value)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--shard: ")) from None
 
 
 def _positive(value: str) -> int:

@@ -157,7 +157,8 @@ def shard_filter(column: sql.Composable, shard: Shard) -> sql.Composable:
     """SQL true for ids in ``shard``; stable across processes (PostgreSQL's own hash). Pure."""
     if shard.count == 1:
         return sql.SQL("true")
-    return sql.SQL("(((hashtextextended({col}::text, 0) % {n}) + {n}) % {n}) = {i}").format(
+    # mod(), not %: a literal % would clash with psycopg's placeholders.
+    return sql.SQL("mod(mod(hashtextextended({col}::text, 0), {n}) + {n}, {n}) = {i}").format(
         col=column, n=sql.Literal(shard.count), i=sql.Literal(shard.index)
     )
 

@@ -20,7 +20,7 @@ import math
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Generic, TypeVar
@@ -41,6 +41,7 @@ __all__ = [
     "parse_rate_limit_headers",
     "parse_retry_after",
     "redact",
+    "send_in_requests",
     "send_with_retries",
 ]
 
@@ -226,6 +227,10 @@ class Failure:
 class RequestTooLarge(ProviderError):
     """The API refused a request for its size: the provider splits it and tries again."""
 
+    def __init__(self, message: str, *, detail: str) -> None:
+        super().__init__(message)
+        self.detail = detail
+
 
 def _error_for(failure: Failure, what: str) -> ProviderError:
     """The one-line error a user sees for a failure that is not retried."""
@@ -242,7 +247,9 @@ def _error_for(failure: Failure, what: str) -> ProviderError:
             "variable (in Kubernetes: the spec's apiKeySecretRef)"
         )
     if failure.kind is FailureKind.TOO_LARGE:
-        return RequestTooLarge(f"{what}: request too large ({failure.detail})")
+        return RequestTooLarge(
+            f"{what}: request too large ({failure.detail})", detail=failure.detail
+        )
     return ProviderError(
         f"{what}: the API rejected the request ({failure.detail}); fix the input or the spec, "
         "retrying will not help"
@@ -635,3 +642,71 @@ async def send_with_retries(
         f"{what}: gave up after {policy.max_attempts} attempts ({summary}); last: "
         f"{failures[-1].detail}; the API keeps failing: retry later or lower concurrency"
     )
+
+
+async def send_in_requests(
+    estimates: Sequence[int],
+    *,
+    max_inputs: int,
+    max_tokens: int,
+    pacer: RateLimitPacer,
+    workers: int,
+    send_range: Callable[[int, int], Awaitable[None]],
+    what: str,
+) -> None:
+    """Cover texts ``[0, len(estimates))`` with contiguous requests, ``workers`` at a time.
+
+    Each request is sized when a worker is ready to send it, not up front, so requests shrink as
+    soon as the pacer learns the bucket is small. ``send_range(start, end)`` sends one request
+    and stores its results itself (so input order is kept whatever order requests finish in). A
+    request the API refuses as too large is halved until it fits; a single text that is still
+    too large is the caller's problem and says so. The first failure cancels the rest: all or
+    nothing, as the provider protocol promises.
+    """
+    count = len(estimates)
+    cursor = 0
+
+    def next_end(start: int) -> int:
+        budget = pacer.max_request_tokens()
+        end, raw = start, 0
+        while end < count and end - start < max_inputs:
+            raw_next = raw + estimates[end]
+            # The calibrated figure guards against scripts our estimate undercounts (CJK).
+            tokens = max(raw_next, pacer.calibrated(raw_next))
+            over_budget = budget is not None and pacer.calibrated(raw_next) > budget
+            if end > start and (tokens > max_tokens or over_budget):
+                break
+            raw, end = raw_next, end + 1
+        return end
+
+    async def send_halving(start: int, end: int) -> None:
+        try:
+            await send_range(start, end)
+        except RequestTooLarge as exc:
+            if end - start == 1:
+                raise ProviderError(
+                    f"{what}: text {start} of the batch is too large for one request "
+                    f"({exc.detail}); shorten or split that text"
+                ) from None
+            middle = (start + end) // 2
+            await send_halving(start, middle)
+            await send_halving(middle, end)
+
+    async def worker() -> None:
+        nonlocal cursor
+        while True:
+            await pacer.ready()
+            if cursor >= count:
+                return
+            start = cursor
+            cursor = next_end(start)
+            await send_halving(start, cursor)
+
+    tasks = [asyncio.create_task(worker()) for _ in range(max(1, workers))]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

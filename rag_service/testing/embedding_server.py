@@ -185,6 +185,7 @@ class EmbeddingServer:
         self._records: list[RecordedRequest] = []
         self._embedders: dict[tuple[str, int], tuple[threading.Lock, HashEmbedder]] = {}
         self._rng = random.Random(seed)
+        self.seed = seed
         self.api_key = api_key
         self.latency = latency
         self.error_rate = error_rate

@@ -1,0 +1,196 @@
+"""OpenAI embeddings through the ``openai`` SDK, with our own retries and rate-limit pacing.
+
+The SDK's retries are off (``max_retries=0``): it would retry ``insufficient_quota`` and knows
+nothing of the shared rate limit. Requests are sized to the API's limits (2048 inputs, 300k
+tokens) and to the pacer's view of the tokens-per-minute bucket, run ``concurrency`` at a time,
+and come back in input order.
+"""
+
+from __future__ import annotations
+
+import base64
+import random
+import time
+from collections.abc import Mapping, Sequence
+from typing import Literal, cast
+
+import numpy as np
+import openai
+from openai import AsyncOpenAI
+
+from rag_service.providers.base import (
+    Embeddings,
+    Purpose,
+    Usage,
+    Vectors,
+    checked_vectors,
+    estimate_tokens,
+)
+from rag_service.providers.pricing import PriceTable
+from rag_service.providers.retry import (
+    Failure,
+    Outcome,
+    RateLimitPacer,
+    RetryPolicy,
+    classify_status,
+    parse_retry_after,
+    redact,
+    send_in_requests,
+    send_with_retries,
+)
+
+__all__ = ["MAX_INPUTS_PER_REQUEST", "MAX_TOKENS_PER_REQUEST", "OpenAIProvider"]
+
+MAX_INPUTS_PER_REQUEST = 2048
+MAX_TOKENS_PER_REQUEST = 300_000
+# Models that predate the ``dimensions`` parameter and answer 400 when it is sent.
+_FIXED_DIMENSION_MODELS = frozenset({"text-embedding-ada-002"})
+
+EncodingFormat = Literal["base64", "float"]
+
+
+class OpenAIProvider:
+    """``openai:<model>@<dimensions>`` (any OpenAI-compatible endpoint via ``base_url``)."""
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        dimensions: int,
+        api_key: str,
+        base_url: str | None = None,
+        prices: PriceTable | None = None,
+        concurrency: int = 4,
+        encoding_format: EncodingFormat = "base64",
+        timeout: float = 60.0,
+        retry_policy: RetryPolicy | None = None,
+        pacer: RateLimitPacer | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._model = model
+        self._dimensions = dimensions
+        self._api_key = api_key
+        self._prices = prices or PriceTable()
+        self._encoding_format: EncodingFormat = encoding_format
+        self._policy = retry_policy or RetryPolicy()
+        self._pacer = pacer or RateLimitPacer(max_concurrency=max(1, concurrency))
+        self._workers = max(1, concurrency)
+        self._rng = rng or random.Random()
+        self._client = AsyncOpenAI(
+            api_key=api_key, base_url=base_url, max_retries=0, timeout=timeout
+        )
+
+    @property
+    def descriptor(self) -> str:
+        return f"openai:{self._model}@{self._dimensions}"
+
+    @property
+    def dimensions(self) -> int:
+        return self._dimensions
+
+    @property
+    def pacer(self) -> RateLimitPacer:
+        """The rate-limit mirror (read-only use: metrics, benchmarks)."""
+        return self._pacer
+
+    def estimate_tokens(self, texts: Sequence[str]) -> int:
+        return estimate_tokens(texts)
+
+    async def embed(self, texts: Sequence[str], purpose: Purpose) -> Embeddings:
+        del purpose  # OpenAI embeds documents and queries alike
+        # OpenAI refuses "" outright; one empty row must not sink a whole batch, and a blank
+        # carries no more meaning than an empty string.
+        inputs = [text if text else " " for text in texts]
+        estimates = [estimate_tokens([text]) for text in inputs]
+        vectors = np.zeros((len(inputs), self._dimensions), dtype=np.float32)
+        usage = Usage()
+
+        async def send_range(start: int, end: int) -> None:
+            nonlocal usage
+            chunk = inputs[start:end]
+            rows, tokens = await send_with_retries(
+                lambda: self._request(chunk),
+                estimated_tokens=sum(estimates[start:end]),
+                classify=self._classify,
+                pacer=self._pacer,
+                policy=self._policy,
+                rng=self._rng,
+                what=self.descriptor,
+            )
+            vectors[start:end] = rows
+            usage += Usage(
+                tokens=tokens,
+                requests=1,
+                cost_usd=self._prices.cost("openai", self._model, tokens),
+            )
+
+        await send_in_requests(
+            estimates,
+            max_inputs=MAX_INPUTS_PER_REQUEST,
+            max_tokens=MAX_TOKENS_PER_REQUEST,
+            pacer=self._pacer,
+            workers=self._workers,
+            send_range=send_range,
+            what=self.descriptor,
+        )
+        return Embeddings(vectors=vectors, usage=usage)
+
+    async def _request(self, chunk: list[str]) -> Outcome[tuple[Vectors, int]]:
+        raw = await self._client.embeddings.with_raw_response.create(
+            input=chunk,
+            model=self._model,
+            dimensions=(
+                openai.omit if self._model in _FIXED_DIMENSION_MODELS else self._dimensions
+            ),
+            encoding_format=self._encoding_format,
+        )
+        response = raw.parse()
+        data = sorted(response.data, key=lambda item: item.index)
+        if len(data) != len(chunk):
+            raise openai.APIResponseValidationError(
+                raw.http_response,
+                None,
+                message=f"asked for {len(chunk)} embeddings, got {len(data)}",
+            )
+        rows: list[Sequence[float]] = []
+        for item in data:
+            # With an explicit encoding_format the SDK hands base64 through undecoded.
+            value = cast(object, item.embedding)
+            if isinstance(value, str):
+                decoded = np.frombuffer(base64.b64decode(value), dtype="<f4")
+                # ndarray is not a typing Sequence, but has everything checked_vectors uses.
+                rows.append(cast(Sequence[float], decoded))
+            else:
+                rows.append(item.embedding)
+        vectors = checked_vectors(rows, dimensions=self._dimensions, source=self.descriptor)
+        tokens = response.usage.prompt_tokens
+        return Outcome(value=(vectors, tokens), headers=dict(raw.headers), actual_tokens=tokens)
+
+    def _classify(self, exc: Exception) -> Failure | None:
+        """SDK exceptions → Failure; anything else (our own errors, bugs) → None."""
+        if isinstance(exc, openai.APIStatusError):
+            body = exc.body if isinstance(exc.body, Mapping) else {}
+            code = body.get("code") or body.get("type")
+            message = str(body.get("message") or exc.message)
+            headers: Mapping[str, str] = dict(exc.response.headers)
+            return Failure(
+                kind=classify_status(
+                    exc.status_code, code=str(code) if code else None, message=message
+                ),
+                detail=f"HTTP {exc.status_code}: {redact(message, [self._api_key])}",
+                status=exc.status_code,
+                retry_after=parse_retry_after(headers, now=time.time()),
+                headers=headers,
+            )
+        if isinstance(exc, openai.APIResponseValidationError):
+            return Failure(
+                kind=classify_status(502),
+                detail=f"malformed answer: {redact(exc.message, [self._api_key])}",
+            )
+        if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
+            reason = "timed out" if isinstance(exc, openai.APITimeoutError) else "connection failed"
+            return Failure(kind=classify_status(None), detail=reason)
+        return None
+
+    async def aclose(self) -> None:
+        await self._client.close()

@@ -1,0 +1,110 @@
+"""Small helpers shared by the migration tests: run the CLI, and count what is in the database."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import pytest
+
+from rag_service.cli import main
+from rag_service.schema import layout_for
+from rag_service.spec import DataPlaneSpec, EmbeddingSpec
+
+PYTHON = sys.executable
+
+
+@dataclass(frozen=True)
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> Result:
+    """Run ``embedshift`` in this process, as a user would from a shell."""
+    capsys.readouterr()
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return Result(code, captured.out, captured.err)
+
+
+def cli_subprocess(argv: Sequence[str], env: dict[str, str] | None = None) -> Result:
+    proc = subprocess.run(
+        [PYTHON, "-m", "rag_service.cli", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def table_name(request: pytest.FixtureRequest, prefix: str = "docs") -> str:
+    """A table name unique to the test (tests in a module share a database)."""
+    slug = re.sub(r"[^a-z0-9]+", "_", request.node.name.lower()).strip("_")
+    return f"{prefix}_{slug}"[:30]
+
+
+def spec_for(table: str, target: str = "local:hash@768", **database: Any) -> DataPlaneSpec:
+    return DataPlaneSpec(
+        database={"table": table, "category_column": "category", **database},  # type: ignore[arg-type]
+        target=EmbeddingSpec.parse(target),
+    )
+
+
+def flags(url: str, table: str, target: str = "local:hash@768") -> list[str]:
+    return [
+        "--database-url",
+        url,
+        "--table",
+        table,
+        "--category-column",
+        "category",
+        "--target",
+        target,
+    ]
+
+
+@dataclass(frozen=True)
+class Counts:
+    embeddable: int  # source rows with text
+    target_rows: int
+    current: int  # target rows whose hash matches the source text now
+    stale: int
+    queued: int
+    embedded_by_batches: int  # sum of rows over committed batches: counts every embedding stored
+
+    @property
+    def complete(self) -> bool:
+        return self.current == self.embeddable == self.target_rows and self.stale == 0
+
+
+def counts(url: str, spec: DataPlaneSpec) -> Counts:
+    """Counted in SQL from the tables themselves, independent of the code under test."""
+    layout = layout_for(spec, id_type="bigint")
+    src, tgt, queue = layout.source.name, layout.target.name, layout.queue.name
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            f"""
+            SELECT
+              (SELECT count(*) FROM "{src}" WHERE content IS NOT NULL AND btrim(content) <> ''),
+              (SELECT count(*) FROM "{tgt}"),
+              (SELECT count(*) FROM "{tgt}" t JOIN "{src}" s USING (id)
+                WHERE t.content_hash = sha256(convert_to(s.content, 'UTF8'))),
+              (SELECT count(*) FROM "{tgt}" t JOIN "{src}" s USING (id)
+                WHERE t.content_hash <> sha256(convert_to(s.content, 'UTF8'))),
+              (SELECT count(*) FROM "{queue}"),
+              (SELECT COALESCE(sum(rows), 0) FROM embedding_migration_status
+                WHERE target_table = %s AND status = 'done')
+            """,
+            [tgt],
+        ).fetchone()
+    assert row is not None
+    return Counts(*(int(v) for v in row))
