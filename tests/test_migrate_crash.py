@@ -1,0 +1,124 @@
+"""``embedshift migrate run`` as a real process: killed with SIGKILL, and raced by live writes.
+
+Everything is counted in SQL from the tables, not from what the worker reports.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+
+import psycopg
+import pytest
+
+from rag_service.testing.corpus import create_corpus
+from tests.helpers import PYTHON, cli_subprocess, counts, flags, spec_for, table_name
+from tests.test_migrate import vectors_match_text
+
+
+def start_run(argv: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [PYTHON, "-m", "rag_service.cli", "migrate", "run", *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def test_kill_9_at_20_random_moments_loses_nothing_and_doubles_nothing(
+    database_url: str, request: pytest.FixtureRequest
+) -> None:
+    table = table_name(request)
+    create_corpus(database_url, table=table, count=12_000)
+    base = flags(database_url, table)
+    assert cli_subprocess(["migrate", "setup", *base]).code == 0
+    rng = random.Random(20261123)
+    killed_while_running = 0
+    for _ in range(20):
+        proc = start_run([*base, "--batch-size", "8", "--concurrency", "3"])
+        time.sleep(rng.uniform(0.3, 1.6))
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            killed_while_running += 1
+        proc.wait(timeout=60)
+        assert proc.returncode in (0, -signal.SIGKILL), proc.stderr.read() if proc.stderr else ""
+    assert killed_while_running >= 15, "the kills must land while the worker is working"
+    spec = spec_for(table)
+    partial = counts(database_url, spec)
+    assert 0 < partial.target_rows < 12_000  # the kills really interrupted the backfill
+    assert partial.embedded_by_batches == partial.target_rows  # ... and nothing committed twice
+
+    final = cli_subprocess(["migrate", "run", *base])
+    assert final.code == 0, final.err
+    c = counts(database_url, spec)
+    # Every source row has exactly one current vector (the primary key forbids two), none stale,
+    # and every embedding the workers stored was stored once: killed batches left nothing behind.
+    assert c.complete and c.embeddable == 12_000
+    assert c.embedded_by_batches == 12_000
+    assert cli_subprocess(["migrate", "verify", *base]).code == 0
+
+
+def test_live_inserts_updates_and_deletes_during_the_run_are_all_caught_up(
+    database_url: str, request: pytest.FixtureRequest
+) -> None:
+    table = table_name(request)
+    create_corpus(database_url, table=table, count=4_000)
+    base = flags(database_url, table)
+    assert cli_subprocess(["migrate", "setup", *base]).code == 0
+
+    deleted: set[int] = set()
+    stop = threading.Event()
+    writes = {"insert": 0, "update": 0, "delete": 0, "empty": 0}
+
+    def writer() -> None:
+        rng = random.Random(7)
+        next_id = 100_000
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            while not stop.is_set():
+                op = rng.choice(["insert", "update", "update", "delete", "empty"])
+                doc = rng.randint(1, 4_000)
+                if op == "insert":
+                    next_id += 1
+                    conn.execute(
+                        f'INSERT INTO "{table}" VALUES (%s, %s, %s)',
+                        [next_id, f"The new studio {next_id} opens at nine.", "facilities"],
+                    )
+                elif op == "update":
+                    conn.execute(
+                        f'UPDATE "{table}" SET content = %s WHERE id = %s',
+                        [f"The pool timetable changed {rng.random()}.", doc],
+                    )
+                elif op == "delete":
+                    conn.execute(f'DELETE FROM "{table}" WHERE id = %s', [doc])
+                    deleted.add(doc)
+                else:
+                    conn.execute(f'UPDATE "{table}" SET content = NULL WHERE id = %s', [doc])
+                writes[op] += 1
+                time.sleep(0.002)
+
+    thread = threading.Thread(target=writer)
+    proc = start_run([*base, "--batch-size", "8", "--concurrency", "3"])
+    thread.start()
+    try:
+        assert proc.wait(timeout=300) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        stop.set()
+        thread.join()
+    assert min(writes.values()) > 10, writes  # the writes really raced the worker
+
+    final = cli_subprocess(["migrate", "run", *base])  # the catch-up after the writes stop
+    assert final.code == 0, final.err
+    spec = spec_for(table)
+    c = counts(database_url, spec)
+    assert c.complete and c.queued == 0
+    checked, matching = vectors_match_text(database_url, table)
+    assert checked == matching == c.embeddable  # every vector is the embedding of today's text
+    with psycopg.connect(database_url) as conn:
+        survivors = conn.execute(
+            f'SELECT count(*) FROM "{spec.target_table.name}" WHERE id = ANY(%s)', [list(deleted)]
+        ).fetchone()
+    assert survivors == (0,)  # deleted documents have no vector
+    assert cli_subprocess(["migrate", "verify", *base]).code == 0
