@@ -113,6 +113,12 @@ def _add_spec_flags(parser: argparse.ArgumentParser) -> None:
         metavar="PROVIDER:MODEL=USD",
         help="override a price in USD per 1M tokens (repeatable)",
     )
+    g.add_argument(
+        "--halfvec",
+        action="store_true",
+        default=None,
+        help="store target vectors as halfvec (indexable up to 4000 dims; same on every command)",
+    )
     g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -140,9 +146,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_spec_flags(p)
     p.add_argument("--dry-run", action="store_true", help="print the SQL, change nothing")
-    p.add_argument(
-        "--halfvec", action="store_true", default=None, help="store halfvec (≤ 4000 dims)"
-    )
     p.set_defaults(handler=_setup)
 
     p = steps.add_parser(

@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
 import psycopg
+from pgvector import HalfVector
 from pgvector.psycopg import register_vector_async
 from psycopg import sql
 
@@ -527,8 +528,10 @@ class Worker:
             "COPY embedshift_staging (id, embedding, content_hash) FROM STDIN (FORMAT BINARY)"
         ) as copy:
             copy.set_types([self._id_typname, layout.target_spec.vector_type, "bytea"])
+            # pgvector's binary dumper takes numpy for vector, but only HalfVector for halfvec.
+            wrap: Any = HalfVector if layout.target_spec.index.halfvec else (lambda v: v)
             for row, vector in zip(rows, vectors, strict=True):
-                await copy.write_row((row.id, vector, row.content_hash))
+                await copy.write_row((row.id, wrap(vector), row.content_hash))
         # FOR KEY SHARE waits out a concurrent delete (the row then drops out) and re-reads a row
         # updated meanwhile, so the hash compared is the text as of this statement.
         cur = await self.writer.execute(

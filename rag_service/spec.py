@@ -99,6 +99,11 @@ class EmbeddingSpec(_Model):
                 "e.g. openai:text-embedding-3-small@768, google:gemini-embedding-001@1536 "
                 "or local:hash@768"
             )
+        known = [p.value for p in ProviderName]
+        if match["provider"] not in known:
+            raise ConfigError(
+                f"{field}: provider {match['provider']!r} is not one of {', '.join(known)}"
+            )
         try:
             return cls(
                 provider=ProviderName(match["provider"]),
@@ -260,6 +265,11 @@ def load_resource(path: Path) -> EmbeddingMigrationResource:
         raise ConfigError(f"--config: {path} is not valid YAML: {_one_line(exc)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"--config: {path} must hold one EmbeddingMigration mapping")
+    if raw.get("apiVersion") != API_VERSION or raw.get("kind") != KIND:
+        raise ConfigError(
+            f"--config: {path}: expected apiVersion {API_VERSION} and kind {KIND}, "
+            f"got {raw.get('apiVersion')} {raw.get('kind')}"
+        )
     try:
         resource = EmbeddingMigrationResource.model_validate(raw)
     except ValidationError as exc:
