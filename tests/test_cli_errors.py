@@ -92,7 +92,10 @@ def test_bad_flags(
     value: str,
     fragment: str,
 ) -> None:
-    argv = {**dict(zip(flags(database_url, docs)[::2], flags(database_url, docs)[1::2])), flag: value}
+    argv = {
+        **dict(zip(flags(database_url, docs)[::2], flags(database_url, docs)[1::2])),
+        flag: value,
+    }
     result = cli(capsys, "migrate", "setup", *[x for kv in argv.items() for x in kv])
     one_clear_line(result, fragment, code=2)
 
@@ -175,7 +178,9 @@ def test_halfvec_allows_more_than_2000_dimensions(
 def test_halfvec_above_4000_dimensions_is_refused(
     capsys: pytest.CaptureFixture[str], database_url: str, docs: str
 ) -> None:
-    result = cli(capsys, "migrate", "setup", *flags(database_url, docs, "local:hash@4096"), "--halfvec")
+    result = cli(
+        capsys, "migrate", "setup", *flags(database_url, docs, "local:hash@4096"), "--halfvec"
+    )
     one_clear_line(result, "4000-dimension limit for a halfvec index", code=2)
 
 

@@ -54,7 +54,9 @@ def pacer_on(time: FakeTime, **options: float | int | None) -> RateLimitPacer:
     return RateLimitPacer(clock=time.clock, sleep=time.sleep, **{**defaults, **options})  # type: ignore[arg-type]
 
 
-def limit_headers(limit: int, remaining: int, *, requests: tuple[int, int] | None = None) -> dict[str, str]:
+def limit_headers(
+    limit: int, remaining: int, *, requests: tuple[int, int] | None = None
+) -> dict[str, str]:
     headers = {
         "x-ratelimit-limit-tokens": str(limit),
         "x-ratelimit-remaining-tokens": str(remaining),
@@ -97,8 +99,15 @@ def test_parse_duration(text: str | None, seconds: float | None) -> None:
 
 @pytest.mark.parametrize(
     ("seconds", "text"),
-    [(0, "0s"), (0.0004, "1ms"), (0.12, "120ms"), (1, "1s"), (59.9996, "1m0s"), (360, "6m0s"),
-     (3723.5, "1h2m3.5s")],
+    [
+        (0, "0s"),
+        (0.0004, "1ms"),
+        (0.12, "120ms"),
+        (1, "1s"),
+        (59.9996, "1m0s"),
+        (360, "6m0s"),
+        (3723.5, "1h2m3.5s"),
+    ],
 )
 def test_server_duration_format_round_trips_through_the_parser(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
@@ -149,7 +158,9 @@ def test_parse_retry_after(headers: dict[str, str], seconds: float | None) -> No
 def test_parse_rate_limit_headers(headers: dict[str, str], expected: RateLimitHeaders) -> None:
     parsed = parse_rate_limit_headers(headers)
     assert parsed == expected
-    assert parsed.present == (expected.limit_tokens is not None or expected.limit_requests is not None)
+    assert parsed.present == (
+        expected.limit_tokens is not None or expected.limit_requests is not None
+    )
 
 
 @pytest.mark.parametrize(
@@ -185,7 +196,11 @@ def test_classify_status(
     ("text", "secrets", "expected"),
     [
         ("key my-secret-key refused", ["my-secret-key"], "key [redacted] refused"),
-        ("Incorrect API key provided: sk-proj-****abcd.", [], "Incorrect API key provided: [redacted]."),
+        (
+            "Incorrect API key provided: sk-proj-****abcd.",
+            [],
+            "Incorrect API key provided: [redacted].",
+        ),
         ("bad key AIzaSyA1234567890abcdef", [], "bad key [redacted]"),
         ("two\nlines\t here", [], "two lines here"),
         ("short key abc", ["abc"], "short key abc"),  # too short to be a key: left alone
@@ -405,7 +420,9 @@ def classify(exc: Exception) -> Failure | None:
     return Failure(kind=kind, detail=f"HTTP {exc.status}", status=exc.status)
 
 
-async def run(answers: list[Exception | str], *, attempts: int = 4) -> tuple[str, list[int], FakeTime]:
+async def run(
+    answers: list[Exception | str], *, attempts: int = 4
+) -> tuple[str, list[int], FakeTime]:
     time = FakeTime()
     send, calls = scripted(answers)
     value = await send_with_retries(
@@ -447,8 +464,11 @@ async def test_what_retrying_cannot_fix_fails_at_once(
 
 
 async def test_running_out_of_attempts_says_what_kept_failing() -> None:
-    with pytest.raises(ProviderError, match=r"gave up after 3 attempts \(2× server error or "
-                       r"timeout, 1× rate limited \(429\)\); last: HTTP 429"):
+    with pytest.raises(
+        ProviderError,
+        match=r"gave up after 3 attempts \(2× server error or "
+        r"timeout, 1× rate limited \(429\)\); last: HTTP 429",
+    ):
         await run([StatusError(500), StatusError(503), StatusError(429)], attempts=3)
 
 
