@@ -36,6 +36,7 @@ from pgvector import HalfVector
 from pgvector.psycopg import register_vector_async
 from psycopg import sql
 
+from rag_service import binary_copy
 from rag_service.errors import (
     BudgetExceeded,
     ConfigError,
@@ -524,14 +525,26 @@ class Worker:
                 f"internal: {vectors.shape} vectors for {len(rows)} rows; nothing was stored"
             )
         cur = self.writer.cursor()
+        halfvec = layout.target_spec.index.halfvec
         async with cur.copy(
             "COPY embedshift_staging (id, embedding, content_hash) FROM STDIN (FORMAT BINARY)"
         ) as copy:
-            copy.set_types([self._id_typname, layout.target_spec.vector_type, "bytea"])
-            # pgvector's binary dumper takes numpy for vector, but only HalfVector for halfvec.
-            wrap: Any = HalfVector if layout.target_spec.index.halfvec else (lambda v: v)
-            for row, vector in zip(rows, vectors, strict=True):
-                await copy.write_row((row.id, wrap(vector), row.content_hash))
+            if binary_copy.supports(self._id_typname):
+                await copy.write(
+                    binary_copy.encode_rows(
+                        id_typname=self._id_typname,
+                        ids=[r.id for r in rows],
+                        vectors=vectors,
+                        hashes=[r.content_hash for r in rows],
+                        halfvec=halfvec,
+                    )
+                )
+            else:
+                copy.set_types([self._id_typname, layout.target_spec.vector_type, "bytea"])
+                # pgvector's binary dumper takes numpy for vector, only HalfVector for halfvec.
+                wrap: Any = HalfVector if halfvec else (lambda v: v)
+                for row, vector in zip(rows, vectors, strict=True):
+                    await copy.write_row((row.id, wrap(vector), row.content_hash))
         # FOR KEY SHARE waits out a concurrent delete (the row then drops out) and re-reads a row
         # updated meanwhile, so the hash compared is the text as of this statement.
         cur = await self.writer.execute(
@@ -581,7 +594,6 @@ class Worker:
                     started,
                 ],
             )
-            await self.writer.commit()
         except psycopg.Error:
             log.exception("could not record the failed batch")
 
@@ -589,6 +601,9 @@ class Worker:
 
     async def prepare(self) -> None:
         await register_vector_async(self.writer)
+        # Safe here: a commit lost to a server crash loses its vectors *and* its status row
+        # together, and the next run finds those rows pending again. Saves an fsync per batch.
+        await self.writer.execute("SET synchronous_commit = off")
         cur = await self.reader.execute(
             "SELECT t.typname FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
             "WHERE a.attrelid = to_regclass(%s) AND a.attname = %s",
@@ -701,7 +716,9 @@ async def run_migration(
                 f"shard {options.shard} of {layout.target} is being migrated by another worker "
                 "(advisory lock held); wait for it, or run another --shard"
             )
-        writer = await connect(url)
+        # Autocommit, so each ``transaction()`` block is a real BEGIN/COMMIT, never a savepoint
+        # inside an implicit transaction that a stray statement opened.
+        writer = await connect(url, autocommit=True)
         try:
             worker = Worker(
                 layout=layout,

@@ -289,9 +289,6 @@ def setup_statements(layout: Layout, *, migration: str) -> list[Query]:
             "    embedded_at timestamptz NOT NULL DEFAULT now()\n"
             ")"
         ).format(tgt=tgt, id_type=id_type, src=src, sid=sid, vtype=layout.vector_type),
-        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (category)").format(
-            sql.Identifier(derived_identifier(layout.target.name, "category")), tgt
-        ),
         sql.SQL("CREATE SEQUENCE IF NOT EXISTS {}").format(layout.queue_seq.ident),
         sql.SQL(
             "CREATE TABLE IF NOT EXISTS {queue} (\n"

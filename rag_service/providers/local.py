@@ -46,13 +46,19 @@ class HashEmbedder:
         return hit
 
     def embed(self, texts: Sequence[str]) -> Vectors:
+        return self.embed_counting(texts)[0]
+
+    def embed_counting(self, texts: Sequence[str]) -> tuple[Vectors, int]:
+        """Vectors and the number of words (the local provider's tokens), in one pass."""
         dims = self.dimensions
+        words_seen = 0
         flat: list[int] = []  # row * dims + column, so one bincount builds the matrix
         vals: list[float] = []
         memo = self._memo
         feature = self._feature
         for i, text in enumerate(texts):
             words = _WORD.findall(text.lower()) or ["<empty>"]
+            words_seen += len(words)
             base = i * dims
             for w in words:
                 col, sign = memo.get(w) or feature(w)
@@ -67,7 +73,7 @@ class HashEmbedder:
             weights=np.asarray(vals, dtype=np.float64),
             minlength=len(texts) * dims,
         )
-        return l2_normalise(out.reshape(len(texts), dims).astype(np.float32))
+        return l2_normalise(out.reshape(len(texts), dims).astype(np.float32)), words_seen
 
 
 def count_words(texts: Sequence[str]) -> int:
@@ -97,10 +103,9 @@ class LocalProvider:
     async def embed(self, texts: Sequence[str], purpose: Purpose) -> Embeddings:
         del purpose  # documents and queries embed alike
         if len(texts) <= _INLINE_TEXTS:
-            vectors = self._embedder.embed(texts)
+            vectors, tokens = self._embedder.embed_counting(texts)
         else:
-            vectors = await asyncio.to_thread(self._embedder.embed, texts)
-        tokens = count_words(texts)
+            vectors, tokens = await asyncio.to_thread(self._embedder.embed_counting, texts)
         cost = self._prices.cost("local", self._model, tokens)
         return Embeddings(vectors=vectors, usage=Usage(tokens=tokens, requests=1, cost_usd=cost))
 

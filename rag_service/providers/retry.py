@@ -308,7 +308,8 @@ class _Bucket:
         # A request bigger than the bucket waits for a full bucket, never forever: the server
         # then tells us it is too large and the provider splits it.
         needed = min(amount, self.limit)
-        return 0.0 if self.level >= needed else (needed - self.level) / self.rate
+        # The tolerance stops float rounding from asking for sleeps too short to move a clock.
+        return 0.0 if self.level >= needed - 1e-6 else (needed - self.level) / self.rate
 
 
 @dataclass(frozen=True)
@@ -323,6 +324,7 @@ class Permit:
 
 
 _EWMA_WEIGHT = 0.3
+_MIN_SLEEP = 0.001
 _RATIO_BOUNDS = (0.05, 20.0)
 
 
@@ -442,7 +444,7 @@ class RateLimitPacer:
                     self._requests.refill(now)
                     wait = max(wait, self._requests.wait_for(1))
                 if wait > 0:
-                    await self._sleep(wait)
+                    await self._sleep(max(wait, _MIN_SLEEP))
                     continue
                 break
             if self._tokens:

@@ -61,30 +61,43 @@ def create_corpus(
     seed: int = 7,
     chunk: int = 5_000,
 ) -> TableName:
-    """(Re)create ``table`` (id bigint PK, content, category, embedding vector(d)) and fill it."""
+    """(Re)create ``table`` (id bigint PK, content, category, embedding vector(d)) and fill it.
+
+    ``source_dimensions=0`` leaves out the v1 embedding column (faster, for benchmarks).
+    """
     name = TableName.parse(table, field="table")
-    embedder = HashEmbedder(source_dimensions, seed="hash")
+    embedder = HashEmbedder(source_dimensions, seed="hash") if source_dimensions else None
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
         register_vector(conn)
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(name.ident))
         conn.execute(
             sql.SQL(
-                "CREATE TABLE {} (id bigint PRIMARY KEY, content text, category text NOT NULL, "
-                "embedding vector({}))"
-            ).format(name.ident, sql.Literal(source_dimensions))
+                "CREATE TABLE {} (id bigint PRIMARY KEY, content text, category text NOT NULL{})"
+            ).format(
+                name.ident,
+                sql.SQL(", embedding vector({})").format(sql.Literal(source_dimensions))
+                if source_dimensions
+                else sql.SQL(""),
+            )
         )
         docs = list(documents(count, seed=seed))
         with conn.cursor() as cur:
             for start in range(0, len(docs), chunk):
                 part = docs[start : start + chunk]
-                vectors = embedder.embed([text for _, text, _ in part])
+                columns = "id, content, category" + (", embedding" if embedder else "")
                 with cur.copy(
-                    sql.SQL(
-                        "COPY {} (id, content, category, embedding) FROM STDIN (FORMAT BINARY)"
-                    ).format(name.ident)
+                    sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+                        name.ident, sql.SQL(columns)
+                    )
                 ) as copy:
+                    if embedder is None:
+                        copy.set_types(["int8", "text", "text"])
+                        for row in part:
+                            copy.write_row(row)
+                        continue
                     copy.set_types(["int8", "text", "text", "vector"])
+                    vectors = embedder.embed([text for _, text, _ in part])
                     for (doc_id, text, category), vector in zip(part, vectors, strict=True):
                         copy.write_row((doc_id, text, category, np.asarray(vector)))
         conn.execute(sql.SQL("ANALYZE {}").format(name.ident))

@@ -428,6 +428,12 @@ class _HTTPServer(ThreadingHTTPServer):
     request_queue_size = 128
     app: EmbeddingServer
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hangs up mid-answer (a cancelled request) is normal, not a server bug.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
 
 _OPENAI_QUOTA_MESSAGE = (
     "You exceeded your current quota, please check your plan and billing details. For more "
@@ -542,18 +548,18 @@ class _Handler(BaseHTTPRequestHandler):
                         "Authorization header using Bearer auth (i.e. Authorization: Bearer "
                         "YOUR_KEY)."
                     )
-                self._openai_error(
-                    401, message, type_="invalid_request_error", code="invalid_api_key"
-                )
                 app._record(
                     _record(started, "openai", body, 0, 0, None, (), 401, "invalid_api_key")
+                )
+                self._openai_error(
+                    401, message, type_="invalid_request_error", code="invalid_api_key"
                 )
                 return
         try:
             model, texts, dimensions, encoding, tokens = _read_openai(body)
         except _ApiError as err:
-            self._openai_error(err.status, err.message, type_=err.kind, code=err.code)
             app._record(_record(started, "openai", body, 0, 0, None, (), err.status, err.code))
+            self._openai_error(err.status, err.message, type_=err.kind, code=err.code)
             return
         verdict, headers = app._admit(tokens)
         if app.latency > 0:
@@ -584,8 +590,8 @@ class _Handler(BaseHTTPRequestHandler):
                 "server_error": "server_error",
             }.get(verdict.error or "", "server_error")
             code = None if verdict.error == "server_error" else verdict.error
-            self._openai_error(verdict.status, message, type_=type_, code=code, headers=headers)
             app._record(record)
+            self._openai_error(verdict.status, message, type_=type_, code=code, headers=headers)
             return
         size = dimensions or _OPENAI_NATIVE_DIMENSIONS.get(model, 1536)
         if app.wrong_dimensions:
@@ -603,8 +609,8 @@ class _Handler(BaseHTTPRequestHandler):
             "model": model,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
-        self._send(200, payload, headers)
         app._record(record)
+        self._send(200, payload, headers)
 
     # -- Google
 
@@ -627,6 +633,7 @@ class _Handler(BaseHTTPRequestHandler):
         if app.api_key is not None:
             given = self.headers.get("x-goog-api-key") or _query_key(self.path)
             if not given:
+                app._record(_record(started, "google", body, 0, 0, None, (), 403, "no_key"))
                 self._google_error(
                     403,
                     "Method doesn't allow unregistered callers (callers without established "
@@ -634,9 +641,11 @@ class _Handler(BaseHTTPRequestHandler):
                     "this API.",
                     "PERMISSION_DENIED",
                 )
-                app._record(_record(started, "google", body, 0, 0, None, (), 403, "no_key"))
                 return
             if given != app.api_key:
+                app._record(
+                    _record(started, "google", body, 0, 0, None, (), 400, "API_KEY_INVALID")
+                )
                 self._google_error(
                     400,
                     "API key not valid. Please pass a valid API key.",
@@ -650,15 +659,12 @@ class _Handler(BaseHTTPRequestHandler):
                         }
                     ],
                 )
-                app._record(
-                    _record(started, "google", body, 0, 0, None, (), 400, "API_KEY_INVALID")
-                )
                 return
         try:
             texts, dimensions, task_types, tokens = _read_google(body, path_model)
         except _ApiError as err:
-            self._google_error(err.status, err.message, err.kind)
             app._record(_record(started, "google", body, 0, 0, None, (), err.status, err.code))
+            self._google_error(err.status, err.message, err.kind)
             return
         verdict, _ = app._admit(tokens)
         if app.latency > 0:
@@ -683,6 +689,7 @@ class _Handler(BaseHTTPRequestHandler):
                 else "EmbedContentInputTokensPerMinutePerProjectPerModel"
             )
             delay = 86_400.0 if per_day else (verdict.retry_after or 1.0)
+            app._record(record)
             self._google_error(
                 429,
                 "You exceeded your current quota, please check your plan and billing details."
@@ -707,12 +714,11 @@ class _Handler(BaseHTTPRequestHandler):
                     },
                 ],
             )
-            app._record(record)
             return
         if verdict.status != 200:
             google_status, message = _GOOGLE_ERRORS.get(verdict.status, _GOOGLE_ERRORS[500])
-            self._google_error(verdict.status, message, google_status)
             app._record(record)
+            self._google_error(verdict.status, message, google_status)
             return
         size = dimensions or _GOOGLE_NATIVE_DIMENSIONS.get(path_model, 768)
         requested = size
@@ -725,8 +731,8 @@ class _Handler(BaseHTTPRequestHandler):
             scales = np.array([_scale(text) for text in texts], dtype=np.float32)
             vectors = vectors * scales[:, None]
         payload = {"embeddings": [{"values": row.tolist()} for row in vectors]}
-        self._send(200, payload)
         app._record(record)
+        self._send(200, payload)
 
 
 _INVALID_JSON = object()
@@ -790,14 +796,20 @@ def _read_openai(body: Any) -> tuple[str, list[str], int | None, str, int]:
     elif isinstance(raw_input, list) and all(isinstance(t, str) for t in raw_input):
         texts = list(raw_input)
     else:
-        raise _invalid("'$.input' is invalid. Please check the API reference: "
-                       "https://platform.openai.com/docs/api-reference.")
+        raise _invalid(
+            "'$.input' is invalid. Please check the API reference: "
+            "https://platform.openai.com/docs/api-reference."
+        )
     if not texts or any(t == "" for t in texts):
-        raise _invalid("'$.input' is invalid. Please check the API reference: "
-                       "https://platform.openai.com/docs/api-reference.")
+        raise _invalid(
+            "'$.input' is invalid. Please check the API reference: "
+            "https://platform.openai.com/docs/api-reference."
+        )
     if len(texts) > MAX_OPENAI_INPUTS:
-        raise _invalid(f"'$.input' is invalid: at most {MAX_OPENAI_INPUTS} inputs per request, "
-                       f"got {len(texts)}.")
+        raise _invalid(
+            f"'$.input' is invalid: at most {MAX_OPENAI_INPUTS} inputs per request, "
+            f"got {len(texts)}."
+        )
     counts = [count_tokens(t) for t in texts]
     for count in counts:
         if count > MAX_OPENAI_INPUT_TOKENS:
