@@ -96,7 +96,7 @@ def main() -> None:
                 run_migration(
                     url,
                     spec,
-                    provider=LocalProvider(model="hash", dimensions=args.dims),
+                    provider=LocalProvider(model="hash", dimensions=args.dims, processes=1),
                     options=RunOptions(batch_size=args.batch_size, concurrency=args.concurrency),
                     migration="bench/backfill",
                 )

@@ -30,8 +30,10 @@ def encode_rows(
     vectors: Vectors,
     hashes: Sequence[bytes],
     halfvec: bool = False,
+    categories: Sequence[str | None] | None = None,
 ) -> bytes:
-    """A complete ``COPY … FROM STDIN (FORMAT BINARY)`` stream of (id, vector|halfvec, bytea).
+    """A complete ``COPY … FROM STDIN (FORMAT BINARY)`` stream of (id, vector|halfvec, bytea)
+    and, when ``categories`` is given, a fourth text column.
 
     HEADER and TRAILER included: one call is one COPY.
     """
@@ -52,7 +54,7 @@ def encode_rows(
         ]
     )
     rows = np.empty(count, dtype=row)
-    rows["fields"] = 3
+    rows["fields"] = 3 if categories is None else 4
     rows["id_len"] = np.dtype(id_format).itemsize
     rows["id"] = np.asarray(ids, dtype=np.int64)
     rows["vec_len"] = 4 + np.dtype(element).itemsize * dims
@@ -63,4 +65,24 @@ def encode_rows(
     if any(len(h) != HASH_BYTES for h in hashes):
         raise ValueError("content hashes must be 32-byte sha256 digests")
     rows["hash"] = np.asarray(hashes, dtype=f"S{HASH_BYTES}")
-    return HEADER + rows.tobytes() + TRAILER
+    fixed = rows.tobytes()
+    if categories is None:
+        return HEADER + fixed + TRAILER
+    # The text column varies in length, so each row is its fixed part plus its own tail.
+    size = row.itemsize
+    parts = [HEADER]
+    for i, category in enumerate(categories):
+        parts.append(fixed[i * size : (i + 1) * size])
+        parts.append(_text_field(category))
+    parts.append(TRAILER)
+    return b"".join(parts)
+
+
+_NULL = b"\xff\xff\xff\xff"
+
+
+def _text_field(value: str | None) -> bytes:
+    if value is None:
+        return _NULL
+    data = value.encode()
+    return len(data).to_bytes(4, "big") + data

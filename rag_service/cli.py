@@ -322,6 +322,7 @@ async def _run(args: argparse.Namespace) -> int:
         api_key=api_key_from_env(spec.target, "target"),
         prices=prices,
         concurrency=options.concurrency,
+        bulk=True,
     )
     progress = JsonLinesProgress(sys.stdout) if args.json else RichProgress(_err)
     try:

@@ -113,6 +113,7 @@ class Batch:
     rows: tuple[SourceRow, ...]
     queue_entries: tuple[tuple[Any, int], ...] = ()  # (id, seq) read from the queue
     unembeddable_ids: tuple[Any, ...] = ()  # text became empty: drop their vectors
+    recategorised_ids: tuple[Any, ...] = ()  # same text, new category: refresh the copy only
     checkpoint_id: Any = None
 
 
@@ -276,7 +277,10 @@ class Worker:
         cursor: Any = after
         first = True
         query = sql.SQL(
-            "SELECT {sid}, {text}, {cat}, {hash} FROM {src} s LEFT JOIN {tgt} t ON t.id = {sid}\n"
+            "SELECT {sid}, {text}, {cat}, {hash} FROM {src} s\n"
+            # The redundant bound on t.id lets a merge join start at the cursor instead of
+            # rescanning the side table's index from its first row on every page (O(n²)).
+            "LEFT JOIN {tgt} t ON t.id = {sid} AND ({t_after})\n"
             "WHERE ({after}) AND {embeddable} AND {shard} AND {cats}\n"
             "  AND (t.id IS NULL OR t.content_hash <> {hash})\n"
             "ORDER BY {sid} LIMIT %(limit)s"
@@ -286,6 +290,11 @@ class Worker:
                 sql.SQL("true")
                 if cursor is None
                 else sql.SQL("{} > CAST(%(after)s AS {})").format(layout.s_id, self._id_type)
+            )
+            t_after = (
+                sql.SQL("true")
+                if cursor is None
+                else sql.SQL("t.id > CAST(%(after)s AS {})").format(self._id_type)
             )
             limit = self._room(self.options.batch_size)
             if limit == 0:
@@ -299,6 +308,7 @@ class Worker:
                     src=layout.source.ident,
                     tgt=layout.target.ident,
                     after=after_clause,
+                    t_after=t_after,
                     embeddable=layout.s_embeddable,
                     shard=shard_filter(layout.s_id, self.options.shard),
                     cats=_category_filter(layout, self.options.categories),
@@ -321,7 +331,7 @@ class Worker:
         cursor: Any = None
         query = sql.SQL(
             "SELECT q.id, q.seq, {text}, {cat}, {hash}, s.{sid_col} IS NOT NULL AND {embeddable},"
-            " t.content_hash IS NOT DISTINCT FROM {hash}\n"
+            " t.content_hash IS NOT DISTINCT FROM {hash}, t.category IS NOT DISTINCT FROM {cat}\n"
             "FROM {queue} q LEFT JOIN {src} s ON {sid} = q.id LEFT JOIN {tgt} t ON t.id = q.id\n"
             "WHERE ({after}) AND {shard} AND (s.{sid_col} IS NULL OR {cats})\n"
             "ORDER BY q.id LIMIT %(limit)s"
@@ -356,27 +366,28 @@ class Worker:
             if not found:
                 return
             cursor = found[-1][0]
-            entries = tuple((r[0], r[1]) for r in found)
             rows: list[SourceRow] = []
             unembeddable: list[Any] = []
-            for qid, _seq, text, cat, digest, embeddable, current in found:
+            recategorised: list[Any] = []
+            settled: list[tuple[Any, int]] = []
+            for qid, seq, text, cat, digest, embeddable, current, same_category in found:
                 if not embeddable:
                     unembeddable.append(qid)
-                elif not current and self._room(len(rows) + 1) > len(rows):
+                elif current:
+                    if not same_category:
+                        recategorised.append(qid)
+                elif self._room(len(rows) + 1) > len(rows):
                     rows.append(SourceRow(qid, text, cat, digest))
-            served = {r.id for r in rows}
-            # Entries whose rows we are not embedding now (limit reached) stay queued.
-            keep = [
-                (qid, seq)
-                for (qid, seq), r in zip(entries, found, strict=True)
-                if qid in served or not r[5] or r[6]
-            ]
+                else:
+                    continue  # --limit reached: this entry stays queued
+                settled.append((qid, seq))
             self._launched += len(rows)
             yield Batch(
                 phase="catchup",
                 rows=tuple(rows),
-                queue_entries=tuple(keep),
+                queue_entries=tuple(settled),
                 unembeddable_ids=tuple(unembeddable),
+                recategorised_ids=tuple(recategorised),
             )
             if self.options.limit is not None and self._launched >= self.options.limit:
                 return
@@ -396,10 +407,25 @@ class Worker:
         return self.prices.cost(*self._price_key, tokens)
 
     async def _pipeline(self, batches: AsyncIterator[Batch]) -> None:
+        """Read ahead, embed ``concurrency`` batches at once, write them in order.
+
+        The reader runs as its own task on its own connection, so paging the source overlaps
+        the writes instead of waiting between them.
+        """
+        ahead: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=self.options.concurrency)
+
+        async def read_ahead() -> None:
+            try:
+                async for batch in batches:
+                    await ahead.put(batch)
+            finally:
+                await ahead.put(None)
+
+        reader = asyncio.create_task(read_ahead())
         inflight: deque[tuple[Batch, asyncio.Task[Embeddings] | None, float, datetime]] = deque()
         reserved = 0.0
         try:
-            async for batch in batches:
+            while (batch := await ahead.get()) is not None:
                 estimate = self._estimate_cost(batch.rows)
                 budget = self.options.budget_usd
                 spent = self._spent_before + self.report.cost_usd
@@ -428,7 +454,9 @@ class Worker:
             while inflight:
                 reserved -= inflight[0][2]
                 await self._write(*inflight.popleft())
+            await reader  # surfaces a reading error
         finally:
+            reader.cancel()
             for _, task, _, _ in inflight:
                 if task is not None:
                     task.cancel()
@@ -452,7 +480,21 @@ class Worker:
         stored_ids: list[Any] = []
         async with self.writer.transaction():
             if embeddings is not None and batch.rows:
-                stored_ids = await self._upsert(batch.rows, embeddings)
+                stored_ids = await self._store(batch, embeddings)
+            if batch.recategorised_ids:
+                await self.writer.execute(
+                    sql.SQL(
+                        "UPDATE {tgt} t SET category = {cat} FROM {src} s "
+                        "WHERE {sid} = t.id AND t.id = ANY(CAST(%s AS {idt}[]))"
+                    ).format(
+                        tgt=layout.target.ident,
+                        cat=layout.s_category,
+                        src=layout.source.ident,
+                        sid=layout.s_id,
+                        idt=self._id_type,
+                    ),
+                    [list(batch.recategorised_ids)],
+                )
             if batch.unembeddable_ids:
                 await self.writer.execute(
                     sql.SQL(
@@ -517,13 +559,63 @@ class Worker:
         self.report.cost_usd += cost
         self.progress.advanced(rows=len(batch.rows), tokens=tokens, cost_usd=cost)
 
+    async def _store(self, batch: Batch, embeddings: Embeddings) -> list[Any]:
+        """Write a batch's vectors; return the ids stored (rows changed meanwhile are not)."""
+        layout = self.layout
+        if embeddings.vectors.shape != (len(batch.rows), layout.target_spec.dimensions):
+            raise DatabaseError(
+                f"internal: {embeddings.vectors.shape} vectors for {len(batch.rows)} rows; "
+                "nothing was stored"
+            )
+        if batch.phase == "backfill" and binary_copy.supports(self._id_typname):
+            try:
+                async with self.writer.transaction():  # a savepoint inside the batch
+                    return await self._copy_new_rows(batch.rows, embeddings)
+            except (psycopg.errors.UniqueViolation, psycopg.errors.ForeignKeyViolation):
+                log.debug("a row was written or deleted meanwhile; using the upsert")
+        return await self._upsert(batch.rows, embeddings)
+
+    async def _copy_new_rows(self, rows: Sequence[SourceRow], embeddings: Embeddings) -> list[Any]:
+        """Backfill rows have no vector yet: re-check them, then COPY them straight in.
+
+        Half the work of staging + upsert. The re-read is the hash guard: a row re-worded while
+        it was being embedded is left out (it stays pending); one re-worded after the re-read
+        was queued by the trigger with a new seq, exactly as with the upsert. A row that got a
+        vector meanwhile (another worker) or lost its source row makes the COPY raise, and the
+        caller falls back to the upsert.
+        """
+        layout = self.layout
+        cur = await self.writer.execute(
+            sql.SQL("SELECT {sid}, {hash}, {cat} FROM {src} s WHERE {sid} = ANY(%s)").format(
+                sid=layout.s_id, hash=layout.s_hash, cat=layout.s_category, src=layout.source.ident
+            ),
+            [[r.id for r in rows]],
+        )
+        now = {r[0]: (r[1], r[2]) for r in await cur.fetchall()}  # hash is NULL if text is
+        keep = [i for i, r in enumerate(rows) if r.id in now and now[r.id][0] == r.content_hash]
+        if not keep:
+            return []
+        kept = [rows[i] for i in keep]
+        async with self.writer.cursor().copy(
+            sql.SQL(
+                "COPY {} (id, embedding, content_hash, category) FROM STDIN (FORMAT BINARY)"
+            ).format(layout.target.ident)
+        ) as copy:
+            await copy.write(
+                binary_copy.encode_rows(
+                    id_typname=self._id_typname,
+                    ids=[r.id for r in kept],
+                    vectors=embeddings.vectors[keep],
+                    hashes=[r.content_hash for r in kept],
+                    halfvec=layout.target_spec.index.halfvec,
+                    categories=[now[r.id][1] for r in kept],
+                )
+            )
+        return [r.id for r in kept]
+
     async def _upsert(self, rows: Sequence[SourceRow], embeddings: Embeddings) -> list[Any]:
         layout = self.layout
         vectors = embeddings.vectors
-        if vectors.shape != (len(rows), layout.target_spec.dimensions):
-            raise DatabaseError(
-                f"internal: {vectors.shape} vectors for {len(rows)} rows; nothing was stored"
-            )
         cur = self.writer.cursor()
         halfvec = layout.target_spec.index.halfvec
         async with cur.copy(
@@ -553,13 +645,13 @@ class Worker:
                 "  SELECT {sid} AS id, {hash} AS content_hash, {cat} AS category FROM {src} s\n"
                 "  WHERE {sid} = ANY(CAST(%(ids)s AS {idt}[])) FOR KEY SHARE OF s\n"
                 ")\n"
-                "INSERT INTO {tgt} (id, embedding, content_hash, model, category)\n"
-                "SELECT st.id, st.embedding, st.content_hash, %(model)s, src.category\n"
+                "INSERT INTO {tgt} (id, embedding, content_hash, category)\n"
+                "SELECT st.id, st.embedding, st.content_hash, src.category\n"
                 "FROM embedshift_staging st JOIN src ON src.id = st.id "
                 "AND src.content_hash = st.content_hash\n"
                 "ON CONFLICT (id) DO UPDATE SET embedding = EXCLUDED.embedding, "
-                "content_hash = EXCLUDED.content_hash, model = EXCLUDED.model, "
-                "category = EXCLUDED.category, embedded_at = now()\n"
+                "content_hash = EXCLUDED.content_hash, category = EXCLUDED.category, "
+                "embedded_at = now()\n"
                 "RETURNING id"
             ).format(
                 sid=layout.s_id,
@@ -569,7 +661,7 @@ class Worker:
                 idt=self._id_type,
                 tgt=layout.target.ident,
             ),
-            {"ids": [r.id for r in rows], "model": layout.migration_target},
+            {"ids": [r.id for r in rows]},
         )
         return [r[0] for r in await cur.fetchall()]
 

@@ -284,11 +284,18 @@ def setup_statements(layout: Layout, *, migration: str) -> list[Query]:
             " ON DELETE CASCADE ON UPDATE CASCADE,\n"
             "    embedding {vtype} NOT NULL,\n"
             "    content_hash bytea NOT NULL,\n"
-            "    model text NOT NULL,\n"
+            "    model text NOT NULL DEFAULT {model},\n"
             "    category text,\n"
             "    embedded_at timestamptz NOT NULL DEFAULT now()\n"
             ")"
-        ).format(tgt=tgt, id_type=id_type, src=src, sid=sid, vtype=layout.vector_type),
+        ).format(
+            tgt=tgt,
+            id_type=id_type,
+            src=src,
+            sid=sid,
+            vtype=layout.vector_type,
+            model=sql.Literal(layout.target_spec.descriptor),
+        ),
         sql.SQL("CREATE SEQUENCE IF NOT EXISTS {}").format(layout.queue_seq.ident),
         sql.SQL(
             "CREATE TABLE IF NOT EXISTS {queue} (\n"
@@ -394,40 +401,34 @@ def _target_descriptor(layout: Layout) -> dict[str, Any]:
 
 
 def _trigger_function(layout: Layout) -> Query:
-    """Queue inserted and re-worded rows; keep the target's category copy in step.
+    """Queue inserted rows, and rows whose text or category changed.
 
     ``seq`` changes on every enqueue, so a worker's ``DELETE ... WHERE seq = <what it read>``
-    cannot remove an entry that a later change renewed.
+    cannot remove an entry that a later change renewed. Category changes are queued rather than
+    copied here: a copy made by the trigger cannot see a vector row that a worker has written but
+    not yet committed, and would be lost; the catch-up refreshes the copy instead (no re-embed).
     """
-    new_text = sql.SQL("NEW.{}").format(sql.Identifier(layout.text_column))
-    old_text = sql.SQL("OLD.{}").format(sql.Identifier(layout.text_column))
-    category_sync: sql.Composable = sql.SQL("")
-    if layout.category_column:
-        cat = sql.Identifier(layout.category_column)
-        category_sync = sql.SQL(
-            "    IF TG_OP = 'UPDATE' AND NEW.{cat} IS DISTINCT FROM OLD.{cat} THEN\n"
-            "        UPDATE {tgt} SET category = NEW.{cat}::text WHERE id = NEW.{sid};\n"
-            "    END IF;\n"
-        ).format(cat=cat, tgt=layout.target.ident, sid=sql.Identifier(layout.id_column))
+    changed = [sql.SQL("TG_OP = 'INSERT'")] + [
+        sql.SQL("NEW.{0} IS DISTINCT FROM OLD.{0}").format(sql.Identifier(column))
+        for column in (layout.text_column, layout.category_column)
+        if column
+    ]
     return sql.SQL(
         "CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $embedshift$\n"
         "BEGIN\n"
-        "    IF TG_OP = 'INSERT' OR {new_text} IS DISTINCT FROM {old_text} THEN\n"
+        "    IF {changed} THEN\n"
         "        INSERT INTO {queue} (id, seq) VALUES (NEW.{sid}, nextval({seq}))\n"
         "        ON CONFLICT (id) DO UPDATE SET seq = EXCLUDED.seq, enqueued_at = now();\n"
         "    END IF;\n"
-        "{category_sync}"
         "    RETURN NULL;\n"
         "END\n"
         "$embedshift$"
     ).format(
         fn=layout.trigger_function.ident,
-        new_text=new_text,
-        old_text=old_text,
+        changed=sql.SQL(" OR ").join(changed),
         queue=layout.queue.ident,
         sid=sql.Identifier(layout.id_column),
         seq=sql.Literal(str(layout.queue_seq.ident.as_string())),
-        category_sync=category_sync,
     )
 
 

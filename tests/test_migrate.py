@@ -258,3 +258,45 @@ def test_shards_partition_the_rows() -> None:
     text = shard_filter(sql.SQL("s.id"), Shard(1, 4)).as_string()
     assert "mod(mod(hashtextextended(s.id::text, 0), 4) + 4, 4) = 1" == text
     assert shard_filter(sql.SQL("s.id"), Shard()).as_string() == "true"
+
+
+async def test_overlapping_workers_fall_back_to_the_upsert_and_store_each_row_once(
+    database_url: str, corpus: str
+) -> None:
+    """A 1/1 worker and a 0/2 worker race over the same rows: the fast COPY path collides, falls
+    back to the guarded upsert, and every row ends with one current vector."""
+    spec = spec_for(corpus)
+    await setup(database_url, spec, migration="default/x")
+
+    async def worker(shard: Shard) -> None:
+        await run_migration(
+            database_url,
+            spec,
+            provider=LocalProvider(model="hash", dimensions=768),
+            options=RunOptions(batch_size=20, concurrency=2, shard=shard),
+            migration="default/x",
+        )
+
+    await asyncio.gather(worker(Shard(0, 1)), worker(Shard(0, 2)))
+    c = counts(database_url, spec)
+    assert c.complete and c.queued == 0
+    assert vectors_match_text(database_url, corpus) == (600, 600)
+
+
+def test_a_category_change_refreshes_the_copy_without_re_embedding(
+    capsys: pytest.CaptureFixture[str], database_url: str, corpus: str
+) -> None:
+    base = flags(database_url, corpus)
+    assert cli(capsys, "migrate", "setup", *base).code == 0
+    assert cli(capsys, "migrate", "run", *base).code == 0
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f"UPDATE \"{corpus}\" SET category = 'archive' WHERE id <= 3")
+    result = cli(capsys, "migrate", "run", *base, "--json")
+    assert json.loads(result.out.splitlines()[-1])["embedded"] == 0  # no tokens spent
+    target = spec_for(corpus).target_table.name
+    with psycopg.connect(database_url) as conn:
+        moved = conn.execute(
+            f"SELECT count(*) FROM \"{target}\" WHERE category = 'archive'"
+        ).fetchone()
+    assert moved == (3,)
+    assert counts(database_url, spec_for(corpus)).queued == 0

@@ -38,7 +38,8 @@ def test_kill_9_at_20_random_moments_loses_nothing_and_doubles_nothing(
     rng = random.Random(20261123)
     killed_while_running = 0
     for _ in range(20):
-        proc = start_run([*base, "--batch-size", "8", "--concurrency", "3"])
+        # Small batches: many commits, so the kills land between and inside transactions.
+        proc = start_run([*base, "--batch-size", "3", "--concurrency", "2"])
         time.sleep(rng.uniform(0.3, 1.6))
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)

@@ -24,10 +24,14 @@ MODEL = "text-embedding-3-small"
 
 
 def corpus(n: int, *, offset: int = 0) -> list[str]:
-    return [f"document {i} about topic {i % 7}: alpha beta {i % 13}" for i in range(offset, n + offset)]
+    return [
+        f"document {i} about topic {i % 7}: alpha beta {i % 13}" for i in range(offset, n + offset)
+    ]
 
 
-def assert_same_direction(vectors: Vectors, texts: list[str], *, dimensions: int, model: str = MODEL) -> None:
+def assert_same_direction(
+    vectors: Vectors, texts: list[str], *, dimensions: int, model: str = MODEL
+) -> None:
     expected = HashEmbedder(dimensions, seed=model).embed(texts)
     assert vectors.shape == (len(texts), dimensions)
     assert vectors.dtype == np.float32
@@ -188,7 +192,9 @@ async def test_retries_run_out_with_a_message_saying_what_failed(
     from rag_service.providers.retry import RetryPolicy
 
     embedding_server.error_rate = 1.0
-    with pytest.raises(ProviderError, match=r"gave up after 3 attempts \(3× server error") as caught:
+    with pytest.raises(
+        ProviderError, match=r"gave up after 3 attempts \(3× server error"
+    ) as caught:
         await openai_provider(retry_policy=RetryPolicy(max_attempts=3, base_delay=0.01)).embed(
             corpus(2), Purpose.DOCUMENT
         )

@@ -51,7 +51,8 @@ class FakeTime:
 
 
 def pacer_on(time: FakeTime, **options: float | int | None) -> RateLimitPacer:
-    defaults: dict[str, float | int | None] = {"margin": 1.0}
+    # Exact arithmetic for the tables: no estimate margin, no safety floor unless asked.
+    defaults: dict[str, float | int | None] = {"margin": 1.0, "safety_seconds": 0.0}
     return RateLimitPacer(clock=time.clock, sleep=time.sleep, **{**defaults, **options})  # type: ignore[arg-type]
 
 
@@ -251,6 +252,16 @@ async def test_configured_limit_waits_for_refill() -> None:
     assert time.now == 0.0
     await pacer.acquire(100)
     assert time.now == pytest.approx(10.0)
+
+
+async def test_a_safety_floor_stays_banked_and_costs_no_throughput() -> None:
+    time = FakeTime()
+    pacer = pacer_on(time, tokens_per_minute=600, safety_seconds=0.5)  # floor: 5 tokens
+    await pacer.acquire(600)  # a full bucket may still be spent whole
+    await pacer.acquire(100)
+    assert time.now == pytest.approx(10.5)
+    await pacer.acquire(100)
+    assert time.now == pytest.approx(20.5)  # steady state: one refill period per 100 tokens
 
 
 async def test_request_limit_spaces_requests() -> None:

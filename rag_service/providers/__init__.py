@@ -53,11 +53,17 @@ def make_provider(
     prices: PriceTable | None = None,
     concurrency: int = 4,
     role: Role = "target",
+    bulk: bool = False,
 ) -> EmbeddingProvider:
-    """Build the provider ``spec`` names. Raises AuthenticationFailed if a needed key is missing."""
+    """Build the provider ``spec`` names. Raises AuthenticationFailed if a needed key is missing.
+
+    ``bulk``: for backfills; the local provider then hashes in a worker process.
+    """
     prices = prices or PriceTable()
     if spec.provider is ProviderName.LOCAL:
-        return LocalProvider(model=spec.model, dimensions=spec.dimensions, prices=prices)
+        return LocalProvider(
+            model=spec.model, dimensions=spec.dimensions, prices=prices, processes=int(bulk)
+        )
     if not api_key:
         variables = " or ".join(
             (f"EMBEDSHIFT_{role.upper()}_API_KEY", *_PROVIDER_KEY_VARIABLES[spec.provider])

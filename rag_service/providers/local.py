@@ -8,12 +8,14 @@ keeps vectors identical across processes and machines.
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import re
 import zlib
 from collections.abc import Sequence
-from itertools import pairwise
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
+import numpy.typing as npt
 
 from rag_service.providers.base import Embeddings, Purpose, Usage, Vectors, l2_normalise
 from rag_service.providers.pricing import PriceTable
@@ -26,24 +28,29 @@ _INLINE_TEXTS = 64
 
 
 class HashEmbedder:
-    """Deterministic (a pure function of the texts); memoises feature → (column, sign)."""
+    """Deterministic (a pure function of the texts); memoises word → crc32.
+
+    Word pairs are hashed arithmetically from their words' hashes in numpy, so the only per-word
+    Python work is the regex and one C-level dictionary lookup: fast, and short GIL holds.
+    """
 
     def __init__(self, dimensions: int, *, seed: str = "hash") -> None:
         if dimensions < 1:
             raise ValueError("dimensions must be positive")
         self.dimensions = dimensions
         self._seed = zlib.crc32(seed.encode())
-        self._memo: dict[str, tuple[int, float]] = {}
+        self._memo: dict[str, int] = {}
 
-    def _feature(self, feature: str) -> tuple[int, float]:
-        hit = self._memo.get(feature)
-        if hit is None:
-            h = zlib.crc32(feature.encode(), self._seed)
-            hit = (h % self.dimensions, 1.0 if h & 0x80000000 else -1.0)
-            if len(self._memo) >= _CACHE_LIMIT:
-                self._memo.clear()
-            self._memo[feature] = hit
-        return hit
+    def _word_hashes(self, words: list[str]) -> npt.NDArray[np.uint64]:
+        memo = self._memo
+        missing = set(words).difference(memo)
+        if missing:
+            if len(memo) + len(missing) > _CACHE_LIMIT:
+                memo.clear()
+                missing = set(words)
+            seed = self._seed
+            memo.update((w, zlib.crc32(w.encode(), seed)) for w in missing)
+        return np.fromiter(map(memo.__getitem__, words), dtype=np.uint64, count=len(words))
 
     def embed(self, texts: Sequence[str]) -> Vectors:
         return self.embed_counting(texts)[0]
@@ -51,29 +58,32 @@ class HashEmbedder:
     def embed_counting(self, texts: Sequence[str]) -> tuple[Vectors, int]:
         """Vectors and the number of words (the local provider's tokens), in one pass."""
         dims = self.dimensions
-        words_seen = 0
-        flat: list[int] = []  # row * dims + column, so one bincount builds the matrix
-        vals: list[float] = []
-        memo = self._memo
-        feature = self._feature
-        for i, text in enumerate(texts):
-            words = _WORD.findall(text.lower()) or ["<empty>"]
-            words_seen += len(words)
-            base = i * dims
-            for w in words:
-                col, sign = memo.get(w) or feature(w)
-                flat.append(base + col)
-                vals.append(sign)
-            for a, b in pairwise(words):
-                col, sign = feature(a + " " + b)
-                flat.append(base + col)
-                vals.append(sign * _BIGRAM_WEIGHT)
-        out = np.bincount(
-            np.asarray(flat, dtype=np.int64),
-            weights=np.asarray(vals, dtype=np.float64),
-            minlength=len(texts) * dims,
-        )
-        return l2_normalise(out.reshape(len(texts), dims).astype(np.float32)), words_seen
+        per_text = [_WORD.findall(t.lower()) or ["<empty>"] for t in texts]
+        lengths = np.fromiter(map(len, per_text), dtype=np.int64, count=len(per_text))
+        words = [w for ws in per_text for w in ws]
+        hashes = self._word_hashes(words)
+        rows = np.repeat(np.arange(len(texts), dtype=np.int64), lengths)
+        # A pair is two neighbouring words of the same text.
+        same_text = rows[1:] == rows[:-1]
+        pairs = _mix(hashes[:-1][same_text], hashes[1:][same_text])
+        all_hashes = np.concatenate([hashes, pairs])
+        all_rows = np.concatenate([rows, rows[:-1][same_text]])
+        weights = np.concatenate(
+            [np.ones(len(hashes)), np.full(len(pairs), _BIGRAM_WEIGHT)]
+        ) * np.where(all_hashes & 0x80000000, 1.0, -1.0)
+        flat = all_rows * dims + (all_hashes % np.uint64(dims)).astype(np.int64)
+        out = np.bincount(flat, weights=weights, minlength=len(texts) * dims)
+        vectors = l2_normalise(out.reshape(len(texts), dims).astype(np.float32))
+        return vectors, int(lengths.sum())
+
+
+def _mix(left: npt.NDArray[np.uint64], right: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """A 32-bit hash of an ordered pair of 32-bit hashes (multiply–xorshift). Pure."""
+    x = (left * np.uint64(0x9E3779B1) + right * np.uint64(0x85EBCA77)) & np.uint64(0xFFFFFFFF)
+    x ^= x >> np.uint64(15)
+    x = (x * np.uint64(0x2C1B3C6D)) & np.uint64(0xFFFFFFFF)
+    x ^= x >> np.uint64(12)
+    return x
 
 
 def count_words(texts: Sequence[str]) -> int:
@@ -82,12 +92,25 @@ def count_words(texts: Sequence[str]) -> int:
 
 
 class LocalProvider:
-    """``local:<name>@<dims>``; ``<name>`` seeds the hash, so two local models differ."""
+    """``local:<name>@<dims>``; ``<name>`` seeds the hash, so two local models differ.
 
-    def __init__(self, *, model: str, dimensions: int, prices: PriceTable | None = None) -> None:
+    With ``processes`` > 0, large batches are hashed in worker processes: the hashing is Python
+    and would otherwise hold the GIL against the event loop that drives the database writes.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        dimensions: int,
+        prices: PriceTable | None = None,
+        processes: int = 0,
+    ) -> None:
         self._model = model
         self._embedder = HashEmbedder(dimensions, seed=model)
         self._prices = prices or PriceTable()
+        self._processes = processes
+        self._pool: ProcessPoolExecutor | None = None
 
     @property
     def descriptor(self) -> str:
@@ -104,10 +127,31 @@ class LocalProvider:
         del purpose  # documents and queries embed alike
         if len(texts) <= _INLINE_TEXTS:
             vectors, tokens = self._embedder.embed_counting(texts)
+        elif self._processes > 0:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(
+                    self._processes, mp_context=multiprocessing.get_context("forkserver")
+                )
+            vectors, tokens = await asyncio.get_running_loop().run_in_executor(
+                self._pool, _embed_in_worker, self._model, self.dimensions, list(texts)
+            )
         else:
             vectors, tokens = await asyncio.to_thread(self._embedder.embed_counting, texts)
         cost = self._prices.cost("local", self._model, tokens)
         return Embeddings(vectors=vectors, usage=Usage(tokens=tokens, requests=1, cost_usd=cost))
 
     async def aclose(self) -> None:
-        return None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+# Per worker process: one embedder (and its word memo) per model, reused across batches.
+_worker_embedders: dict[tuple[str, int], HashEmbedder] = {}
+
+
+def _embed_in_worker(model: str, dimensions: int, texts: list[str]) -> tuple[Vectors, int]:
+    embedder = _worker_embedders.get((model, dimensions))
+    if embedder is None:
+        embedder = _worker_embedders[(model, dimensions)] = HashEmbedder(dimensions, seed=model)
+    return embedder.embed_counting(texts)

@@ -288,28 +288,73 @@ class RetryPolicy:
 class _Bucket:
     """A continuous token bucket, as OpenAI describes its limits: ``limit`` per minute,
     refilled at ``limit / 60`` per second, at most ``limit`` banked. The level may go negative:
-    that is debt the next request waits out."""
+    that is debt the next request waits out.
+
+    Other clients on the same key (another Job of the same migration) draw on the server's
+    bucket too. ``shadow`` models the server's level from our own use alone; the gap to what the
+    headers then report is the others' use, and ``others`` (a smoothed rate) is taken off our
+    refill, so independent pacers converge on sharing the limit instead of each claiming all
+    of it and bouncing off 429s.
+    """
 
     def __init__(self, limit: float, now: float) -> None:
         self.limit = limit
         self.level = limit
         self.updated = now
+        self.shadow: float | None = None  # the server's level as of our last header, projected
+        self.synced_at: float | None = None
+        self.others = 0.0  # other clients' use, per second
 
     @property
     def rate(self) -> float:
         return self.limit / 60.0
 
+    @property
+    def own_rate(self) -> float:
+        return max(self.rate - self.others, self.rate * (1 - _MAX_OTHERS_SHARE))
+
     def refill(self, now: float) -> None:
         if now > self.updated:
-            self.level = min(self.limit, self.level + (now - self.updated) * self.rate)
+            elapsed = now - self.updated
+            self.level = min(self.limit, self.level + elapsed * self.own_rate)
+            if self.shadow is not None:
+                self.shadow = min(self.limit, self.shadow + elapsed * self.rate)
         self.updated = max(self.updated, now)
 
-    def wait_for(self, amount: float) -> float:
+    def take(self, amount: float) -> None:
+        """Book our own use (negative: a refund) in both our level and the server model."""
+        self.level -= amount
+        if self.shadow is not None:
+            self.shadow -= amount
+
+    def sync(self, server_now: float, now: float) -> None:
+        """Correct our level to the server's (downwards only) and learn the others' rate."""
+        self.refill(now)
+        if self.shadow is not None and self.synced_at is not None and now > self.synced_at:
+            elapsed = now - self.synced_at
+            observed = (self.shadow - server_now) / elapsed
+            # Time-weighted smoothing: two answers a millisecond apart must not swing it.
+            weight = 1.0 - math.exp(-elapsed / _OTHERS_HORIZON)
+            others = self.others + weight * (observed - self.others)
+            self.others = min(max(others, 0.0), self.rate * _MAX_OTHERS_SHARE)
+        self.shadow = server_now
+        self.synced_at = now
+        self.level = min(self.level, server_now)
+
+    def wait_for(self, amount: float, *, floor_seconds: float = 0.0) -> float:
+        """Seconds until ``amount`` can be taken leaving ``floor_seconds`` of refill banked.
+
+        The floor absorbs timing noise: the server refills from when requests *arrive*, we from
+        when we send them, so a mirror that spends to exactly zero gets a 429 whenever one
+        request travels faster than the one before. Banked once, it costs no throughput.
+        """
         # A request bigger than the bucket waits for a full bucket, never forever: the server
         # then tells us it is too large and the provider splits it.
-        needed = min(amount, self.limit)
+        needed = min(amount + floor_seconds * self.rate, self.limit)
         # The tolerance stops float rounding from asking for sleeps too short to move a clock.
-        return 0.0 if self.level >= needed - 1e-6 else (needed - self.level) / self.rate
+        if self.level >= needed - 1e-6:
+            return 0.0
+        return (needed - self.level) / self.own_rate
 
 
 @dataclass(frozen=True)
@@ -324,6 +369,10 @@ class Permit:
 
 
 _EWMA_WEIGHT = 0.3
+# How fast the estimate of other clients' use follows what the headers show (seconds).
+_OTHERS_HORIZON = 5.0
+# We never assume others take more than this share, so a pacer cannot starve itself.
+_MAX_OTHERS_SHARE = 0.9
 _MIN_SLEEP = 0.001
 _RATIO_BOUNDS = (0.05, 20.0)
 
@@ -341,6 +390,8 @@ class RateLimitPacer:
       between estimate and reality, so later reservations are right-sized.
     - a 429 pauses everyone until the server's ``Retry-After`` and halves concurrency; each
       success adds one back (additive increase, multiplicative decrease).
+    - ``safety_seconds`` of refill always stay banked, so network jitter between our clock and
+      the server's cannot turn an exact mirror into a 429.
 
     Until the first answer says whether the API sends rate-limit headers, one request probes
     alone, so a new worker never opens with a burst into an already drained bucket. Limits
@@ -357,6 +408,7 @@ class RateLimitPacer:
         requests_per_minute: int | None = None,
         request_share: float = 0.25,
         margin: float = 1.05,
+        safety_seconds: float = 0.5,
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
@@ -368,6 +420,7 @@ class RateLimitPacer:
         self._window = max_concurrency
         self._request_share = request_share
         self._margin = margin
+        self._safety = safety_seconds
         now = clock()
         self._tokens = _Bucket(tokens_per_minute, now) if tokens_per_minute else None
         self._requests = _Bucket(requests_per_minute, now) if requests_per_minute else None
@@ -439,18 +492,18 @@ class RateLimitPacer:
                 wait = self._paused_until - now
                 if self._tokens:
                     self._tokens.refill(now)
-                    wait = max(wait, self._tokens.wait_for(reserve))
+                    wait = max(wait, self._tokens.wait_for(reserve, floor_seconds=self._safety))
                 if self._requests:
                     self._requests.refill(now)
-                    wait = max(wait, self._requests.wait_for(1))
+                    wait = max(wait, self._requests.wait_for(1, floor_seconds=self._safety))
                 if wait > 0:
                     await self._sleep(max(wait, _MIN_SLEEP))
                     continue
                 break
             if self._tokens:
-                self._tokens.level -= reserve
+                self._tokens.take(reserve)
             if self._requests:
-                self._requests.level -= 1
+                self._requests.take(1)
             self._seq += 1
             probe = self._headers_seen is None
             permit = Permit(
@@ -469,7 +522,7 @@ class RateLimitPacer:
         self._in_flight.pop(permit.seq, None)
         if actual_tokens is not None:
             if self._tokens:
-                self._tokens.level += permit.reserved - actual_tokens
+                self._tokens.take(actual_tokens - permit.reserved)
             self._ledger[permit.seq] = (float(actual_tokens), 1)
             if permit.estimate > 0:
                 self._learn_ratio(actual_tokens / permit.estimate)
@@ -481,9 +534,9 @@ class RateLimitPacer:
         """The request failed: give its room back, and on a 429 slow everyone down."""
         self._in_flight.pop(permit.seq, None)
         if self._tokens:
-            self._tokens.level += permit.reserved
+            self._tokens.take(-permit.reserved)
         if self._requests:
-            self._requests.level += 1
+            self._requests.take(-1)
         self._ledger[permit.seq] = (0.0, 0)
         if failure is not None:
             if failure.headers:
@@ -564,8 +617,8 @@ class RateLimitPacer:
         # refilled, and requests sent after this one have drawn on it. Refill is counted from
         # when we sent it (a little early, so a little optimistic): a pessimistic correction
         # applied after every answer would add up to a steady loss of throughput.
-        server_now = remaining + since * bucket.rate - newer_use
-        bucket.level = min(bucket.level, server_now)
+        server_now = min(bucket.limit, remaining + since * bucket.rate) - newer_use
+        bucket.sync(server_now, now)
         return bucket
 
     def _finish(self, permit: Permit) -> None:
@@ -696,15 +749,25 @@ async def send_in_requests(
 
     async def worker() -> None:
         nonlocal cursor
-        while True:
-            await pacer.ready()
-            if cursor >= count:
-                return
-            start = cursor
-            cursor = next_end(start)
-            await send_halving(start, cursor)
+        try:
+            while True:
+                await pacer.ready()
+                if cursor >= count:
+                    return
+                start = cursor
+                cursor = next_end(start)
+                await send_halving(start, cursor)
+        except BaseException:
+            # Cancel the siblings now, before yielding: the failure just woke workers waiting
+            # on the pacer, and left to run they would each send one more doomed request.
+            this = asyncio.current_task()
+            for task in tasks:
+                if task is not this:
+                    task.cancel()
+            raise
 
-    tasks = [asyncio.create_task(worker()) for _ in range(max(1, workers))]
+    tasks: list[asyncio.Task[None]] = []
+    tasks.extend(asyncio.create_task(worker()) for _ in range(max(1, workers)))
     try:
         await asyncio.gather(*tasks)
     except BaseException:
