@@ -117,11 +117,15 @@ async def backfill(args: argparse.Namespace, url: str) -> dict[str, Any]:
     }
 
 
-def steady_state(records: list[dict[str, Any]], limit: int, warmup: float) -> dict[str, float]:
+def steady_state(
+    records: list[dict[str, Any]], limit: int, warmup: float, empty: float = 0.02
+) -> dict[str, float]:
     """Tokens admitted per minute once the initial full bucket is spent.
 
-    Counted over (t0, t1] between two admitted requests: the refill in between pays for the
-    requests admitted after t0 up to and including t1.
+    The server's bucket holds a minute of tokens, so a window that starts with some banked and
+    ends with none would credit the client with the bank. The window therefore runs between
+    two admissions that left the bucket nearly empty (``empty`` × limit), and counts what was
+    admitted in (t0, t1]: the refill in between paid for exactly that.
     """
     ok = [r for r in records if r["status"] == 200]
     spent, drained_at = 0, None
@@ -132,12 +136,23 @@ def steady_state(records: list[dict[str, Any]], limit: int, warmup: float) -> di
             break
     if drained_at is None:
         raise SystemExit("the run never spent the initial bucket: raise --duration")
-    window = [r for r in ok if r["time"] >= drained_at + warmup]
-    if len(window) < 10:
-        raise SystemExit("too few requests in the steady state: raise --duration")
-    t0, t1 = window[0]["time"], window[-1]["time"]
-    tokens = sum(r["tokens"] for r in window[1:])
-    return {"start": t0, "end": t1, "tokens": tokens, "per_minute": tokens / (t1 - t0) * 60}
+    low = [
+        r
+        for r in ok
+        if r["time"] >= drained_at + warmup and (r["tokens_left"] or 0.0) <= empty * limit
+    ]
+    if len(low) < 2 or low[-1]["time"] - low[0]["time"] < 20:
+        raise SystemExit("no steady state of 20 s or more: raise --duration")
+    t0, t1 = low[0]["time"], low[-1]["time"]
+    tokens = sum(r["tokens"] for r in ok if t0 < r["time"] <= t1)
+    return {
+        "start": t0,
+        "end": t1,
+        "tokens": tokens,
+        "per_minute": tokens / (t1 - t0) * 60,
+        "left_start": low[0]["tokens_left"],
+        "left_end": low[-1]["tokens_left"],
+    }
 
 
 def main() -> int:
@@ -181,7 +196,9 @@ def main() -> int:
     )
     print(
         f"steady state {steady['end'] - steady['start']:.1f} s "
-        f"(from t={steady['start']:.1f} s): {steady['per_minute']:,.0f} tokens/min"
+        f"(t={steady['start']:.1f}–{steady['end']:.1f} s, bucket at "
+        f"{steady['left_start']:,.0f} and {steady['left_end']:,.0f} tokens): "
+        f"{steady['per_minute']:,.0f} tokens/min"
     )
     print(f"achieved / limit: {achieved:.3f} (target >= 0.95)")
     print(

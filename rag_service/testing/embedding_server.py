@@ -102,7 +102,8 @@ def format_duration(seconds: float) -> str:
 
 @dataclass(frozen=True)
 class RecordedRequest:
-    """One request as the server saw it (``time`` in seconds since the server started)."""
+    """One request as the server saw it (``time``: seconds since the server started, when it
+    was admitted or refused)."""
 
     time: float
     endpoint: Endpoint
@@ -114,6 +115,9 @@ class RecordedRequest:
     encoding_format: str | None
     status: int
     error: str | None
+    # The token bucket's level right after the decision (None without a TPM limit): lets a
+    # benchmark measure throughput between two moments the bucket was equally empty.
+    tokens_left: float | None = None
 
 
 class _Bucket:
@@ -350,9 +354,10 @@ class EmbeddingServer:
         with lock:  # HashEmbedder's memo is not thread-safe
             return embedder.embed(texts)
 
-    def _admit(self, tokens: int) -> tuple[_Verdict, dict[str, str]]:
-        """Decide a well-formed request's fate: quota, injected error, rate limit or success;
-        with the rate-limit headers as they stand after the decision."""
+    def _admit(self, tokens: int) -> tuple[_Verdict, dict[str, str], float, float | None]:
+        """Decide a well-formed request's fate: quota, injected error, rate limit or success.
+        Returns the verdict, the rate-limit headers as they stand after it, when it was made,
+        and the token bucket's level after it."""
         with self._lock:
             now = self._now()
             buckets = [b for b in (self._tokens, self._requests) if b]
@@ -360,7 +365,8 @@ class EmbeddingServer:
                 bucket.refill(now)
             verdict = self._decide(tokens)
             headers = self._rate_headers()
-        return verdict, headers
+            left = self._tokens.level if self._tokens else None
+        return verdict, headers, now, left
 
     def _decide(self, tokens: int) -> _Verdict:
         if self.insufficient_quota:
@@ -561,11 +567,11 @@ class _Handler(BaseHTTPRequestHandler):
             app._record(_record(started, "openai", body, 0, 0, None, (), err.status, err.code))
             self._openai_error(err.status, err.message, type_=err.kind, code=err.code)
             return
-        verdict, headers = app._admit(tokens)
+        verdict, headers, decided_at, tokens_left = app._admit(tokens)
         if app.latency > 0:
             time.sleep(app.latency)
         record = RecordedRequest(
-            time=started,
+            time=decided_at,
             endpoint="openai",
             model=model,
             inputs=len(texts),
@@ -575,6 +581,7 @@ class _Handler(BaseHTTPRequestHandler):
             encoding_format=encoding,
             status=verdict.status,
             error=verdict.error,
+            tokens_left=tokens_left,
         )
         if verdict.status != 200:
             if verdict.retry_after is not None:
@@ -666,11 +673,11 @@ class _Handler(BaseHTTPRequestHandler):
             app._record(_record(started, "google", body, 0, 0, None, (), err.status, err.code))
             self._google_error(err.status, err.message, err.kind)
             return
-        verdict, _ = app._admit(tokens)
+        verdict, _, decided_at, tokens_left = app._admit(tokens)
         if app.latency > 0:
             time.sleep(app.latency)
         record = RecordedRequest(
-            time=started,
+            time=decided_at,
             endpoint="google",
             model=path_model,
             inputs=len(texts),
@@ -680,6 +687,7 @@ class _Handler(BaseHTTPRequestHandler):
             encoding_format=None,
             status=verdict.status,
             error=verdict.error,
+            tokens_left=tokens_left,
         )
         if verdict.status == 429:
             per_day = verdict.error == "insufficient_quota"
