@@ -13,23 +13,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import psycopg
 from pgvector.psycopg import register_vector
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from rag_service.binary_copy import HEADER, TRAILER  # noqa: E402
-from rag_service.migrate import RunOptions, run_migration  # noqa: E402
-from rag_service.providers.local import HashEmbedder, LocalProvider  # noqa: E402
-from rag_service.schema import setup  # noqa: E402
-from rag_service.spec import DataPlaneSpec, EmbeddingSpec  # noqa: E402
-from rag_service.testing.corpus import create_corpus  # noqa: E402
-from rag_service.testing.postgres import create_database, drop_database, postgres_server  # noqa: E402
+from rag_service.binary_copy import HEADER, TRAILER
+from rag_service.migrate import RunOptions, run_migration
+from rag_service.providers.local import HashEmbedder, LocalProvider
+from rag_service.schema import setup
+from rag_service.spec import DataPlaneSpec, EmbeddingSpec
+from rag_service.testing.corpus import create_corpus
+from rag_service.testing.postgres import create_database, drop_database, postgres_server
 
 
 def encode_id_vector(ids: list[int], vectors: np.ndarray) -> bytes:
@@ -54,12 +50,15 @@ def raw_copy(url: str, ids: list[int], vectors: np.ndarray, dims: int) -> float:
         conn.commit()
         started = time.perf_counter()
         # The same numpy encoder the worker uses, so the baseline is as fast as we know how.
-        with conn.cursor() as cur, cur.copy(
-            "COPY raw_copy (id, embedding) FROM STDIN (FORMAT BINARY)"
-        ) as copy:
+        with (
+            conn.cursor() as cur,
+            cur.copy("COPY raw_copy (id, embedding) FROM STDIN (FORMAT BINARY)") as copy,
+        ):
             copy.write(HEADER)
             for start in range(0, len(ids), 10_000):
-                copy.write(encode_id_vector(ids[start : start + 10_000], vectors[start : start + 10_000]))
+                copy.write(
+                    encode_id_vector(ids[start : start + 10_000], vectors[start : start + 10_000])
+                )
             copy.write(TRAILER)
         conn.commit()
         return time.perf_counter() - started
@@ -110,7 +109,9 @@ def main() -> None:
     copy_seconds = statistics.mean(copies)
     copy_rate = args.rows / copy_seconds
     migrate_rate = args.rows / migrate_seconds
-    print(f"raw binary COPY : {copy_rate:10,.0f} rows/s  ({', '.join(f'{c:.2f}s' for c in copies)})")
+    print(
+        f"raw binary COPY : {copy_rate:10,.0f} rows/s  ({', '.join(f'{c:.2f}s' for c in copies)})"
+    )
     print(
         f"migrate run     : {migrate_rate:10,.0f} rows/s  ({migrate_seconds:.2f}s, "
         f"batch {args.batch_size}, concurrency {args.concurrency}, embedding included)"

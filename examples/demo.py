@@ -18,11 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from rag_service.testing.corpus import CATEGORIES, create_corpus
+from rag_service.testing.postgres import create_database, drop_database, postgres_server
 
-from rag_service.testing.corpus import CATEGORIES, create_corpus  # noqa: E402
-from rag_service.testing.postgres import create_database, drop_database, postgres_server  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 CONFIG = ROOT / "examples" / "local-demo.yaml"
 DOCUMENTS = int(os.environ.get("DEMO_DOCUMENTS", "10000"))
@@ -35,7 +34,7 @@ def step(title: str) -> None:
 def embedshift(*argv: str, env: dict[str, str], capture: bool = False) -> str:
     shown = " ".join(shlex.quote(a) for a in ("embedshift", *argv))
     print(f"$ {shown}", flush=True)
-    proc = subprocess.run(
+    proc = subprocess.run(  # noqa: S603 (our own CLI, arguments from this script)
         [sys.executable, "-m", "rag_service.cli", *argv],
         env=env,
         text=True,
@@ -56,7 +55,9 @@ def main() -> None:
         name, url = create_database(admin, prefix="embedshift_demo")
         env = {**os.environ, "DATABASE_URL": url, "EMBEDSHIFT_CONFIG": str(CONFIG)}
         try:
-            step(f"create {DOCUMENTS:,} documents in {', '.join(CATEGORIES)} with 1536-d v1 vectors")
+            step(
+                f"create {DOCUMENTS:,} documents in {', '.join(CATEGORIES)} with 1536-d v1 vectors"
+            )
             create_corpus(url, table="documents", count=DOCUMENTS, source_dimensions=1536)
             print(f"config: {CONFIG.relative_to(ROOT)} (local:hash@1536 → local:hash@768)")
 

@@ -162,9 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--category", action="append", default=None, help="only this category (repeatable)"
     )
-    p.add_argument(
-        "--shard", type=_shard, default=Shard(), metavar="I/N", help="run shard I of N"
-    )
+    p.add_argument("--shard", type=_shard, default=Shard(), metavar="I/N", help="run shard I of N")
     p.add_argument("--batch-size", type=_positive, help="rows per transaction (default 100)")
     p.add_argument("--concurrency", type=_positive, help="batches embedding at once (default 4)")
     p.add_argument("--budget-usd", type=float, help="stop before spending more than this in total")

@@ -93,7 +93,7 @@ def test_bad_flags(
     fragment: str,
 ) -> None:
     argv = {
-        **dict(zip(flags(database_url, docs)[::2], flags(database_url, docs)[1::2])),
+        **dict(zip(flags(database_url, docs)[::2], flags(database_url, docs)[1::2], strict=True)),
         flag: value,
     }
     result = cli(capsys, "migrate", "setup", *[x for kv in argv.items() for x in kv])

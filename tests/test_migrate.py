@@ -256,7 +256,7 @@ def test_shards_partition_the_rows() -> None:
     from rag_service.migrate import shard_filter
 
     text = shard_filter(sql.SQL("s.id"), Shard(1, 4)).as_string()
-    assert "mod(mod(hashtextextended(s.id::text, 0), 4) + 4, 4) = 1" == text
+    assert text == "mod(mod(hashtextextended(s.id::text, 0), 4) + 4, 4) = 1"
     assert shard_filter(sql.SQL("s.id"), Shard()).as_string() == "true"
 
 

@@ -85,7 +85,8 @@ def l2_normalise(vectors: Vectors) -> Vectors:
     """Unit-length rows (zero rows stay zero). Pure."""
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     norms[norms == 0] = 1.0
-    return (vectors / norms).astype(np.float32, copy=False)
+    unit: Vectors = (vectors / norms).astype(np.float32, copy=False)
+    return unit
 
 
 def estimate_tokens(texts: Sequence[str]) -> int:
