@@ -26,10 +26,16 @@ def corpus(database_url: str, request: pytest.FixtureRequest) -> str:
     return table
 
 
-def vectors_match_text(url: str, table: str) -> tuple[int, int]:
-    """(rows checked, rows whose stored vector is the embedding of the text as it is now)."""
-    spec = spec_for(table)
-    embedder = HashEmbedder(768, seed="hash")
+def vectors_match_text(
+    url: str, table: str, target: str = "local:hash@768"
+) -> tuple[int, int]:
+    """(rows checked, rows whose stored vector is the embedding of the text as it is now).
+
+    The local provider and the test embedding API both embed with ``HashEmbedder(dims,
+    seed=model)``, so the expected vector is computable here, independently of the worker.
+    """
+    spec = spec_for(table, target)
+    embedder = HashEmbedder(spec.target.dimensions, seed=spec.target.model)
     with psycopg.connect(url) as conn:
         register_vector(conn)
         rows = conn.execute(
