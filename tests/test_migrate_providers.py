@@ -89,7 +89,7 @@ def test_insufficient_quota_fails_fast_and_writes_nothing(
     embedding_api_key: str,
 ) -> None:
     monkeypatch.setenv("EMBEDSHIFT_TARGET_API_KEY", embedding_api_key)
-    base = [*flags(database_url, corpus, OPENAI), "--target-base-url", embedding_server.openai_base_url]
+    base = [*flags(database_url, corpus, OPENAI), "--target-base-url", embedding_server.url + "/v1"]
     assert cli(capsys, "migrate", "setup", *base).code == 0
     embedding_server.insufficient_quota = True
     result = cli(capsys, "migrate", "run", *base, "--concurrency", "1")
@@ -118,7 +118,7 @@ def test_vectors_of_the_wrong_dimension_are_refused(
     embedding_api_key: str,
 ) -> None:
     monkeypatch.setenv("EMBEDSHIFT_TARGET_API_KEY", embedding_api_key)
-    base = [*flags(database_url, corpus, OPENAI), "--target-base-url", embedding_server.openai_base_url]
+    base = [*flags(database_url, corpus, OPENAI), "--target-base-url", embedding_server.url + "/v1"]
     assert cli(capsys, "migrate", "setup", *base).code == 0
     embedding_server.wrong_dimensions = True
     result = cli(capsys, "migrate", "run", *base)
@@ -135,7 +135,7 @@ def test_a_refused_key_is_reported_without_the_key(
     embedding_server: EmbeddingServer,
 ) -> None:
     monkeypatch.setenv("EMBEDSHIFT_TARGET_API_KEY", "sk-wrong-key-123456")
-    base = [*flags(database_url, corpus, OPENAI), "--target-base-url", embedding_server.openai_base_url]
+    base = [*flags(database_url, corpus, OPENAI), "--target-base-url", embedding_server.url + "/v1"]
     assert cli(capsys, "migrate", "setup", *base).code == 0
     result = cli(capsys, "migrate", "run", *base)
     assert result.code == 1 and "embedshift: error:" in result.err
