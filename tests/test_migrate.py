@@ -26,9 +26,7 @@ def corpus(database_url: str, request: pytest.FixtureRequest) -> str:
     return table
 
 
-def vectors_match_text(
-    url: str, table: str, target: str = "local:hash@768"
-) -> tuple[int, int]:
+def vectors_match_text(url: str, table: str, target: str = "local:hash@768") -> tuple[int, int]:
     """(rows checked, rows whose stored vector is the embedding of the text as it is now).
 
     The local provider and the test embedding API both embed with ``HashEmbedder(dims,
