@@ -304,3 +304,31 @@ def test_a_category_change_refreshes_the_copy_without_re_embedding(
         ).fetchone()
     assert moved == (3,)
     assert counts(database_url, spec_for(corpus)).queued == 0
+
+
+def test_setup_waits_out_a_lock_with_short_timeouts_and_retries(
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    database_url: str,
+    corpus: str,
+) -> None:
+    """A long transaction holds the source table; setup must neither queue behind it with an
+    unbounded wait (blocking every query that arrives after it) nor fail at once."""
+    import threading
+    import time
+
+    locked = threading.Event()
+
+    def hold_lock() -> None:
+        with psycopg.connect(database_url) as conn:
+            conn.execute(f'LOCK TABLE "{corpus}" IN ACCESS EXCLUSIVE MODE')
+            locked.set()
+            time.sleep(3)
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    assert locked.wait(10)
+    result = cli(capsys, "migrate", "setup", *flags(database_url, corpus))
+    holder.join()
+    assert result.code == 0, result.err
+    assert "lock not available, retrying" in caplog.text

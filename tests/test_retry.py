@@ -294,13 +294,59 @@ async def test_reset_header_stands_in_for_a_missing_remaining() -> None:
     assert time.now == pytest.approx(10.0)
 
 
-async def test_stale_headers_never_raise_the_level() -> None:
+async def test_the_servers_word_raises_the_level_too() -> None:
+    """A cautious error must not stay banked forever: the header is the truth both ways."""
     time = FakeTime()
     pacer = pacer_on(time, tokens_per_minute=6000)
-    first = await pacer.acquire(5000)
-    pacer.settle(first, headers=limit_headers(6000, 6000), actual_tokens=5000)
-    await pacer.acquire(2000)  # we know 5000 went: 1000 left, so wait 10 s
-    assert time.now == pytest.approx(10.0)
+    first = await pacer.acquire(5000)  # our estimate; the API counts 1000 and says so
+    pacer.settle(first, headers=limit_headers(6000, 5000), actual_tokens=None)
+    await pacer.acquire(4000)
+    assert time.now == 0.0
+
+
+async def test_older_requests_still_in_flight_count_as_unseen() -> None:
+    time = FakeTime()
+    pacer = pacer_on(time, tokens_per_minute=6000)
+    await pacer.acquire(1000)  # sent first, answer still outstanding
+    second = await pacer.acquire(1000)
+    # The server admitted `second` first and has not seen the other one yet.
+    pacer.settle(second, headers=limit_headers(6000, 5000), actual_tokens=1000)
+    await pacer.acquire(4500)  # 5000 - 1000 unseen = 4000 banked: wait 5 s for 500 more
+    assert time.now == pytest.approx(5.0)
+
+
+async def test_another_client_on_the_key_gets_its_share() -> None:
+    """A simulated server bucket (100 tokens/s) that another client drains at 50/s: once our
+    pacer has seen that in the headers it runs at the remaining 50/s without a 429."""
+    time = FakeTime()
+    pacer = pacer_on(time, tokens_per_minute=6000, safety_seconds=0.5)
+    server_level, server_at = 6000.0, 0.0
+    admitted: list[tuple[float, int]] = []
+    refused: list[float] = []
+    while time.now < 600:
+        permit = await pacer.acquire(100)
+        # The server's bucket: refilled at 100/s, drawn on by the other client at 50/s.
+        server_level = (
+            min(6000.0, server_level + (time.now - server_at) * 100) - (time.now - server_at) * 50
+        )
+        server_at = time.now
+        if server_level >= 100:
+            server_level -= 100
+            headers = limit_headers(6000, max(0, int(server_level)))
+            pacer.settle(permit, headers=headers, actual_tokens=100)
+            admitted.append((time.now, 100))
+        else:
+            failure = Failure(
+                kind=FailureKind.RATE_LIMITED,
+                detail="HTTP 429",
+                retry_after=(100 - server_level) / 50,
+                headers=limit_headers(6000, max(0, int(server_level))),
+            )
+            pacer.release(permit, failure)
+            refused.append(time.now)
+    late = [tokens for at, tokens in admitted if at >= 300]
+    assert sum(late) / 300 == pytest.approx(50, rel=0.05)
+    assert [at for at in refused if at >= 300] == []
 
 
 async def test_requests_sent_after_are_subtracted_from_a_header() -> None:
@@ -476,12 +522,20 @@ async def test_what_retrying_cannot_fix_fails_at_once(
 
 
 async def test_running_out_of_attempts_says_what_kept_failing() -> None:
+    answers: list[Exception | str] = [StatusError(500), StatusError(429), StatusError(503)]
     with pytest.raises(
         ProviderError,
-        match=r"gave up after 3 attempts \(2× server error or "
-        r"timeout, 1× rate limited \(429\)\); last: HTTP 429",
+        match=r"gave up after 3 attempts \(2× server error or timeout, 1× rate limited \(429\)\); "
+        r"last: HTTP 503",
     ):
-        await run([StatusError(500), StatusError(503), StatusError(429)], attempts=3)
+        await run([*answers, StatusError(500), "never reached"], attempts=2)
+
+
+async def test_rate_limits_have_their_own_larger_budget() -> None:
+    answers: list[Exception | str] = [*[StatusError(429)] * 6, StatusError(500), "vectors"]
+    value, calls, _ = await run(answers, attempts=2)  # 6 rate limits do not exhaust 2 attempts
+    assert value == "vectors"
+    assert len(calls) == 8
 
 
 async def test_exceptions_that_are_not_api_failures_propagate() -> None:

@@ -8,8 +8,10 @@ the one error the user can act on.
 
 The pacer is a client-side mirror of the server's token bucket. Feeding it the
 ``x-ratelimit-*`` headers and the tokens each response actually used lets a long backfill run at
-the limit instead of bouncing off it with 429s. The clock and the sleep are parameters, so its
-tests are pure and instant. Everything here except the pacer and the loop is a pure function.
+the limit instead of bouncing off it with 429s, alone or sharing a key with other Jobs. Its clock
+and sleep are parameters, so its tests are deterministic and instant. The parsing,
+classification and backoff functions are pure; the pacer and the two loops
+(:func:`send_with_retries`, :func:`send_in_requests`) are where the waiting happens.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import math
 import random
 import re
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -268,6 +271,9 @@ class RetryPolicy:
     """
 
     max_attempts: int = 10
+    # 429s are counted apart: the server is saying when, not failing. A paced backfill that
+    # shares its key rides them out; only a key that stays saturated for long gives up.
+    max_rate_limited: int = 50
     base_delay: float = 0.5
     max_delay: float = 60.0
     jitter: bool = True
@@ -292,9 +298,10 @@ class _Bucket:
 
     Other clients on the same key (another Job of the same migration) draw on the server's
     bucket too. ``shadow`` models the server's level from our own use alone; the gap to what the
-    headers then report is the others' use, and ``others`` (a smoothed rate) is taken off our
-    refill, so independent pacers converge on sharing the limit instead of each claiming all
-    of it and bouncing off 429s.
+    next header reports is the others' use. Our refill is the limit's rate times our share of
+    all recent use: with N clients the shares always sum to one, so together they refill at
+    exactly the limit's rate however they split it, instead of each claiming all of it and
+    bouncing off 429s. Alone, the share is one.
     """
 
     def __init__(self, limit: float, now: float) -> None:
@@ -302,8 +309,9 @@ class _Bucket:
         self.level = limit
         self.updated = now
         self.shadow: float | None = None  # the server's level as of our last header, projected
-        self.synced_at: float | None = None
-        self.others = 0.0  # other clients' use, per second
+        # (time, our use, others' use) over the last _SHARE_WINDOW seconds.
+        self.history: deque[tuple[float, float, float]] = deque()
+        self.share = 1.0
 
     @property
     def rate(self) -> float:
@@ -311,7 +319,7 @@ class _Bucket:
 
     @property
     def own_rate(self) -> float:
-        return max(self.rate - self.others, self.rate * (1 - _MAX_OTHERS_SHARE))
+        return self.rate * self.share
 
     def refill(self, now: float) -> None:
         if now > self.updated:
@@ -321,25 +329,42 @@ class _Bucket:
                 self.shadow = min(self.limit, self.shadow + elapsed * self.rate)
         self.updated = max(self.updated, now)
 
-    def take(self, amount: float) -> None:
-        """Book our own use (negative: a refund) in both our level and the server model."""
+    def take(self, amount: float, now: float) -> None:
+        """Book our own use (negative: a refund) in our level, the server model and history."""
         self.level -= amount
-        if self.shadow is not None:
+        if self.shadow is not None:  # no headers, no server model: nothing to compare with
             self.shadow -= amount
+            self.history.append((now, amount, 0.0))
+            self._forget_before(now - _SHARE_WINDOW)
 
     def sync(self, server_now: float, now: float) -> None:
-        """Correct our level to the server's (downwards only) and learn the others' rate."""
+        """Move our level to the server's, and learn the others' use from the difference."""
         self.refill(now)
-        if self.shadow is not None and self.synced_at is not None and now > self.synced_at:
-            elapsed = now - self.synced_at
-            observed = (self.shadow - server_now) / elapsed
-            # Time-weighted smoothing: two answers a millisecond apart must not swing it.
-            weight = 1.0 - math.exp(-elapsed / _OTHERS_HORIZON)
-            others = self.others + weight * (observed - self.others)
-            self.others = min(max(others, 0.0), self.rate * _MAX_OTHERS_SHARE)
+        if self.shadow is not None:
+            self.history.append((now, 0.0, self.shadow - server_now))
         self.shadow = server_now
-        self.synced_at = now
-        self.level = min(self.level, server_now)
+        self._update_share(now)
+        if server_now <= self.level:
+            self.level = server_now
+        else:
+            # Raise too, or every cautious error stays banked for good. But only by our share
+            # of the surplus: every client on the key sees the same surplus in its headers,
+            # and if each took all of it they would collide.
+            self.level += (server_now - self.level) * self.share
+
+    def _forget_before(self, moment: float) -> None:
+        while self.history and self.history[0][0] < moment:
+            self.history.popleft()
+
+    def _update_share(self, now: float) -> None:
+        self._forget_before(now - _SHARE_WINDOW)
+        ours = sum(entry[1] for entry in self.history)
+        # Summed over the window, not clamped per answer: timing noise has both signs.
+        others = sum(entry[2] for entry in self.history)
+        if others <= 0 or ours + others <= 0:
+            self.share = 1.0
+        else:
+            self.share = max(_MIN_SHARE, max(ours, 0.0) / (ours + others))
 
     def wait_for(self, amount: float, *, floor_seconds: float = 0.0) -> float:
         """Seconds until ``amount`` can be taken leaving ``floor_seconds`` of refill banked.
@@ -369,10 +394,11 @@ class Permit:
 
 
 _EWMA_WEIGHT = 0.3
-# How fast the estimate of other clients' use follows what the headers show (seconds).
-_OTHERS_HORIZON = 5.0
-# We never assume others take more than this share, so a pacer cannot starve itself.
-_MAX_OTHERS_SHARE = 0.9
+# How far back our share of the key's use is measured: long enough to average out timing
+# noise and bursts, short enough to take back the whole limit soon after another Job ends.
+_SHARE_WINDOW = 30.0
+# Our share never drops below this, so a pacer cannot starve itself.
+_MIN_SHARE = 0.05
 _MIN_SLEEP = 0.001
 _RATIO_BOUNDS = (0.05, 20.0)
 
@@ -384,12 +410,13 @@ class RateLimitPacer:
     ``settle`` (success) or ``release`` (failure) returns the permit with what happened:
 
     - the ``x-ratelimit-limit-*`` headers set the buckets' size; ``remaining-*`` (or ``reset-*``)
-      correct our level downwards when the server knows of use we do not (another worker on the
-      same key). Never upwards: a stale header must not let a burst through.
+      set our level, corrected for our requests the answer has not seen yet. The gap between
+      what we expected and what the server reports is other clients' use of the same key
+      (another Job), which slows our own refill (see ``_Bucket``).
     - the tokens the API counted replace the estimate we reserved, and calibrate the ratio
       between estimate and reality, so later reservations are right-sized.
     - a 429 pauses everyone until the server's ``Retry-After`` and halves concurrency; each
-      success adds one back (additive increase, multiplicative decrease).
+      window's worth of successes adds one back (additive increase, multiplicative decrease).
     - ``safety_seconds`` of refill always stay banked, so network jitter between our clock and
       the server's cannot turn an exact mirror into a 429.
 
@@ -417,7 +444,7 @@ class RateLimitPacer:
         self._clock = clock
         self._sleep = sleep
         self._max_concurrency = max_concurrency
-        self._window = max_concurrency
+        self._window = float(max_concurrency)
         self._request_share = request_share
         self._margin = margin
         self._safety = safety_seconds
@@ -445,7 +472,7 @@ class RateLimitPacer:
     @property
     def concurrency(self) -> int:
         """Requests allowed in flight now (halved on 429s, regrown on successes)."""
-        return self._window
+        return int(self._window)
 
     @property
     def ratio(self) -> float:
@@ -484,7 +511,7 @@ class RateLimitPacer:
         window, then take its room. FIFO: callers are served in the order they asked."""
         async with self._gate:
             while True:
-                if len(self._in_flight) >= self._window or self._probe_seq is not None:
+                if len(self._in_flight) >= int(self._window) or self._probe_seq is not None:
                     await self._wait_for_change()
                     continue
                 now = self._clock()
@@ -501,9 +528,9 @@ class RateLimitPacer:
                     continue
                 break
             if self._tokens:
-                self._tokens.take(reserve)
+                self._tokens.take(reserve, now)
             if self._requests:
-                self._requests.take(1)
+                self._requests.take(1, now)
             self._seq += 1
             probe = self._headers_seen is None
             permit = Permit(
@@ -522,27 +549,30 @@ class RateLimitPacer:
         self._in_flight.pop(permit.seq, None)
         if actual_tokens is not None:
             if self._tokens:
-                self._tokens.take(actual_tokens - permit.reserved)
+                self._tokens.take(actual_tokens - permit.reserved, self._clock())
             self._ledger[permit.seq] = (float(actual_tokens), 1)
             if permit.estimate > 0:
                 self._learn_ratio(actual_tokens / permit.estimate)
         self._observe(permit, headers)
-        self._window = min(self._max_concurrency, self._window + 1)
+        # +1 per window's worth of successes, as TCP grows its window: +1 per success would
+        # refill it at once and walk straight back into the limit.
+        self._window = min(float(self._max_concurrency), self._window + 1 / self._window)
         self._finish(permit)
 
     def release(self, permit: Permit, failure: Failure | None = None) -> None:
         """The request failed: give its room back, and on a 429 slow everyone down."""
         self._in_flight.pop(permit.seq, None)
+        now = self._clock()
         if self._tokens:
-            self._tokens.take(-permit.reserved)
+            self._tokens.take(-permit.reserved, now)
         if self._requests:
-            self._requests.take(-1)
+            self._requests.take(-1, now)
         self._ledger[permit.seq] = (0.0, 0)
         if failure is not None:
             if failure.headers:
                 self._observe(permit, failure.headers)
             if failure.kind is FailureKind.RATE_LIMITED:
-                self._window = max(1, self._window // 2)
+                self._window = max(1.0, self._window / 2)
                 if failure.retry_after is not None:
                     self._paused_until = max(
                         self._paused_until, self._clock() + failure.retry_after
@@ -568,13 +598,20 @@ class RateLimitPacer:
             return
         self._headers_seen = True
         now = self._clock()
-        newer = [entry for seq, entry in self._ledger.items() if seq > permit.seq]
+        # Use the header has not seen: requests sent after this one, and requests sent before
+        # it that are still in flight (the server may have admitted them after this one; if it
+        # did not, we are cautious until the next answer).
+        unseen = [
+            entry
+            for seq, entry in self._ledger.items()
+            if seq > permit.seq or (seq < permit.seq and seq in self._in_flight)
+        ]
         self._tokens = self._synced(
             self._tokens,
             limit=parsed.limit_tokens,
             remaining=parsed.remaining_tokens,
             reset=parsed.reset_tokens,
-            newer_use=sum(tokens for tokens, _ in newer),
+            unseen_use=sum(tokens for tokens, _ in unseen),
             since=now - permit.issued_at,
             now=now,
         )
@@ -583,7 +620,7 @@ class RateLimitPacer:
             limit=parsed.limit_requests,
             remaining=parsed.remaining_requests,
             reset=parsed.reset_requests,
-            newer_use=sum(requests for _, requests in newer),
+            unseen_use=sum(requests for _, requests in unseen),
             since=now - permit.issued_at,
             now=now,
         )
@@ -595,7 +632,7 @@ class RateLimitPacer:
         limit: int | None,
         remaining: int | None,
         reset: float | None,
-        newer_use: float,
+        unseen_use: float,
         since: float,
         now: float,
     ) -> _Bucket | None:
@@ -614,10 +651,9 @@ class RateLimitPacer:
         if remaining is None:
             return bucket
         # The header is the server's level when it admitted this request. Since then it has
-        # refilled, and requests sent after this one have drawn on it. Refill is counted from
-        # when we sent it (a little early, so a little optimistic): a pessimistic correction
-        # applied after every answer would add up to a steady loss of throughput.
-        server_now = min(bucket.limit, remaining + since * bucket.rate) - newer_use
+        # refilled, and our other requests have drawn on it. Refill is counted from when we
+        # sent it: a little early, so a little optimistic, which the safety floor absorbs.
+        server_now = min(bucket.limit, remaining + since * bucket.rate) - unseen_use
         bucket.sync(server_now, now)
         return bucket
 
@@ -668,7 +704,8 @@ async def send_with_retries(
     API's (redacted) words, never the key.
     """
     failures: list[Failure] = []
-    for attempt in range(1, policy.max_attempts + 1):
+    counts: dict[FailureKind, int] = {}
+    while True:
         permit = await pacer.acquire(estimated_tokens)
         try:
             outcome = await send()
@@ -680,8 +717,14 @@ async def send_with_retries(
             if not failure.kind.retried:
                 raise _error_for(failure, what) from None
             failures.append(failure)
-            if attempt < policy.max_attempts:
-                await sleep(policy.delay(attempt, failure.retry_after, rng))
+            count = counts[failure.kind] = counts.get(failure.kind, 0) + 1
+            if failure.kind is FailureKind.RATE_LIMITED:
+                exhausted = count >= policy.max_rate_limited
+            else:
+                exhausted = count >= policy.max_attempts
+            if exhausted:
+                break
+            await sleep(policy.delay(count, failure.retry_after, rng))
             continue
         except BaseException:
             # Cancelled (a sibling request failed): the room was not used.
@@ -689,12 +732,9 @@ async def send_with_retries(
             raise
         pacer.settle(permit, headers=outcome.headers, actual_tokens=outcome.actual_tokens)
         return outcome.value
-    counts: dict[FailureKind, int] = {}
-    for failure in failures:
-        counts[failure.kind] = counts.get(failure.kind, 0) + 1
     summary = ", ".join(f"{n}× {kind.value}" for kind, n in counts.items())
     raise ProviderError(
-        f"{what}: gave up after {policy.max_attempts} attempts ({summary}); last: "
+        f"{what}: gave up after {len(failures)} attempts ({summary}); last: "
         f"{failures[-1].detail}; the API keeps failing: retry later or lower concurrency"
     )
 
