@@ -39,7 +39,14 @@ _MODEL_DIMENSIONS: dict[tuple[ProviderName, str], tuple[int, int]] = {
     (ProviderName.OPENAI, "text-embedding-3-large"): (1, 3072),
     (ProviderName.OPENAI, "text-embedding-ada-002"): (1536, 1536),
     (ProviderName.GOOGLE, "gemini-embedding-001"): (128, 3072),
-    (ProviderName.GOOGLE, "text-embedding-004"): (1, 768),
+}
+
+# Models their provider has switched off: refused with the replacement, not failed at run time.
+_RETIRED_MODELS: dict[tuple[ProviderName, str], str] = {
+    (ProviderName.GOOGLE, "text-embedding-004"): (
+        "was retired on the Gemini API in January 2026; use gemini-embedding-001 "
+        "(dimensions 768 or 1536 via output_dimensionality)"
+    ),
 }
 
 
@@ -79,6 +86,9 @@ class EmbeddingSpec(_Model):
 
     @model_validator(mode="after")
     def _known_model_dimensions(self) -> EmbeddingSpec:
+        retired = _RETIRED_MODELS.get((self.provider, self.model))
+        if retired:
+            raise ValueError(f"{self.provider.value}:{self.model} {retired}")
         bounds = _MODEL_DIMENSIONS.get((self.provider, self.model))
         if bounds and not bounds[0] <= self.dimensions <= bounds[1]:
             low, high = bounds

@@ -39,6 +39,7 @@ def test_provider_spec_strings(text: str, provider: ProviderName, model: str, di
         ("openai:text-embedding-3-large@3073", "gives 1–3072 dimensions"),
         ("local:hash@0", "greater than or equal to 1"),
         ("azure:x@8", "not one of openai, google, local"),
+        ("google:text-embedding-004@768", "retired on the Gemini API in January 2026"),
     ],
 )
 def test_bad_provider_spec_strings(text: str, fragment: str) -> None:
@@ -107,6 +108,7 @@ def test_prices() -> None:
     assert prices.cost("openai", "text-embedding-3-small", 1_000_000) == pytest.approx(0.02)
     assert prices.cost("google", "gemini-embedding-001", 2_000_000) == pytest.approx(0.30)
     assert prices.cost("local", "hash", 10**9) == 0
+    assert prices.cost("google", "models/gemini-embedding-001", 10**6) == pytest.approx(0.15)
     key, usd = PriceTable.parse_override("local:hash=1.5")
     assert prices.with_overrides({key: usd}).cost("local", "hash", 10**6) == 1.5
 

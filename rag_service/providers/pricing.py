@@ -12,7 +12,6 @@ DEFAULT_USD_PER_MILLION_TOKENS: Mapping[str, float] = {
     "openai:text-embedding-3-large": 0.13,
     "openai:text-embedding-ada-002": 0.10,
     "google:gemini-embedding-001": 0.15,
-    "google:text-embedding-004": 0.0,
 }
 
 
@@ -25,7 +24,9 @@ class PriceTable:
     )
 
     def cost(self, provider: str, model: str, tokens: int) -> float:
-        return self.usd_per_million.get(f"{provider}:{model}", 0.0) * tokens / 1_000_000
+        # Google also names models "models/gemini-embedding-001".
+        key = f"{provider}:{model.removeprefix('models/')}"
+        return self.usd_per_million.get(key, 0.0) * tokens / 1_000_000
 
     def with_overrides(self, overrides: Mapping[str, float]) -> PriceTable:
         return PriceTable({**self.usd_per_million, **overrides})
