@@ -28,7 +28,14 @@ class SchemaRefused(DatabaseError):
 
 
 class ProviderError(EmbedshiftError):
-    """An embedding API failed in a way retrying will not fix (or retries ran out)."""
+    """An embedding API failed in a way retrying will not fix (or retries ran out).
+
+    ``spent_tokens``/``spent_usd``: what the call's requests that did succeed were billed
+    before the failure, so budgets count money already spent.
+    """
+
+    spent_tokens: int = 0
+    spent_usd: float = 0.0
 
 
 class QuotaExceeded(ProviderError):

@@ -42,6 +42,7 @@ from rag_service.errors import (
     ConfigError,
     DatabaseError,
     EmbedshiftError,
+    ProviderError,
     WorkerBusy,
 )
 from rag_service.providers.base import EmbeddingProvider, Embeddings, Purpose
@@ -474,7 +475,7 @@ class Worker:
             try:
                 embeddings = await task
             except EmbedshiftError as exc:
-                await self._record_failure(batch, started, str(exc))
+                await self._record_failure(batch, started, exc)
                 raise
         layout = self.layout
         stored_ids: list[Any] = []
@@ -665,13 +666,15 @@ class Worker:
         )
         return [r[0] for r in await cur.fetchall()]
 
-    async def _record_failure(self, batch: Batch, started: datetime, error: str) -> None:
+    async def _record_failure(self, batch: Batch, started: datetime, exc: EmbedshiftError) -> None:
+        """Record the failed batch, with what its successful requests were billed."""
+        spent = exc if isinstance(exc, ProviderError) else None
         try:
             await self.writer.execute(
                 sql.SQL(
                     "INSERT INTO {} (migration, target_table, target, shard, phase, status, "
-                    "first_id, last_id, rows, error, worker, started_at) VALUES "
-                    "(%s, %s, %s, %s, %s, 'failed', %s, %s, 0, %s, %s, %s)"
+                    "first_id, last_id, rows, tokens, cost_usd, error, worker, started_at) VALUES "
+                    "(%s, %s, %s, %s, %s, 'failed', %s, %s, 0, %s, %s, %s, %s, %s)"
                 ).format(self.layout.status.ident),
                 [
                     self.migration,
@@ -681,7 +684,9 @@ class Worker:
                     batch.phase,
                     str(batch.rows[0].id) if batch.rows else None,
                     str(batch.rows[-1].id) if batch.rows else None,
-                    error[:2000],
+                    spent.spent_tokens if spent else 0,
+                    spent.spent_usd if spent else 0.0,
+                    str(exc)[:2000],
                     self.worker_id,
                     started,
                 ],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
+from rag_service.errors import QuotaExceeded
 from rag_service.migrate import RunOptions, run_migration
 from rag_service.schema import setup
 from rag_service.testing import EmbeddingServer
@@ -140,3 +141,37 @@ def test_a_refused_key_is_reported_without_the_key(
     result = cli(capsys, "migrate", "run", *base)
     assert result.code == 1 and "embedshift: error:" in result.err
     assert "sk-wrong-key-123456" not in result.err + result.out
+
+
+async def test_a_failed_call_still_counts_what_its_earlier_requests_cost(
+    database_url: str,
+    request: pytest.FixtureRequest,
+    embedding_server: EmbeddingServer,
+    openai_provider: OpenAIFactory,
+) -> None:
+    """Money spent by the requests of a batch that later fails is recorded, so budgets see it."""
+    table = table_name(request, "big")
+    create_corpus(database_url, table=table, count=2500, source_dimensions=0)
+    spec = spec_for(table, OPENAI)
+    await setup(database_url, spec, migration="default/x")
+    embedding_server.quota_after = 1  # the first request is billed, the second finds no quota
+    provider = openai_provider(dimensions=64, concurrency=1)
+    with pytest.raises(QuotaExceeded) as failure:
+        # 2500 texts in one batch: more than OpenAI's 2048 inputs, so two requests.
+        await run_migration(
+            database_url,
+            spec,
+            provider=provider,
+            options=RunOptions(batch_size=2500, concurrency=1),
+            migration="default/x",
+        )
+    billed = sum(r.tokens for r in embedding_server.requests if r.status == 200)
+    assert billed > 0 and failure.value.spent_tokens == billed
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT tokens, cost_usd FROM embedding_migration_status "
+            "WHERE target_table = %s AND status = 'failed'",
+            [spec.target_table.name],
+        ).fetchone()
+    assert row is not None and row[0] == billed and float(row[1]) > 0
+    assert counts(database_url, spec).target_rows == 0  # all or nothing: nothing stored

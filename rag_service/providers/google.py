@@ -15,7 +15,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import httpx2
-import numpy as np
 from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types as genai_types
@@ -23,7 +22,6 @@ from google.genai import types as genai_types
 from rag_service.providers.base import (
     Embeddings,
     Purpose,
-    Usage,
     Vectors,
     checked_vectors,
     estimate_tokens,
@@ -36,11 +34,10 @@ from rag_service.providers.retry import (
     RateLimitPacer,
     RetryPolicy,
     classify_status,
+    embed_in_requests,
     parse_duration,
     parse_retry_after,
     redact,
-    send_in_requests,
-    send_with_retries,
 )
 
 __all__ = ["FULL_DIMENSIONS", "MAX_TEXTS_PER_REQUEST", "GoogleProvider", "task_type"]
@@ -127,46 +124,25 @@ class GoogleProvider:
         config = genai_types.EmbedContentConfig(
             task_type=task_type(purpose), output_dimensionality=self._dimensions
         )
-        inputs = list(texts)
-        estimates = [estimate_tokens([text]) for text in inputs]
-        vectors = np.zeros((len(inputs), self._dimensions), dtype=np.float32)
-        usage = Usage()
-
-        async def send_range(start: int, end: int) -> None:
-            nonlocal usage
-            chunk = inputs[start:end]
-            rows = await send_with_retries(
-                lambda: self._request(chunk, config),
-                estimated_tokens=sum(estimates[start:end]),
-                classify=self._classify,
-                pacer=self._pacer,
-                policy=self._policy,
-                rng=self._rng,
-                what=self.descriptor,
-            )
-            vectors[start:end] = rows
-            # The Gemini API returns no token count: the estimate is what we bill against.
-            tokens = sum(estimates[start:end])
-            usage += Usage(
-                tokens=tokens,
-                requests=1,
-                cost_usd=self._prices.cost("google", self._model, tokens),
-            )
-
-        await send_in_requests(
-            estimates,
+        # The Gemini API returns no token count: the estimate is what we bill against.
+        return await embed_in_requests(
+            list(texts),
+            dimensions=self._dimensions,
+            request=lambda chunk: self._request(chunk, config),
+            classify=self._classify,
+            price=lambda tokens: self._prices.cost("google", self._model, tokens),
+            pacer=self._pacer,
+            policy=self._policy,
+            rng=self._rng,
+            workers=self._workers,
             max_inputs=MAX_TEXTS_PER_REQUEST,
             max_tokens=_MAX_TOKENS_PER_REQUEST,
-            pacer=self._pacer,
-            workers=self._workers,
-            send_range=send_range,
             what=self.descriptor,
         )
-        return Embeddings(vectors=vectors, usage=usage)
 
     async def _request(
         self, chunk: list[str], config: genai_types.EmbedContentConfig
-    ) -> Outcome[Vectors]:
+    ) -> Outcome[tuple[Vectors, int | None]]:
         response = await self._client.aio.models.embed_content(
             model=self._model, contents=list(chunk), config=config
         )
@@ -178,7 +154,7 @@ class GoogleProvider:
         if self._dimensions < FULL_DIMENSIONS:
             vectors = l2_normalise(vectors)
         headers = response.sdk_http_response.headers if response.sdk_http_response else None
-        return Outcome(value=vectors, headers=dict(headers or {}), actual_tokens=None)
+        return Outcome(value=(vectors, None), headers=dict(headers or {}), actual_tokens=None)
 
     def _classify(self, exc: Exception) -> Failure | None:
         """SDK and transport exceptions → Failure; anything else → None."""

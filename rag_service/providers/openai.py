@@ -21,7 +21,6 @@ from openai import AsyncOpenAI
 from rag_service.providers.base import (
     Embeddings,
     Purpose,
-    Usage,
     Vectors,
     checked_vectors,
     estimate_tokens,
@@ -33,10 +32,9 @@ from rag_service.providers.retry import (
     RateLimitPacer,
     RetryPolicy,
     classify_status,
+    embed_in_requests,
     parse_retry_after,
     redact,
-    send_in_requests,
-    send_with_retries,
 )
 
 __all__ = ["MAX_INPUTS_PER_REQUEST", "MAX_TOKENS_PER_REQUEST", "OpenAIProvider"]
@@ -101,41 +99,22 @@ class OpenAIProvider:
         # OpenAI refuses "" outright; one empty row must not sink a whole batch, and a blank
         # carries no more meaning than an empty string.
         inputs = [text if text else " " for text in texts]
-        estimates = [estimate_tokens([text]) for text in inputs]
-        vectors = np.zeros((len(inputs), self._dimensions), dtype=np.float32)
-        usage = Usage()
-
-        async def send_range(start: int, end: int) -> None:
-            nonlocal usage
-            chunk = inputs[start:end]
-            rows, tokens = await send_with_retries(
-                lambda: self._request(chunk),
-                estimated_tokens=sum(estimates[start:end]),
-                classify=self._classify,
-                pacer=self._pacer,
-                policy=self._policy,
-                rng=self._rng,
-                what=self.descriptor,
-            )
-            vectors[start:end] = rows
-            usage += Usage(
-                tokens=tokens,
-                requests=1,
-                cost_usd=self._prices.cost("openai", self._model, tokens),
-            )
-
-        await send_in_requests(
-            estimates,
+        return await embed_in_requests(
+            inputs,
+            dimensions=self._dimensions,
+            request=self._request,
+            classify=self._classify,
+            price=lambda tokens: self._prices.cost("openai", self._model, tokens),
+            pacer=self._pacer,
+            policy=self._policy,
+            rng=self._rng,
+            workers=self._workers,
             max_inputs=MAX_INPUTS_PER_REQUEST,
             max_tokens=MAX_TOKENS_PER_REQUEST,
-            pacer=self._pacer,
-            workers=self._workers,
-            send_range=send_range,
             what=self.descriptor,
         )
-        return Embeddings(vectors=vectors, usage=usage)
 
-    async def _request(self, chunk: list[str]) -> Outcome[tuple[Vectors, int]]:
+    async def _request(self, chunk: list[str]) -> Outcome[tuple[Vectors, int | None]]:
         raw = await self._client.embeddings.with_raw_response.create(
             input=chunk,
             model=self._model,

@@ -28,7 +28,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Generic, TypeVar
 
+import numpy as np
+
 from rag_service.errors import AuthenticationFailed, ProviderError, QuotaExceeded
+from rag_service.providers.base import Embeddings, Usage, Vectors, estimate_tokens
 
 __all__ = [
     "Failure",
@@ -40,6 +43,7 @@ __all__ = [
     "RequestTooLarge",
     "RetryPolicy",
     "classify_status",
+    "embed_in_requests",
     "parse_duration",
     "parse_rate_limit_headers",
     "parse_retry_after",
@@ -815,3 +819,59 @@ async def send_in_requests(
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+
+
+async def embed_in_requests(
+    inputs: Sequence[str],
+    *,
+    dimensions: int,
+    request: Callable[[list[str]], Awaitable[Outcome[tuple[Vectors, int | None]]]],
+    classify: Callable[[Exception], Failure | None],
+    price: Callable[[int], float],
+    pacer: RateLimitPacer,
+    policy: RetryPolicy,
+    rng: random.Random,
+    workers: int,
+    max_inputs: int,
+    max_tokens: int,
+    what: str,
+) -> Embeddings:
+    """Embed ``inputs`` in API-sized requests (see :func:`send_in_requests`), in input order.
+
+    ``request`` answers (vectors, tokens the API counted, or None where it counts none: then
+    the estimate is billed). All or nothing; a failure carries what was already spent.
+    """
+    estimates = [estimate_tokens([text]) for text in inputs]
+    vectors = np.zeros((len(inputs), dimensions), dtype=np.float32)
+    usage = Usage()
+
+    async def send_range(start: int, end: int) -> None:
+        nonlocal usage
+        chunk = list(inputs[start:end])
+        rows, counted = await send_with_retries(
+            lambda: request(chunk),
+            estimated_tokens=sum(estimates[start:end]),
+            classify=classify,
+            pacer=pacer,
+            policy=policy,
+            rng=rng,
+            what=what,
+        )
+        vectors[start:end] = rows
+        tokens = counted if counted is not None else sum(estimates[start:end])
+        usage += Usage(tokens=tokens, requests=1, cost_usd=price(tokens))
+
+    try:
+        await send_in_requests(
+            estimates,
+            max_inputs=max_inputs,
+            max_tokens=max_tokens,
+            pacer=pacer,
+            workers=workers,
+            send_range=send_range,
+            what=what,
+        )
+    except ProviderError as exc:
+        exc.spent_tokens, exc.spent_usd = usage.tokens, usage.cost_usd
+        raise
+    return Embeddings(vectors=vectors, usage=usage)

@@ -165,7 +165,8 @@ class EmbeddingServer:
     Knobs are plain attributes, read on every request, so a test can change them mid-run:
     ``tpm``/``rpm`` (limits, None = unlimited), ``latency`` (seconds added per request),
     ``error_rate`` (share answered 500/503, from a seeded RNG), ``insufficient_quota``,
-    ``wrong_dimensions``, ``api_key`` (None accepts any key).
+    ``wrong_dimensions``, ``quota_after`` (out of quota after that many successful requests),
+    ``api_key`` (None accepts any key).
     """
 
     def __init__(
@@ -180,6 +181,7 @@ class EmbeddingServer:
         error_rate: float = 0.0,
         insufficient_quota: bool = False,
         wrong_dimensions: bool = False,
+        quota_after: int | None = None,
         seed: int = 0,
     ) -> None:
         self._lock = threading.Lock()
@@ -195,6 +197,8 @@ class EmbeddingServer:
         self.error_rate = error_rate
         self.insufficient_quota = insufficient_quota
         self.wrong_dimensions = wrong_dimensions
+        self.quota_after = quota_after
+        self._succeeded = 0
         self.tpm = tpm
         self.rpm = rpm
         self._httpd = _HTTPServer((host, port), _Handler)
@@ -369,7 +373,9 @@ class EmbeddingServer:
         return verdict, headers, now, left
 
     def _decide(self, tokens: int) -> _Verdict:
-        if self.insufficient_quota:
+        if self.insufficient_quota or (
+            self.quota_after is not None and self._succeeded >= self.quota_after
+        ):
             return _Verdict(429, "insufficient_quota")
         if self.error_rate and self._rng.random() < self.error_rate:
             return _Verdict(self._rng.choice((500, 503)), "server_error")
@@ -404,6 +410,7 @@ class EmbeddingServer:
             self._tokens.level -= tokens
         if self._requests:
             self._requests.level -= 1
+        self._succeeded += 1
         return _Verdict(200)
 
     def _rate_headers(self) -> dict[str, str]:
@@ -424,6 +431,7 @@ _KNOBS = (
     "error_rate",
     "insufficient_quota",
     "wrong_dimensions",
+    "quota_after",
     "seed",
 )
 
