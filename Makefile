@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PACKAGES := rag_service operator/embedshift_operator
 
-.PHONY: all venv test lint typecheck imports pytest demo bench clean
+.PHONY: all venv test lint typecheck imports pytest prometheus demo bench clean
 
 all: test
 
@@ -30,8 +30,12 @@ typecheck: $(STAMP)
 imports: $(STAMP)
 	$(BIN)/lint-imports
 
+# Debian's prometheus (server + promtool) for the tests; a no-op once /usr/bin/prometheus exists.
+prometheus:
+	scripts/install-prometheus.sh
+
 # EMBEDSHIFT_REQUIRE_REAL=1: a missing real part (PostgreSQL, Prometheus, ...) fails, never skips.
-pytest: $(STAMP)
+pytest: $(STAMP) prometheus
 	EMBEDSHIFT_REQUIRE_REAL=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck imports pytest

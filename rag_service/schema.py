@@ -38,6 +38,7 @@ STATUS_TABLE = "embedding_migration_status"
 CHECKPOINT_TABLE = "embedshift_backfill_checkpoint"
 ROLLOUT_TABLE = "embedshift_rollout"
 ROLLOUT_CHANNEL = "embedshift_rollout"
+QUERY_CACHE_TABLE = "embedshift_query_cache"
 
 _TEXT_TYPES = {"text", "character varying", "character", "citext"}
 _LOCK_TIMEOUT = "2s"
@@ -365,6 +366,7 @@ def setup_statements(layout: Layout, *, migration: str) -> list[Query]:
             "    updated_at timestamptz NOT NULL DEFAULT now()\n"
             ")"
         ).format(layout.rollout.ident),
+        query_cache_table(layout.source.schema),
         sql.SQL(
             "INSERT INTO {} (migration, percentage, source, target) VALUES ({}, 0, {}, {})\n"
             "    ON CONFLICT (migration) DO UPDATE\n"
@@ -377,6 +379,19 @@ def setup_statements(layout: Layout, *, migration: str) -> list[Query]:
         ),
     ]
     return statements
+
+
+def query_cache_table(schema: str | None) -> Query:
+    """The search service's shared query-embedding cache (see ``rag_service.query_cache``)."""
+    return sql.SQL(
+        "CREATE TABLE IF NOT EXISTS {} (\n"
+        "    descriptor text NOT NULL,\n"
+        "    query_hash bytea NOT NULL,\n"
+        "    embedding real[] NOT NULL,\n"
+        "    created_at timestamptz NOT NULL DEFAULT now(),\n"
+        "    PRIMARY KEY (descriptor, query_hash)\n"
+        ")"
+    ).format(TableName(QUERY_CACHE_TABLE, schema).ident)
 
 
 def _source_descriptor(layout: Layout) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import pytest
 
 from rag_service.testing.postgres import create_database, drop_database, postgres_server
 
-pytest_plugins = ["tests.embedding_fixtures"]
+pytest_plugins = ["tests.embedding_fixtures", "tests.prometheus_fixtures"]
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any, Literal
 
 from rag_service.errors import AuthenticationFailed
 from rag_service.providers.base import EmbeddingProvider, Embeddings, Purpose, Usage
@@ -24,6 +24,7 @@ __all__ = [
 ]
 
 Role = Literal["source", "target"]
+INTERACTIVE_TIMEOUT_SECONDS = 5.0
 
 # Per-role variables come first so v1 and v2 can use different accounts of the same provider;
 # the operator's Jobs set EMBEDSHIFT_<ROLE>_API_KEY from the spec's apiKeySecretRef.
@@ -54,10 +55,13 @@ def make_provider(
     concurrency: int = 4,
     role: Role = "target",
     bulk: bool = False,
+    interactive: bool = False,
 ) -> EmbeddingProvider:
     """Build the provider ``spec`` names. Raises AuthenticationFailed if a needed key is missing.
 
     ``bulk``: for backfills; the local provider then hashes in a worker process.
+    ``interactive``: for queries a user waits on: a short timeout and one quick retry, so a
+    failing API costs a fallback, not a hung request (a backfill would rather wait it out).
     """
     prices = prices or PriceTable()
     if spec.provider is ProviderName.LOCAL:
@@ -72,6 +76,13 @@ def make_provider(
             f"no API key for {role} {spec.descriptor}: set {variables} "
             f"(in Kubernetes: spec.{role}.apiKeySecretRef)"
         )
+    from rag_service.providers.retry import RetryPolicy
+
+    patience: dict[str, Any] = (
+        {"retry_policy": RetryPolicy.interactive(), "timeout": INTERACTIVE_TIMEOUT_SECONDS}
+        if interactive
+        else {}
+    )
     if spec.provider is ProviderName.OPENAI:
         from rag_service.providers.openai import OpenAIProvider
 
@@ -82,6 +93,7 @@ def make_provider(
             base_url=spec.base_url,
             prices=prices,
             concurrency=concurrency,
+            **patience,
         )
     from rag_service.providers.google import GoogleProvider
 
@@ -92,4 +104,5 @@ def make_provider(
         base_url=spec.base_url,
         prices=prices,
         concurrency=concurrency,
+        **patience,
     )

@@ -282,6 +282,11 @@ class RetryPolicy:
     max_delay: float = 60.0
     jitter: bool = True
 
+    @classmethod
+    def interactive(cls) -> RetryPolicy:
+        """For a user waiting on a search: one quick retry, then let the caller fall back."""
+        return cls(max_attempts=2, max_rate_limited=1, base_delay=0.05, max_delay=0.25)
+
     def delay(self, attempt: int, retry_after: float | None, rng: random.Random) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based). A server's
         ``retry_after`` wins: it knows when its bucket has room and guessing shorter only earns

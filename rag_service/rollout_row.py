@@ -1,0 +1,181 @@
+"""The routing row (``embedshift_rollout``): followed by every search replica, written by the
+operator and by the emergency webhook.
+
+The follower LISTENs on ``embedshift_rollout`` for immediacy and re-reads the row every few
+seconds as well, so a lost notification costs seconds, not correctness. When the row is missing
+or the database is unreachable it keeps the last value it knew; before it has ever read one it
+uses the start-up default (``FF_NEW_EMBEDDINGS_PERCENTAGE``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from rag_service.identifiers import TableName
+from rag_service.schema import ROLLOUT_CHANNEL, ROLLOUT_TABLE
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoutingRow:
+    """What the replicas route by. ``source`` says where the value came from."""
+
+    percentage: int
+    emergency: bool = False
+    reason: str = ""
+    updated_at: datetime | None = None
+    source: str = "default"  # default | database | local-emergency
+
+
+async def read_row(
+    conn: psycopg.AsyncConnection[Any], *, table: TableName, migration: str
+) -> RoutingRow | None:
+    cur = await conn.execute(
+        sql.SQL(
+            "SELECT percentage, emergency, reason, updated_at FROM {} WHERE migration = %s"
+        ).format(table.ident),
+        [migration],
+    )
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    return RoutingRow(
+        percentage=int(row[0]),
+        emergency=bool(row[1]),
+        reason=str(row[2]),
+        updated_at=row[3],
+        source="database",
+    )
+
+
+async def declare_emergency(
+    conn: psycopg.AsyncConnection[Any], *, table: TableName, migration: str, reason: str
+) -> None:
+    """Set ``emergency`` on the row and NOTIFY, in one transaction: every replica follows."""
+    async with conn.transaction():
+        await conn.execute(
+            sql.SQL(
+                "INSERT INTO {} (migration, percentage, emergency, reason) VALUES (%s, 0, true, %s)"
+                " ON CONFLICT (migration) DO UPDATE SET emergency = true, reason = EXCLUDED.reason,"
+                " updated_at = now()"
+            ).format(table.ident),
+            [migration, reason],
+        )
+        await conn.execute("SELECT pg_notify(%s, %s)", [ROLLOUT_CHANNEL, migration])
+
+
+class RoutingFollower:
+    """Keeps ``current`` in step with the routing row. One LISTEN connection per replica."""
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        migration: str,
+        default_percentage: int = 0,
+        schema: str | None = None,
+        reread_seconds: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._url = url
+        self._migration = migration
+        self._table = TableName(ROLLOUT_TABLE, schema)
+        self._reread = reread_seconds
+        self._clock = clock
+        self._row = RoutingRow(percentage=default_percentage)
+        self._local_emergency: RoutingRow | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.last_read: float | None = None  # monotonic time of the last successful read
+        self.errors = 0
+
+    @property
+    def current(self) -> RoutingRow:
+        """The row to route by: a local emergency wins until the database row is newer."""
+        return self._local_emergency or self._row
+
+    @property
+    def migration(self) -> str:
+        return self._migration
+
+    def declare_local_emergency(self, reason: str) -> None:
+        """Switch this replica to v1 now, before (or without) the database agreeing."""
+        self._local_emergency = replace(
+            self._row, emergency=True, reason=reason, source="local-emergency"
+        )
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._follow(), name="embedshift-routing-follower")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def _apply(self, row: RoutingRow | None) -> None:
+        self.last_read = self._clock()
+        if row is None:
+            return  # no row (yet): keep what we knew
+        if self._local_emergency is not None and not row.emergency:
+            # The database catches up with our local emergency, or clears it later: a row
+            # written after we declared it is the operator's newer decision.
+            local_at = self._local_emergency.updated_at
+            if row.updated_at is None or local_at is None or row.updated_at <= local_at:
+                return
+        self._local_emergency = None  # the database row now decides
+        before = self._row
+        self._row = row
+        if (before.percentage, before.emergency, before.reason) != (
+            row.percentage,
+            row.emergency,
+            row.reason,
+        ):
+            log.info(
+                "routing for %s: %d%% to v2%s",
+                self._migration,
+                row.percentage,
+                f", EMERGENCY ({row.reason})" if row.emergency else "",
+            )
+
+    async def _follow(self) -> None:
+        backoff = 0.5
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(
+                    self._url, autocommit=True, connect_timeout=5
+                )
+                async with conn:
+                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(ROLLOUT_CHANNEL)))
+                    self._apply(await read_row(conn, table=self._table, migration=self._migration))
+                    backoff = 0.5
+                    while True:
+                        async for notify in conn.notifies(timeout=self._reread):
+                            if notify.payload in ("", self._migration):
+                                break
+                        self._apply(
+                            await read_row(conn, table=self._table, migration=self._migration)
+                        )
+            except asyncio.CancelledError:
+                raise
+            except (psycopg.Error, OSError) as exc:
+                self.errors += 1
+                log.warning(
+                    "routing row unreachable (%s); keeping %d%% and retrying in %.1fs",
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                    self.current.percentage,
+                    backoff,
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)

@@ -1,0 +1,672 @@
+"""The search service (``embedshift serve``): routed v1/v2 search, measured and protected.
+
+Routing is sticky: a user's bucket is a stable hash of (migration, sticky key) and v2 serves the
+buckets below the routing row's percentage. Each version has a circuit breaker; a v2 request
+that cannot be served falls back to v1 (outcome ``fallback``) rather than failing. The emergency
+webhook switches this replica at once and sets ``emergency`` on the routing row so every replica
+follows within a second. Metric names are the contract the operator's PromQL is written against.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import psycopg
+from fastapi import FastAPI, Header, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry
+from psycopg_pool import AsyncConnectionPool
+from pydantic import BaseModel, Field, field_validator
+
+from rag_service import alerts as alerts_module
+from rag_service.alerts import AlertLog, check_bearer, is_emergency, parse_alerts
+from rag_service.breaker import BreakerState, CircuitBreaker
+from rag_service.errors import ConfigError, EmbedshiftError
+from rag_service.indexes import index_state
+from rag_service.metrics import Outcome, ServiceMetrics
+from rag_service.providers import EmbeddingProvider, api_key_from_env, make_provider
+from rag_service.providers.pricing import PriceTable
+from rag_service.query_cache import QueryCache, normalise_query
+from rag_service.rollout_row import RoutingFollower, declare_emergency
+from rag_service.routing import Version, choose, parse_forced, request_bucket
+from rag_service.schema import Layout, first_line, inspect_source, layout_for
+from rag_service.search import Hit, configure_connection, search
+from rag_service.shadow import ShadowComparer, ShadowJob, ShadowResult
+from rag_service.spec import DataPlaneSpec
+
+log = logging.getLogger("embedshift.service")
+perf_log = logging.getLogger("embedshift.performance")
+analytics_log = logging.getLogger("embedshift.analytics")
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    value = env.get(name)
+    if value is None or value == "":
+        return default
+    if value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}: {value!r} is not true or false")
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """Everything the service needs; ``from_env`` reads the guide's FF_* flags."""
+
+    database_url: str
+    spec: DataPlaneSpec
+    migration: str
+    sticky_header: str = "X-User-Id"
+    default_percentage: int = 0
+    gradual_enabled: bool = True
+    shadow_enabled: bool = False
+    shadow_sample_rate: float = 0.1
+    performance_logging: bool = False
+    query_analytics: bool = False
+    webhook_secret: str | None = None
+    prometheus_url: str | None = None
+    reread_seconds: float = 5.0
+    max_query_chars: int = 2000
+    ef_search: int | None = None
+    breaker_failures: int = 5
+    breaker_window_seconds: float = 30.0
+    breaker_cooldown_seconds: float = 30.0
+    cache_capacity: int = 10_000
+    cache_ttl_seconds: float = 3600.0
+    pool_size: int = 10
+    prices: PriceTable = field(default_factory=PriceTable)
+    source_api_key: str | None = None
+    target_api_key: str | None = None
+
+    @classmethod
+    def from_env(
+        cls,
+        *,
+        database_url: str,
+        spec: DataPlaneSpec,
+        migration: str,
+        env: Mapping[str, str] | None = None,
+        **overrides: Any,
+    ) -> ServiceSettings:
+        env = os.environ if env is None else env
+        raw_percentage = env.get("FF_NEW_EMBEDDINGS_PERCENTAGE", "0") or "0"
+        try:
+            percentage = int(raw_percentage)
+        except ValueError:
+            percentage = -1
+        if not 0 <= percentage <= 100:
+            raise ConfigError(
+                f"FF_NEW_EMBEDDINGS_PERCENTAGE: {raw_percentage!r} must be a whole number 0–100"
+            )
+        if spec.source is None:
+            raise ConfigError(
+                "spec.source: the service embeds v1 queries with the source model; set it "
+                "(or --source provider:model@dims)"
+            )
+        values: dict[str, Any] = {
+            "database_url": database_url,
+            "spec": spec,
+            "migration": migration,
+            "default_percentage": percentage,
+            "gradual_enabled": _flag(env, "FF_ENABLE_GRADUAL_MIGRATION", True),
+            "shadow_enabled": _flag(env, "FF_USE_PARALLEL_RAG", False),
+            "performance_logging": _flag(env, "FF_ENABLE_PERFORMANCE_LOGGING", False),
+            "query_analytics": _flag(env, "FF_ENABLE_QUERY_ANALYTICS", False),
+            "webhook_secret": env.get("ALERT_WEBHOOK_SECRET") or None,
+            "source_api_key": api_key_from_env(spec.source, "source", env),
+            "target_api_key": api_key_from_env(spec.target, "target", env),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+# ---- request and response models ---------------------------------------------------------------
+
+
+class SearchRequest(BaseModel):
+    query: str = Field(min_length=1, description="The question, in natural language.")
+    k: int = Field(default=5, ge=1, le=100, description="How many results (1–100).")
+    category: str | None = Field(default=None, description="Only results of this category.")
+    min_similarity: float | None = Field(
+        default=None, ge=-1.0, le=1.0, description="Drop results below this cosine similarity."
+    )
+
+    @field_validator("query")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("query must not be empty")
+        return value
+
+
+class SearchHit(BaseModel):
+    id: str
+    text: str
+    category: str | None
+    similarity: float
+
+
+class SearchResponse(BaseModel):
+    results: list[SearchHit]
+    version: Version = Field(description="The embedding version that served the results.")
+    cache_hit: bool = Field(description="Whether the query embedding came from the cache.")
+    fallback: bool = Field(description="v2 was chosen but v1 served (breaker open or failure).")
+    percentage: int = Field(description="The effective share of traffic on v2.")
+
+
+# ---- the service ---------------------------------------------------------------------------------
+
+
+class SearchFailed(Exception):
+    """A version could not serve; the message is safe to log (no keys)."""
+
+
+@dataclass
+class Service:
+    """The running parts, created by the app's lifespan."""
+
+    settings: ServiceSettings
+    layout: Layout
+    pool: AsyncConnectionPool[Any]
+    providers: dict[Version, EmbeddingProvider]
+    cache: QueryCache
+    follower: RoutingFollower
+    breakers: dict[Version, CircuitBreaker]
+    metrics: ServiceMetrics
+    registry: CollectorRegistry
+    alert_log: AlertLog
+    shadow: ShadowComparer | None
+    rng: random.Random
+    started_at: float = field(default_factory=time.monotonic)
+    provider_checks: dict[Version, tuple[float, bool, str]] = field(default_factory=dict)
+
+    async def embed_query(self, version: Version, text: str) -> tuple[Any, bool]:
+        provider = self.providers[version]
+        lookup = await self.cache.embed(provider, text)
+        self.metrics.count_cache(version=version.value, hit=lookup.hit)
+        if lookup.usage.tokens:
+            name, model = _model_labels(provider.descriptor)
+            self.metrics.count_usage(
+                provider=name,
+                model=model,
+                tokens=lookup.usage.tokens,
+                cost_usd=lookup.usage.cost_usd,
+            )
+        return lookup.vector, lookup.hit
+
+    async def run_search(self, version: Version, request: SearchRequest) -> tuple[list[Hit], bool]:
+        """Embed and search on ``version``; SearchFailed on any provider or database failure."""
+        try:
+            vector, hit = await self.embed_query(version, request.query)
+            async with self.pool.connection() as conn:
+                hits = await search(
+                    conn,
+                    self.layout,
+                    version,
+                    vector,
+                    k=request.k,
+                    category=request.category,
+                    min_similarity=request.min_similarity,
+                )
+            return hits, hit
+        except EmbedshiftError as exc:
+            raise SearchFailed(f"{version.value}: {exc}") from None
+        except (psycopg.Error, OSError, TimeoutError) as exc:
+            raise SearchFailed(f"{version.value}: database: {first_line(exc)}") from None
+
+
+def create_app(settings: ServiceSettings, *, registry: CollectorRegistry | None = None) -> FastAPI:
+    """The ASGI app. Everything it holds lives in ``app.state.service`` once started."""
+    registry = registry if registry is not None else CollectorRegistry()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service = await _start(settings, registry)
+        app.state.service = service
+        try:
+            yield
+        finally:
+            await _stop(service)
+
+    app = FastAPI(
+        title="embedshift search",
+        description="Routed v1/v2 semantic search during an embedding migration.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    _routes(app, settings)
+    return app
+
+
+async def _start(settings: ServiceSettings, registry: CollectorRegistry) -> Service:
+    spec = settings.spec
+    assert spec.source is not None  # from_env refuses a spec without one
+
+    async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
+        await configure_connection(conn, ef_search=settings.ef_search)
+
+    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+        settings.database_url,
+        min_size=1,
+        max_size=settings.pool_size,
+        configure=configure,
+        open=False,
+        kwargs={"autocommit": True},
+    )
+    await pool.open(wait=False)
+    layout = await _layout(settings)
+    providers: dict[Version, EmbeddingProvider] = {
+        Version.V1: make_provider(
+            spec.source,
+            api_key=settings.source_api_key,
+            prices=settings.prices,
+            role="source",
+            interactive=True,
+        ),
+        Version.V2: make_provider(
+            spec.target,
+            api_key=settings.target_api_key,
+            prices=settings.prices,
+            role="target",
+            interactive=True,
+        ),
+    }
+    follower = RoutingFollower(
+        url=settings.database_url,
+        migration=settings.migration,
+        default_percentage=settings.default_percentage,
+        schema=spec.database.table_name.schema,
+        reread_seconds=settings.reread_seconds,
+    )
+    await follower.start()
+    metrics = ServiceMetrics(
+        registry=registry,
+        usage_models=[_model_labels(p.descriptor) for p in providers.values()],
+    )
+    service = Service(
+        settings=settings,
+        layout=layout,
+        pool=pool,
+        providers=providers,
+        cache=QueryCache(
+            pool=pool,
+            capacity=settings.cache_capacity,
+            ttl_seconds=settings.cache_ttl_seconds,
+            schema=spec.database.table_name.schema,
+        ),
+        follower=follower,
+        breakers={
+            v: CircuitBreaker(
+                failure_threshold=settings.breaker_failures,
+                window_seconds=settings.breaker_window_seconds,
+                cooldown_seconds=settings.breaker_cooldown_seconds,
+                clock=time.monotonic,
+            )
+            for v in Version
+        },
+        metrics=metrics,
+        registry=registry,
+        alert_log=AlertLog(),
+        shadow=None,
+        rng=random.Random(),
+    )
+    if settings.shadow_enabled:
+        service.shadow = ShadowComparer(
+            sample_rate=settings.shadow_sample_rate,
+            capacity=100,
+            run=lambda job: _shadow_run(service, job),
+            on_result=metrics.observe_shadow,
+            on_drop=metrics.count_shadow_dropped,
+            rng=random.Random(),
+        )
+        await service.shadow.start()
+    log.info(
+        "serving %s: v1 %s, v2 %s (sticky key %s, start-up default %d%%)",
+        settings.migration,
+        spec.source.descriptor,
+        spec.target.descriptor,
+        settings.sticky_header,
+        settings.default_percentage,
+    )
+    return service
+
+
+async def _layout(settings: ServiceSettings) -> Layout:
+    """Resolve names from the catalog; if the database is down at start, from the spec alone."""
+    try:
+        conn = await psycopg.AsyncConnection.connect(
+            settings.database_url, autocommit=True, connect_timeout=10
+        )
+        async with conn:
+            return await inspect_source(conn, settings.spec)
+    except psycopg.OperationalError as exc:
+        log.warning("database unreachable at start (%s); serving will retry", first_line(exc))
+        return layout_for(settings.spec, id_type="text")
+
+
+async def _stop(service: Service) -> None:
+    if service.shadow is not None:
+        await service.shadow.aclose()
+    await service.follower.aclose()
+    for provider in service.providers.values():
+        await provider.aclose()
+    await service.pool.close()
+
+
+async def _shadow_run(service: Service, job: ShadowJob) -> ShadowResult:
+    started = time.perf_counter()
+    request = SearchRequest(query=job.query, k=job.k, category=job.category)
+    # Off the request path, but bounded: a hung v2 must not stall every later comparison.
+    hits, _ = await asyncio.wait_for(service.run_search(job.other_version, request), 10)
+    return ShadowResult.compare(
+        job, other_ids=[h.id for h in hits], latency_seconds=time.perf_counter() - started
+    )
+
+
+def _unprocessable(field: list[str], message: str) -> HTTPException:
+    return HTTPException(
+        status_code=422, detail=[{"loc": field, "msg": message, "type": "value_error"}]
+    )
+
+
+def _routes(app: FastAPI, settings: ServiceSettings) -> None:
+    sticky = settings.sticky_header
+
+    def service_of(request: Request) -> Service:
+        service: Service = request.app.state.service
+        return service
+
+    @app.post("/api/rag/search", response_model=SearchResponse)
+    async def search_endpoint(
+        body: SearchRequest,
+        request: Request,
+        x_embedding_version: Annotated[str | None, Header()] = None,
+    ) -> SearchResponse:
+        service = service_of(request)
+        if len(body.query) > settings.max_query_chars:
+            raise _unprocessable(
+                ["body", "query"],
+                f"query is {len(body.query)} characters; the limit is {settings.max_query_chars}",
+            )
+        try:
+            forced = parse_forced(x_embedding_version)
+        except ValueError as exc:
+            raise _unprocessable(["header", "X-Embedding-Version"], str(exc)) from None
+        user_bucket = request_bucket(
+            migration=settings.migration, key=request.headers.get(sticky), rng=service.rng
+        )
+        row = service.follower.current
+        chosen = choose(
+            bucket=user_bucket,
+            percentage=row.percentage,
+            emergency=row.emergency,
+            gradual_enabled=settings.gradual_enabled,
+            forced=forced,
+        )
+        started = time.perf_counter()
+        version, fallback = chosen, False
+        if chosen is Version.V2 and forced is None and not service.breakers[Version.V2].allow():
+            version, fallback = Version.V1, True
+        try:
+            hits, cache_hit = await service.run_search(version, body)
+            service.breakers[version].record_success()
+        except SearchFailed as exc:
+            service.breakers[version].record_failure()
+            service.metrics.count_error(version=version.value, severity="error")
+            log.warning("search failed: %s", exc)
+            if version is Version.V2 and forced is None:
+                version, fallback = Version.V1, True
+                try:
+                    hits, cache_hit = await service.run_search(version, body)
+                    service.breakers[version].record_success()
+                except SearchFailed as again:
+                    service.breakers[version].record_failure()
+                    log.error("v1 fallback failed too: %s", again)
+                    _observe(service, chosen, started, "error", None)
+                    raise HTTPException(503, "search is unavailable; see the service log") from None
+            else:
+                _observe(service, version, started, "error", None)
+                raise HTTPException(
+                    503, f"search on {version.value} is unavailable; see the service log"
+                ) from None
+        # Counted under the version the user was routed to: a v2 request served by v1 is a v2
+        # fallback, so v2's error rate and latency are what v2's users experienced.
+        outcome: Outcome = "fallback" if fallback else "ok"
+        _observe(service, chosen, started, outcome, hits[0].similarity if hits else None)
+        if service.shadow is not None and not fallback:
+            service.shadow.maybe_submit(
+                ShadowJob(
+                    query=body.query,
+                    k=body.k,
+                    category=body.category,
+                    primary_version=version,
+                    primary_ids=tuple(h.id for h in hits),
+                )
+            )
+        if settings.performance_logging:
+            perf_log.info(
+                "search %s %.1fms k=%d cache=%s fallback=%s",
+                version.value,
+                (time.perf_counter() - started) * 1000,
+                body.k,
+                cache_hit,
+                fallback,
+            )
+        if settings.query_analytics:
+            analytics_log.info(
+                "query hash=%s chars=%d category=%s version=%s results=%d top=%.3f",
+                hashlib.sha256(normalise_query(body.query).encode()).hexdigest()[:12],
+                len(body.query),
+                body.category,
+                version.value,
+                len(hits),
+                hits[0].similarity if hits else 0.0,
+            )
+        return SearchResponse(
+            results=[SearchHit(**h.__dict__) for h in hits],
+            version=version,
+            cache_hit=cache_hit,
+            fallback=fallback,
+            percentage=row.percentage if not row.emergency else 0,
+        )
+
+    async def health(version: Version, request: Request) -> JSONResponse:
+        service = service_of(request)
+        checks: dict[str, Any] = {}
+        healthy = True
+        try:
+            async with service.pool.connection(timeout=5) as conn:
+                await conn.execute("SELECT 1")
+                checks["database"] = {"ok": True}
+                if version is Version.V2:
+                    state = await index_state(conn, service.layout)
+                    checks["index"] = {
+                        "ok": state.exists and state.valid,
+                        "name": state.name,
+                        "exists": state.exists,
+                        "valid": state.valid,
+                    }
+                    cur = await conn.execute(
+                        psycopg.sql.SQL("SELECT count(*) FROM {}").format(
+                            service.layout.queue.ident
+                        )
+                    )
+                    queued = (await cur.fetchone() or (0,))[0]
+                    checks["pending"] = {"ok": True, "queued": int(queued)}
+                else:
+                    checks["index"] = {"ok": True, "column": service.layout.source_embedding_column}
+        except Exception as exc:  # any failure of a health probe is reported, never raised
+            checks["database"] = {"ok": False, "error": first_line(exc)}
+        checks["provider"] = await _provider_check(service, version)
+        breaker = service.breakers[version]
+        checks["circuitBreaker"] = {
+            "ok": breaker.state is not BreakerState.OPEN,
+            **breaker.snapshot(),
+        }
+        healthy = all(bool(c.get("ok")) for c in checks.values())
+        return JSONResponse(
+            {"version": version.value, "healthy": healthy, "checks": checks},
+            status_code=200 if healthy else 503,
+        )
+
+    @app.get("/api/rag/v1/health")
+    async def health_v1(request: Request) -> JSONResponse:
+        return await health(Version.V1, request)
+
+    @app.get("/api/rag/v2/health")
+    async def health_v2(request: Request) -> JSONResponse:
+        return await health(Version.V2, request)
+
+    @app.get("/api/monitoring/circuit-breaker")
+    async def circuit_breaker(request: Request) -> dict[str, Any]:
+        service = service_of(request)
+        return {v.value: service.breakers[v].snapshot() for v in Version}
+
+    @app.get("/api/monitoring/dashboard")
+    async def dashboard(
+        request: Request,
+        range_: Annotated[str, Query(alias="range", pattern=r"^\d+[smhdw]$")] = "24h",
+    ) -> dict[str, Any]:
+        service = service_of(request)
+        row = service.follower.current
+        summary: dict[str, Any]
+        source = "service"
+        if settings.prometheus_url:
+            from rag_service.dashboard import prometheus_summary
+
+            try:
+                summary = await prometheus_summary(
+                    settings.prometheus_url, range_=range_, models=_models(service)
+                )
+                source = "prometheus"
+            except EmbedshiftError as exc:
+                log.warning("dashboard: Prometheus unavailable (%s); using own counters", exc)
+                summary = service.metrics.summary()
+        else:
+            summary = service.metrics.summary()
+        return {
+            "range": range_,
+            "source": source,
+            "percentage": 0 if row.emergency else row.percentage,
+            "emergency": row.emergency,
+            "reason": row.reason,
+            "versions": summary,
+        }
+
+    @app.post("/api/alerts/webhook")
+    async def alert_webhook(
+        request: Request, authorization: Annotated[str | None, Header()] = None
+    ) -> dict[str, Any]:
+        service = service_of(request)
+        if not settings.webhook_secret:
+            raise HTTPException(503, "the webhook is disabled: ALERT_WEBHOOK_SECRET is not set")
+        verdict = check_bearer(authorization, settings.webhook_secret)
+        if verdict == "missing":
+            raise HTTPException(401, "missing Authorization: Bearer token")
+        if verdict == "wrong":
+            raise HTTPException(403, "wrong token")
+        try:
+            payload = await request.json()
+        except ValueError:
+            raise _unprocessable(["body"], "the body is not JSON") from None
+        try:
+            received = parse_alerts(payload, now=datetime.now(UTC))
+        except ValueError as exc:
+            raise _unprocessable(["body"], str(exc)) from None
+        service.alert_log.add(received)
+        emergencies = [a for a in received if is_emergency(a)]
+        if emergencies:
+            first = emergencies[0]
+            reason = first.describe()
+            service.follower.declare_local_emergency(reason)
+            service.metrics.count_error(version="v2", severity="critical")
+            log.error("EMERGENCY: %s; switching to v1", reason)
+            try:
+                conn = await psycopg.AsyncConnection.connect(
+                    settings.database_url, autocommit=True, connect_timeout=5
+                )
+                async with conn:
+                    await declare_emergency(
+                        conn,
+                        table=service.layout.rollout,
+                        migration=settings.migration,
+                        reason=reason,
+                    )
+            except (psycopg.Error, OSError) as exc:
+                log.error("could not record the emergency in the routing row: %s", first_line(exc))
+        return {"accepted": len(received), "emergency": bool(emergencies)}
+
+    @app.get("/api/alerts/webhook")
+    async def recent_alerts(
+        request: Request, severity: Annotated[str | None, Query()] = None
+    ) -> dict[str, Any]:
+        service = service_of(request)
+        if severity is not None and severity not in alerts_module.SEVERITIES:
+            raise _unprocessable(
+                ["query", "severity"],
+                f"severity must be one of {', '.join(alerts_module.SEVERITIES)}",
+            )
+        return {"alerts": [a.as_dict() for a in service.alert_log.recent(min_severity=severity)]}
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        service = service_of(request)
+        row = service.follower.current
+        service.metrics.set_percentage(0 if row.emergency else row.percentage)
+        for v in Version:
+            service.metrics.set_breaker_open(
+                # Half-open refuses all but one probe: for traffic, that is still open.
+                version=v.value,
+                open=service.breakers[v].state is not BreakerState.CLOSED,
+            )
+        body, content_type = service.metrics.render()
+        return Response(content=body, media_type=content_type)
+
+
+def _model_labels(descriptor: str) -> tuple[str, str]:
+    """``openai:text-embedding-3-small@768`` → the (provider, model) its usage is counted under."""
+    name, _, rest = descriptor.partition(":")
+    return name, rest.rsplit("@", 1)[0]
+
+
+def _models(service: Service) -> dict[str, tuple[str, str]]:
+    return {v.value: _model_labels(p.descriptor) for v, p in service.providers.items()}
+
+
+def _observe(
+    service: Service, version: Version, started: float, outcome: Outcome, top: float | None
+) -> None:
+    service.metrics.observe_search(
+        version=version.value,
+        seconds=time.perf_counter() - started,
+        outcome=outcome,
+        top_similarity=top,
+    )
+
+
+async def _provider_check(service: Service, version: Version) -> dict[str, Any]:
+    """A cheap embedding of a fixed text, at most once a minute per version."""
+    now = time.monotonic()
+    last = service.provider_checks.get(version)
+    if last is not None and now - last[0] < 60:
+        return {"ok": last[1], "detail": last[2], "cached": True}
+    try:
+        await asyncio.wait_for(
+            service.cache.embed(service.providers[version], "embedshift health check"), 10
+        )
+        result = (now, True, service.providers[version].descriptor)
+    except (EmbedshiftError, TimeoutError) as exc:
+        result = (now, False, str(exc))
+    service.provider_checks[version] = result
+    return {"ok": result[1], "detail": result[2], "cached": False}

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Install Debian's `prometheus` package (the server and promtool) for the test suite.
+#
+# Idempotent: exits at once when /usr/bin/prometheus is already there. The tests start their own
+# Prometheus on a free loopback port, so the packaged daemon must not start: machines without
+# systemd (containers, CI) would fail the maintainer scripts, and a running daemon would hold
+# port 9090 and the package's TSDB for nothing.
+set -euo pipefail
+
+BINARY=/usr/bin/prometheus
+POLICY=/usr/sbin/policy-rc.d
+
+if [[ -x "$BINARY" ]]; then
+    exit 0
+fi
+
+if [[ "$(id -u)" -ne 0 ]]; then
+    if command -v sudo >/dev/null 2>&1; then
+        SUDO=(sudo)
+    else
+        echo "install-prometheus: $BINARY is missing and this is not root (no sudo either);" \
+            "install Debian's 'prometheus' package by hand" >&2
+        exit 1
+    fi
+else
+    SUDO=()
+fi
+
+# invoke-rc.d asks policy-rc.d before starting any service; 101 means "action forbidden".
+# Only a policy we wrote is removed again: an existing one (Docker images ship one) is the
+# machine's own.
+created_policy=0
+cleanup() {
+    if [[ "$created_policy" -eq 1 ]]; then
+        "${SUDO[@]}" rm -f "$POLICY"
+    fi
+}
+trap cleanup EXIT
+
+if [[ ! -e "$POLICY" ]]; then
+    created_policy=1
+    printf '#!/bin/sh\n# Written by embedshift scripts/install-prometheus.sh for one install.\nexit 101\n' \
+        | "${SUDO[@]}" tee "$POLICY" >/dev/null
+    "${SUDO[@]}" chmod 0755 "$POLICY"
+fi
+
+# Through env: sudo would drop an exported DEBIAN_FRONTEND.
+if ! "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q; then
+    echo "install-prometheus: 'apt-get update' failed; the tests need Debian's 'prometheus'" \
+        "package" >&2
+    exit 1
+fi
+if ! "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+    --no-install-recommends prometheus; then
+    echo "install-prometheus: 'apt-get install prometheus' failed; the tests need Debian's" \
+        "'prometheus' package" >&2
+    exit 1
+fi
+
+if [[ ! -x "$BINARY" ]]; then
+    echo "install-prometheus: the 'prometheus' package installed but $BINARY is missing" >&2
+    exit 1
+fi
+"$BINARY" --version

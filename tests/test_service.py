@@ -1,0 +1,358 @@
+"""The search service against real parts: PostgreSQL + pgvector, the real OpenAI SDK talking to
+the local embedding API, uvicorn on a loopback port, and plain HTTP from the outside."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import psycopg
+import pytest
+
+from rag_service.indexes import build_index
+from rag_service.migrate import RunOptions, run_migration
+from rag_service.providers.openai import OpenAIProvider
+from rag_service.routing import bucket
+from rag_service.schema import setup
+from rag_service.service import ServiceSettings
+from rag_service.spec import DataPlaneSpec, EmbeddingSpec
+from rag_service.testing import EmbeddingServer
+from rag_service.testing.corpus import create_corpus
+from tests.embedding_fixtures import EMBEDDING_API_KEY, FAST_RETRIES
+from tests.service_harness import serving
+
+SECRET = "webhook-s3cret"
+TABLE = "svc_docs"
+MIGRATION = "rag/svc"
+
+
+@dataclass(frozen=True)
+class World:
+    url: str
+    api: EmbeddingServer
+    settings: ServiceSettings
+
+
+@pytest.fixture(scope="module")
+def world(database_url: str) -> Iterator[World]:
+    """1,500 documents with 1536-d v1 vectors, migrated to openai:text-embedding-3-small@768
+    through the real SDK and the local embedding API, with an HNSW index."""
+    with EmbeddingServer(api_key=EMBEDDING_API_KEY) as api:
+        create_corpus(database_url, table=TABLE, count=1_500, source_dimensions=1536)
+        spec = DataPlaneSpec.model_validate(
+            {
+                "database": {
+                    "table": TABLE,
+                    "categoryColumn": "category",
+                    "sourceEmbeddingColumn": "embedding",
+                },
+                "source": {"provider": "local", "model": "hash", "dimensions": 1536},
+                "target": {
+                    **EmbeddingSpec.parse("openai:text-embedding-3-small@768").model_dump(
+                        include={"provider", "model", "dimensions"}
+                    ),
+                    "baseURL": api.openai_base_url,
+                },
+            }
+        )
+
+        async def prepare() -> None:
+            await setup(database_url, spec, migration=MIGRATION)
+            provider = OpenAIProvider(
+                model="text-embedding-3-small",
+                dimensions=768,
+                api_key=EMBEDDING_API_KEY,
+                base_url=api.openai_base_url,
+                retry_policy=FAST_RETRIES,
+            )
+            await run_migration(
+                database_url,
+                spec,
+                provider=provider,
+                options=RunOptions(batch_size=500),
+                migration=MIGRATION,
+            )
+            await provider.aclose()
+            await build_index(database_url, spec)
+
+        asyncio.run(prepare())
+        settings = ServiceSettings(
+            database_url=database_url,
+            spec=spec,
+            migration=MIGRATION,
+            webhook_secret=SECRET,
+            reread_seconds=0.5,
+            target_api_key=EMBEDDING_API_KEY,
+            breaker_failures=3,
+            breaker_cooldown_seconds=1.0,
+            max_query_chars=200,
+        )
+        yield World(url=database_url, api=api, settings=settings)
+
+
+@pytest.fixture(autouse=True)
+def fresh_state(world: World) -> Iterator[None]:
+    """Every test starts at 0 %, no emergency, a healthy API."""
+    set_row(world.url, percentage=0, emergency=False)
+    world.api.configure({"error_rate": 0.0, "insufficient_quota": False, "latency": 0.0})
+    yield
+
+
+def set_row(url: str, *, percentage: int, emergency: bool = False, notify: bool = True) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE embedshift_rollout SET percentage = %s, emergency = %s, reason = '', "
+            "updated_at = now() WHERE migration = %s",
+            [percentage, emergency, MIGRATION],
+        )
+        if notify:
+            conn.execute("SELECT pg_notify('embedshift_rollout', %s)", [MIGRATION])
+
+
+def users_in(version: str, percentage: int, count: int = 5) -> list[str]:
+    """User ids whose sticky bucket lands on ``version`` at ``percentage``."""
+    found = []
+    i = 0
+    while len(found) < count:
+        user = f"user-{i}"
+        in_v2 = bucket(migration=MIGRATION, key=user) < percentage
+        if in_v2 == (version == "v2"):
+            found.append(user)
+        i += 1
+    return found
+
+
+async def search(client: object, query: str = "pool opening hours", **extra: object) -> dict:  # type: ignore[type-arg]
+    headers = extra.pop("headers", {})
+    response = await client.post(  # type: ignore[attr-defined]
+        "/api/rag/search", json={"query": query, **extra}, headers=headers
+    )
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+async def eventually(check: object, *, within: float) -> float:
+    """Seconds until ``await check()`` is true; fails after ``within``."""
+    started = time.monotonic()
+    while time.monotonic() - started < within:
+        if await check():  # type: ignore[operator]
+            return time.monotonic() - started
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"not within {within}s")
+
+
+async def test_v1_at_zero_percent_and_forced_versions(world: World) -> None:
+    async with serving(world.settings) as svc:
+        answer = await search(svc.client, headers={"X-User-Id": "alice"})
+        assert answer["version"] == "v1" and answer["percentage"] == 0
+        assert len(answer["results"]) == 5
+        top = answer["results"][0]
+        assert set(top) == {"id", "text", "category", "similarity"}
+        assert top["similarity"] > 0.1 and "pool" in top["text"].lower()
+        forced = await search(svc.client, headers={"X-Embedding-Version": "v2"}, k=3)
+        assert forced["version"] == "v2" and len(forced["results"]) == 3
+        filtered = await search(
+            svc.client, headers={"X-Embedding-Version": "v2"}, category="pricing", k=10
+        )
+        assert {r["category"] for r in filtered["results"]} == {"pricing"}
+        assert len(filtered["results"]) == 10  # iterative scan keeps going past other categories
+
+
+async def test_percentage_follows_the_routing_row_within_a_second(world: World) -> None:
+    async with serving(world.settings) as svc:
+        users = users_in("v2", 50)
+
+        async def all_v2() -> bool:
+            answers = [await search(svc.client, headers={"X-User-Id": u}) for u in users]
+            return all(a["version"] == "v2" for a in answers)
+
+        assert not await all_v2()
+        set_row(world.url, percentage=50)  # with NOTIFY
+        assert await eventually(all_v2, within=1.0) <= 1.0
+
+
+async def test_a_lost_notification_costs_only_the_reread_interval(world: World) -> None:
+    async with serving(world.settings) as svc:
+        follower = svc.app_service.follower
+        set_row(world.url, percentage=100, notify=False)
+
+        async def followed() -> bool:
+            return follower.current.percentage == 100
+
+        waited = await eventually(followed, within=world.settings.reread_seconds + 1.0)
+        assert waited <= world.settings.reread_seconds + 0.5
+
+
+async def test_routing_is_sticky_and_never_moves_a_v2_user_back(world: World) -> None:
+    async with serving(world.settings) as svc:
+        follower = svc.app_service.follower
+        seen: dict[str, str] = {}
+        users = [f"sticky-{i}" for i in range(40)]
+        for percentage in (10, 25, 50, 75, 100):
+            set_row(world.url, percentage=percentage)
+
+            async def followed(p: int = percentage) -> bool:
+                return follower.current.percentage == p
+
+            await eventually(followed, within=2)
+            for user in users:
+                version = (await search(svc.client, headers={"X-User-Id": user}))["version"]
+                if seen.get(user) == "v2":
+                    assert version == "v2", f"{user} moved back to v1 at {percentage}%"
+                again = (await search(svc.client, headers={"X-User-Id": user}))["version"]
+                assert again == version  # sticky
+                seen[user] = version
+        assert set(seen.values()) == {"v2"}
+
+
+async def test_bad_input_is_a_422_that_names_the_field(world: World) -> None:
+    async with serving(world.settings) as svc:
+        cases = [
+            ({"query": ""}, {}, "query"),
+            ({"query": "   "}, {}, "query"),
+            ({"query": "x" * 201}, {}, "query"),
+            ({"query": "pool", "k": 0}, {}, "k"),
+            ({"query": "pool", "k": 101}, {}, "k"),
+            ({"query": "pool"}, {"X-Embedding-Version": "v3"}, "X-Embedding-Version"),
+        ]
+        for body, headers, field in cases:
+            response = await svc.client.post("/api/rag/search", json=body, headers=headers)
+            assert response.status_code == 422, (body, response.text)
+            locations = [detail["loc"][-1] for detail in response.json()["detail"]]
+            assert field in locations, (body, response.json())
+
+
+async def test_webhook_auth_and_the_guides_emergency(world: World) -> None:
+    async with serving(world.settings) as svc:
+        guide = {"type": "error_rate", "severity": "critical", "value": 0.5, "threshold": 0.1}
+        assert (await svc.client.post("/api/alerts/webhook", json=guide)).status_code == 401
+        wrong = {"Authorization": "Bearer nope"}
+        assert (
+            await svc.client.post("/api/alerts/webhook", json=guide, headers=wrong)
+        ).status_code == 403
+        set_row(world.url, percentage=100)
+        await eventually(lambda: _at(svc, 100), within=2)
+        auth = {"Authorization": f"Bearer {SECRET}"}
+        calm = {"type": "latency", "severity": "warning", "value": 0.9, "threshold": 0.8}
+        answer = (await svc.client.post("/api/alerts/webhook", json=calm, headers=auth)).json()
+        assert answer == {"accepted": 1, "emergency": False}
+        assert (await search(svc.client, headers={"X-User-Id": "u1"}))["version"] == "v2"
+
+        answer = (await svc.client.post("/api/alerts/webhook", json=guide, headers=auth)).json()
+        assert answer["emergency"] is True
+        assert (await search(svc.client, headers={"X-User-Id": "u1"}))["version"] == "v1"
+        with psycopg.connect(world.url) as conn:
+            row = conn.execute(
+                "SELECT emergency, reason FROM embedshift_rollout WHERE migration = %s",
+                [MIGRATION],
+            ).fetchone()
+        assert row is not None and row[0] is True and "error_rate" in row[1]
+        listed = (await svc.client.get("/api/alerts/webhook", params={"severity": "error"})).json()
+        assert [a["type"] for a in listed["alerts"]] == ["error_rate"]  # the warning is below
+
+
+async def _at(svc: object, percentage: int) -> bool:
+    return svc.app_service.follower.current.percentage == percentage  # type: ignore[attr-defined,no-any-return]
+
+
+async def test_alertmanager_payload_switches_every_replica_within_a_second(world: World) -> None:
+    payload = {
+        "version": "4",
+        "status": "firing",
+        "receiver": "embedshift",
+        "groupLabels": {"alertname": "EmbedshiftV2ErrorRate"},
+        "commonLabels": {"severity": "critical"},
+        "commonAnnotations": {},
+        "externalURL": "http://alertmanager:9093",
+        "groupKey": "{}:{}",
+        "truncatedAlerts": 0,
+        "alerts": [
+            {
+                "status": "firing",
+                "labels": {"alertname": "EmbedshiftV2ErrorRate", "severity": "critical"},
+                "annotations": {"summary": "v2 error rate above 10%"},
+                "startsAt": "2026-11-23T10:00:00Z",
+                "endsAt": "0001-01-01T00:00:00Z",
+                "generatorURL": "http://prometheus/graph",
+                "fingerprint": "abc",
+            }
+        ],
+    }
+    set_row(world.url, percentage=100)
+    async with serving(world.settings) as a, serving(world.settings) as b:
+        await eventually(lambda: _at(a, 100), within=2)
+        await eventually(lambda: _at(b, 100), within=2)
+        response = await a.client.post(
+            "/api/alerts/webhook", json=payload, headers={"Authorization": f"Bearer {SECRET}"}
+        )
+        assert response.json()["emergency"] is True
+
+        async def b_on_v1() -> bool:
+            answer = await search(b.client, headers={"X-User-Id": "u7"})
+            return answer["version"] == "v1"  # type: ignore[no-any-return]
+
+        assert await eventually(b_on_v1, within=1.0) <= 1.0
+
+
+async def test_failing_v2_provider_falls_back_to_v1_and_recovers(world: World) -> None:
+    set_row(world.url, percentage=100)
+    async with serving(world.settings) as svc:
+        await eventually(lambda: _at(svc, 100), within=2)
+        world.api.configure({"error_rate": 1.0})
+        # Distinct queries: a cached embedding would not need the failing API.
+        for i in range(6):
+            answer = await search(svc.client, f"broken query {i}", headers={"X-User-Id": "u1"})
+            assert answer["version"] == "v1" and answer["fallback"] is True  # no 5xx
+            assert answer["results"]
+        breaker = (await svc.client.get("/api/monitoring/circuit-breaker")).json()
+        assert breaker["v2"]["state"] == "open"
+        assert (await svc.client.get("/api/rag/v2/health")).status_code == 503
+        world.api.configure({"error_rate": 0.0})
+        await asyncio.sleep(world.settings.breaker_cooldown_seconds + 0.2)
+        answer = await search(svc.client, "recovered query", headers={"X-User-Id": "u1"})
+        assert answer["version"] == "v2" and answer["fallback"] is False
+        breaker = (await svc.client.get("/api/monitoring/circuit-breaker")).json()
+        assert breaker["v2"]["state"] == "closed"
+
+
+async def test_the_query_cache_is_shared_between_replicas(world: World) -> None:
+    async with serving(world.settings) as a, serving(world.settings) as b:
+        headers = {"X-Embedding-Version": "v2"}
+        first = await search(a.client, "family plan price", headers=headers)
+        again = await search(a.client, "Family  plan PRICE", headers=headers)
+        other = await search(b.client, "family plan price", headers=headers)
+        assert (first["cache_hit"], again["cache_hit"], other["cache_hit"]) == (False, True, True)
+        assert first["results"] == again["results"] == other["results"]
+
+
+async def test_health_metrics_and_dashboard(world: World) -> None:
+    async with serving(replace(world.settings, webhook_secret=None)) as svc:
+        for version in ("v1", "v2"):
+            health = await svc.client.get(f"/api/rag/{version}/health")
+            assert health.status_code == 200, health.text
+            assert health.json()["healthy"] is True
+        await search(svc.client, headers={"X-Embedding-Version": "v2"})
+        await search(svc.client, headers={"X-Embedding-Version": "v1"})
+        text = (await svc.client.get("/metrics")).text
+        for name in (
+            "embedshift_search_duration_seconds_bucket",
+            "embedshift_search_requests_total",
+            "embedshift_search_top_similarity_bucket",
+            "embedshift_query_cache_requests_total",
+            "embedshift_embedding_tokens_total",
+            "embedshift_embedding_cost_usd_total",
+            "embedshift_errors_total",
+            "embedshift_rollout_percentage",
+            "embedshift_circuit_breaker_open",
+        ):
+            assert name in text, name
+        assert 'le="0.8"' in text and 'le="1.2"' in text
+        dashboard = (await svc.client.get("/api/monitoring/dashboard?range=24h")).json()
+        assert dashboard["source"] == "service" and dashboard["percentage"] == 0
+        assert set(dashboard["versions"]) >= {"v1", "v2"}
+        disabled = await svc.client.post(
+            "/api/alerts/webhook", json={}, headers={"Authorization": "Bearer x"}
+        )
+        assert disabled.status_code == 503  # no secret configured: the webhook is off
