@@ -13,6 +13,7 @@ import pytest
 
 from rag_service.indexes import build_index
 from rag_service.migrate import RunOptions, run_migration
+from rag_service.prometheus import PrometheusClient
 from rag_service.providers.openai import OpenAIProvider
 from rag_service.routing import bucket
 from rag_service.schema import setup
@@ -21,6 +22,7 @@ from rag_service.spec import DataPlaneSpec, EmbeddingSpec
 from rag_service.testing import EmbeddingServer
 from rag_service.testing.corpus import create_corpus
 from tests.embedding_fixtures import EMBEDDING_API_KEY, FAST_RETRIES
+from tests.prometheus_fixtures import PrometheusFactory
 from tests.service_harness import serving
 
 SECRET = "webhook-s3cret"
@@ -356,3 +358,51 @@ async def test_health_metrics_and_dashboard(world: World) -> None:
             "/api/alerts/webhook", json={}, headers={"Authorization": "Bearer x"}
         )
         assert disabled.status_code == 503  # no secret configured: the webhook is off
+
+
+async def test_prometheus_scrapes_the_contract_metrics(
+    world: World, prometheus: PrometheusFactory
+) -> None:
+    """A real Prometheus scrapes a running replica; the operator's PromQL finds the series."""
+    async with serving(world.settings) as svc:
+        prom = prometheus(targets=[svc.url.removeprefix("http://")])
+        await prom.wait_for_scrape_async()  # a sample before the traffic, so rate() sees it
+        for i in range(10):
+            await search(svc.client, f"pool hours {i}", headers={"X-Embedding-Version": "v1"})
+            await search(svc.client, f"pool hours {i}", headers={"X-Embedding-Version": "v2"})
+            await search(svc.client, f"pool hours {i}", headers={"X-Embedding-Version": "v2"})
+        await prom.wait_for_scrape_async(scrapes=2)
+        async with PrometheusClient(url=prom.url) as client:
+            by_version = {
+                s.labels["version"]: s.value
+                for s in await client.query(
+                    'sum by (version) (embedshift_search_requests_total{outcome="ok"})'
+                )
+            }
+            assert by_version == {"v1": 10.0, "v2": 20.0}
+            p95 = await client.query(
+                "histogram_quantile(0.95, sum by (le, version) "
+                "(rate(embedshift_search_duration_seconds_bucket[1m])))"
+            )
+            assert {s.labels["version"] for s in p95} == {"v1", "v2"}
+            assert all(0 < s.value < 1.2 for s in p95)
+            hits = await client.query_scalar(
+                'sum(embedshift_query_cache_requests_total{version="v2",result="hit"})'
+            )
+            assert hits == 10.0  # the second v2 search of each query was a hit
+            assert await client.query_scalar("embedshift_rollout_percentage") == 0.0
+            assert await client.query_scalar('embedshift_circuit_breaker_open{version="v2"}') == 0
+            tokens = await client.query(
+                "sum by (provider, model) (embedshift_embedding_tokens_total)"
+            )
+            assert {(s.labels["provider"], s.labels["model"]) for s in tokens} == {
+                ("local", "hash"),
+                ("openai", "text-embedding-3-small"),
+            }
+        # A second replica whose dashboard reads Prometheus instead of its own counters.
+        async with serving(replace(world.settings, prometheus_url=prom.url)) as reader:
+            dashboard = (await reader.client.get("/api/monitoring/dashboard?range=5m")).json()
+        assert dashboard["source"] == "prometheus"
+        # increase() extrapolates to the window's edges, so 20 requests read as a bit more.
+        assert 20 <= dashboard["versions"]["v2"]["requests"] < 30
+        assert dashboard["versions"]["v2"]["cache_hit_rate"] == pytest.approx(0.5, abs=0.05)
