@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 import psycopg
 import pytest
 
+from rag_service.errors import ConfigError
 from rag_service.indexes import build_index
 from rag_service.migrate import RunOptions, run_migration
 from rag_service.prometheus import PrometheusClient
@@ -406,3 +407,46 @@ async def test_prometheus_scrapes_the_contract_metrics(
         # increase() extrapolates to the window's edges, so 20 requests read as a bit more.
         assert 20 <= dashboard["versions"]["v2"]["requests"] < 30
         assert dashboard["versions"]["v2"]["cache_hit_rate"] == pytest.approx(0.5, abs=0.05)
+
+
+async def test_the_guides_flags_pin_v1_and_turn_on_shadow_comparison(world: World) -> None:
+    set_row(world.url, percentage=100)
+    pinned = replace(world.settings, gradual_enabled=False)
+    async with serving(pinned) as svc:
+        await eventually(lambda: _at(svc, 100), within=2)
+        assert (await search(svc.client, headers={"X-User-Id": "u1"}))["version"] == "v1"
+    shadowed = replace(world.settings, shadow_enabled=True, shadow_sample_rate=1.0)
+    async with serving(shadowed) as svc:
+        for i in range(5):
+            await search(svc.client, f"concert tickets {i}", headers={"X-User-Id": "u1"})
+        comparer = svc.app_service.shadow
+        assert comparer is not None
+
+        async def compared() -> bool:
+            return comparer.completed == 5
+
+        await eventually(compared, within=10)
+        text = (await svc.client.get("/metrics")).text
+        assert 'embedshift_shadow_comparisons_total{result="completed"} 5.0' in text
+
+
+def test_settings_read_the_guides_environment_flags(world: World) -> None:
+    env = {
+        "FF_NEW_EMBEDDINGS_PERCENTAGE": "10",
+        "FF_ENABLE_GRADUAL_MIGRATION": "false",
+        "FF_USE_PARALLEL_RAG": "true",
+        "FF_ENABLE_PERFORMANCE_LOGGING": "1",
+        "FF_ENABLE_QUERY_ANALYTICS": "yes",
+        "ALERT_WEBHOOK_SECRET": "s",
+    }
+    settings = ServiceSettings.from_env(
+        database_url="x", spec=world.settings.spec, migration="a/b", env=env
+    )
+    assert settings.default_percentage == 10 and not settings.gradual_enabled
+    assert settings.shadow_enabled and settings.performance_logging and settings.query_analytics
+    assert settings.webhook_secret == "s"
+    for bad in ({"FF_NEW_EMBEDDINGS_PERCENTAGE": "150"}, {"FF_USE_PARALLEL_RAG": "maybe"}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            ServiceSettings.from_env(
+                database_url="x", spec=world.settings.spec, migration="a/b", env=bad
+            )
