@@ -20,10 +20,10 @@ from tests.helpers import PYTHON, cli_subprocess, counts, flags, spec_for, table
 from tests.test_migrate import vectors_match_text
 
 
-def start_run(argv: list[str]) -> subprocess.Popen[bytes]:
+def start_run(argv: list[str], *, stdout: int = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [PYTHON, "-m", "rag_service.cli", "migrate", "run", *argv],
-        stdout=subprocess.DEVNULL,
+        stdout=stdout,
         stderr=subprocess.PIPE,
     )
 
@@ -38,9 +38,17 @@ def test_kill_9_at_20_random_moments_loses_nothing_and_doubles_nothing(
     rng = random.Random(20261123)
     killed_while_running = 0
     for _ in range(20):
-        # Small batches: many commits, so the kills land between and inside transactions.
-        proc = start_run([*base, "--batch-size", "3", "--concurrency", "2"])
-        time.sleep(rng.uniform(0.3, 1.6))
+        # Small batches: many commits, so the kills land between and inside transactions. The
+        # clock starts when the worker says it has started (JSON line), not when the process
+        # does, so a slow interpreter start on a loaded machine cannot make the kills miss.
+        proc = start_run(
+            [*base, "--batch-size", "3", "--concurrency", "2", "--json"], stdout=subprocess.PIPE
+        )
+        assert proc.stdout is not None
+        proc.stdout.readline()  # {"event": "started", ...}, or EOF if it finished at once
+        # Drain the rest, or a full pipe would stall the worker instead of letting it work.
+        threading.Thread(target=proc.stdout.read, daemon=True).start()
+        time.sleep(rng.uniform(0.0, 0.8))
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             killed_while_running += 1
