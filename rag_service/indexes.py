@@ -128,6 +128,8 @@ async def build_index(
                 f"building index {layout.index_name} failed: {first_line(exc)} "
                 "(rerun `embedshift migrate index` to repair)"
             ) from None
+        # Fresh statistics, so the planner sizes the side table right for the first searches.
+        await conn.execute(sql.SQL("ANALYZE {}").format(layout.target.ident))
         final = await index_state(conn, layout)
         if not final.valid:
             raise DatabaseError(f"index {layout.index_name} is still invalid after the build")

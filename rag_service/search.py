@@ -1,9 +1,12 @@
 """The two searches the service routes between: v1 over the source column, v2 over the side table.
 
 v2 never serves a stale vector: results are joined to the source and kept only where the content
-hash still matches the text. That filter (and a category filter) runs inside the HNSW scan with
-``hnsw.iterative_scan = relaxed_order``, which keeps scanning until ``k`` rows pass instead of
-returning fewer; a materialised CTE re-sorts what relaxed order returns.
+hash still matches the text. The nearest-neighbour scan itself must touch the side table alone —
+with the join inside it, PostgreSQL's planner never chooses the HNSW index and every search is an
+exact scan — so it over-fetches (stale rows are rare and caught up within seconds) and the join
+filters afterwards. A category filter stays inside the scan, where
+``hnsw.iterative_scan = relaxed_order`` keeps scanning until ``k`` rows pass; materialised CTEs
+re-sort what relaxed order returns.
 """
 
 from __future__ import annotations
@@ -37,13 +40,15 @@ def search_statement(layout: Layout, version: Version, *, category: bool) -> Que
         vtype = sql.SQL(layout.target_spec.vector_type)
         return sql.SQL(
             "WITH nearest AS MATERIALIZED (\n"
-            "  SELECT t.id, {text} AS text, t.category, t.embedding <=> CAST(%(q)s AS {vtype})"
-            " AS distance\n"
-            "  FROM {tgt} t JOIN {src} s ON {sid} = t.id\n"
-            "  WHERE t.content_hash = {hash} {where}\n"
-            "  ORDER BY t.embedding <=> CAST(%(q)s AS {vtype}) LIMIT %(k)s\n"
+            "  SELECT t.id, t.category, t.content_hash,"
+            " t.embedding <=> CAST(%(q)s AS {vtype}) AS distance\n"
+            "  FROM {tgt} t WHERE true {where}\n"
+            "  ORDER BY t.embedding <=> CAST(%(q)s AS {vtype}) LIMIT %(fetch)s\n"
+            "), fresh AS MATERIALIZED (\n"
+            "  SELECT n.id, {text} AS text, n.category, n.distance FROM nearest n\n"
+            "  JOIN {src} s ON {sid} = n.id WHERE n.content_hash = {hash}\n"
             ")\n"
-            "SELECT id::text, text, category, 1 - distance FROM nearest ORDER BY distance"
+            "SELECT id::text, text, category, 1 - distance FROM fresh ORDER BY distance LIMIT %(k)s"
         ).format(
             text=layout.s_text,
             vtype=vtype,
@@ -77,6 +82,11 @@ def search_statement(layout: Layout, version: Version, *, category: bool) -> Que
     )
 
 
+def over_fetch(k: int) -> int:
+    """Neighbours to fetch so that ``k`` remain after dropping stale ones. Pure."""
+    return k + max(10, k // 2)
+
+
 async def search(
     conn: psycopg.AsyncConnection[Any],
     layout: Layout,
@@ -89,7 +99,7 @@ async def search(
 ) -> list[Hit]:
     cur = await conn.execute(
         search_statement(layout, version, category=category is not None),
-        {"q": vector, "k": k, "category": category},
+        {"q": vector, "k": k, "fetch": over_fetch(k), "category": category},
     )
     hits = [Hit(str(r[0]), str(r[1]), r[2], float(r[3])) for r in await cur.fetchall()]
     if min_similarity is not None:
