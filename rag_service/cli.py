@@ -221,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--breaker-cooldown", type=float, default=30.0, help="seconds")
     serve.add_argument("--shadow-sample-rate", type=float, default=0.1)
     serve.set_defaults(handler=_serve)
+
+    from rag_service import compare, monitor  # their handlers import this module lazily
+
+    compare.register(commands, _add_spec_flags)
+    monitor.register(commands, _add_spec_flags)
     return parser
 
 

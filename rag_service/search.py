@@ -48,7 +48,9 @@ def search_statement(layout: Layout, version: Version, *, category: bool) -> Que
             "  SELECT n.id, {text} AS text, n.category, n.distance FROM nearest n\n"
             "  JOIN {src} s ON {sid} = n.id WHERE n.content_hash = {hash}\n"
             ")\n"
-            "SELECT id::text, text, category, 1 - distance FROM fresh ORDER BY distance LIMIT %(k)s"
+            # id breaks ties, so equally near documents come back in the same order every time.
+            "SELECT id::text, text, category, 1 - distance FROM fresh ORDER BY distance, id"
+            " LIMIT %(k)s"
         ).format(
             text=layout.s_text,
             vtype=vtype,
@@ -71,7 +73,7 @@ def search_statement(layout: Layout, version: Version, *, category: bool) -> Que
         "  FROM {src} s WHERE {col} IS NOT NULL {where}\n"
         "  ORDER BY {col} <=> CAST(%(q)s AS vector) LIMIT %(k)s\n"
         ")\n"
-        "SELECT id::text, text, category, 1 - distance FROM nearest ORDER BY distance"
+        "SELECT id::text, text, category, 1 - distance FROM nearest ORDER BY distance, id"
     ).format(
         sid=layout.s_id,
         text=layout.s_text,

@@ -1,0 +1,1385 @@
+"""``embedshift compare`` and ``embedshift baseline``: v1 against v2 on the same queries.
+
+``compare`` (the guide's ``compare:implementations``) runs a query set against both versions
+*directly*: each query is embedded with the version's provider and searched with the very
+statement the service runs (:func:`rag_service.search.search_statement`), on one connection
+configured like the service's. No HTTP, no query cache: what it measures is the models and the
+indexes. Per version it reports
+
+- latency p50/p95 per query (embedding + search, as a user waits for it),
+- the average top-1 similarity, errors, tokens and cost per 1,000 queries,
+- the recall of what the search returned against an exact search of the same statement (the
+  index's recall; 1.0 when the planner scans exactly, and ``annIndex`` says which it did),
+- with labelled queries (``"relevant": [ids]``): recall@k, MRR@k and nDCG@10,
+
+and between the versions overlap@k and rank-biased overlap of their top k
+(:mod:`rag_service.shadow`). Queries come from a JSON-lines file or are sampled from the corpus
+(the first sentence of random documents, reproducible with ``--seed``). The two versions take
+turns going first, so neither pays more for cold caches.
+
+``baseline`` (the guide's ``monitor:baseline --compare``) records v1's figures to a file — from
+Prometheus (:func:`rag_service.dashboard.prometheus_summary`) or from a compare run — and
+``baseline --compare`` measures v2 now from the same kind of source and judges it against the
+guide's success criteria: v2 p95 ≤ v1 p95 and < 800 ms, average similarity > 0.7, error rate
+< 0.1 %, query-cache hit rate > 70 %, cost per query below v1's. Exit code 1 unless every
+criterion the source can measure passes; a criterion without data never passes.
+
+The metric functions (recall@k, reciprocal rank, nDCG, percentiles), the summaries, the judge
+and the renderers are pure; only ``run_compare``/``sample_cases`` and the handlers do I/O.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import psycopg
+from psycopg import sql
+from rich.console import Console, Group
+from rich.table import Table
+
+from rag_service.dashboard import METRICS, prometheus_summary
+from rag_service.errors import (
+    AuthenticationFailed,
+    ConfigError,
+    DatabaseError,
+    DimensionMismatch,
+    ProviderError,
+    QuotaExceeded,
+)
+from rag_service.providers import EmbeddingProvider, api_key_from_env, make_provider
+from rag_service.providers.base import Purpose
+from rag_service.providers.pricing import PriceTable
+from rag_service.routing import Version
+from rag_service.schema import Layout, connect, inspect_source, table_exists
+from rag_service.search import configure_connection, over_fetch, search, search_statement
+from rag_service.shadow import overlap_at_k, rank_biased_overlap
+from rag_service.spec import DataPlaneSpec
+
+__all__ = [
+    "BASELINE_FILE",
+    "Agreement",
+    "Baseline",
+    "CompareReport",
+    "QueryCase",
+    "QueryOutcome",
+    "Verdict",
+    "VerdictRow",
+    "VersionFigures",
+    "agreement",
+    "baseline_comparison_view",
+    "compare_table",
+    "first_sentence",
+    "judge",
+    "load_baseline",
+    "load_queries",
+    "ndcg_at_k",
+    "parse_queries",
+    "percentile",
+    "recall_at_k",
+    "reciprocal_rank",
+    "register",
+    "run_compare",
+    "sample_cases",
+    "summarise",
+]
+
+BASELINE_FILE = "embedshift-baseline.json"
+BASELINE_KIND = "embedshift-baseline"
+BASELINE_FORMAT = 1
+NDCG_DEPTH = 10
+DEFAULT_SAMPLE = 50
+MAX_QUERY_CHARS = 300
+
+# The guide's success criteria (DESIGN.md "Default success criteria").
+P95_LIMIT_SECONDS = 0.8
+MIN_AVG_SIMILARITY = 0.7
+MAX_ERROR_RATE = 0.001
+MIN_CACHE_HIT_RATE = 0.7
+
+
+# ---- queries ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QueryCase:
+    """One query; ``relevant`` (ids, as text) makes it labelled; ``category`` filters the search
+    exactly as the service's ``category`` field does."""
+
+    query: str
+    relevant: tuple[str, ...] = ()
+    category: str | None = None
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.relevant)
+
+
+def parse_queries(lines: Iterable[str], *, source: str) -> list[QueryCase]:
+    """Queries from JSON lines ``{"query": ..., "relevant": [...]?, "category": ...?}``. Pure.
+
+    Blank lines and lines starting with ``#`` are skipped; a bad line is a ConfigError naming
+    ``source`` and the line number.
+    """
+    cases: list[QueryCase] = []
+    for number, line in enumerate(lines, start=1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        where = f"--queries: {source} line {number}"
+        try:
+            item = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{where} is not JSON: {exc.msg}") from None
+        if not isinstance(item, dict):
+            raise ConfigError(f'{where}: expected an object like {{"query": "..."}}')
+        unknown = set(item) - {"query", "relevant", "category"}
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown field(s) {', '.join(sorted(unknown))}; "
+                "the fields are query, relevant and category"
+            )
+        query = item.get("query")
+        if not isinstance(query, str) or not query.strip():
+            raise ConfigError(f'{where}: "query" must be a non-empty string')
+        relevant = item.get("relevant", [])
+        if not isinstance(relevant, list) or not all(
+            isinstance(r, str | int) and not isinstance(r, bool) for r in relevant
+        ):
+            raise ConfigError(f'{where}: "relevant" must be a list of document ids')
+        category = item.get("category")
+        if category is not None and not isinstance(category, str):
+            raise ConfigError(f'{where}: "category" must be a string')
+        cases.append(
+            QueryCase(
+                query=query,
+                relevant=tuple(dict.fromkeys(str(r) for r in relevant)),
+                category=category,
+            )
+        )
+    if not cases:
+        raise ConfigError(f"--queries: {source} holds no queries")
+    return cases
+
+
+def load_queries(path: Path) -> list[QueryCase]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"--queries: cannot read {path}: {exc.strerror}") from None
+    return parse_queries(text.splitlines(), source=str(path))
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def first_sentence(text: str, *, max_chars: int = MAX_QUERY_CHARS) -> str:
+    """The first sentence of ``text``, whitespace collapsed, cut at a word within ``max_chars``.
+    Pure."""
+    collapsed = " ".join(text.split())
+    sentence = _SENTENCE_END.split(collapsed, maxsplit=1)[0]
+    if len(sentence) <= max_chars:
+        return sentence
+    cut = sentence[:max_chars].rsplit(" ", 1)[0]
+    return cut or sentence[:max_chars]
+
+
+async def sample_cases(
+    conn: psycopg.AsyncConnection[Any],
+    layout: Layout,
+    *,
+    count: int,
+    seed: int,
+    categories: Sequence[str] = (),
+) -> list[QueryCase]:
+    """``count`` unlabelled queries: the first sentence of documents picked by ``seed``.
+
+    The pick is ``ORDER BY md5(seed || id)``: the same seed gives the same documents on the
+    same data, on any server. Only documents with text (and in ``categories``, if given).
+    """
+    where = layout.s_embeddable
+    if categories:
+        where = sql.SQL("{} AND {} = ANY(%(categories)s)").format(where, layout.s_category)
+    cur = await conn.execute(
+        sql.SQL(
+            "SELECT {text} FROM {src} s WHERE {where} "
+            "ORDER BY md5(%(seed)s || {sid}::text) LIMIT %(count)s"
+        ).format(text=layout.s_text, src=layout.source.ident, where=where, sid=layout.s_id),
+        {"seed": f"{seed}:", "count": count, "categories": list(categories)},
+    )
+    cases = [QueryCase(first_sentence(str(row[0]))) for row in await cur.fetchall()]
+    if not cases:
+        raise DatabaseError(f"--sample: {layout.source} has no documents with text to sample")
+    return cases
+
+
+# ---- pure metrics -----------------------------------------------------------------------------
+
+
+def recall_at_k(retrieved: Sequence[str], relevant: Iterable[str], k: int) -> float:
+    """The share of the relevant ids found in the top ``k`` retrieved. Pure.
+
+    ``relevant`` must not be empty: recall of nothing is undefined (ValueError).
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1; got {k}")
+    wanted = set(relevant)
+    if not wanted:
+        raise ValueError("recall needs at least one relevant id")
+    return len(wanted.intersection(retrieved[:k])) / len(wanted)
+
+
+def reciprocal_rank(retrieved: Sequence[str], relevant: Iterable[str]) -> float:
+    """``1 / rank`` of the first relevant id in ``retrieved`` (rank 1 is the top), 0 if none.
+    Pure; the mean over queries is MRR (cut ``retrieved`` to k for MRR@k)."""
+    wanted = set(relevant)
+    for rank, item in enumerate(retrieved, start=1):
+        if item in wanted:
+            return 1.0 / rank
+    return 0.0
+
+
+def ndcg_at_k(retrieved: Sequence[str], relevant: Iterable[str], k: int = NDCG_DEPTH) -> float:
+    """Normalised discounted cumulative gain at ``k`` with binary relevance. Pure.
+
+    ``DCG = Σ_{i ≤ k, retrieved[i] relevant} 1 / log2(i + 1)``, divided by the DCG of the ideal
+    ranking (every relevant id first), so 1.0 means "as good as possible" even when fewer than
+    ``k`` ids are relevant. A repeated id counts once. ``relevant`` must not be empty.
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1; got {k}")
+    wanted = set(relevant)
+    if not wanted:
+        raise ValueError("nDCG needs at least one relevant id")
+    seen: set[str] = set()
+    dcg = 0.0
+    for rank, item in enumerate(retrieved[:k], start=1):
+        if item in wanted and item not in seen:
+            dcg += 1.0 / math.log2(rank + 1)
+        seen.add(item)
+    ideal = sum(1.0 / math.log2(rank + 1) for rank in range(1, min(len(wanted), k) + 1))
+    return dcg / ideal
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The ``q``-quantile (0 ≤ q ≤ 1) with linear interpolation between order statistics, as
+    numpy's default; None for no values. Pure."""
+    if not 0 <= q <= 1:
+        raise ValueError(f"q must be in [0, 1]; got {q}")
+    if not values:
+        return None
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+# ---- one run ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QueryOutcome:
+    """One query on one version: ids best first (depth ≥ k), the exact search's ids, timings."""
+
+    ids: tuple[str, ...] = ()
+    exact_ids: tuple[str, ...] = ()
+    top_similarity: float | None = None
+    embed_seconds: float = 0.0
+    search_seconds: float = 0.0
+    tokens: int = 0
+    cost_usd: float = 0.0
+    error: str | None = None
+    ann_index: str | None = None  # the HNSW/IVFFlat index the search's plan used, if any
+
+    @property
+    def seconds(self) -> float:
+        return self.embed_seconds + self.search_seconds
+
+
+@dataclass(frozen=True)
+class VersionFigures:
+    """What one version did over the whole query set."""
+
+    version: str
+    model: str
+    k: int
+    queries: int
+    errors: int
+    latency_p50_seconds: float | None
+    latency_p95_seconds: float | None
+    avg_latency_seconds: float | None
+    avg_embed_seconds: float | None
+    avg_search_seconds: float | None
+    avg_top_similarity: float | None
+    index_recall: float | None
+    ann_index: str | None
+    indexed_queries: int
+    tokens: int
+    cost_usd: float
+    cost_per_1k_queries_usd: float | None
+    labelled_queries: int
+    recall_at_k: float | None
+    mrr: float | None
+    ndcg_at_10: float | None
+
+    @property
+    def error_rate(self) -> float | None:
+        return self.errors / self.queries if self.queries else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "queries": self.queries,
+            "errors": self.errors,
+            "errorRate": self.error_rate,
+            "latencyP50Seconds": self.latency_p50_seconds,
+            "latencyP95Seconds": self.latency_p95_seconds,
+            "avgLatencySeconds": self.avg_latency_seconds,
+            "avgEmbedSeconds": self.avg_embed_seconds,
+            "avgSearchSeconds": self.avg_search_seconds,
+            "avgTopSimilarity": self.avg_top_similarity,
+            "indexRecall": self.index_recall,
+            "annIndex": self.ann_index,
+            "indexedQueries": self.indexed_queries,
+            "tokens": self.tokens,
+            "costUSD": round(self.cost_usd, 9),
+            "costPer1kQueriesUSD": self.cost_per_1k_queries_usd,
+            "labelledQueries": self.labelled_queries,
+            "recallAtK": self.recall_at_k,
+            "mrr": self.mrr,
+            "ndcgAt10": self.ndcg_at_10,
+        }
+
+    def dashboard_metrics(self) -> dict[str, float | None]:
+        """The figures under the dashboard's metric names (``dashboard.METRICS``); a compare run
+        bypasses the query cache, so ``cache_hit_rate`` is None (not measured)."""
+        return {
+            "requests": float(self.queries),
+            "avg_latency_seconds": self.avg_latency_seconds,
+            "p95_latency_seconds": self.latency_p95_seconds,
+            "error_rate": self.error_rate,
+            "cache_hit_rate": None,
+            "avg_top_similarity": self.avg_top_similarity,
+            "cost_per_1k_queries_usd": self.cost_per_1k_queries_usd,
+        }
+
+
+def summarise(
+    version: str,
+    model: str,
+    cases: Sequence[QueryCase],
+    outcomes: Sequence[QueryOutcome],
+    *,
+    k: int,
+) -> VersionFigures:
+    """Aggregate per-query outcomes (in ``cases`` order) into one version's figures. Pure.
+
+    Averages are over the queries that did not fail; index recall is micro-averaged (all
+    top-k hits over all exact top-k ids), as ``migrate verify`` does.
+    """
+    if len(cases) != len(outcomes):
+        raise ValueError("one outcome per case")
+    ok = [(c, o) for c, o in zip(cases, outcomes, strict=True) if o.error is None]
+    seconds = [o.seconds for _, o in ok]
+    tops = [o.top_similarity for _, o in ok if o.top_similarity is not None]
+    found = sum(len(set(o.ids[:k]) & set(o.exact_ids[:k])) for _, o in ok)
+    exact = sum(len(o.exact_ids[:k]) for _, o in ok)
+    labelled = [(c, o) for c, o in ok if c.labelled]
+    cost = sum(o.cost_usd for o in outcomes)
+    indexes = Counter(o.ann_index for _, o in ok if o.ann_index)
+    return VersionFigures(
+        version=version,
+        model=model,
+        k=k,
+        queries=len(outcomes),
+        errors=len(outcomes) - len(ok),
+        latency_p50_seconds=percentile(seconds, 0.5),
+        latency_p95_seconds=percentile(seconds, 0.95),
+        avg_latency_seconds=_mean(seconds),
+        avg_embed_seconds=_mean([o.embed_seconds for _, o in ok]),
+        avg_search_seconds=_mean([o.search_seconds for _, o in ok]),
+        avg_top_similarity=_mean(tops),
+        index_recall=found / exact if exact else None,
+        ann_index=indexes.most_common(1)[0][0] if indexes else None,
+        indexed_queries=sum(indexes.values()),
+        tokens=sum(o.tokens for o in outcomes),
+        cost_usd=cost,
+        cost_per_1k_queries_usd=1000 * cost / len(ok) if ok else None,
+        labelled_queries=len(labelled),
+        recall_at_k=_mean([recall_at_k(o.ids, c.relevant, k) for c, o in labelled]),
+        mrr=_mean([reciprocal_rank(o.ids[:k], c.relevant) for c, o in labelled]),
+        ndcg_at_10=_mean([ndcg_at_k(o.ids, c.relevant, NDCG_DEPTH) for c, o in labelled]),
+    )
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How far v1's and v2's top k agree, averaged over queries both answered."""
+
+    queries: int
+    overlap_at_k: float | None
+    rbo: float | None
+    top1_agreement: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "queries": self.queries,
+            "overlapAtK": self.overlap_at_k,
+            "rbo": self.rbo,
+            "top1Agreement": self.top1_agreement,
+        }
+
+
+def agreement(
+    first: Sequence[QueryOutcome], second: Sequence[QueryOutcome], *, k: int, p: float = 0.9
+) -> Agreement:
+    """overlap@k, rank-biased overlap (persistence ``p``) and same-top-1 share. Pure."""
+    pairs = [
+        (a.ids[:k], b.ids[:k])
+        for a, b in zip(first, second, strict=True)
+        if a.error is None and b.error is None
+    ]
+    return Agreement(
+        queries=len(pairs),
+        overlap_at_k=_mean([overlap_at_k(a, b, k) for a, b in pairs]),
+        rbo=_mean([rank_biased_overlap(a, b, p=p) for a, b in pairs]),
+        top1_agreement=_mean([float(bool(a) and bool(b) and a[0] == b[0]) for a, b in pairs]),
+    )
+
+
+@dataclass(frozen=True)
+class CompareReport:
+    k: int
+    query_source: str
+    cases: tuple[QueryCase, ...]
+    versions: dict[str, VersionFigures]
+    agreement: Agreement | None
+    v2_coverage: tuple[int, int] | None = None  # (v2 vectors, documents with text)
+
+    @property
+    def v2_share(self) -> float | None:
+        if self.v2_coverage is None:
+            return None
+        vectors, documents = self.v2_coverage
+        return min(1.0, vectors / documents) if documents else 1.0
+
+    def as_dict(self) -> dict[str, Any]:
+        coverage = None
+        if self.v2_coverage is not None:
+            vectors, documents = self.v2_coverage
+            coverage = {"vectors": vectors, "documents": documents, "share": self.v2_share}
+        return {
+            "k": self.k,
+            "querySource": self.query_source,
+            "queries": len(self.cases),
+            "labelledQueries": sum(c.labelled for c in self.cases),
+            "versions": {name: figures.as_dict() for name, figures in self.versions.items()},
+            "agreement": self.agreement.as_dict() if self.agreement else None,
+            "v2Coverage": coverage,
+        }
+
+
+_FATAL_PROVIDER_ERRORS = (AuthenticationFailed, QuotaExceeded, DimensionMismatch)
+
+
+async def _one(
+    conn: psycopg.AsyncConnection[Any],
+    layout: Layout,
+    version: Version,
+    provider: EmbeddingProvider,
+    case: QueryCase,
+    *,
+    depth: int,
+    ann_indexes: frozenset[str],
+) -> QueryOutcome:
+    started = time.perf_counter()
+    try:
+        embedded = await provider.embed([case.query], Purpose.QUERY)
+    except _FATAL_PROVIDER_ERRORS:
+        raise  # every other query would fail the same way
+    except ProviderError as exc:
+        return QueryOutcome(
+            embed_seconds=time.perf_counter() - started,
+            tokens=exc.spent_tokens,
+            cost_usd=exc.spent_usd,
+            error=str(exc),
+        )
+    embedded_at = time.perf_counter()
+    vector = embedded.vectors[0]
+    hits = await search(conn, layout, version, vector, k=depth, category=case.category)
+    searched_at = time.perf_counter()
+    async with conn.transaction():
+        await conn.execute("SET LOCAL enable_indexscan = off")
+        await conn.execute("SET LOCAL enable_bitmapscan = off")
+        exact = await search(conn, layout, version, vector, k=depth, category=case.category)
+    used = None
+    if ann_indexes:
+        used = await _plan_ann_index(
+            conn, layout, version, vector, depth=depth, category=case.category, known=ann_indexes
+        )
+    return QueryOutcome(
+        ids=tuple(h.id for h in hits),
+        exact_ids=tuple(h.id for h in exact),
+        top_similarity=hits[0].similarity if hits else None,
+        embed_seconds=embedded_at - started,
+        search_seconds=searched_at - embedded_at,
+        tokens=embedded.usage.tokens,
+        cost_usd=embedded.usage.cost_usd,
+        ann_index=used,
+    )
+
+
+def _plan_indexes(plan: Any) -> list[str]:
+    """Every ``Index Name`` in an EXPLAIN (FORMAT JSON) plan. Pure."""
+    found: list[str] = []
+    if isinstance(plan, dict):
+        if isinstance(plan.get("Index Name"), str):
+            found.append(plan["Index Name"])
+        for value in plan.values():
+            found.extend(_plan_indexes(value))
+    elif isinstance(plan, list):
+        for value in plan:
+            found.extend(_plan_indexes(value))
+    return found
+
+
+async def _ann_indexes(conn: psycopg.AsyncConnection[Any], layout: Layout) -> frozenset[str]:
+    """The HNSW and IVFFlat indexes on the source and side tables."""
+    cur = await conn.execute(
+        "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+        "JOIN pg_am am ON am.oid = c.relam "
+        "WHERE i.indrelid IN (to_regclass(%s), to_regclass(%s)) "
+        "AND am.amname IN ('hnsw', 'ivfflat')",
+        [layout.source.regclass_text, layout.target.regclass_text],
+    )
+    return frozenset(str(r[0]) for r in await cur.fetchall())
+
+
+async def _plan_ann_index(
+    conn: psycopg.AsyncConnection[Any],
+    layout: Layout,
+    version: Version,
+    vector: Any,
+    *,
+    depth: int,
+    category: str | None,
+    known: frozenset[str],
+) -> str | None:
+    """The ANN index in the plan of ``version``'s search for these values; None: exact scan.
+
+    The compare connection does not prepare statements, so the plan executed is this custom
+    plan for the same values.
+    """
+    statement = search_statement(layout, version, category=category is not None)
+    cur = await conn.execute(
+        sql.SQL("EXPLAIN (FORMAT JSON) {}").format(statement),
+        {"q": vector, "k": depth, "fetch": over_fetch(depth), "category": category},
+    )
+    row = await cur.fetchone()
+    return next((n for n in _plan_indexes(row[0] if row else []) if n in known), None)
+
+
+async def _coverage(conn: psycopg.AsyncConnection[Any], layout: Layout) -> tuple[int, int]:
+    """(vectors in the side table, source documents with text): how much of the corpus v2 sees."""
+    cur = await conn.execute(
+        sql.SQL(
+            "SELECT (SELECT count(*) FROM {tgt}), (SELECT count(*) FROM {src} s WHERE {text})"
+        ).format(tgt=layout.target.ident, src=layout.source.ident, text=layout.s_embeddable)
+    )
+    row = await cur.fetchone()
+    return (int(row[0]), int(row[1])) if row else (0, 0)
+
+
+async def run_compare(
+    url: str,
+    spec: DataPlaneSpec,
+    *,
+    cases: Sequence[QueryCase] | None = None,
+    sample: int | None = None,
+    seed: int = 0,
+    k: int = 10,
+    versions: Sequence[Version] = (Version.V1, Version.V2),
+    prices: PriceTable | None = None,
+    ef_search: int | None = None,
+    query_source: str | None = None,
+    providers: Mapping[Version, EmbeddingProvider] | None = None,
+) -> CompareReport:
+    """Run ``cases`` (or ``sample`` sampled queries) on ``versions`` and measure them.
+
+    ``providers`` overrides the ones built from the spec and the environment (they are then
+    not closed here). Raises ConfigError/DatabaseError/ProviderError subclasses.
+    """
+    if k < 1:
+        raise ConfigError(f"-k: must be at least 1, not {k}")
+    if Version.V1 in versions and spec.source is None:
+        raise ConfigError(
+            "spec.source: v1 queries are embedded with the source model; pass "
+            "--source provider:model@dims (e.g. google:gemini-embedding-001@1536) or set "
+            "spec.source in --config"
+        )
+    models = {
+        Version.V1: spec.source.descriptor if spec.source else "",
+        Version.V2: spec.target.descriptor,
+    }
+    depth = max(k, NDCG_DEPTH)
+    conn = await connect(url, autocommit=True)
+    owned: dict[Version, EmbeddingProvider] = {}
+    try:
+        async with conn:
+            layout = await inspect_source(conn, spec)
+            for version in versions:
+                search_statement(layout, version, category=False)  # v1 needs its column
+            if Version.V2 in versions and not await table_exists(conn, layout.target):
+                raise DatabaseError(
+                    f"{layout.target} does not exist: v2 has no vectors yet; run "
+                    "`embedshift migrate setup` and `embedshift migrate run` first"
+                )
+            coverage = await _coverage(conn, layout) if Version.V2 in versions else None
+            await configure_connection(conn, ef_search=ef_search)
+            conn.prepare_threshold = None  # custom plans only: what EXPLAIN shows is what runs
+            ann_indexes = await _ann_indexes(conn, layout)
+            if cases is None:
+                count = sample or DEFAULT_SAMPLE
+                cases = await sample_cases(
+                    conn, layout, count=count, seed=seed, categories=spec.migration.categories
+                )
+                query_source = query_source or f"sample of {len(cases)} documents (seed {seed})"
+            if not cases:
+                raise ConfigError("--queries: no queries to run")
+            active: dict[Version, EmbeddingProvider] = {}
+            for version in versions:
+                if providers is not None and version in providers:
+                    active[version] = providers[version]
+                    continue
+                model_spec = spec.source if version is Version.V1 else spec.target
+                assert model_spec is not None
+                role: Literal["source", "target"] = "source" if version is Version.V1 else "target"
+                owned[version] = active[version] = make_provider(
+                    model_spec,
+                    api_key=api_key_from_env(model_spec, role),
+                    prices=prices,
+                    role=role,
+                    concurrency=1,
+                )
+            for version in versions:  # warm up: untimed, uncounted
+                try:
+                    warm = await active[version].embed([cases[0].query], Purpose.QUERY)
+                except _FATAL_PROVIDER_ERRORS:
+                    raise
+                except ProviderError:
+                    continue  # the measured run will count what keeps failing
+                await search(conn, layout, version, warm.vectors[0], k=depth)
+            outcomes: dict[Version, list[QueryOutcome]] = {v: [] for v in versions}
+            for i, case in enumerate(cases):
+                order = list(versions) if i % 2 == 0 else list(reversed(versions))
+                for version in order:
+                    outcomes[version].append(
+                        await _one(
+                            conn,
+                            layout,
+                            version,
+                            active[version],
+                            case,
+                            depth=depth,
+                            ann_indexes=ann_indexes,
+                        )
+                    )
+    finally:
+        for provider in owned.values():
+            await provider.aclose()
+    figures = {v.value: summarise(v.value, models[v], cases, outcomes[v], k=k) for v in versions}
+    both = Version.V1 in versions and Version.V2 in versions
+    return CompareReport(
+        k=k,
+        query_source=query_source or "queries",
+        cases=tuple(cases),
+        versions=figures,
+        agreement=agreement(outcomes[Version.V1], outcomes[Version.V2], k=k) if both else None,
+        v2_coverage=coverage,
+    )
+
+
+# ---- rendering --------------------------------------------------------------------------------
+
+
+def _ms(value: float | None) -> str:
+    return "–" if value is None else f"{value * 1000:.1f} ms"
+
+
+def _fraction(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{value * 100:.2f} %"
+
+
+def _usd(value: float | None) -> str:
+    return "–" if value is None else f"${value:.6f}"
+
+
+def compare_table(report: CompareReport) -> Group:
+    """The compare report as rich renderables (a table and the agreement line). Pure."""
+    names = list(report.versions)
+    table = Table(
+        "metric",
+        *(f"{name} {report.versions[name].model}" for name in names),
+        title=f"compare on {len(report.cases)} queries ({report.query_source}), k={report.k}",
+    )
+
+    def row(label: str, cell: Callable[[VersionFigures], str]) -> None:
+        table.add_row(label, *(cell(report.versions[name]) for name in names))
+
+    row("latency p50 (embed + search)", lambda f: _ms(f.latency_p50_seconds))
+    row("latency p95 (embed + search)", lambda f: _ms(f.latency_p95_seconds))
+    row(
+        "  embedding / search (mean)",
+        lambda f: f"{_ms(f.avg_embed_seconds)} / {_ms(f.avg_search_seconds)}",
+    )
+    row("avg top-1 similarity", lambda f: _fraction(f.avg_top_similarity))
+    row(
+        f"index recall@{report.k} vs exact",
+        lambda f: (
+            f"{_fraction(f.index_recall)} "
+            + (
+                f"({f.ann_index} in {f.indexed_queries} of {f.queries - f.errors})"
+                if f.ann_index
+                else "(exact scans: no ANN index used)"
+            )
+        ),
+    )
+    labelled = sum(c.labelled for c in report.cases)
+    if labelled:
+        row(f"recall@{report.k} ({labelled} labelled)", lambda f: _fraction(f.recall_at_k))
+        row(f"MRR@{report.k}", lambda f: _fraction(f.mrr))
+        row(f"nDCG@{NDCG_DEPTH}", lambda f: _fraction(f.ndcg_at_10))
+    row("errors", lambda f: f"{f.errors} of {f.queries}")
+    row("cost per 1k queries", lambda f: _usd(f.cost_per_1k_queries_usd))
+    row("tokens", lambda f: f"{f.tokens:,}")
+    parts: list[Any] = [table]
+    share = report.v2_share
+    if share is not None and share < 1.0:
+        vectors, documents = report.v2_coverage or (0, 0)
+        parts.append(
+            f"v2 has vectors for {vectors:,} of {documents:,} documents ({share * 100:.1f} %): "
+            "until the migration completes, v2 cannot find the rest and the agreement below "
+            "understates it"
+        )
+    if report.agreement is not None:
+        a = report.agreement
+        parts.append(
+            f"v1 ↔ v2 agreement over {a.queries} queries: overlap@{report.k} "
+            f"{_fraction(a.overlap_at_k)}, rank-biased overlap {_fraction(a.rbo)}, "
+            f"same top-1 {_percent(a.top1_agreement)}"
+        )
+    return Group(*parts)
+
+
+# ---- baseline ---------------------------------------------------------------------------------
+
+BaselineSource = Literal["prometheus", "compare"]
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """v1's figures at one moment, under the dashboard's metric names (``dashboard.METRICS``)."""
+
+    recorded_at: str
+    source: BaselineSource
+    version: str
+    model: str
+    migration: str
+    metrics: dict[str, float | None]
+    prometheus: dict[str, str] | None = None  # {"url", "range"}
+    compare: dict[str, Any] | None = None  # {"queries", "sample", "seed", "k", "count"}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kind": BASELINE_KIND,
+            "format": BASELINE_FORMAT,
+            "recordedAt": self.recorded_at,
+            "source": self.source,
+            "version": self.version,
+            "model": self.model,
+            "migration": self.migration,
+            "prometheus": self.prometheus,
+            "compare": self.compare,
+            "metrics": self.metrics,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: Any, *, where: str) -> Baseline:
+        """Validate a baseline file's content; every problem is one ConfigError line."""
+        if not isinstance(raw, dict) or raw.get("kind") != BASELINE_KIND:
+            raise ConfigError(
+                f'{where} is not an embedshift baseline (no "kind": "{BASELINE_KIND}"); '
+                "record one with `embedshift baseline`"
+            )
+        if raw.get("format") != BASELINE_FORMAT:
+            raise ConfigError(
+                f"{where}: baseline format {raw.get('format')!r} is not {BASELINE_FORMAT}; "
+                "record it again with this version of embedshift"
+            )
+        source = raw.get("source")
+        if source not in ("prometheus", "compare"):
+            raise ConfigError(f'{where}: "source" must be "prometheus" or "compare"')
+        metrics = raw.get("metrics")
+        if not isinstance(metrics, dict):
+            raise ConfigError(f'{where}: "metrics" must be an object')
+        values: dict[str, float | None] = {}
+        for name in METRICS:
+            value = metrics.get(name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | float)
+            ):
+                raise ConfigError(f"{where}: metrics.{name} must be a number or null")
+            values[name] = None if value is None else float(value)
+        prometheus = raw.get("prometheus")
+        compare = raw.get("compare")
+        return cls(
+            recorded_at=str(raw.get("recordedAt", "")),
+            source=source,
+            version=str(raw.get("version", "v1")),
+            model=str(raw.get("model", "")),
+            migration=str(raw.get("migration", "")),
+            metrics=values,
+            prometheus=prometheus if isinstance(prometheus, dict) else None,
+            compare=compare if isinstance(compare, dict) else None,
+        )
+
+
+def load_baseline(path: Path) -> Baseline:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"--output: no baseline at {path}: record v1's figures first with "
+            "`embedshift baseline` (same --output)"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"--output: cannot read {path}: {exc.strerror}") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--output: {path} is not JSON: {exc.msg}") from None
+    return Baseline.from_dict(raw, where=str(path))
+
+
+Verdict = Literal["pass", "fail", "nodata", "n/a"]
+
+
+@dataclass(frozen=True)
+class VerdictRow:
+    """One success criterion judged: ``value`` is v2's, ``bound`` what it must beat."""
+
+    name: str
+    metric: str
+    value: float | None
+    bound: float | None
+    verdict: Verdict
+    detail: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "metric": self.metric,
+            "value": self.value,
+            "bound": self.bound,
+            "verdict": self.verdict,
+            "detail": self.detail,
+        }
+
+
+def judge(
+    baseline: Mapping[str, float | None],
+    current: Mapping[str, float | None],
+    *,
+    unmeasured: Iterable[str] = (),
+) -> list[VerdictRow]:
+    """The guide's success criteria for v2 (``current``) against v1 (``baseline``). Pure.
+
+    ``unmeasured``: metrics the source cannot measure (a compare run bypasses the query cache);
+    their criteria are ``n/a``. A criterion whose numbers are missing is ``nodata``, which never
+    passes. Cost: lower than v1's, or both zero (free models cannot get cheaper).
+    """
+    skip = set(unmeasured)
+    rows: list[VerdictRow] = []
+
+    def add(
+        name: str,
+        metric: str,
+        bound: float | None,
+        passes: Callable[[float, float], bool],
+        detail: str,
+        *,
+        needs_baseline: bool = False,
+    ) -> None:
+        value = current.get(metric)
+        if metric in skip:
+            rows.append(VerdictRow(name, metric, None, bound, "n/a", "not measured by this source"))
+            return
+        if value is None or (needs_baseline and bound is None):
+            missing = "v2" if value is None else "the baseline"
+            rows.append(VerdictRow(name, metric, value, bound, "nodata", f"no data for {missing}"))
+            return
+        verdict: Verdict = "pass" if passes(value, bound if bound is not None else 0.0) else "fail"
+        rows.append(VerdictRow(name, metric, value, bound, verdict, detail))
+
+    v1_p95 = baseline.get("p95_latency_seconds")
+    add(
+        "p95 latency ≤ v1",
+        "p95_latency_seconds",
+        v1_p95,
+        lambda v, b: v <= b,
+        "v2 p95 must not exceed v1's",
+        needs_baseline=True,
+    )
+    add(
+        "p95 latency < 800 ms",
+        "p95_latency_seconds",
+        P95_LIMIT_SECONDS,
+        lambda v, b: v < b,
+        "the guide's p95 target",
+    )
+    add(
+        "avg similarity > 0.7",
+        "avg_top_similarity",
+        MIN_AVG_SIMILARITY,
+        lambda v, b: v > b,
+        "search relevance maintained",
+    )
+    add("error rate < 0.1 %", "error_rate", MAX_ERROR_RATE, lambda v, b: v < b, "stability")
+    add(
+        "cache hit rate > 70 %",
+        "cache_hit_rate",
+        MIN_CACHE_HIT_RATE,
+        lambda v, b: v > b,
+        "query-embedding cache",
+    )
+    add(
+        "cost per query < v1",
+        "cost_per_1k_queries_usd",
+        baseline.get("cost_per_1k_queries_usd"),
+        lambda v, b: v < b or v == b == 0,
+        "embedding API cost reduced",
+        needs_baseline=True,
+    )
+    return rows
+
+
+def criteria_ok(rows: Iterable[VerdictRow]) -> bool:
+    """Every judged criterion passes (``n/a`` is not judged; ``nodata`` does not pass)."""
+    return all(row.verdict in ("pass", "n/a") for row in rows)
+
+
+_METRIC_LABELS = {
+    "requests": "requests",
+    "avg_latency_seconds": "avg latency",
+    "p95_latency_seconds": "p95 latency",
+    "error_rate": "error rate",
+    "cache_hit_rate": "cache hit rate",
+    "avg_top_similarity": "avg top-1 similarity",
+    "cost_per_1k_queries_usd": "cost per 1k queries",
+}
+
+
+def _metric_text(metric: str, value: float | None) -> str:
+    if value is None:
+        return "–"
+    if metric.endswith("_seconds"):
+        return _ms(value)
+    if metric in ("error_rate", "cache_hit_rate"):
+        return _percent(value)
+    if metric.endswith("_usd"):
+        return _usd(value)
+    if metric == "requests":
+        return f"{value:,.0f}"
+    return f"{value:.3f}"
+
+
+def deltas(
+    baseline: Mapping[str, float | None], current: Mapping[str, float | None]
+) -> dict[str, dict[str, float | None]]:
+    """Per metric: v1 (baseline), v2 (now), the difference and the relative change. Pure."""
+    out: dict[str, dict[str, float | None]] = {}
+    for metric in METRICS:
+        before, now = baseline.get(metric), current.get(metric)
+        delta = None if before is None or now is None else now - before
+        relative = None if delta is None or not before else delta / abs(before)
+        out[metric] = {"v1": before, "v2": now, "delta": delta, "relative": relative}
+    return out
+
+
+def baseline_comparison_view(
+    baseline: Baseline,
+    current: Mapping[str, float | None],
+    rows: Sequence[VerdictRow],
+    *,
+    current_model: str,
+    source: str,
+) -> Group:
+    """``baseline --compare`` for people: metrics with deltas, then the verdicts. Pure."""
+    metrics = Table(
+        "metric",
+        f"v1 baseline {baseline.model}",
+        f"v2 now {current_model}",
+        "Δ",
+        "Δ %",
+        title=f"v2 now ({source}) against the v1 baseline of {baseline.recorded_at} "
+        f"({baseline.source})",
+    )
+    for metric, d in deltas(baseline.metrics, current).items():
+        delta = d["delta"]
+        sign = "" if delta is None or delta < 0 else "+"
+        delta_text = "–" if delta is None else sign + _metric_text(metric, delta)
+        metrics.add_row(
+            _METRIC_LABELS.get(metric, metric),
+            _metric_text(metric, d["v1"]),
+            _metric_text(metric, d["v2"]),
+            delta_text,
+            "–" if d["relative"] is None else f"{d['relative'] * 100:+.1f} %",
+        )
+    verdicts = Table("criterion", "v2", "bound", "verdict", "why", title="success criteria")
+    marks = {"pass": "✓ pass", "fail": "✗ FAIL", "nodata": "? no data", "n/a": "– n/a"}
+    for row in rows:
+        verdicts.add_row(
+            row.name,
+            _metric_text(row.metric, row.value),
+            _metric_text(row.metric, row.bound),
+            marks[row.verdict],
+            row.detail,
+        )
+    ok = criteria_ok(rows)
+    summary = (
+        "all success criteria pass: v2 may take more traffic"
+        if ok
+        else "success criteria NOT met: hold the rollout ("
+        + ", ".join(r.name for r in rows if r.verdict in ("fail", "nodata"))
+        + ")"
+    )
+    return Group(metrics, verdicts, summary)
+
+
+# ---- command line -----------------------------------------------------------------------------
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return number
+
+
+_RANGE = re.compile(r"^\d+[smhdw]$")
+
+
+def _range(value: str) -> str:
+    if not _RANGE.match(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a Prometheus range such as 24h or 30m")
+    return value
+
+
+def _add_query_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("queries")
+    which = g.add_mutually_exclusive_group()
+    which.add_argument(
+        "--queries",
+        type=Path,
+        metavar="FILE.jsonl",
+        help='JSON lines: {"query": "...", "relevant": ["id", ...], "category": "..."} '
+        "(relevant and category optional; category filters the search)",
+    )
+    which.add_argument(
+        "--sample",
+        type=_positive,
+        metavar="N",
+        help=f"sample N queries: the first sentence of N random documents "
+        f"(default {DEFAULT_SAMPLE})",
+    )
+    g.add_argument("--seed", type=int, help="seed of --sample (default 0)")
+    g.add_argument("-k", "--k", dest="k", type=_positive, help="results per query (default 10)")
+    g.add_argument("--ef-search", type=_positive, help="hnsw.ef_search, as the service would set")
+
+
+def register(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    add_spec_flags: Callable[[argparse.ArgumentParser], None],
+) -> None:
+    """Add ``compare`` and ``baseline`` to the ``embedshift`` command line."""
+    p = commands.add_parser(
+        "compare",
+        help="v1 against v2 on the same queries: overlap, recall, latency, similarity, cost",
+        description="Embed and search each query on v1 and on v2 directly (no HTTP, no cache) "
+        "and compare: overlap@k and rank-biased overlap of their top k, each index's recall "
+        "against exact search, recall@k / MRR / nDCG@10 for labelled queries, latency p50/p95, "
+        "average top-1 similarity and cost per 1,000 queries.",
+    )
+    add_spec_flags(p)
+    _add_query_flags(p)
+    p.add_argument("--json", action="store_true", help="machine-readable result")
+    p.set_defaults(handler=_compare_command)
+
+    p = commands.add_parser(
+        "baseline",
+        help="record v1's figures; with --compare, judge v2 now against them",
+        description="Without --compare: record v1's figures to --output, from Prometheus "
+        "(--prometheus-url) or from a compare run of v1. With --compare: measure v2 now from "
+        "the same kind of source and judge it against the guide's success criteria (v2 p95 ≤ "
+        "v1 and < 800 ms, average similarity > 0.7, error rate < 0.1 %, cache hit rate > 70 %, "
+        "cost per query below v1's). Exit code 1 unless every criterion passes.",
+    )
+    add_spec_flags(p)
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=Path(BASELINE_FILE),
+        help=f"the baseline file (default {BASELINE_FILE})",
+    )
+    p.add_argument(
+        "--compare", action="store_true", help="judge v2 now against the recorded baseline"
+    )
+    p.add_argument(
+        "--prometheus-url",
+        help="read the service's metrics from Prometheus instead of running queries",
+    )
+    p.add_argument(
+        "--range",
+        dest="range_",
+        type=_range,
+        help="Prometheus window, e.g. 24h (default 24h, or the baseline's)",
+    )
+    _add_query_flags(p)
+    p.add_argument("--json", action="store_true", help="machine-readable result")
+    p.set_defaults(handler=_baseline_command)
+
+
+def _print(renderable: Any) -> None:
+    Console(file=sys.stdout, highlight=False, soft_wrap=False).print(renderable)
+
+
+async def _compare_command(args: argparse.Namespace) -> int:
+    from rag_service.cli import resolve
+
+    spec, _, url, prices = resolve(args)
+    cases = load_queries(args.queries) if args.queries else None
+    report = await run_compare(
+        url,
+        spec,
+        cases=cases,
+        sample=args.sample,
+        seed=args.seed or 0,
+        k=args.k or 10,
+        prices=prices,
+        ef_search=args.ef_search,
+        query_source=str(args.queries) if args.queries else None,
+    )
+    if args.json:
+        print(json.dumps(report.as_dict()))
+    else:
+        _print(compare_table(report))
+    return 0
+
+
+def _write(path: Path, text: str) -> None:
+    path.write_text(text, encoding="utf-8")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class _Measured:
+    metrics: dict[str, float | None]
+    source: BaselineSource
+    unmeasured: tuple[str, ...] = ()
+    prometheus: dict[str, str] | None = None
+    compare: dict[str, Any] | None = None
+    report: CompareReport | None = field(default=None)
+
+
+async def _measure(
+    args: argparse.Namespace,
+    spec: DataPlaneSpec,
+    url: str,
+    prices: PriceTable,
+    *,
+    version: Version,
+    like: Baseline | None,
+) -> _Measured:
+    """``version``'s figures now, from Prometheus or a compare run (as ``like`` was, if given)."""
+    prometheus_url: str | None = args.prometheus_url
+    if like is not None:
+        if like.source == "compare" and prometheus_url:
+            raise ConfigError(
+                "--prometheus-url: the baseline was recorded from a compare run; comparing it "
+                "with Prometheus figures would mix sources. Drop --prometheus-url, or record a "
+                "new baseline with it"
+            )
+        if like.source == "prometheus" and not prometheus_url:
+            prometheus_url = (like.prometheus or {}).get("url")
+            if not prometheus_url:
+                raise ConfigError(
+                    "--prometheus-url: the baseline came from Prometheus; pass its URL"
+                )
+    if prometheus_url:
+        stored_range = (like.prometheus or {}).get("range") if like else None
+        range_: str = args.range_ or stored_range or "24h"
+        model_spec = spec.source if version is Version.V1 else spec.target
+        if model_spec is None:
+            raise ConfigError(
+                "--source: v1's cost per query is counted by its provider and model; pass "
+                "--source provider:model@dims (or set spec.source in --config)"
+            )
+        summary = await prometheus_summary(
+            prometheus_url,
+            range_=range_,
+            models={version.value: (model_spec.provider.value, model_spec.model)},
+        )
+        from rag_service.prometheus import PrometheusClient
+
+        async with PrometheusClient(url=prometheus_url) as client:
+            shown_url = client.url  # without credentials
+        metrics = dict(summary[version.value])
+        if like is None and not metrics.get("requests"):
+            raise DatabaseError(
+                f"Prometheus at {shown_url} has no {version.value} searches over the last "
+                f"{range_}: nothing to record; widen --range, or record from a compare run "
+                "(without --prometheus-url)"
+            )
+        return _Measured(
+            metrics=metrics,
+            source="prometheus",
+            prometheus={"url": shown_url, "range": range_},
+        )
+    stored = (like.compare or {}) if like else {}
+    queries = args.queries
+    sample = args.sample
+    if queries is None and sample is None and stored:
+        queries = Path(stored["queries"]) if stored.get("queries") else None
+        sample = stored.get("sample")
+    seed = args.seed if args.seed is not None else int(stored.get("seed", 0))
+    k = args.k or int(stored.get("k", 10))
+    cases = load_queries(queries) if queries else None
+    report = await run_compare(
+        url,
+        spec,
+        cases=cases,
+        sample=sample,
+        seed=seed,
+        k=k,
+        versions=(version,),
+        prices=prices,
+        ef_search=args.ef_search,
+        query_source=str(queries) if queries else None,
+    )
+    figures = report.versions[version.value]
+    return _Measured(
+        metrics=figures.dashboard_metrics(),
+        source="compare",
+        unmeasured=("cache_hit_rate",),
+        compare={
+            "queries": str(queries) if queries else None,
+            "sample": None if queries else len(report.cases),
+            "seed": seed,
+            "k": k,
+            "count": len(report.cases),
+        },
+        report=report,
+    )
+
+
+async def _baseline_command(args: argparse.Namespace) -> int:
+    from rag_service.cli import resolve
+
+    spec, migration, url, prices = resolve(args)
+    path: Path = args.output
+    if not args.compare:
+        measured = await _measure(args, spec, url, prices, version=Version.V1, like=None)
+        assert spec.source is not None  # _measure refuses a spec without one
+        baseline = Baseline(
+            recorded_at=_now(),
+            source=measured.source,
+            version=Version.V1.value,
+            model=spec.source.descriptor,
+            migration=migration,
+            metrics=measured.metrics,
+            prometheus=measured.prometheus,
+            compare=measured.compare,
+        )
+        try:
+            await asyncio.to_thread(_write, path, json.dumps(baseline.as_dict(), indent=2) + "\n")
+        except OSError as exc:
+            raise ConfigError(f"--output: cannot write {path}: {exc.strerror}") from None
+        if args.json:
+            print(json.dumps({"output": str(path), **baseline.as_dict()}))
+            return 0
+        table = Table("metric", f"v1 {baseline.model}", title=f"v1 baseline → {path}")
+        for metric in METRICS:
+            table.add_row(_METRIC_LABELS[metric], _metric_text(metric, baseline.metrics[metric]))
+        _print(table)
+        where = (
+            f"Prometheus {baseline.prometheus['url']} over {baseline.prometheus['range']}"
+            if baseline.prometheus
+            else f"a compare run of {(baseline.compare or {}).get('count')} queries"
+        )
+        _print(f"recorded from {where}; compare v2 later with `embedshift baseline --compare`")
+        return 0
+    baseline = load_baseline(path)
+    measured = await _measure(args, spec, url, prices, version=Version.V2, like=baseline)
+    rows = judge(baseline.metrics, measured.metrics, unmeasured=measured.unmeasured)
+    ok = criteria_ok(rows)
+    source = (
+        f"Prometheus over {measured.prometheus['range']}"
+        if measured.prometheus
+        else f"compare run of {(measured.compare or {}).get('count')} queries"
+    )
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "baseline": baseline.as_dict(),
+                    "current": {
+                        "version": Version.V2.value,
+                        "model": spec.target.descriptor,
+                        "source": measured.source,
+                        "prometheus": measured.prometheus,
+                        "compare": measured.compare,
+                        "metrics": measured.metrics,
+                    },
+                    "deltas": deltas(baseline.metrics, measured.metrics),
+                    "criteria": [row.as_dict() for row in rows],
+                    "ok": ok,
+                }
+            )
+        )
+    else:
+        _print(
+            baseline_comparison_view(
+                baseline,
+                measured.metrics,
+                rows,
+                current_model=spec.target.descriptor,
+                source=source,
+            )
+        )
+    return 0 if ok else 1
