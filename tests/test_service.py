@@ -479,3 +479,18 @@ def test_v2_search_uses_the_hnsw_index(world: World) -> None:
                 ).fetchall()
             )
             assert layout.index_name in plan, plan
+
+
+async def test_a_failure_without_fallback_is_a_503_that_leaks_nothing(world: World) -> None:
+    async with serving(world.settings) as svc:
+        world.api.configure({"insufficient_quota": True})
+        response = await svc.client.post(
+            "/api/rag/search",
+            json={"query": "a query nobody asked before"},
+            headers={"X-Embedding-Version": "v2"},  # forced: no fallback to v1
+        )
+        assert response.status_code == 503
+        body = response.text
+        assert "unavailable" in body
+        for secret in (EMBEDDING_API_KEY, "SELECT", "embedshift_svc", "Traceback"):
+            assert secret not in body
