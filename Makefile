@@ -46,6 +46,8 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/backfill.py
 	$(BIN)/python benchmarks/ratelimit.py
+	$(BIN)/python benchmarks/search.py
+	$(BIN)/python benchmarks/emergency.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .demo
