@@ -268,8 +268,7 @@ class Worker:
         self._launched = 0
         self._id_typname = "text"
         self._id_type = sql.SQL(layout.id_type)
-        provider_name, _, rest = layout.target_spec.descriptor.partition(":")
-        self._price_key = (provider_name, rest.rsplit("@", 1)[0])
+        self._price_key = (layout.target_spec.provider.value, layout.target_spec.model)
 
     # ---- reading -------------------------------------------------------------------------
 
@@ -913,12 +912,11 @@ async def plan_run(
         )
         sample = [{"id": str(r[0]), "category": r[1], "text": r[2]} for r in await cur.fetchall()]
     tokens = sum(int(t) for _, _, t in counts)
-    provider, _, rest = spec.target.descriptor.partition(":")
     return DryRun(
         target=spec.target.descriptor,
         rows=sum(int(n) for _, n, _ in counts),
         estimated_tokens=tokens,
-        estimated_cost_usd=prices.cost(provider, rest.rsplit("@", 1)[0], tokens),
+        estimated_cost_usd=prices.cost(spec.target.provider.value, spec.target.model, tokens),
         by_category={c: int(n) for c, n, _ in counts},
         sample=sample,
         setup_done=setup_done,
