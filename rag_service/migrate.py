@@ -423,7 +423,14 @@ class Worker:
 
         reader = asyncio.create_task(read_ahead())
         inflight: deque[tuple[Batch, asyncio.Task[Embeddings] | None, float, datetime]] = deque()
-        reserved = 0.0
+        reserved = 0.0  # estimated cost of the batches still embedding, for the budget check
+
+        async def write_oldest() -> None:
+            nonlocal reserved
+            batch, task, estimate, started = inflight.popleft()
+            reserved -= estimate
+            await self._write(batch, task, started)
+
         try:
             while (batch := await ahead.get()) is not None:
                 estimate = self._estimate_cost(batch.rows)
@@ -431,8 +438,7 @@ class Worker:
                 spent = self._spent_before + self.report.cost_usd
                 if budget is not None and batch.rows and spent + reserved + estimate > budget:
                     while inflight:
-                        reserved -= inflight[0][2]
-                        await self._write(*inflight.popleft())
+                        await write_oldest()
                     raise BudgetExceeded(
                         f"--budget-usd: ${self._spent_before + self.report.cost_usd:.4f} of "
                         f"${budget:.4f} spent on {self.layout.migration_target}; the next batch "
@@ -449,11 +455,9 @@ class Worker:
                 inflight.append((batch, task, estimate, datetime.now(UTC)))
                 reserved += estimate
                 while len(inflight) >= self.options.concurrency:
-                    reserved -= inflight[0][2]
-                    await self._write(*inflight.popleft())
+                    await write_oldest()
             while inflight:
-                reserved -= inflight[0][2]
-                await self._write(*inflight.popleft())
+                await write_oldest()
             await reader  # surfaces a reading error
         finally:
             reader.cancel()
@@ -465,10 +469,8 @@ class Worker:
         self,
         batch: Batch,
         task: asyncio.Task[Embeddings] | None,
-        estimate: float,
         started: datetime,
     ) -> None:
-        del estimate
         embeddings: Embeddings | None = None
         if task is not None:
             try:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -86,18 +84,14 @@ class RoutingFollower:
         default_percentage: int = 0,
         schema: str | None = None,
         reread_seconds: float = 5.0,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._url = url
         self._migration = migration
         self._table = TableName(ROLLOUT_TABLE, schema)
         self._reread = reread_seconds
-        self._clock = clock
         self._row = RoutingRow(percentage=default_percentage)
         self._local_emergency: RoutingRow | None = None
         self._task: asyncio.Task[None] | None = None
-        self.last_read: float | None = None  # monotonic time of the last successful read
-        self.errors = 0
 
     @property
     def current(self) -> RoutingRow:
@@ -125,7 +119,6 @@ class RoutingFollower:
             self._task = None
 
     def _apply(self, row: RoutingRow | None) -> None:
-        self.last_read = self._clock()
         if row is None:
             return  # no row (yet): keep what we knew
         if self._local_emergency is not None and not row.emergency:
@@ -170,7 +163,6 @@ class RoutingFollower:
             except asyncio.CancelledError:
                 raise
             except (psycopg.Error, OSError) as exc:
-                self.errors += 1
                 log.warning(
                     "routing row unreachable (%s); keeping %d%% and retrying in %.1fs",
                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__,

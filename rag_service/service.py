@@ -484,7 +484,6 @@ def _routes(app: FastAPI, settings: ServiceSettings) -> None:
     async def health(version: Version, request: Request) -> JSONResponse:
         service = service_of(request)
         checks: dict[str, Any] = {}
-        healthy = True
         try:
             async with service.pool.connection(timeout=5) as conn:
                 await conn.execute("SELECT 1")
