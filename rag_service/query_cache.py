@@ -7,7 +7,10 @@ the in-process cache (and embedding), never to an error for the user.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
+import itertools
 import logging
 import re
 import time
@@ -19,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import psycopg
+from pgvector import Vector
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
@@ -49,6 +53,15 @@ class Lookup:
 
 
 class QueryCache:
+    """Query embeddings by (model, normalised query): memory first, then the shared table.
+
+    A miss is written to the shared table behind the answer, not before it: a write-behind queue
+    (one entry per key, bounded; entries beyond ``max_pending_writes`` are dropped and counted)
+    that one background task flushes in multi-row statements. A user never waits for another
+    replica's future hit, and under load 32 misses cost one round trip instead of 32. ``flush``
+    waits for everything queued so far; ``aclose`` flushes and stops the writer.
+    """
+
     def __init__(
         self,
         *,
@@ -57,6 +70,8 @@ class QueryCache:
         ttl_seconds: float = 3600.0,
         schema: str | None = None,
         clock: Callable[[], float] = time.monotonic,
+        write_batch: int = 100,
+        max_pending_writes: int = 1_000,
     ) -> None:
         self._pool = pool
         self._capacity = capacity
@@ -64,7 +79,14 @@ class QueryCache:
         self._table = TableName(QUERY_CACHE_TABLE, schema)
         self._clock = clock
         self._memory: OrderedDict[bytes, tuple[float, Vectors]] = OrderedDict()
+        self._write_batch = write_batch
+        self._max_pending = max_pending_writes
+        self._pending: dict[tuple[str, bytes], Vectors] = {}
+        self._wake = asyncio.Event()
+        self._writing = asyncio.Lock()
+        self._writer: asyncio.Task[None] | None = None
         self.shared_errors = 0
+        self.dropped_writes = 0
 
     def _remember(self, key: bytes, vector: Vectors) -> None:
         self._memory[key] = (self._clock(), vector)
@@ -95,7 +117,7 @@ class QueryCache:
         embedded = await provider.embed([text], Purpose.QUERY)
         vector = embedded.vectors[0]
         self._remember(key, vector)
-        await self._shared_put(provider.descriptor, key, vector)
+        self._queue_write(provider.descriptor, key, vector)
         return Lookup(vector, hit=False, usage=embedded.usage)
 
     async def _shared_get(self, descriptor: str, key: bytes) -> Vectors | None:
@@ -109,28 +131,72 @@ class QueryCache:
                         "AND created_at > now() - make_interval(secs => %s)"
                     ).format(self._table.ident),
                     [descriptor, key, self._ttl],
+                    binary=True,
                 )
                 row = await cur.fetchone()
         except (psycopg.Error, OSError) as exc:
             self._shared_failed(exc)
             return None
-        return None if row is None else np.asarray(row[0], dtype=np.float32)
+        if row is None:
+            return None
+        stored = row[0]  # pgvector's Vector from the binary loader; a plain sequence otherwise
+        return np.asarray(stored.to_numpy() if isinstance(stored, Vector) else stored, np.float32)
 
-    async def _shared_put(self, descriptor: str, key: bytes, vector: Vectors) -> None:
+    def _queue_write(self, descriptor: str, key: bytes, vector: Vectors) -> None:
         if self._pool is None:
             return
-        try:
-            async with self._pool.connection() as conn:
-                await conn.execute(
-                    sql.SQL(
-                        "INSERT INTO {} (descriptor, query_hash, embedding) VALUES (%s, %s, %s) "
-                        "ON CONFLICT (descriptor, query_hash) DO UPDATE "
-                        "SET embedding = EXCLUDED.embedding, created_at = now()"
-                    ).format(self._table.ident),
-                    [descriptor, key, vector.tolist()],
-                )
-        except (psycopg.Error, OSError) as exc:
-            self._shared_failed(exc)
+        if len(self._pending) >= self._max_pending and (descriptor, key) not in self._pending:
+            self.dropped_writes += 1  # the table is a shared bonus; memory still has it
+            return
+        self._pending[(descriptor, key)] = vector
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_behind(), name="query-cache-writer")
+        self._wake.set()
+
+    async def _write_behind(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                await self._write_some()
+
+    async def _write_some(self) -> None:
+        """Take up to ``write_batch`` queued entries and upsert them in one statement."""
+        async with self._writing:
+            if not self._pending or self._pool is None:
+                return
+            keys = list(itertools.islice(self._pending, self._write_batch))
+            rows = [(d, k, self._pending.pop((d, k))) for d, k in keys]
+            values = sql.SQL(", ").join(sql.SQL("(%s, %s, %s)") for _ in rows)
+            try:
+                async with self._pool.connection() as conn:
+                    await conn.execute(
+                        sql.SQL(
+                            "INSERT INTO {} (descriptor, query_hash, embedding) VALUES {} "
+                            "ON CONFLICT (descriptor, query_hash) DO UPDATE "
+                            "SET embedding = EXCLUDED.embedding, created_at = now()"
+                        ).format(self._table.ident, values),
+                        [field for row in rows for field in row],
+                        binary=True,
+                    )
+            except (psycopg.Error, OSError) as exc:
+                self._shared_failed(exc)  # dropped, not retried: the next miss writes it again
+
+    async def flush(self) -> None:
+        """Write everything queued so far to the shared table (or give up on it on an error)."""
+        while self._pending:
+            await self._write_some()
+        async with self._writing:  # and wait for a batch the writer task has in flight
+            pass
+
+    async def aclose(self) -> None:
+        """Flush, then stop the writer. Call before closing the pool."""
+        await self.flush()
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+            self._writer = None
 
     def _shared_failed(self, exc: BaseException) -> None:
         self.shared_errors += 1

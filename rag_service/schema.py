@@ -387,7 +387,7 @@ def query_cache_table(schema: str | None) -> Query:
         "CREATE TABLE IF NOT EXISTS {} (\n"
         "    descriptor text NOT NULL,\n"
         "    query_hash bytea NOT NULL,\n"
-        "    embedding real[] NOT NULL,\n"
+        "    embedding vector NOT NULL,\n"
         "    created_at timestamptz NOT NULL DEFAULT now(),\n"
         "    PRIMARY KEY (descriptor, query_hash)\n"
         ")"

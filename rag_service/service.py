@@ -359,6 +359,7 @@ async def _stop(service: Service) -> None:
     if service.shadow is not None:
         await service.shadow.aclose()
     await service.follower.aclose()
+    await service.cache.aclose()  # queued shared-cache writes land before the pool closes
     for provider in service.providers.values():
         await provider.aclose()
     await service.pool.close()
