@@ -63,7 +63,13 @@ from rag_service.providers.base import Purpose
 from rag_service.providers.pricing import PriceTable
 from rag_service.routing import Version
 from rag_service.schema import Layout, connect, inspect_source, table_exists
-from rag_service.search import configure_connection, over_fetch, search, search_statement
+from rag_service.search import (
+    configure_connection,
+    ef_search_for,
+    over_fetch,
+    search,
+    search_statement,
+)
 from rag_service.shadow import overlap_at_k, rank_biased_overlap
 from rag_service.spec import DataPlaneSpec
 
@@ -651,7 +657,7 @@ async def run_compare(
                     "`embedshift migrate setup` and `embedshift migrate run` first"
                 )
             coverage = await _coverage(conn, layout) if Version.V2 in versions else None
-            await configure_connection(conn, ef_search=ef_search)
+            await configure_connection(conn, ef_search=ef_search_for(spec.target, ef_search))
             conn.prepare_threshold = None  # custom plans only: what EXPLAIN shows is what runs
             ann_indexes = await _ann_indexes(conn, layout)
             if cases is None:

@@ -21,6 +21,7 @@ from rag_service.errors import ConfigError
 from rag_service.providers.base import Vectors
 from rag_service.routing import Version
 from rag_service.schema import Layout, Query
+from rag_service.spec import EmbeddingSpec
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,16 @@ async def search(
     if min_similarity is not None:
         hits = [h for h in hits if h.similarity >= min_similarity]
     return hits
+
+
+def ef_search_for(target: EmbeddingSpec, override: int | None) -> int | None:
+    """The ``hnsw.ef_search`` a search session sets: ``override``, else the target index's. Pure.
+
+    ``None`` (leave the server's setting) for an ivfflat index, which ef_search does not touch.
+    """
+    if override is not None:
+        return override
+    return target.index.ef_search if target.index.type == "hnsw" else None
 
 
 async def configure_connection(

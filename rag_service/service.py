@@ -40,7 +40,7 @@ from rag_service.query_cache import QueryCache, normalise_query
 from rag_service.rollout_row import RoutingFollower, declare_emergency
 from rag_service.routing import Version, choose, parse_forced, request_bucket
 from rag_service.schema import Layout, first_line, inspect_source, layout_for
-from rag_service.search import Hit, configure_connection, search
+from rag_service.search import Hit, configure_connection, ef_search_for, search
 from rag_service.shadow import ShadowComparer, ShadowJob, ShadowResult
 from rag_service.spec import DataPlaneSpec
 
@@ -254,7 +254,7 @@ async def _start(settings: ServiceSettings, registry: CollectorRegistry) -> Serv
     assert spec.source is not None  # from_env refuses a spec without one
 
     async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
-        await configure_connection(conn, ef_search=settings.ef_search)
+        await configure_connection(conn, ef_search=ef_search_for(spec.target, settings.ef_search))
 
     pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
         settings.database_url,

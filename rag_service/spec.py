@@ -67,6 +67,14 @@ class IndexSpec(_Model):
     type: Literal["hnsw", "ivfflat"] = "hnsw"
     m: int = Field(default=16, ge=2, le=100)
     ef_construction: int = Field(default=64, ge=4, le=1000)
+    # pgvector's server default (40) measured recall@10 0.944 on benchmarks/search.py's corpus;
+    # 100 measured 0.978 for about a millisecond (docs/benchmarks.md, "Search latency").
+    ef_search: int = Field(
+        default=100,
+        ge=1,
+        le=1000,
+        description="hnsw.ef_search for searches and recall checks: recall against latency.",
+    )
     lists: int = Field(default=100, ge=1, le=32768)
     halfvec: bool = False
 

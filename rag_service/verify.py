@@ -16,6 +16,7 @@ from psycopg import sql
 from rag_service.indexes import index_state, opclass
 from rag_service.progress import CategoryCounts, category_counts, count_rows, open_layout
 from rag_service.schema import Layout, connect
+from rag_service.search import ef_search_for
 from rag_service.spec import DataPlaneSpec
 
 NORM_TOLERANCE = 1e-3
@@ -176,10 +177,11 @@ async def _recall(
         "SELECT t.id FROM {tgt} t ORDER BY t.embedding <=> "
         "(SELECT embedding FROM {tgt} WHERE id = %s) LIMIT %s"
     ).format(tgt=layout.target.ident)
+    ef_search = ef_search_for(layout.target_spec, ef_search)  # as the service searches
     hits = total = 0
     for qid in query_ids:
         async with conn.transaction():
-            if ef_search is not None and layout.target_spec.index.type == "hnsw":
+            if ef_search is not None:
                 await conn.execute(
                     sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(ef_search))
                 )

@@ -24,7 +24,7 @@ from rag_service.testing import EmbeddingServer
 from rag_service.testing.corpus import create_corpus
 from tests.embedding_fixtures import EMBEDDING_API_KEY, FAST_RETRIES
 from tests.prometheus_fixtures import PrometheusFactory
-from tests.service_harness import serving
+from tests.service_harness import Running, serving
 
 SECRET = "webhook-s3cret"
 TABLE = "svc_docs"
@@ -329,6 +329,18 @@ async def test_the_query_cache_is_shared_between_replicas(world: World) -> None:
         other = await search(b.client, "family plan price", headers=headers)
         assert (first["cache_hit"], again["cache_hit"], other["cache_hit"]) == (False, True, True)
         assert first["results"] == again["results"] == other["results"]
+
+
+async def test_searches_use_the_specs_ef_search_unless_overridden(world: World) -> None:
+    async def session_ef_search(svc: Running) -> str:
+        async with svc.app_service.pool.connection() as conn:
+            cur = await conn.execute("SHOW hnsw.ef_search")
+            return str((await cur.fetchone() or [""])[0])
+
+    async with serving(world.settings) as svc:
+        assert await session_ef_search(svc) == "100"  # target.index.efSearch's default
+    async with serving(replace(world.settings, ef_search=333)) as svc:
+        assert await session_ef_search(svc) == "333"  # --ef-search
 
 
 async def test_health_metrics_and_dashboard(world: World) -> None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from rag_service.errors import ConfigError
 from rag_service.identifiers import TableName, check_identifier, derived_identifier
 from rag_service.migrate import Shard
 from rag_service.providers import api_key_from_env
 from rag_service.providers.pricing import PriceTable
-from rag_service.spec import EmbeddingSpec, ProviderName, load_resource
+from rag_service.spec import DataPlaneSpec, EmbeddingSpec, ProviderName, load_resource
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -129,3 +130,27 @@ def test_examples_load(name: str) -> None:
     resource = load_resource(EXAMPLES / name)
     assert resource.spec.target.dimensions == 768
     assert resource.key in {"rag/docs-to-3-small", "default/demo"}
+
+
+def test_ef_search_defaults_to_100_and_is_bounded() -> None:
+    assert (
+        DataPlaneSpec.model_validate(
+            {
+                "database": {"table": "docs"},
+                "target": {"provider": "local", "model": "m", "dimensions": 8},
+            }
+        ).target.index.ef_search
+        == 100
+    )
+    with pytest.raises(ValidationError, match="efSearch"):
+        DataPlaneSpec.model_validate(
+            {
+                "database": {"table": "docs"},
+                "target": {
+                    "provider": "local",
+                    "model": "m",
+                    "dimensions": 8,
+                    "index": {"efSearch": 0},
+                },
+            }
+        )

@@ -20,23 +20,47 @@ from rag_service.providers.local import HashEmbedder
 
 CATEGORIES = ("facilities", "pricing", "events")
 
+# Per category: subjects, verbs and the objects only that category uses. Most objects come from
+# the shared pool below, and some sentences come from another category (a price list names the
+# pool, an event is held at the pool), as in a real centre's pages: the categories overlap in
+# vocabulary instead of forming three islands that share only "the" (on which an HNSW graph
+# falls apart into three components that a search cannot cross; see docs/benchmarks.md).
 _VOCAB = {
     "facilities": (
-        ["pool", "gym", "sauna", "parking", "locker room", "court", "studio", "cafe", "spa"],
-        ["opens at", "closes at", "is renovated in", "is accessible from", "is reserved on"],
-        ["seven", "nine", "noon", "the weekend", "level two", "the north entrance", "Mondays"],
+        ["pool", "gym", "sauna", "parking", "locker room", "tennis court", "studio", "cafe",
+         "spa", "squash court", "climbing wall"],
+        ["opens at", "closes at", "is renovated in", "is accessible from", "is reserved on",
+         "is busy on", "is closed on"],
+        ["level two", "the north entrance", "wheelchair users"],
     ),
     "pricing": (
-        ["membership", "day pass", "family plan", "student rate", "parking fee", "towel hire"],
-        ["costs", "is discounted to", "rises to", "includes", "is refunded at"],
+        ["membership", "day pass", "family plan", "student rate", "parking fee", "towel hire",
+         "guest pass", "senior rate"],
+        ["costs", "is discounted to", "rises to", "includes", "is refunded at", "is free on",
+         "is paid for at"],
         ["twenty euros", "half price", "ten percent off", "the annual fee", "one free guest"],
     ),
     "events": (
-        ["yoga class", "swim meet", "open day", "concert", "tennis cup", "kids camp", "workshop"],
-        ["starts on", "is moved to", "sells tickets from", "is cancelled for", "returns in"],
-        ["Friday evening", "the spring", "June", "the main hall", "the outdoor pool", "August"],
+        ["yoga class", "swim meet", "open day", "concert", "tennis cup", "kids camp", "workshop",
+         "aqua aerobics", "spinning class"],
+        ["starts on", "is moved to", "sells tickets from", "is cancelled for", "returns in",
+         "is held at", "meets on"],
+        ["beginners", "the main hall", "kids"],
     ),
-}
+}  # fmt: skip
+_SHARED_OBJECTS = [
+    "seven", "nine", "noon", "the weekend", "Mondays", "Friday evening", "Saturday", "the spring",
+    "June", "August", "public holidays", "the evening", "the outdoor pool", "the front desk",
+    "the holidays", "next week",
+]  # fmt: skip
+_OWN_OBJECT_SHARE = 0.4
+_CROSS_SENTENCE_SHARE = 0.15
+
+
+def _sentence(rng: random.Random, category: str) -> str:
+    subjects, verbs, own = _VOCAB[category]
+    pool = own if rng.random() < _OWN_OBJECT_SHARE else _SHARED_OBJECTS
+    return f"The {rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(pool)}."
 
 
 def documents(count: int, *, seed: int = 7) -> Iterator[tuple[int, str, str]]:
@@ -44,9 +68,11 @@ def documents(count: int, *, seed: int = 7) -> Iterator[tuple[int, str, str]]:
     rng = random.Random(seed)
     for doc_id in range(1, count + 1):
         category = CATEGORIES[doc_id % len(CATEGORIES)]
-        subjects, verbs, objects = _VOCAB[category]
         sentences = [
-            f"The {rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}."
+            _sentence(
+                rng,
+                rng.choice(CATEGORIES) if rng.random() < _CROSS_SENTENCE_SHARE else category,
+            )
             for _ in range(rng.randint(2, 4))
         ]
         yield doc_id, f"{' '.join(sentences)} Note {doc_id}.", category
