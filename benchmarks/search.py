@@ -12,7 +12,8 @@ measures, all in this run on this machine (shared and noisy, so compare ratios):
 - **service, cached**: ``POST /api/rag/search`` with ``X-Embedding-Version: v2`` (httpx) for
   queries sampled from 200 whose embeddings the service holds in memory after the warm-up;
 - **service, uncached**: the same with a query the service has never seen on every request, so
-  each also misses the shared cache table, embeds and writes the table;
+  each also misses the shared cache table, embeds, and queues a write to the table (written
+  behind the answer, in batches);
 - **HTTP only**: ``GET /api/monitoring/circuit-breaker`` (no database, no embedding), the cost of
   uvicorn + FastAPI + httpx alone.
 
@@ -65,6 +66,7 @@ from rag_service.providers.local import HashEmbedder, LocalProvider
 from rag_service.routing import Version
 from rag_service.schema import Layout, inspect_source, setup
 from rag_service.search import configure_connection, ef_search_for, over_fetch, search_statement
+from rag_service.service import ServiceSettings
 from rag_service.spec import DataPlaneSpec
 from rag_service.testing.corpus import create_corpus, documents
 from rag_service.testing.postgres import create_database, drop_database, postgres_server
@@ -73,6 +75,7 @@ TABLE = "documents"
 MIGRATION = "bench/search"
 TARGET_DIMS = 768
 K = 10
+SERVICE_POOL = ServiceSettings.pool_size  # the service's connection pool
 RECALL_SEED = 99  # held-out documents: the corpus generator with another seed
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -327,19 +330,35 @@ async def plan_shape(url: str, layout: Layout, vector: np.ndarray) -> str:
 
 
 async def bare_run(
-    url: str, layout: Layout, vectors: np.ndarray, concurrency: int, n: int, seed: int
+    url: str,
+    layout: Layout,
+    vectors: np.ndarray,
+    concurrency: int,
+    n: int,
+    seed: int,
+    connections: int | None = None,
 ) -> Run:
+    """``concurrency`` workers; one connection each, or ``connections`` shared, as a pool."""
     statement = search_statement(layout, Version.V2, category=False)
-    conns = [await connect(url) for _ in range(concurrency)]
+    conns = [await connect(url) for _ in range(connections or concurrency)]
+    free: asyncio.Queue[psycopg.AsyncConnection[Any]] = asyncio.Queue()
+    for conn in conns:
+        free.put_nowait(conn)
     try:
         rng = random.Random(seed)
         picks = [vectors[rng.randrange(len(vectors))] for _ in range(n)]
 
         async def one(worker: int, vector: np.ndarray) -> None:
-            cur = await conns[worker].execute(statement, params(vector))
-            assert len(await cur.fetchall()) == K
+            del worker
+            conn = await free.get()
+            try:
+                cur = await conn.execute(statement, params(vector))
+                assert len(await cur.fetchall()) == K
+            finally:
+                free.put_nowait(conn)
 
-        return await drive("bare SQL", concurrency, picks, one)
+        label = f"bare SQL, {len(conns)} conns" if connections else "bare SQL"
+        return await drive(label, concurrency, picks, one)
     finally:
         for conn in conns:
             await conn.close()
@@ -428,6 +447,11 @@ async def measure(
         for concurrency, n in runs:
             print(f"  concurrency {concurrency}: {n:,} requests per run …", flush=True)
             bare = await bare_run(url, layout, work.vectors, concurrency, n, seed=n)
+            pooled = None
+            if concurrency > SERVICE_POOL:  # like for like: PostgreSQL sees ≤ 10 at once
+                pooled = await bare_run(
+                    url, layout, work.vectors, concurrency, n, seed=n, connections=SERVICE_POOL
+                )
             picks = rng.choices(work.cached, k=n)
             fresh = list(itertools.islice(work.fresh, n))
             row = [
@@ -436,6 +460,11 @@ async def measure(
                 await http_floor_run(service, concurrency, n),
             ]
             bare += await bare_run(url, layout, work.vectors, concurrency, n, seed=n + 1)
+            if pooled is not None:
+                pooled += await bare_run(
+                    url, layout, work.vectors, concurrency, n, seed=n + 1, connections=SERVICE_POOL
+                )
+                row.insert(0, pooled)
             results.append([bare, *row])
     return results
 
@@ -448,6 +477,7 @@ class Recall:
     tie_aware: float  # ... counting an ANN result as right if it is as near as the exact K-th
     wrong_cluster: int  # queries whose ANN top hit is of another category than the exact one
     lost: int  # queries that got fewer than half of their exact top K
+    p50_ms: float  # the ANN statement's median time at this ef_search (one connection)
 
 
 async def recall(
@@ -473,13 +503,16 @@ async def recall(
                     exact_rows.append(await cur.fetchall())
             for ef in ef_values:
                 strict = tied = total = wrong = lost = 0
+                times = []
                 for vector, exact in zip(vectors, exact_rows, strict=True):
                     async with conn.transaction():
                         await conn.execute(
                             sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(ef))
                         )
+                        started = time.perf_counter()
                         cur = await conn.execute(statement, params(vector), prepare=False)
                         approx = await cur.fetchall()
+                        times.append(time.perf_counter() - started)
                     exact_ids = {r[0] for r in exact}
                     floor = min(r[3] for r in exact) - 1e-6
                     found = sum(r[0] in exact_ids for r in approx)
@@ -488,27 +521,43 @@ async def recall(
                     total += len(exact)
                     wrong += approx[0][2] != exact[0][2]
                     lost += found < len(exact) / 2
-                results.append(Recall(label, ef, strict / total, tied / total, wrong, lost))
+                results.append(
+                    Recall(
+                        label,
+                        ef,
+                        strict / total,
+                        tied / total,
+                        wrong,
+                        lost,
+                        float(np.median(times)) * 1000,
+                    )
+                )
     return results
 
 
 def report(results: list[list[Run]]) -> None:
+    """One line per run; a service run's overhead against each bare baseline of its row."""
     header = f"{'':27} {'n':>6} {'p50':>8} {'p95':>8} {'req/s':>7} {'CPU ms/req':>12}"
     print(f"{header}  {'p95 overhead':>12} {'p95 ratio':>9}")
     print(f"{'':59}{'svc':>6} {'client':>6}")
-    for bare, *service in results:
-        for run in (bare, *service):
-            extra = ""
-            if run is not bare and not run.label.startswith("HTTP"):
-                extra = (
-                    f"  {run.p(95) - bare.p(95):+9.1f} ms {run.p(95) / bare.p(95):8.2f}×"
-                    f"   (p50 {run.p(50) - bare.p(50):+.1f} ms, {run.p(50) / bare.p(50):.2f}×)"
-                )
+    for row in results:
+        baselines = [run for run in row if run.label.startswith("bare")]
+        for run in row:
             print(
                 f"c={run.concurrency:<3} {run.label:<22} {len(run.latencies):>6} {run.p(50):8.2f}"
                 f" {run.p(95):8.2f} {run.rate:7.1f} {run.cpu_ms(run.service_cpu):>6}"
-                f" {run.cpu_ms(run.client_cpu):>6}{extra}"
+                f" {run.cpu_ms(run.client_cpu):>6}",
+                end="",
             )
+            if not run.label.startswith("service"):
+                print()
+                continue
+            for i, bare in enumerate(baselines):
+                print(
+                    f"{'' if i == 0 else ' ' * 73}  {run.p(95) - bare.p(95):+9.1f} ms "
+                    f"{run.p(95) / bare.p(95):8.2f}×   (p50 {run.p(50) - bare.p(50):+.1f} ms, "
+                    f"{run.p(50) / bare.p(50):.2f}×) vs {bare.label}"
+                )
 
 
 def main() -> None:
@@ -600,7 +649,8 @@ def main() -> None:
         print(
             f"  {r.queries:<18} hnsw.ef_search = {r.ef_search:>3}{default:<10}: "
             f"strict {r.strict:.3f}, tie-aware {r.tie_aware:.3f}; top hit from another "
-            f"category: {r.wrong_cluster}; under half found: {r.lost}"
+            f"category: {r.wrong_cluster}; under half found: {r.lost}; "
+            f"p50 {r.p50_ms:.1f} ms"
         )
     if "HNSW" not in shape:
         print("WARNING: the v2 statement did not use the HNSW index: these are exact searches")
