@@ -59,6 +59,7 @@ import httpx
 import numpy as np
 import psycopg
 from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
 
 from rag_service.indexes import build_index
 from rag_service.migrate import RunOptions, run_migration
@@ -338,27 +339,48 @@ async def bare_run(
     seed: int,
     connections: int | None = None,
 ) -> Run:
-    """``concurrency`` workers; one connection each, or ``connections`` shared, as a pool."""
-    statement = search_statement(layout, Version.V2, category=False)
-    conns = [await connect(url) for _ in range(connections or concurrency)]
-    free: asyncio.Queue[psycopg.AsyncConnection[Any]] = asyncio.Queue()
-    for conn in conns:
-        free.put_nowait(conn)
-    try:
-        rng = random.Random(seed)
-        picks = [vectors[rng.randrange(len(vectors))] for _ in range(n)]
+    """``concurrency`` workers: one connection each, or a psycopg pool of ``connections``.
 
-        async def one(worker: int, vector: np.ndarray) -> None:
+    The pool is the service's kind (``psycopg_pool``, which hands a returned connection to the
+    longest waiter): a home-made queue lets a worker take back the connection it just returned,
+    starves the others and flatters the percentiles.
+    """
+    statement = search_statement(layout, Version.V2, category=False)
+    rng = random.Random(seed)
+    picks = [vectors[rng.randrange(len(vectors))] for _ in range(n)]
+    if connections:
+
+        async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
+            await configure_connection(conn, ef_search=ef_search_for(make_spec(32).target, None))
+
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            url,
+            min_size=connections,
+            max_size=connections,
+            configure=configure,
+            kwargs={"autocommit": True},
+            open=False,
+        )
+        await pool.open(wait=True)
+
+        async def pooled(worker: int, vector: np.ndarray) -> None:
             del worker
-            conn = await free.get()
-            try:
+            async with pool.connection() as conn:
                 cur = await conn.execute(statement, params(vector))
                 assert len(await cur.fetchall()) == K
-            finally:
-                free.put_nowait(conn)
 
-        label = f"bare SQL, {len(conns)} conns" if connections else "bare SQL"
-        return await drive(label, concurrency, picks, one)
+        try:
+            return await drive(f"bare SQL, pool {connections}", concurrency, picks, pooled)
+        finally:
+            await pool.close()
+    conns = [await connect(url) for _ in range(concurrency)]
+    try:
+
+        async def one(worker: int, vector: np.ndarray) -> None:
+            cur = await conns[worker].execute(statement, params(vector))
+            assert len(await cur.fetchall()) == K
+
+        return await drive("bare SQL", concurrency, picks, one)
     finally:
         for conn in conns:
             await conn.close()
