@@ -20,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import psycopg
 from pgvector import Vector
 from psycopg import sql
@@ -60,6 +59,9 @@ class QueryCache:
     that one background task flushes in multi-row statements. A user never waits for another
     replica's future hit, and under load 32 misses cost one round trip instead of 32. ``flush``
     waits for everything queued so far; ``aclose`` flushes and stops the writer.
+
+    ``pool``'s connections must know pgvector's types (``search.configure_connection`` does
+    that): vectors travel as binary ``vector`` both ways.
     """
 
     def __init__(
@@ -137,10 +139,8 @@ class QueryCache:
         except (psycopg.Error, OSError) as exc:
             self._shared_failed(exc)
             return None
-        if row is None:
-            return None
-        stored = row[0]  # pgvector's Vector from the binary loader; a plain sequence otherwise
-        return np.asarray(stored.to_numpy() if isinstance(stored, Vector) else stored, np.float32)
+        stored: Vector | None = None if row is None else row[0]
+        return None if stored is None else stored.to_numpy()
 
     def _queue_write(self, descriptor: str, key: bytes, vector: Vectors) -> None:
         if self._pool is None:
