@@ -25,9 +25,7 @@ import asyncio
 import os
 import random
 import secrets
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +41,7 @@ from rag_service.schema import setup
 from rag_service.spec import DataPlaneSpec
 from rag_service.testing.corpus import create_corpus
 from rag_service.testing.postgres import create_database, drop_database, postgres_server
+from rag_service.testing.service_process import start_serve, wait_healthy
 
 TABLE = "documents"
 MIGRATION = "bench/emergency"
@@ -95,39 +94,14 @@ def reset_row(url: str) -> None:
         conn.execute("SELECT pg_notify('embedshift_rollout', %s)", [MIGRATION])
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def start_replica(url: str, secret: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    command = [
-        sys.executable, "-m", "rag_service.cli", "serve",
+    flags = [
         "--table", TABLE, "--category-column", "category", "--source-column", "embedding",
         "--source", "local:hash@32", "--target", "local:hash@768", "--migration", MIGRATION,
-        "--host", "127.0.0.1", "--port", str(port), "--reread-seconds", "5",
+        "--reread-seconds", "5",
     ]  # fmt: skip
     env = {**os.environ, "DATABASE_URL": url, "ALERT_WEBHOOK_SECRET": secret}
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=out)
-    return process, f"http://127.0.0.1:{port}"
-
-
-def wait_healthy(process: subprocess.Popen[bytes], base: str, log: Path) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"a replica exited ({process.returncode}):\n{log.read_text()}")
-        try:
-            if httpx.get(f"{base}/api/rag/v2/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"a replica did not become healthy in 60s:\n{log.read_text()}")
+    return start_serve(flags, env=env, log=log)
 
 
 async def version_of(client: httpx.AsyncClient) -> str:

@@ -45,9 +45,6 @@ import contextlib
 import itertools
 import os
 import random
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -66,17 +63,19 @@ from rag_service.migrate import RunOptions, run_migration
 from rag_service.providers.local import HashEmbedder, LocalProvider
 from rag_service.routing import Version
 from rag_service.schema import Layout, inspect_source, setup
-from rag_service.search import configure_connection, ef_search_for, over_fetch, search_statement
+from rag_service.search import configure_connection, over_fetch, search_statement
 from rag_service.service import ServiceSettings
-from rag_service.spec import DataPlaneSpec
+from rag_service.spec import DataPlaneSpec, IndexSpec
 from rag_service.testing.corpus import create_corpus, documents
 from rag_service.testing.postgres import create_database, drop_database, postgres_server
+from rag_service.testing.service_process import start_serve, wait_healthy
 
 TABLE = "documents"
 MIGRATION = "bench/search"
 TARGET_DIMS = 768
 K = 10
 SERVICE_POOL = ServiceSettings.pool_size  # the service's connection pool
+DEFAULT_EF_SEARCH = IndexSpec().ef_search  # what the service sets unless told otherwise
 RECALL_SEED = 99  # held-out documents: the corpus generator with another seed
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -258,37 +257,12 @@ def build_world(url: str, spec: DataPlaneSpec, rows: int, source_dims: int) -> N
         )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def start_service(url: str, source_dims: int, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    command = [
-        sys.executable, "-m", "rag_service.cli", "serve",
+def serve_flags(source_dims: int) -> list[str]:
+    return [
         "--table", TABLE, "--category-column", "category", "--source-column", "embedding",
         "--source", f"local:hash@{source_dims}", "--target", f"local:hash@{TARGET_DIMS}",
-        "--migration", MIGRATION, "--host", "127.0.0.1", "--port", str(port),
+        "--migration", MIGRATION,
     ]  # fmt: skip
-    env = {**os.environ, "DATABASE_URL": url}
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=out)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the service exited ({process.returncode}):\n{log.read_text()}")
-        try:
-            if httpx.get(f"{base}/api/rag/v2/health", timeout=2).status_code == 200:
-                return process, base
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    process.terminate()
-    raise SystemExit(f"the service did not become healthy in 60s:\n{log.read_text()}")
 
 
 # ---- the measurements ----------------------------------------------------------------------------
@@ -299,10 +273,14 @@ def params(vector: np.ndarray) -> dict[str, Any]:
     return {"q": vector, "k": K, "fetch": over_fetch(K), "category": None}
 
 
+async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
+    """As the service sets up its pool's connections, with the spec's default ef_search."""
+    await configure_connection(conn, ef_search=DEFAULT_EF_SEARCH)
+
+
 async def connect(url: str) -> psycopg.AsyncConnection[Any]:
-    """A connection set up as the service sets up its pool, with the spec's ef_search."""
     conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
-    await configure_connection(conn, ef_search=ef_search_for(make_spec(32).target, None))
+    await configure(conn)
     return conn
 
 
@@ -349,10 +327,6 @@ async def bare_run(
     rng = random.Random(seed)
     picks = [vectors[rng.randrange(len(vectors))] for _ in range(n)]
     if connections:
-
-        async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
-            await configure_connection(conn, ef_search=ef_search_for(make_spec(32).target, None))
-
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             url,
             min_size=connections,
@@ -604,7 +578,6 @@ def main() -> None:
     if len(queries) < needed:
         raise SystemExit(f"only {len(queries)} distinct queries; lower --requests (need {needed})")
     spec = make_spec(args.source_dims)
-    default_ef = ef_search_for(spec.target, None) or 40
     work = Workload(
         vectors=HashEmbedder(TARGET_DIMS, seed="hash").embed(queries),  # = local:hash@768's
         cached=queries[: args.cached_queries],
@@ -641,13 +614,16 @@ def main() -> None:
                     )
                 ],
             }
-            ef_values = [default_ef, *(e for e in args.ef_search if e != default_ef)]
+            ef_values = [DEFAULT_EF_SEARCH, *(e for e in args.ef_search if e != DEFAULT_EF_SEARCH)]
             recalls = asyncio.run(recall(url, layout, query_sets, ef_values))
             recall_seconds = time.perf_counter() - started
             log = Path(tempfile.gettempdir()) / f"embedshift-bench-search-{os.getpid()}.log"
-            service, base = start_service(url, args.source_dims, log)
+            service, base = start_serve(
+                serve_flags(args.source_dims), env={**os.environ, "DATABASE_URL": url}, log=log
+            )
             print(f"service at {base} (log {log})", flush=True)
             try:
+                wait_healthy(service, base, log)
                 results = asyncio.run(measure(base, service.pid, url, layout, work, runs, 300))
             finally:
                 service.terminate()
@@ -664,10 +640,10 @@ def main() -> None:
     print(
         f"recall@{K} of the v2 statement vs the same statement as an exact search, "
         f"{args.recall_sample} queries per set ({recall_seconds:.0f}s; target ≥ 0.95 at the "
-        f"default ef_search, the spec's {default_ef})"
+        f"default ef_search, the spec's {DEFAULT_EF_SEARCH})"
     )
     for r in recalls:
-        default = " (default)" if r.ef_search == default_ef else ""
+        default = " (default)" if r.ef_search == DEFAULT_EF_SEARCH else ""
         print(
             f"  {r.queries:<18} hnsw.ef_search = {r.ef_search:>3}{default:<10}: "
             f"strict {r.strict:.3f}, tie-aware {r.tie_aware:.3f}; top hit from another "

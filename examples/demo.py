@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +25,7 @@ import psycopg
 
 from rag_service.testing.corpus import CATEGORIES, create_corpus
 from rag_service.testing.postgres import create_database, drop_database, postgres_server
+from rag_service.testing.service_process import start_serve, wait_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,34 +54,17 @@ def embedshift(*argv: str, env: dict[str, str], capture: bool = False) -> str:
     return proc.stdout if capture else ""
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def serve_and_shift(env: dict[str, str], url: str) -> dict[int, dict[str, int]]:
     """Start `embedshift serve`, send traffic at 0 % and 25 %; return {percentage: versions}."""
-    port = free_port()
     step("8. serve search: v1 answers everyone at 0 %")
-    argv = ["serve", "--port", str(port)]
-    print(f"$ embedshift {' '.join(argv)} &", flush=True)
-    server = subprocess.Popen(  # noqa: S603 (our own CLI)
-        [sys.executable, "-m", "rag_service.cli", *argv],
-        env={**env, "EMBEDSHIFT_PORT": str(port)},
-        stderr=subprocess.DEVNULL,
-    )
+    log = Path(tempfile.gettempdir()) / f"embedshift-demo-serve-{os.getpid()}.log"
+    server, base = start_serve([], env=env, log=log)
+    print(f"$ embedshift serve --host 127.0.0.1 --port {base.rsplit(':', 1)[1]} &  # log: {log}")
     users = [f"user-{i}" for i in range(40)]
     seen: dict[int, dict[str, int]] = {}
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            for _ in range(200):
-                try:
-                    if client.get("/api/rag/v1/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.1)
+        wait_healthy(server, base, log, version="v1")
+        with httpx.Client(base_url=base, timeout=10) as client:
             seen[0] = _traffic(client, users)
             print(f"  40 users: {seen[0]}")
             answer = client.post(

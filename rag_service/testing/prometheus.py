@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -36,6 +35,7 @@ from prometheus_client import start_http_server
 from prometheus_client.registry import Collector
 
 from rag_service.errors import EmbedshiftError
+from rag_service.testing.service_process import free_port
 
 __all__ = [
     "JOB",
@@ -229,7 +229,7 @@ def running_prometheus(
             config_path, targets=targets, scrape_interval=scrape_interval, rule_files=rules
         )
         for attempt in range(1, _START_ATTEMPTS + 1):
-            port = _free_port()
+            port = free_port()
             with log_path.open("wb") as log:
                 process = subprocess.Popen(  # noqa: S603 (fixed binary, our own flags)
                     [
@@ -307,13 +307,6 @@ def _write_config(
     staging = path.with_suffix(".tmp")
     staging.write_text(yaml.safe_dump(config, sort_keys=False))
     staging.replace(path)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def _wait_ready(prometheus: PrometheusProcess) -> bool:
