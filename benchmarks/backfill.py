@@ -156,7 +156,8 @@ def main() -> None:
             drop_database(admin, name)
 
     def rate(seconds: float) -> float:
-        return args.rows / seconds
+        rows: int = args.rows
+        return rows / seconds
 
     migrate_rate = rate(migrate_seconds)
     for label, runs in (("bare", bare), ("same shape", shape)):

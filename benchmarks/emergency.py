@@ -39,7 +39,7 @@ from rag_service.migrate import RunOptions, run_migration
 from rag_service.providers.local import LocalProvider
 from rag_service.schema import setup
 from rag_service.spec import DataPlaneSpec
-from rag_service.testing.corpus import create_corpus
+from rag_service.testing.corpus import corpus_spec, create_corpus
 from rag_service.testing.postgres import create_database, drop_database, postgres_server
 from rag_service.testing.service_process import start_serve, wait_healthy
 
@@ -52,17 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_world(url: str, rows: int) -> DataPlaneSpec:
-    spec = DataPlaneSpec.model_validate(
-        {
-            "database": {
-                "table": TABLE,
-                "categoryColumn": "category",
-                "sourceEmbeddingColumn": "embedding",
-            },
-            "source": {"provider": "local", "model": "hash", "dimensions": 32},
-            "target": {"provider": "local", "model": "hash", "dimensions": 768},
-        }
-    )
+    spec = corpus_spec(TABLE, source_dimensions=32)
     create_corpus(url, table=TABLE, count=rows, source_dimensions=32)
 
     async def prepare() -> None:

@@ -66,7 +66,7 @@ from rag_service.schema import Layout, inspect_source, setup
 from rag_service.search import configure_connection, over_fetch, search_statement
 from rag_service.service import ServiceSettings
 from rag_service.spec import DataPlaneSpec, IndexSpec
-from rag_service.testing.corpus import create_corpus, documents
+from rag_service.testing.corpus import corpus_spec, create_corpus, documents
 from rag_service.testing.postgres import create_database, drop_database, postgres_server
 from rag_service.testing.service_process import start_serve, wait_healthy
 
@@ -201,20 +201,6 @@ async def drive(
 
 
 # ---- the world -----------------------------------------------------------------------------------
-
-
-def make_spec(source_dims: int) -> DataPlaneSpec:
-    return DataPlaneSpec.model_validate(
-        {
-            "database": {
-                "table": TABLE,
-                "categoryColumn": "category",
-                "sourceEmbeddingColumn": "embedding",
-            },
-            "source": {"provider": "local", "model": "hash", "dimensions": source_dims},
-            "target": {"provider": "local", "model": "hash", "dimensions": TARGET_DIMS},
-        }
-    )
 
 
 def build_world(url: str, spec: DataPlaneSpec, rows: int, source_dims: int) -> None:
@@ -577,7 +563,9 @@ def main() -> None:
     needed = args.cached_queries + 3 * args.requests
     if len(queries) < needed:
         raise SystemExit(f"only {len(queries)} distinct queries; lower --requests (need {needed})")
-    spec = make_spec(args.source_dims)
+    spec = corpus_spec(
+        TABLE, source_dimensions=args.source_dims, target=f"local:hash@{TARGET_DIMS}"
+    )
     work = Workload(
         vectors=HashEmbedder(TARGET_DIMS, seed="hash").embed(queries),  # = local:hash@768's
         cached=queries[: args.cached_queries],

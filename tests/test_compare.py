@@ -54,7 +54,7 @@ from rag_service.migrate import RunOptions, run_migration
 from rag_service.providers.local import HashEmbedder, LocalProvider
 from rag_service.schema import connect, inspect_source, setup
 from rag_service.spec import DataPlaneSpec
-from rag_service.testing.corpus import documents
+from rag_service.testing.corpus import corpus_spec, documents
 from rag_service.testing.prometheus import serving_metrics
 from tests.prometheus_fixtures import PrometheusFactory
 
@@ -119,17 +119,7 @@ class Corpus:
 
 
 def _spec() -> DataPlaneSpec:
-    return DataPlaneSpec.model_validate(
-        {
-            "database": {
-                "table": TABLE,
-                "categoryColumn": "category",
-                "sourceEmbeddingColumn": "embedding",
-            },
-            "source": {"provider": "local", "model": "hash", "dimensions": 768},
-            "target": {"provider": "local", "model": "hash", "dimensions": 768},
-        }
-    )
+    return corpus_spec(TABLE, source_dimensions=768)  # the corpus's columns, built below
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from rag_service.providers.local import LocalProvider
 from rag_service.schema import setup
 from rag_service.service import ServiceSettings
 from rag_service.spec import DataPlaneSpec
-from rag_service.testing.corpus import create_corpus
+from rag_service.testing.corpus import corpus_spec, create_corpus
 from tests.service_harness import serving
 
 TABLE = "mon_docs"
@@ -97,17 +97,7 @@ class World:
 def world(database_url: str) -> Iterator[World]:
     """90 documents, 30 of them migrated to local:hash@768; the routing row at 25 %."""
     create_corpus(database_url, table=TABLE, count=DOCUMENTS, source_dimensions=768)
-    spec = DataPlaneSpec.model_validate(
-        {
-            "database": {
-                "table": TABLE,
-                "categoryColumn": "category",
-                "sourceEmbeddingColumn": "embedding",
-            },
-            "source": {"provider": "local", "model": "hash", "dimensions": 768},
-            "target": {"provider": "local", "model": "hash", "dimensions": 768},
-        }
-    )
+    spec = corpus_spec(TABLE, source_dimensions=768)
 
     async def prepare() -> None:
         await setup(database_url, spec, migration=MIGRATION)

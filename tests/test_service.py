@@ -19,9 +19,9 @@ from rag_service.providers.openai import OpenAIProvider
 from rag_service.routing import bucket
 from rag_service.schema import setup
 from rag_service.service import ServiceSettings
-from rag_service.spec import DataPlaneSpec, EmbeddingSpec
+from rag_service.spec import EmbeddingSpec
 from rag_service.testing import EmbeddingServer
-from rag_service.testing.corpus import create_corpus
+from rag_service.testing.corpus import corpus_spec, create_corpus
 from tests.embedding_fixtures import EMBEDDING_API_KEY, FAST_RETRIES
 from tests.prometheus_fixtures import PrometheusFactory
 from tests.service_harness import Running, serving
@@ -44,22 +44,10 @@ def world(database_url: str) -> Iterator[World]:
     through the real SDK and the local embedding API, with an HNSW index."""
     with EmbeddingServer(api_key=EMBEDDING_API_KEY) as api:
         create_corpus(database_url, table=TABLE, count=1_500, source_dimensions=1536)
-        spec = DataPlaneSpec.model_validate(
-            {
-                "database": {
-                    "table": TABLE,
-                    "categoryColumn": "category",
-                    "sourceEmbeddingColumn": "embedding",
-                },
-                "source": {"provider": "local", "model": "hash", "dimensions": 1536},
-                "target": {
-                    **EmbeddingSpec.parse("openai:text-embedding-3-small@768").model_dump(
-                        include={"provider", "model", "dimensions"}
-                    ),
-                    "baseURL": api.openai_base_url,
-                },
-            }
+        target = EmbeddingSpec.parse("openai:text-embedding-3-small@768").model_dump(
+            include={"provider", "model", "dimensions"}
         )
+        spec = corpus_spec(TABLE, target={**target, "baseURL": api.openai_base_url})
 
         async def prepare() -> None:
             await setup(database_url, spec, migration=MIGRATION)

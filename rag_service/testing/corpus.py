@@ -8,7 +8,8 @@ words and the ``local`` hashing embedder gives them meaningful neighbours. Sourc
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import psycopg
@@ -17,6 +18,7 @@ from psycopg import sql
 
 from rag_service.identifiers import TableName
 from rag_service.providers.local import HashEmbedder
+from rag_service.spec import DataPlaneSpec, EmbeddingSpec
 
 CATEGORIES = ("facilities", "pricing", "events")
 
@@ -128,3 +130,27 @@ def create_corpus(
                         copy.write_row((doc_id, text, category, np.asarray(vector)))
         conn.execute(sql.SQL("ANALYZE {}").format(name.ident))
     return name
+
+
+def corpus_spec(
+    table: str = "documents",
+    *,
+    source_dimensions: int = 1536,
+    target: str | Mapping[str, Any] = "local:hash@768",
+) -> DataPlaneSpec:
+    """The spec for a table ``create_corpus`` made: its category and v1 columns, v1 being
+    ``local:hash@<source_dimensions>``, and ``target`` (a descriptor, or a whole target mapping,
+    e.g. with ``baseURL``). Pure."""
+    if isinstance(target, str):
+        target = EmbeddingSpec.parse(target).model_dump(include={"provider", "model", "dimensions"})
+    return DataPlaneSpec.model_validate(
+        {
+            "database": {
+                "table": table,
+                "categoryColumn": "category",
+                "sourceEmbeddingColumn": "embedding",
+            },
+            "source": {"provider": "local", "model": "hash", "dimensions": source_dimensions},
+            "target": dict(target),
+        }
+    )
