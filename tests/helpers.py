@@ -59,7 +59,11 @@ def spec_for(table: str, target: str = "local:hash@768", **database: Any) -> Dat
     )
 
 
-def flags(url: str, table: str, target: str = "local:hash@768") -> list[str]:
+def flags(
+    url: str, table: str, target: str = "local:hash@768", source: str | None = None
+) -> list[str]:
+    """CLI flags for a corpus table; with ``source``, also its v1 column and model."""
+    v1 = [] if source is None else ["--source-column", "embedding", "--source", source]
     return [
         "--database-url",
         url,
@@ -67,6 +71,7 @@ def flags(url: str, table: str, target: str = "local:hash@768") -> list[str]:
         table,
         "--category-column",
         "category",
+        *v1,
         "--target",
         target,
     ]

@@ -56,6 +56,7 @@ from rag_service.schema import connect, inspect_source, setup
 from rag_service.spec import DataPlaneSpec
 from rag_service.testing.corpus import corpus_spec, documents
 from rag_service.testing.prometheus import serving_metrics
+from tests.helpers import flags as cli_flags
 from tests.prometheus_fixtures import PrometheusFactory
 
 TABLE = "cmp_docs"
@@ -188,20 +189,7 @@ def corpus(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     exact.write_text(
         "\n".join(json.dumps({"query": texts[ids[0]]}) for ids in relevant.values()) + "\n"
     )
-    flags = [
-        "--database-url",
-        database_url,
-        "--table",
-        TABLE,
-        "--category-column",
-        "category",
-        "--source-column",
-        "embedding",
-        "--source",
-        MODEL,
-        "--target",
-        MODEL,
-    ]
+    flags = cli_flags(database_url, TABLE, target=MODEL, source=MODEL)
     yield Corpus(database_url, relevant, texts, flags, labelled, exact)
 
 

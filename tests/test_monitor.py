@@ -29,6 +29,7 @@ from rag_service.schema import setup
 from rag_service.service import ServiceSettings
 from rag_service.spec import DataPlaneSpec
 from rag_service.testing.corpus import corpus_spec, create_corpus
+from tests.helpers import flags as cli_flags
 from tests.service_harness import serving
 
 TABLE = "mon_docs"
@@ -110,22 +111,7 @@ def world(database_url: str) -> Iterator[World]:
         )
 
     asyncio.run(prepare())
-    flags = [
-        "--database-url",
-        database_url,
-        "--table",
-        TABLE,
-        "--category-column",
-        "category",
-        "--source-column",
-        "embedding",
-        "--source",
-        "local:hash@768",
-        "--target",
-        "local:hash@768",
-        "--migration",
-        MIGRATION,
-    ]
+    flags = [*cli_flags(database_url, TABLE, source="local:hash@768"), "--migration", MIGRATION]
     yield World(database_url, spec, flags)
 
 
