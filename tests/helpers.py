@@ -12,7 +12,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from rag_service.cli import main
+from rag_service.cli import build_parser, main
+from rag_service.errors import EmbedshiftError
 from rag_service.schema import layout_for
 from rag_service.spec import DataPlaneSpec, EmbeddingSpec
 
@@ -30,6 +31,20 @@ def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> Result:
     """Run ``embedshift`` in this process, as a user would from a shell."""
     capsys.readouterr()
     code = main(list(argv))
+    captured = capsys.readouterr()
+    return Result(code, captured.out, captured.err)
+
+
+async def cli_async(capsys: pytest.CaptureFixture[str], *argv: str) -> Result:
+    """``cli`` with the command awaited on the test's own event loop, where a service under
+    test runs too (``main`` would start a loop of its own)."""
+    args = build_parser().parse_args(list(argv))
+    capsys.readouterr()
+    try:
+        code: int = await args.handler(args)
+    except EmbedshiftError as exc:
+        print(f"embedshift: error: {exc}", file=sys.stderr)
+        code = exc.exit_code
     captured = capsys.readouterr()
     return Result(code, captured.out, captured.err)
 

@@ -11,12 +11,10 @@ v1 and v2 are the same model (``local:hash@768``), so their rankings agree.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import io
 import json
 import math
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,11 +41,10 @@ from rag_service.compare import (
     percentile,
     recall_at_k,
     reciprocal_rank,
-    register,
     sample_cases,
     summarise,
 )
-from rag_service.errors import ConfigError, EmbedshiftError
+from rag_service.errors import ConfigError
 from rag_service.indexes import build_index
 from rag_service.metrics import ServiceMetrics
 from rag_service.migrate import RunOptions, run_migration
@@ -56,6 +53,7 @@ from rag_service.schema import connect, inspect_source, setup
 from rag_service.spec import DataPlaneSpec
 from rag_service.testing.corpus import corpus_spec, documents
 from rag_service.testing.prometheus import serving_metrics
+from tests.helpers import cli, cli_async
 from tests.helpers import flags as cli_flags
 from tests.prometheus_fixtures import PrometheusFactory
 
@@ -77,36 +75,6 @@ TOPICS = [
 ]
 RELEVANT_PER_TOPIC = 3
 FILLER = 300
-
-
-@dataclass(frozen=True)
-class Outcome:
-    code: int
-    out: str
-    err: str
-
-
-def run_cli(argv: list[str]) -> int:
-    """The command line as ``embedshift`` will have it once cli.py calls ``register``."""
-    from rag_service.cli import _add_spec_flags
-
-    parser = argparse.ArgumentParser(prog="embedshift")
-    commands = parser.add_subparsers(dest="command", required=True)
-    register(commands, _add_spec_flags)
-    args = parser.parse_args(argv)
-    try:
-        code: int = asyncio.run(args.handler(args))
-    except EmbedshiftError as exc:
-        print(f"embedshift: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    return code
-
-
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> Outcome:
-    capsys.readouterr()
-    code = run_cli(list(argv))
-    captured = capsys.readouterr()
-    return Outcome(code, captured.out, captured.err)
 
 
 @dataclass(frozen=True)
@@ -580,7 +548,7 @@ async def test_baseline_from_prometheus(
             "--output",
             str(output),
         ]
-        record = await _acli(
+        record = await cli_async(
             capsys, "baseline", *flags, "--prometheus-url", prom.url, "--range", "5m"
         )
         assert record.code == 0, record.err
@@ -594,7 +562,7 @@ async def test_baseline_from_prometheus(
         assert 0.3 <= v1["p95_latency_seconds"] <= 0.5  # within the 0.3–0.5 s bucket
         assert v1["error_rate"] == 0
         # --compare reads the URL and range the baseline recorded.
-        judged = await _acli(capsys, "baseline", *flags, "--compare", "--json")
+        judged = await cli_async(capsys, "baseline", *flags, "--compare", "--json")
         assert judged.code == 0, judged.out + judged.err
         report = json.loads(judged.out)
         assert report["current"]["source"] == "prometheus"
@@ -602,24 +570,6 @@ async def test_baseline_from_prometheus(
         assert {row["verdict"] for row in report["criteria"]} == {"pass"}
         cost = report["deltas"]["cost_per_1k_queries_usd"]
         assert cost["v2"] == pytest.approx(cost["v1"] / 5)
-
-
-async def _acli(capsys: pytest.CaptureFixture[str], *argv: str) -> Outcome:
-    """``cli`` for async tests: the handler runs on the test's own event loop."""
-    from rag_service.cli import _add_spec_flags
-
-    parser = argparse.ArgumentParser(prog="embedshift")
-    commands = parser.add_subparsers(dest="command", required=True)
-    register(commands, _add_spec_flags)
-    args = parser.parse_args(list(argv))
-    capsys.readouterr()
-    try:
-        code: int = await args.handler(args)
-    except EmbedshiftError as exc:
-        print(f"embedshift: error: {exc}", file=sys.stderr)
-        code = exc.exit_code
-    captured = capsys.readouterr()
-    return Outcome(code, captured.out, captured.err)
 
 
 # ---- pure functions ---------------------------------------------------------------------------

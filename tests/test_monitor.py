@@ -3,7 +3,6 @@ its pure renderer on captured snapshots."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import io
 import json
@@ -20,8 +19,6 @@ import psycopg
 import pytest
 from rich.console import Console
 
-from rag_service import monitor
-from rag_service.errors import EmbedshiftError
 from rag_service.migrate import RunOptions, run_migration
 from rag_service.monitor import dashboard_metric, render_snapshot
 from rag_service.providers.local import LocalProvider
@@ -29,6 +26,7 @@ from rag_service.schema import setup
 from rag_service.service import ServiceSettings
 from rag_service.spec import DataPlaneSpec
 from rag_service.testing.corpus import corpus_spec, create_corpus
+from tests.helpers import cli_async
 from tests.helpers import flags as cli_flags
 from tests.service_harness import serving
 
@@ -37,46 +35,6 @@ MIGRATION = "rag/mon"
 DOCUMENTS = 90
 MIGRATED = 30
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@dataclass(frozen=True)
-class Outcome:
-    code: int
-    out: str
-    err: str
-
-
-def _parser() -> argparse.ArgumentParser:
-    from rag_service.cli import _add_spec_flags
-
-    parser = argparse.ArgumentParser(prog="embedshift")
-    commands = parser.add_subparsers(dest="command", required=True)
-    monitor.register(commands, _add_spec_flags)
-    return parser
-
-
-def run_cli(argv: list[str]) -> int:
-    """``embedshift monitor ...`` as it will run once cli.py calls ``register``."""
-    args = _parser().parse_args(argv)
-    try:
-        code: int = asyncio.run(args.handler(args))
-    except EmbedshiftError as exc:
-        print(f"embedshift: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    return code
-
-
-async def acli(capsys: pytest.CaptureFixture[str], *argv: str) -> Outcome:
-    """The command on the test's own event loop (where the service under test runs too)."""
-    args = _parser().parse_args(list(argv))
-    capsys.readouterr()
-    try:
-        code: int = await args.handler(args)
-    except EmbedshiftError as exc:
-        print(f"embedshift: error: {exc}", file=sys.stderr)
-        code = exc.exit_code
-    captured = capsys.readouterr()
-    return Outcome(code, captured.out, captured.err)
 
 
 def rendered(snapshot: dict[str, Any], width: int = 160) -> str:
@@ -130,7 +88,7 @@ def set_row(url: str, *, percentage: int, emergency: bool, reason: str = "") -> 
 
 
 async def test_one_snapshot_as_json(capsys: pytest.CaptureFixture[str], world: World) -> None:
-    result = await acli(capsys, "monitor", *world.flags, "--json")
+    result = await cli_async(capsys, "monitor", *world.flags, "--json")
     assert result.code == 0, result.err
     snapshot = json.loads(result.out)
     assert snapshot["migration"] == MIGRATION and snapshot["target"] == "local:hash@768"
@@ -150,7 +108,7 @@ async def test_emergency_shows_zero_effective_percentage(
     capsys: pytest.CaptureFixture[str], world: World
 ) -> None:
     set_row(world.url, percentage=50, emergency=True, reason="alert error_rate critical")
-    result = await acli(capsys, "monitor", *world.flags, "--json")
+    result = await cli_async(capsys, "monitor", *world.flags, "--json")
     routing = json.loads(result.out)["routing"]
     assert routing == {
         **routing,
@@ -159,7 +117,7 @@ async def test_emergency_shows_zero_effective_percentage(
         "emergency": True,
         "reason": "alert error_rate critical",
     }
-    text = await acli(capsys, "monitor", *world.flags)
+    text = await cli_async(capsys, "monitor", *world.flags)
     assert text.code == 0
     assert "EMERGENCY" in text.out and "alert error_rate critical" in text.out
 
@@ -178,7 +136,7 @@ async def test_monitor_reads_a_running_service(
                 headers={"X-Embedding-Version": version},
             )
             assert response.status_code == 200, response.text
-        result = await acli(
+        result = await cli_async(
             capsys, "monitor", *world.flags, "--service-url", svc.url, "--range", "1h", "--json"
         )
         assert result.code == 0, result.err
@@ -201,7 +159,7 @@ async def test_monitor_reads_a_running_service(
 async def test_unreachable_service_is_reported_not_fatal(
     capsys: pytest.CaptureFixture[str], world: World
 ) -> None:
-    result = await acli(
+    result = await cli_async(
         capsys, "monitor", *world.flags, "--service-url", "http://127.0.0.1:9", "--json"
     )
     assert result.code == 1  # something could not be read
@@ -212,22 +170,21 @@ async def test_unreachable_service_is_reported_not_fatal(
 
 
 async def test_mistakes(capsys: pytest.CaptureFixture[str], world: World) -> None:
-    bad_url = await acli(capsys, "monitor", *world.flags, "--service-url", "localhost:8080")
+    bad_url = await cli_async(capsys, "monitor", *world.flags, "--service-url", "localhost:8080")
     assert bad_url.code == 2 and "--service-url" in bad_url.err
     flags = [*world.flags[:-2], "--migration", "rag/other"]
-    no_row = await acli(capsys, "monitor", *flags, "--json")
+    no_row = await cli_async(capsys, "monitor", *flags, "--json")
     assert no_row.code == 1
     assert "no routing row for 'rag/other'" in json.loads(no_row.out)["errors"]["routing"]
 
 
 def test_continuous_json_until_ctrl_c(world: World) -> None:
-    """Real SIGINT to a real process: one JSON object per refresh, then exit code 0."""
-    code = "import sys; from tests.test_monitor import run_cli; sys.exit(run_cli(sys.argv[1:]))"
+    """Real SIGINT to a real `embedshift` process: one JSON object per refresh, then exit 0."""
     proc = subprocess.Popen(
         [
             sys.executable,
-            "-c",
-            code,
+            "-m",
+            "rag_service.cli",
             "monitor",
             *world.flags,
             "--continuous",
