@@ -62,7 +62,7 @@ from rag_service.providers import EmbeddingProvider, api_key_from_env, make_prov
 from rag_service.providers.base import Purpose
 from rag_service.providers.pricing import PriceTable
 from rag_service.routing import Version
-from rag_service.schema import Layout, connect, inspect_source, table_exists
+from rag_service.schema import Layout, connect, ident, inspect_source, table_exists
 from rag_service.search import (
     configure_connection,
     ef_search_for,
@@ -221,7 +221,7 @@ async def sample_cases(
         sql.SQL(
             "SELECT {text} FROM {src} s WHERE {where} "
             "ORDER BY md5(%(seed)s || {sid}::text) LIMIT %(count)s"
-        ).format(text=layout.s_text, src=layout.source.ident, where=where, sid=layout.s_id),
+        ).format(text=layout.s_text, src=ident(layout.source), where=where, sid=layout.s_id),
         {"seed": f"{seed}:", "count": count, "categories": list(categories)},
     )
     cases = [QueryCase(first_sentence(str(row[0]))) for row in await cur.fetchall()]
@@ -606,7 +606,7 @@ async def _coverage(conn: psycopg.AsyncConnection[Any], layout: Layout) -> tuple
     cur = await conn.execute(
         sql.SQL(
             "SELECT (SELECT count(*) FROM {tgt}), (SELECT count(*) FROM {src} s WHERE {text})"
-        ).format(tgt=layout.target.ident, src=layout.source.ident, text=layout.s_embeddable)
+        ).format(tgt=ident(layout.target), src=ident(layout.source), text=layout.s_embeddable)
     )
     row = await cur.fetchone()
     return (int(row[0]), int(row[1])) if row else (0, 0)

@@ -2,6 +2,8 @@
 
 Pure functions. A name that is not ``[A-Za-z_][A-Za-z0-9_$]*`` (≤ 63 bytes, PostgreSQL's limit)
 is refused rather than escaped, so a typo or an injection attempt fails loudly with the field name.
+No database library is imported here, so the spec (and the operator's pure core) load without
+psycopg; ``rag_service.schema.ident`` quotes a :class:`TableName` for SQL.
 """
 
 from __future__ import annotations
@@ -9,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-
-from psycopg import sql
 
 from rag_service.errors import ConfigError
 
@@ -54,10 +54,6 @@ class TableName:
     def sibling(self, name: str) -> TableName:
         """Another table in the same schema."""
         return TableName(name=name, schema=self.schema)
-
-    @property
-    def ident(self) -> sql.Identifier:
-        return sql.Identifier(self.schema, self.name) if self.schema else sql.Identifier(self.name)
 
     @property
     def regclass_text(self) -> str:

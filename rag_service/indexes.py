@@ -16,7 +16,15 @@ import psycopg
 from psycopg import sql
 
 from rag_service.errors import DatabaseError
-from rag_service.schema import Layout, Query, connect, first_line, inspect_source, table_exists
+from rag_service.schema import (
+    Layout,
+    Query,
+    connect,
+    first_line,
+    ident,
+    inspect_source,
+    table_exists,
+)
 from rag_service.spec import DataPlaneSpec
 
 log = logging.getLogger(__name__)
@@ -57,7 +65,7 @@ def index_statement(layout: Layout) -> Query:
         "(embedding {ops}) WITH ({params})"
     ).format(
         name=sql.Identifier(layout.index_name),
-        tgt=layout.target.ident,
+        tgt=ident(layout.target),
         method=sql.SQL(index.type),
         ops=sql.SQL(opclass(layout)),
         params=params,
@@ -105,7 +113,7 @@ async def build_index(
         state = await index_state(conn, layout)
         action = "created"
         drop = sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
-            layout.target.sibling(layout.index_name).ident
+            ident(layout.target.sibling(layout.index_name))
         )
         if state.exists and not state.valid:
             log.warning("index %s is INVALID (an interrupted build); rebuilding", state.name)
@@ -129,7 +137,7 @@ async def build_index(
                 "(rerun `embedshift migrate index` to repair)"
             ) from None
         # Fresh statistics, so the planner sizes the side table right for the first searches.
-        await conn.execute(sql.SQL("ANALYZE {}").format(layout.target.ident))
+        await conn.execute(sql.SQL("ANALYZE {}").format(ident(layout.target)))
         final = await index_state(conn, layout)
         if not final.valid:
             raise DatabaseError(f"index {layout.index_name} is still invalid after the build")

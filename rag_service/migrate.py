@@ -53,6 +53,7 @@ from rag_service.schema import (
     check_target_compatible,
     connect,
     first_line,
+    ident,
     inspect_source,
     table_exists,
 )
@@ -185,8 +186,8 @@ def pending_query(layout: Layout, options: RunOptions) -> Query:
         "WHERE {embeddable} AND {shard} AND {cats}\n"
         "  AND (t.id IS NULL OR t.content_hash <> {hash})"
     ).format(
-        src=layout.source.ident,
-        tgt=layout.target.ident,
+        src=ident(layout.source),
+        tgt=ident(layout.target),
         sid=layout.s_id,
         embeddable=layout.s_embeddable,
         shard=shard_filter(layout.s_id, options.shard),
@@ -218,7 +219,7 @@ class _Checkpoint:
             sql.SQL(
                 "SELECT last_id, completed_at IS NOT NULL FROM {} WHERE target_table = %s "
                 "AND shard_index = %s AND shard_count = %s AND categories = %s"
-            ).format(self._layout.checkpoint.ident),
+            ).format(ident(self._layout.checkpoint)),
             self.key,
         )
         row = await cur.fetchone()
@@ -233,7 +234,7 @@ class _Checkpoint:
                 "ON CONFLICT (target_table, shard_index, shard_count, categories) DO UPDATE SET "
                 "last_id = COALESCE(EXCLUDED.last_id, {}.last_id), "
                 "completed_at = EXCLUDED.completed_at, updated_at = now()"
-            ).format(self._layout.checkpoint.ident, sql.Identifier(self._layout.checkpoint.name)),
+            ).format(ident(self._layout.checkpoint), sql.Identifier(self._layout.checkpoint.name)),
             (*self.key, None if last_id is None else str(last_id), completed),
         )
 
@@ -305,8 +306,8 @@ class Worker:
                     text=layout.s_text,
                     cat=layout.s_category,
                     hash=layout.s_hash,
-                    src=layout.source.ident,
-                    tgt=layout.target.ident,
+                    src=ident(layout.source),
+                    tgt=ident(layout.target),
                     after=after_clause,
                     t_after=t_after,
                     embeddable=layout.s_embeddable,
@@ -350,9 +351,9 @@ class Worker:
                     sid_col=sql.Identifier(layout.id_column),
                     sid=layout.s_id,
                     embeddable=layout.s_embeddable,
-                    queue=layout.queue.ident,
-                    src=layout.source.ident,
-                    tgt=layout.target.ident,
+                    queue=ident(layout.queue),
+                    src=ident(layout.source),
+                    tgt=ident(layout.target),
                     after=after_clause,
                     shard=shard_filter(sql.SQL("q.id"), self.options.shard),
                     cats=_category_filter(layout, self.options.categories),
@@ -489,9 +490,9 @@ class Worker:
                         "UPDATE {tgt} t SET category = {cat} FROM {src} s "
                         "WHERE {sid} = t.id AND t.id = ANY(CAST(%s AS {idt}[]))"
                     ).format(
-                        tgt=layout.target.ident,
+                        tgt=ident(layout.target),
                         cat=layout.s_category,
-                        src=layout.source.ident,
+                        src=ident(layout.source),
                         sid=layout.s_id,
                         idt=self._id_type,
                     ),
@@ -503,9 +504,9 @@ class Worker:
                         "DELETE FROM {tgt} t WHERE t.id = ANY(CAST(%s AS {idt}[])) AND NOT EXISTS "
                         "(SELECT 1 FROM {src} s WHERE {sid} = t.id AND {embeddable})"
                     ).format(
-                        tgt=layout.target.ident,
+                        tgt=ident(layout.target),
                         idt=self._id_type,
-                        src=layout.source.ident,
+                        src=ident(layout.source),
                         sid=layout.s_id,
                         embeddable=layout.s_embeddable,
                     ),
@@ -518,7 +519,7 @@ class Worker:
                         "DELETE FROM {queue} q USING unnest(CAST(%s AS {idt}[]), "
                         "CAST(%s AS bigint[])) AS served(id, seq) "
                         "WHERE q.id = served.id AND q.seq = served.seq"
-                    ).format(queue=layout.queue.ident, idt=self._id_type),
+                    ).format(queue=ident(layout.queue), idt=self._id_type),
                     [[e[0] for e in batch.queue_entries], [e[1] for e in batch.queue_entries]],
                 )
             usage = embeddings.usage if embeddings is not None else None
@@ -532,7 +533,7 @@ class Worker:
                     "first_id, last_id, rows, skipped, tokens, cost_usd, by_category, worker, "
                     "started_at) VALUES (%s, %s, %s, %s, %s, 'done', %s, %s, %s, %s, %s, %s, "
                     "%s::jsonb, %s, %s)"
-                ).format(layout.status.ident),
+                ).format(ident(layout.status)),
                 [
                     self.migration,
                     str(layout.target),
@@ -589,7 +590,7 @@ class Worker:
         layout = self.layout
         cur = await self.writer.execute(
             sql.SQL("SELECT {sid}, {hash}, {cat} FROM {src} s WHERE {sid} = ANY(%s)").format(
-                sid=layout.s_id, hash=layout.s_hash, cat=layout.s_category, src=layout.source.ident
+                sid=layout.s_id, hash=layout.s_hash, cat=layout.s_category, src=ident(layout.source)
             ),
             [[r.id for r in rows]],
         )
@@ -601,7 +602,7 @@ class Worker:
         async with self.writer.cursor().copy(
             sql.SQL(
                 "COPY {} (id, embedding, content_hash, category) FROM STDIN (FORMAT BINARY)"
-            ).format(layout.target.ident)
+            ).format(ident(layout.target))
         ) as copy:
             await copy.write(
                 binary_copy.encode_rows(
@@ -659,9 +660,9 @@ class Worker:
                 sid=layout.s_id,
                 hash=layout.s_hash,
                 cat=layout.s_category,
-                src=layout.source.ident,
+                src=ident(layout.source),
                 idt=self._id_type,
-                tgt=layout.target.ident,
+                tgt=ident(layout.target),
             ),
             {"ids": [r.id for r in rows]},
         )
@@ -676,7 +677,7 @@ class Worker:
                     "INSERT INTO {} (migration, target_table, target, shard, phase, status, "
                     "first_id, last_id, rows, tokens, cost_usd, error, worker, started_at) VALUES "
                     "(%s, %s, %s, %s, %s, 'failed', %s, %s, 0, %s, %s, %s, %s, %s)"
-                ).format(self.layout.status.ident),
+                ).format(ident(self.layout.status)),
                 [
                     self.migration,
                     str(self.layout.target),
@@ -719,7 +720,7 @@ class Worker:
         spent = await _scalar(
             self.reader,
             sql.SQL("SELECT COALESCE(sum(cost_usd), 0) FROM {} WHERE target_table = %s").format(
-                self.layout.status.ident
+                ident(self.layout.status)
             ),
             [str(self.layout.target)],
         )
@@ -748,7 +749,7 @@ class Worker:
                 await _scalar(
                     self.reader,
                     sql.SQL("SELECT count(*) FROM {} q WHERE {}").format(
-                        self.layout.queue.ident, shard_filter(sql.SQL("q.id"), self.options.shard)
+                        ident(self.layout.queue), shard_filter(sql.SQL("q.id"), self.options.shard)
                     ),
                 )
                 or 0
@@ -871,7 +872,7 @@ async def plan_run(
         stale = (
             sql.SQL(
                 "NOT EXISTS (SELECT 1 FROM {tgt} t WHERE t.id = {sid} AND t.content_hash = {h})"
-            ).format(tgt=layout.target.ident, sid=layout.s_id, h=layout.s_hash)
+            ).format(tgt=ident(layout.target), sid=layout.s_id, h=layout.s_hash)
             if setup_done
             else sql.SQL("true")
         )
@@ -892,7 +893,7 @@ async def plan_run(
             ).format(
                 cat=layout.s_category,
                 text=layout.s_text,
-                src=layout.source.ident,
+                src=ident(layout.source),
                 where=where,
                 sid=layout.s_id,
                 limit=limit,
@@ -907,7 +908,7 @@ async def plan_run(
                 sid=layout.s_id,
                 cat=layout.s_category,
                 text=layout.s_text,
-                src=layout.source.ident,
+                src=ident(layout.source),
                 where=where,
             ),
             [min(sample_size, options.limit or sample_size)],

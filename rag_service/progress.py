@@ -13,7 +13,7 @@ import psycopg
 from psycopg import sql
 
 from rag_service.errors import DatabaseError
-from rag_service.schema import Layout, connect, inspect_source, table_exists
+from rag_service.schema import Layout, connect, ident, inspect_source, table_exists
 from rag_service.spec import DataPlaneSpec
 
 
@@ -82,8 +82,8 @@ async def category_counts(
             cat=layout.s_category,
             embeddable=layout.s_embeddable,
             hash=layout.s_hash,
-            src=layout.source.ident,
-            tgt=layout.target.ident,
+            src=ident(layout.source),
+            tgt=ident(layout.target),
             sid=layout.s_id,
         )
     )
@@ -91,7 +91,7 @@ async def category_counts(
 
 
 async def count_rows(conn: psycopg.AsyncConnection[Any], table: Any) -> int:
-    cur = await conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table.ident))
+    cur = await conn.execute(sql.SQL("SELECT count(*) FROM {}").format(ident(table)))
     row = await cur.fetchone()
     return int(row[0]) if row else 0
 
@@ -122,7 +122,7 @@ async def migration_progress(
                 " count(*) FILTER (WHERE status = 'failed'),"
                 " COALESCE(sum(tokens), 0), COALESCE(sum(cost_usd), 0)"
                 " FROM {} WHERE target_table = %s"
-            ).format(layout.status.ident),
+            ).format(ident(layout.status)),
             [str(layout.target)],
         )
         row = await cur.fetchone()
@@ -133,7 +133,7 @@ async def migration_progress(
             sql.SQL(
                 "SELECT finished_at, shard, first_id, last_id, error FROM {} "
                 "WHERE target_table = %s AND status = 'failed' ORDER BY id DESC LIMIT %s"
-            ).format(layout.status.ident),
+            ).format(ident(layout.status)),
             [str(layout.target), errors],
         )
         progress.recent_errors = [

@@ -27,7 +27,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from rag_service.identifiers import TableName
 from rag_service.providers.base import EmbeddingProvider, Purpose, Usage, Vectors
-from rag_service.schema import QUERY_CACHE_TABLE
+from rag_service.schema import QUERY_CACHE_TABLE, ident
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class QueryCache:
                     sql.SQL(
                         "SELECT embedding FROM {} WHERE descriptor = %s AND query_hash = %s "
                         "AND created_at > now() - make_interval(secs => %s)"
-                    ).format(self._table.ident),
+                    ).format(ident(self._table)),
                     [descriptor, key, self._ttl],
                     binary=True,
                 )
@@ -175,7 +175,7 @@ class QueryCache:
                             "INSERT INTO {} (descriptor, query_hash, embedding) VALUES {} "
                             "ON CONFLICT (descriptor, query_hash) DO UPDATE "
                             "SET embedding = EXCLUDED.embedding, created_at = now()"
-                        ).format(self._table.ident, values),
+                        ).format(ident(self._table), values),
                         [field for row in rows for field in row],
                         binary=True,
                     )

@@ -20,7 +20,7 @@ import psycopg
 from psycopg import sql
 
 from rag_service.identifiers import TableName
-from rag_service.schema import ROLLOUT_CHANNEL, ROLLOUT_TABLE
+from rag_service.schema import ROLLOUT_CHANNEL, ROLLOUT_TABLE, ident
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ async def read_row(
     cur = await conn.execute(
         sql.SQL(
             "SELECT percentage, emergency, reason, updated_at FROM {} WHERE migration = %s"
-        ).format(table.ident),
+        ).format(ident(table)),
         [migration],
     )
     row = await cur.fetchone()
@@ -67,7 +67,7 @@ async def declare_emergency(
                 "INSERT INTO {} (migration, percentage, emergency, reason) VALUES (%s, 0, true, %s)"
                 " ON CONFLICT (migration) DO UPDATE SET emergency = true, reason = EXCLUDED.reason,"
                 " updated_at = now()"
-            ).format(table.ident),
+            ).format(ident(table)),
             [migration, reason],
         )
         await conn.execute("SELECT pg_notify(%s, %s)", [ROLLOUT_CHANNEL, migration])

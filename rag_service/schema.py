@@ -45,6 +45,11 @@ _LOCK_TIMEOUT = "2s"
 _LOCK_ATTEMPTS = 6
 
 
+def ident(table: TableName) -> sql.Identifier:
+    """``table`` as a quoted, possibly schema-qualified SQL identifier."""
+    return sql.Identifier(table.schema, table.name) if table.schema else sql.Identifier(table.name)
+
+
 @dataclass(frozen=True)
 class Layout:
     """Resolved names and catalog facts for one (source table, target model). Immutable."""
@@ -272,9 +277,9 @@ async def existing_vector_type(conn: psycopg.AsyncConnection[Any], layout: Layou
 
 def setup_statements(layout: Layout, *, migration: str) -> list[Query]:
     """The idempotent DDL ``setup`` runs, in order. Pure."""
-    src = layout.source.ident
-    tgt = layout.target.ident
-    queue = layout.queue.ident
+    src = ident(layout.source)
+    tgt = ident(layout.target)
+    queue = ident(layout.queue)
     sid = sql.Identifier(layout.id_column)
     id_type = sql.SQL(layout.id_type)
     statements: list[Query] = [
@@ -297,7 +302,7 @@ def setup_statements(layout: Layout, *, migration: str) -> list[Query]:
             vtype=layout.vector_type,
             model=sql.Literal(layout.target_spec.descriptor),
         ),
-        sql.SQL("CREATE SEQUENCE IF NOT EXISTS {}").format(layout.queue_seq.ident),
+        sql.SQL("CREATE SEQUENCE IF NOT EXISTS {}").format(ident(layout.queue_seq)),
         sql.SQL(
             "CREATE TABLE IF NOT EXISTS {queue} (\n"
             "    id {id_type} PRIMARY KEY REFERENCES {src} ({sid})"
@@ -316,7 +321,7 @@ def setup_statements(layout: Layout, *, migration: str) -> list[Query]:
                 sql.Identifier(c) for c in (layout.text_column, layout.category_column) if c
             ),
             src=src,
-            fn=layout.trigger_function.ident,
+            fn=ident(layout.trigger_function),
         ),
         sql.SQL(
             "CREATE TABLE IF NOT EXISTS {status} (\n"
@@ -339,9 +344,9 @@ def setup_statements(layout: Layout, *, migration: str) -> list[Query]:
             "    started_at timestamptz NOT NULL,\n"
             "    finished_at timestamptz NOT NULL DEFAULT now()\n"
             ")"
-        ).format(status=layout.status.ident),
+        ).format(status=ident(layout.status)),
         sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (target_table, status, id)").format(
-            sql.Identifier(derived_identifier(STATUS_TABLE, "target")), layout.status.ident
+            sql.Identifier(derived_identifier(STATUS_TABLE, "target")), ident(layout.status)
         ),
         sql.SQL(
             "CREATE TABLE IF NOT EXISTS {} (\n"
@@ -354,7 +359,7 @@ def setup_statements(layout: Layout, *, migration: str) -> list[Query]:
             "    updated_at timestamptz NOT NULL DEFAULT now(),\n"
             "    PRIMARY KEY (target_table, shard_index, shard_count, categories)\n"
             ")"
-        ).format(layout.checkpoint.ident),
+        ).format(ident(layout.checkpoint)),
         sql.SQL(
             "CREATE TABLE IF NOT EXISTS {} (\n"
             "    migration text PRIMARY KEY,\n"
@@ -365,14 +370,14 @@ def setup_statements(layout: Layout, *, migration: str) -> list[Query]:
             "    target jsonb,\n"
             "    updated_at timestamptz NOT NULL DEFAULT now()\n"
             ")"
-        ).format(layout.rollout.ident),
+        ).format(ident(layout.rollout)),
         query_cache_table(layout.source.schema),
         sql.SQL(
             "INSERT INTO {} (migration, percentage, source, target) VALUES ({}, 0, {}, {})\n"
             "    ON CONFLICT (migration) DO UPDATE\n"
             "    SET source = EXCLUDED.source, target = EXCLUDED.target, updated_at = now()"
         ).format(
-            layout.rollout.ident,
+            ident(layout.rollout),
             sql.Literal(migration),
             sql.Literal(json.dumps(_source_descriptor(layout))),
             sql.Literal(json.dumps(_target_descriptor(layout))),
@@ -391,7 +396,7 @@ def query_cache_table(schema: str | None) -> Query:
         "    created_at timestamptz NOT NULL DEFAULT now(),\n"
         "    PRIMARY KEY (descriptor, query_hash)\n"
         ")"
-    ).format(TableName(QUERY_CACHE_TABLE, schema).ident)
+    ).format(ident(TableName(QUERY_CACHE_TABLE, schema)))
 
 
 def _source_descriptor(layout: Layout) -> dict[str, Any]:
@@ -439,11 +444,11 @@ def _trigger_function(layout: Layout) -> Query:
         "END\n"
         "$embedshift$"
     ).format(
-        fn=layout.trigger_function.ident,
+        fn=ident(layout.trigger_function),
         changed=sql.SQL(" OR ").join(changed),
-        queue=layout.queue.ident,
+        queue=ident(layout.queue),
         sid=sql.Identifier(layout.id_column),
-        seq=sql.Literal(str(layout.queue_seq.ident.as_string())),
+        seq=sql.Literal(str(ident(layout.queue_seq).as_string())),
     )
 
 

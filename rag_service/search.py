@@ -20,7 +20,7 @@ from psycopg import sql
 from rag_service.errors import ConfigError
 from rag_service.providers.base import Vectors
 from rag_service.routing import Version
-from rag_service.schema import Layout, Query
+from rag_service.schema import Layout, Query, ident
 from rag_service.spec import EmbeddingSpec
 
 
@@ -55,8 +55,8 @@ def search_statement(layout: Layout, version: Version, *, category: bool) -> Que
         ).format(
             text=layout.s_text,
             vtype=vtype,
-            tgt=layout.target.ident,
-            src=layout.source.ident,
+            tgt=ident(layout.target),
+            src=ident(layout.source),
             sid=layout.s_id,
             hash=layout.s_hash,
             where=where if category else sql.SQL(""),
@@ -80,7 +80,7 @@ def search_statement(layout: Layout, version: Version, *, category: bool) -> Que
         text=layout.s_text,
         cat=layout.s_category,
         col=column,
-        src=layout.source.ident,
+        src=ident(layout.source),
         where=where if category else sql.SQL(""),
     )
 

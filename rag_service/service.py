@@ -39,7 +39,7 @@ from rag_service.providers.pricing import PriceTable
 from rag_service.query_cache import QueryCache, normalise_query
 from rag_service.rollout_row import RoutingFollower, declare_emergency
 from rag_service.routing import Version, choose, parse_forced, request_bucket
-from rag_service.schema import Layout, first_line, inspect_source, layout_for
+from rag_service.schema import Layout, first_line, ident, inspect_source, layout_for
 from rag_service.search import Hit, configure_connection, ef_search_for, search
 from rag_service.shadow import ShadowComparer, ShadowJob, ShadowResult
 from rag_service.spec import DataPlaneSpec
@@ -499,7 +499,7 @@ def _routes(app: FastAPI, settings: ServiceSettings) -> None:
                     }
                     cur = await conn.execute(
                         psycopg.sql.SQL("SELECT count(*) FROM {}").format(
-                            service.layout.queue.ident
+                            ident(service.layout.queue)
                         )
                     )
                     queued = (await cur.fetchone() or (0,))[0]

@@ -15,7 +15,7 @@ from psycopg import sql
 
 from rag_service.indexes import index_state, opclass
 from rag_service.progress import CategoryCounts, category_counts, count_rows, open_layout
-from rag_service.schema import Layout, connect
+from rag_service.schema import Layout, connect, ident
 from rag_service.search import ef_search_for
 from rag_service.spec import DataPlaneSpec
 
@@ -118,7 +118,7 @@ async def _vector_checks(
             "       count(*) FILTER (WHERE vector_dims(t.embedding::vector) <> %s),\n"
             "       count(*) FILTER (WHERE abs({norm} - 1) > %s)\n"
             "FROM {tgt} t"
-        ).format(norm=_norm(layout), tgt=layout.target.ident),
+        ).format(norm=_norm(layout), tgt=ident(layout.target)),
         [dims, NORM_TOLERANCE],
     )
     nulls, wrong_dims, off_norm = await cur.fetchone() or (0, 0, 0)
@@ -166,7 +166,7 @@ async def _recall(
         )
         return
     cur = await conn.execute(
-        sql.SQL("SELECT id FROM {} ORDER BY random() LIMIT %s").format(layout.target.ident),
+        sql.SQL("SELECT id FROM {} ORDER BY random() LIMIT %s").format(ident(layout.target)),
         [sample],
     )
     query_ids = [r[0] for r in await cur.fetchall()]
@@ -176,7 +176,7 @@ async def _recall(
     knn = sql.SQL(
         "SELECT t.id FROM {tgt} t ORDER BY t.embedding <=> "
         "(SELECT embedding FROM {tgt} WHERE id = %s) LIMIT %s"
-    ).format(tgt=layout.target.ident)
+    ).format(tgt=ident(layout.target))
     ef_search = ef_search_for(layout.target_spec, ef_search)  # as the service searches
     hits = total = 0
     for qid in query_ids:

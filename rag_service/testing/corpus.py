@@ -18,6 +18,7 @@ from psycopg import sql
 
 from rag_service.identifiers import TableName
 from rag_service.providers.local import HashEmbedder
+from rag_service.schema import ident
 from rag_service.spec import DataPlaneSpec, EmbeddingSpec
 
 CATEGORIES = ("facilities", "pricing", "events")
@@ -98,12 +99,12 @@ def create_corpus(
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
         register_vector(conn)
-        conn.execute(sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(name.ident))
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(ident(name)))
         conn.execute(
             sql.SQL(
                 "CREATE TABLE {} (id bigint PRIMARY KEY, content text, category text NOT NULL{})"
             ).format(
-                name.ident,
+                ident(name),
                 sql.SQL(", embedding vector({})").format(sql.Literal(source_dimensions))
                 if source_dimensions
                 else sql.SQL(""),
@@ -116,7 +117,7 @@ def create_corpus(
                 columns = "id, content, category" + (", embedding" if embedder else "")
                 with cur.copy(
                     sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
-                        name.ident, sql.SQL(columns)
+                        ident(name), sql.SQL(columns)
                     )
                 ) as copy:
                     if embedder is None:
@@ -128,7 +129,7 @@ def create_corpus(
                     vectors = embedder.embed([text for _, text, _ in part])
                     for (doc_id, text, category), vector in zip(part, vectors, strict=True):
                         copy.write_row((doc_id, text, category, np.asarray(vector)))
-        conn.execute(sql.SQL("ANALYZE {}").format(name.ident))
+        conn.execute(sql.SQL("ANALYZE {}").format(ident(name)))
     return name
 
 
