@@ -1,0 +1,702 @@
+"""The whole ``EmbeddingMigration`` resource, spec and status, as typed frozen pydantic models.
+
+Pure: no I/O, no clock, no kopf or kubernetes. The kopf operator and the local driver
+(``embedshift rollout run``) parse the same YAML into :class:`EmbeddingMigration`; the CRD in
+``crds/`` is generated from these models (``embedshift_operator.crd``), and a test keeps them in
+step. Defaults are the migration guide's numbers: steps 10 → 25 → 50 → 75 → 100 % with 72 h each
+and 48 h at 100 %, the guide's success criteria and rollback thresholds (``rag_service.criteria``).
+
+Field names are the resource's camelCase names (``minDuration``); Python uses snake_case.
+Durations are Go-style strings (``72h``, ``30s``, ``1h30m``), as Kubernetes and Flagger write them.
+Every validation error names the field path and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from datetime import datetime, timedelta
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from rag_service.criteria import (
+    DEFAULT_ROLLBACK_THRESHOLDS,
+    DEFAULT_SUCCESS_CRITERIA,
+    METRICS,
+    Bound,
+    CriterionDefault,
+    MetricSource,
+    Verdict,
+)
+from rag_service.errors import ConfigError
+from rag_service.spec import (
+    API_VERSION,
+    KIND,
+    DatabaseSpec,
+    DataPlaneSpec,
+    EmbeddingSpec,
+    MigrationSpec,
+    SecretKeyRef,
+    validation_message,
+)
+
+__all__ = [
+    "API_VERSION",
+    "KIND",
+    "AnalysisSpec",
+    "AnalysisStatus",
+    "CleanupSpec",
+    "Condition",
+    "ConditionType",
+    "Criterion",
+    "CriterionKind",
+    "CriterionResult",
+    "EmbeddingMigration",
+    "EmbeddingMigrationSpec",
+    "EmbeddingMigrationStatus",
+    "HistoryEntry",
+    "JobKind",
+    "JobRecord",
+    "JobState",
+    "MigrationProgress",
+    "Phase",
+    "PrometheusSpec",
+    "RolloutSpec",
+    "RolloutStep",
+    "SpecHash",
+    "VerificationStatus",
+    "load_migration",
+    "parse_duration",
+    "parse_migration",
+    "spec_hash",
+]
+
+HISTORY_LIMIT = 50  # status.history keeps the newest entries: enough to tell a rollout's story
+MAX_STEPS = 20
+MAX_CRITERIA = 32
+
+# ---- durations --------------------------------------------------------------------------------
+
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)(h|ms|m|s))+$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(h|ms|m|s)")
+_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+def parse_duration(value: str) -> timedelta:
+    """A Go-style duration (``72h``, ``30s``, ``1h30m``, ``500ms``) as a timedelta. Pure.
+
+    Days are not a Go unit (a day is not always 24 h); write ``168h`` for a week.
+    """
+    if not isinstance(value, str) or not _DURATION.match(value):
+        raise ValueError(
+            f"{value!r} is not a duration; write it as Go does, e.g. 30s, 5m, 72h or 1h30m "
+            "(units h, m, s, ms; no days: 168h is a week)"
+        )
+    seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(value))
+    return timedelta(seconds=seconds)
+
+
+def _positive_duration(value: str) -> str:
+    if parse_duration(value) <= timedelta(0):
+        raise ValueError(f"{value!r} must be longer than zero")
+    return value
+
+
+def _non_negative_duration(value: str) -> str:
+    parse_duration(value)
+    return value
+
+
+Duration = Annotated[str, AfterValidator(_positive_duration)]
+NonNegativeDuration = Annotated[str, AfterValidator(_non_negative_duration)]
+
+# ---- spec -------------------------------------------------------------------------------------
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+class RolloutStep(_Model):
+    """One step: route ``percentage`` % of users to v2 for at least ``minDuration``."""
+
+    percentage: int = Field(
+        ge=1, le=100, description="Share of users (sticky buckets) routed to v2, 1–100."
+    )
+    min_duration: NonNegativeDuration = Field(
+        default="72h",
+        description="Least time at this step before it may be promoted (Go duration, e.g. 72h).",
+    )
+
+
+def _guide_schedule() -> list[RolloutStep]:
+    # The guide's "Rollout Schedule": days 1-3, 4-6, 7-9, 10-12 and 13-14.
+    return [
+        RolloutStep(percentage=10, min_duration="72h"),
+        RolloutStep(percentage=25, min_duration="72h"),
+        RolloutStep(percentage=50, min_duration="72h"),
+        RolloutStep(percentage=75, min_duration="72h"),
+        RolloutStep(percentage=100, min_duration="48h"),
+    ]
+
+
+class RolloutSpec(_Model):
+    """How traffic moves to v2: the steps, a ceiling, a pause switch and the sticky key."""
+
+    steps: list[RolloutStep] = Field(
+        default_factory=_guide_schedule,
+        min_length=1,
+        max_length=MAX_STEPS,
+        description="Percentages strictly increasing within 1–100 and ending at 100, each "
+        "with its minDuration. Default: the guide's 10/25/50/75 % for 72h each, 100 % for 48h.",
+    )
+    max_percentage: int = Field(
+        default=100,
+        ge=0,
+        le=100,
+        description="Ceiling on the effective percentage, applied at once. 0 is a manual "
+        "rollback (commit it to Git); raising it again retries from the first step.",
+    )
+    paused: bool = Field(
+        default=False,
+        description="Hold the current step. Rollback thresholds still act while paused.",
+    )
+    sticky_key: str = Field(
+        default="X-User-Id",
+        min_length=1,
+        pattern=r"^[A-Za-z0-9-]+$",
+        description="Request header whose value picks the user's bucket (sticky routing).",
+    )
+
+    @field_validator("steps")
+    @classmethod
+    def _increasing(cls, steps: list[RolloutStep]) -> list[RolloutStep]:
+        for i, (before, after) in enumerate(itertools.pairwise(steps), start=1):
+            if after.percentage <= before.percentage:
+                raise ValueError(
+                    f"step {i} ({after.percentage} %) must be above step {i - 1} "
+                    f"({before.percentage} %): percentages strictly increase"
+                )
+        if steps and steps[-1].percentage != 100:
+            raise ValueError(
+                f"the last step is {steps[-1].percentage} %; end the steps at 100 "
+                "(use maxPercentage to stop lower)"
+            )
+        return steps
+
+
+class PrometheusSpec(_Model):
+    """Where the analysis reads the metric contract."""
+
+    url: str = Field(
+        min_length=1,
+        pattern=r"^https?://[^\s/]+.*$",
+        description="Prometheus base URL (http:// or https://), including any route prefix.",
+    )
+    bearer_token_secret_ref: SecretKeyRef | None = Field(
+        default=None, description="Secret key holding a bearer token for Prometheus, if needed."
+    )
+
+
+class CriterionKind(str, Enum):
+    SUCCESS = "success"  # must pass to promote
+    ROLLBACK = "rollback"  # breached → RolledBack
+
+
+_NAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+
+
+class Criterion(_Model):
+    """One check: a built-in ``metric`` or a custom PromQL ``query``, and where it must lie."""
+
+    name: str = Field(
+        pattern=_NAME,
+        description="Unique name in this analysis (lowercase letters, digits and '-').",
+    )
+    metric: str | None = Field(
+        default=None,
+        description="A built-in metric of the contract: "
+        + ", ".join(METRICS)
+        + ". Scoped to this migration and the analysis window.",
+    )
+    query: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Custom PromQL returning one number; {{ migration }}, {{ namespace }}, "
+        "{{ name }} and {{ window }} are filled in.",
+    )
+    min: float | None = Field(default=None, description="Passes when the value is ≥ min.")
+    max: float | None = Field(default=None, description="Passes when the value is ≤ max.")
+    max_ratio_to_v1: float | None = Field(
+        default=None,
+        alias="maxRatioToV1",
+        gt=0,
+        description="Passes when v2's value ≤ this × v1's, measured in the same check "
+        "(built-in metrics only).",
+    )
+    for_: int = Field(
+        default=1,
+        alias="for",
+        ge=1,
+        le=100,
+        description="Consecutive failing checks before it counts (rollback thresholds: "
+        "breaches before rolling back).",
+    )
+    dry_run: bool = Field(
+        default=False, description="Evaluate and record the verdict, never act on it."
+    )
+
+    @field_validator("query")
+    @classmethod
+    def _query_not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("query is empty; write a PromQL expression or use metric")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source_one_bound(self) -> Criterion:
+        if (self.metric is None) == (self.query is None):
+            raise ValueError(
+                f"criterion {self.name!r}: set exactly one of metric (built-in) and query (PromQL)"
+            )
+        if self.metric is not None and self.metric not in METRICS:
+            raise ValueError(
+                f"criterion {self.name!r}: unknown metric {self.metric!r}; use one of "
+                + ", ".join(METRICS)
+                + ", or a custom query"
+            )
+        bounds = [b for b in (self.min, self.max, self.max_ratio_to_v1) if b is not None]
+        if len(bounds) != 1:
+            raise ValueError(
+                f"criterion {self.name!r}: set exactly one of min, max and maxRatioToV1 "
+                f"(got {len(bounds)})"
+            )
+        if self.max_ratio_to_v1 is not None and (
+            self.metric is None or METRICS[self.metric].source is not MetricSource.PROMETHEUS
+        ):
+            raise ValueError(
+                f"criterion {self.name!r}: maxRatioToV1 compares v2 with v1 and needs a "
+                "built-in Prometheus metric; use min or max with a custom query"
+            )
+        return self
+
+    @property
+    def bound(self) -> Bound:
+        return Bound(min=self.min, max=self.max, max_ratio_to_v1=self.max_ratio_to_v1)
+
+    @classmethod
+    def from_default(cls, default: CriterionDefault) -> Criterion:
+        b = default.bound
+        return cls(
+            name=default.name,
+            metric=default.metric,
+            min=b.min,
+            max=b.max,
+            max_ratio_to_v1=b.max_ratio_to_v1,
+        )
+
+
+def _default_success() -> list[Criterion]:
+    return [Criterion.from_default(c) for c in DEFAULT_SUCCESS_CRITERIA]
+
+
+def _default_rollback() -> list[Criterion]:
+    return [Criterion.from_default(c) for c in DEFAULT_ROLLBACK_THRESHOLDS]
+
+
+class AnalysisSpec(_Model):
+    """When v2 may take more traffic, and when it must give it all back."""
+
+    prometheus: PrometheusSpec | None = Field(
+        default=None,
+        description="The Prometheus that scrapes rag_service. Without it nothing can pass, "
+        "so the rollout holds at its first step.",
+    )
+    interval: Duration = Field(
+        default="30s",
+        description="Time between checks (half of Flagger's default, so a breach is acted on "
+        "sooner).",
+    )
+    window: Duration = Field(
+        default="5m", description="Range of each query (PromQL [window]), e.g. 5m."
+    )
+    min_requests: int = Field(
+        default=100,
+        ge=0,
+        description="v2 requests in the window below which every criterion is nodata: low "
+        "traffic never promotes on noise.",
+    )
+    successful_checks: int = Field(
+        default=3,
+        ge=1,
+        le=1000,
+        description="Consecutive checks where every success criterion passes needed to promote.",
+    )
+    success_criteria: list[Criterion] = Field(
+        default_factory=_default_success,
+        max_length=MAX_CRITERIA,
+        description="All must pass to promote. Default: the guide's success criteria.",
+    )
+    rollback_thresholds: list[Criterion] = Field(
+        default_factory=_default_rollback,
+        max_length=MAX_CRITERIA,
+        description="A criterion failing its 'for' consecutive checks rolls v2 back to 0 %. "
+        "Default: v2 error rate > 10 %, v2 p95 > 1.2 s.",
+    )
+    no_data: Literal["hold", "fail"] = Field(
+        default="hold",
+        description="nodata on a success criterion: hold (never promotes) or fail (also "
+        "counts against a rollback threshold).",
+    )
+    on_error: Literal["hold", "rollback"] = Field(
+        default="hold",
+        description="When the metric source fails (Prometheus down): hold, or roll back.",
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> AnalysisSpec:
+        seen: set[str] = set()
+        for criterion in (*self.success_criteria, *self.rollback_thresholds):
+            if criterion.name in seen:
+                raise ValueError(
+                    f"criterion name {criterion.name!r} is used twice; names must be unique "
+                    "across successCriteria and rollbackThresholds"
+                )
+            seen.add(criterion.name)
+        return self
+
+    def criteria(self) -> list[tuple[CriterionKind, Criterion]]:
+        """Every criterion with its kind, success criteria first."""
+        return [(CriterionKind.SUCCESS, c) for c in self.success_criteria] + [
+            (CriterionKind.ROLLBACK, c) for c in self.rollback_thresholds
+        ]
+
+
+class CleanupSpec(_Model):
+    """What happens to the source vectors after success. Nothing is destroyed unless asked."""
+
+    retain_source_for: NonNegativeDuration = Field(
+        default="168h",
+        description="Keep the v1 column this long after Succeeded (the guide's week of backup).",
+    )
+    drop_source: bool = Field(
+        default=False,
+        description="Drop the v1 embedding column after retainSourceFor. Default false.",
+    )
+
+
+class EmbeddingMigrationSpec(_Model):
+    """``spec``: the data plane (rag_service's models) plus the rollout it is carried through."""
+
+    database: DatabaseSpec = Field(description="The source table and how to reach it.")
+    source: EmbeddingSpec | None = Field(
+        default=None, description="The model behind the existing (v1) vectors."
+    )
+    target: EmbeddingSpec = Field(description="The model to re-embed into (v2).")
+    migration: MigrationSpec = Field(
+        default_factory=MigrationSpec, description="How the re-embedding Jobs run."
+    )
+    rollout: RolloutSpec = Field(
+        default_factory=RolloutSpec, description="How traffic moves to v2."
+    )
+    analysis: AnalysisSpec = Field(
+        default_factory=AnalysisSpec, description="When traffic may move, and when it goes back."
+    )
+    cleanup: CleanupSpec = Field(
+        default_factory=CleanupSpec, description="What happens to v1 after success."
+    )
+
+    @field_validator("target")
+    @classmethod
+    def _indexable(cls, target: EmbeddingSpec) -> EmbeddingSpec:
+        try:
+            target.check_indexable(field="target")
+        except ConfigError as exc:
+            raise ValueError(str(exc).removeprefix("target.")) from None
+        return target
+
+    @property
+    def data_plane(self) -> DataPlaneSpec:
+        """The part rag_service's commands read (``migrate``, ``serve``, ``verify``…)."""
+        return DataPlaneSpec(
+            database=self.database,
+            source=self.source,
+            target=self.target,
+            migration=self.migration,
+        )
+
+
+# ---- status -----------------------------------------------------------------------------------
+
+
+class Phase(str, Enum):
+    PENDING = "Pending"
+    PREPARING = "Preparing"  # migrate setup
+    MIGRATING = "Migrating"  # migrate run, one Job per shard
+    INDEXING = "Indexing"  # migrate index
+    VERIFYING = "Verifying"  # migrate verify
+    PROGRESSING = "Progressing"  # stepping the percentage up
+    PAUSED = "Paused"  # spec.rollout.paused while progressing
+    PROMOTED = "Promoted"  # 100 %, held for the last step's minDuration
+    SUCCEEDED = "Succeeded"
+    ROLLED_BACK = "RolledBack"
+    FAILED = "Failed"
+
+    @property
+    def routes_v2(self) -> bool:
+        """Only these phases send users to v2."""
+        return self in (Phase.PROGRESSING, Phase.PAUSED, Phase.PROMOTED, Phase.SUCCEEDED)
+
+
+class JobKind(str, Enum):
+    SETUP = "setup"
+    MIGRATE = "migrate"
+    INDEX = "index"
+    VERIFY = "verify"
+
+
+class JobState(str, Enum):
+    PENDING = "Pending"  # decided, not yet seen running
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"  # failed past its retries
+
+
+class _Status(BaseModel):
+    # Status is written by the control plane; unknown fields from a newer operator are kept out.
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True
+    )
+
+
+class JobRecord(_Status):
+    """A Job the control plane launched for this resource (deterministic name)."""
+
+    name: str = Field(description="Job name (deterministic: launching it twice is a no-op).")
+    kind: JobKind = Field(description="setup, migrate, index or verify.")
+    shard: int | None = Field(default=None, description="Shard index of a migrate Job.")
+    state: JobState = Field(default=JobState.PENDING, description="Last observed state.")
+    attempt: int = Field(
+        default=1, ge=1, description="Run of this Job for the current data-plane hash."
+    )
+    message: str = Field(default="", description="Last error of a failed Job, one line.")
+
+
+class CategoryProgress(_Status):
+    total: int = Field(default=0, description="Source rows with text in this category.")
+    migrated: int = Field(default=0, description="Rows with a current v2 vector.")
+
+
+class MigrationProgress(_Status):
+    """Where the re-embedding stands, as last read from the database."""
+
+    total: int = Field(default=0, description="Source rows with text to embed.")
+    migrated: int = Field(default=0, description="Rows with a current v2 vector.")
+    pending: int = Field(default=0, description="Rows without a current v2 vector.")
+    failed: int = Field(default=0, description="Failed batches recorded in the status table.")
+    oldest_pending_seconds: float | None = Field(
+        default=None, description="Age of the oldest queued change (the follower's lag)."
+    )
+    by_category: dict[str, CategoryProgress] = Field(
+        default_factory=dict, description="Progress per category."
+    )
+    jobs: list[JobRecord] = Field(default_factory=list, description="Jobs of the migration.")
+
+
+class VerificationStatus(_Status):
+    ok: bool = Field(description="Whether every check of migrate verify passed.")
+    time: datetime = Field(description="When the verification finished.")
+    failed_checks: list[str] = Field(
+        default_factory=list, description="Names of failed checks, with their detail."
+    )
+
+
+class CriterionResult(_Status):
+    name: str = Field(description="The criterion's name.")
+    kind: CriterionKind = Field(description="success or rollback.")
+    query: str = Field(default="", description="The rendered query (or the observation read).")
+    value: float | None = Field(default=None, description="v2's value; null when no data.")
+    bound: str = Field(default="", description="Where the value must lie, e.g. ≤ 0.8.")
+    verdict: Verdict = Field(description="pass, fail, nodata or error.")
+    dry_run: bool = Field(default=False, description="Recorded only, never acted on.")
+    message: str = Field(default="", description="Why: the error, or the v1 value compared.")
+
+
+class AnalysisStatus(_Status):
+    time: datetime | None = Field(default=None, description="When the last check ran.")
+    consecutive_passes: int = Field(
+        default=0, description="Consecutive checks where every success criterion passed."
+    )
+    streaks: dict[str, int] = Field(
+        default_factory=dict,
+        description="Consecutive failing checks per criterion (compared with its 'for').",
+    )
+    results: list[CriterionResult] = Field(
+        default_factory=list, description="The last check, criterion by criterion."
+    )
+
+
+class ConditionType(str, Enum):
+    READY = "Ready"
+    MIGRATED = "Migrated"
+    VERIFIED = "Verified"
+    ANALYSIS_PASSING = "AnalysisPassing"
+    ROLLED_BACK = "RolledBack"
+
+
+class Condition(_Status):
+    type: ConditionType = Field(description="Ready, Migrated, Verified, AnalysisPassing, ...")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(description="CamelCase reason.")
+    message: str = Field(default="", description="What happened, for people.")
+    last_transition_time: datetime = Field(description="When status last changed.")
+
+
+class HistoryEntry(_Status):
+    time: datetime = Field(description="When the transition happened.")
+    phase: Phase = Field(description="The phase entered.")
+    percentage: int = Field(description="The effective percentage after it.")
+    reason: str = Field(description="CamelCase reason.")
+    message: str = Field(default="", description="Why, for people.")
+
+
+class SpecHash(_Status):
+    """Hashes of the spec's parts the last decision acted on (Argo's pod-template hash)."""
+
+    data_plane: str = Field(description="database, source and target: a change re-migrates.")
+    rollout: str = Field(
+        description="steps and analysis: a change restarts the rollout at the first step."
+    )
+
+
+class EmbeddingMigrationStatus(_Status):
+    """``status``: everything the control plane decided and why, and every counter it needs."""
+
+    phase: Phase = Field(default=Phase.PENDING, description="Where the migration is.")
+    percentage: int = Field(default=0, ge=0, le=100, description="Effective share routed to v2.")
+    step_index: int = Field(default=0, ge=0, description="Current step (0-based).")
+    step_started_at: datetime | None = Field(
+        default=None, description="When the current step (or phase hold) started."
+    )
+    phase_started_at: datetime | None = Field(default=None, description="When the phase began.")
+    spec_hash: SpecHash | None = Field(default=None, description="What the decisions acted on.")
+    migration: MigrationProgress = Field(
+        default_factory=MigrationProgress, description="Re-embedding progress and Jobs."
+    )
+    verification: VerificationStatus | None = Field(
+        default=None, description="The last migrate verify."
+    )
+    analysis: AnalysisStatus = Field(
+        default_factory=AnalysisStatus, description="The last check and its counters."
+    )
+    conditions: list[Condition] = Field(default_factory=list, description="Standard conditions.")
+    history: list[HistoryEntry] = Field(
+        default_factory=list,
+        max_length=HISTORY_LIMIT,
+        description=f"The newest {HISTORY_LIMIT} transitions.",
+    )
+    message: str = Field(default="", description="The latest reason, for people.")
+    observed_generation: int | None = Field(
+        default=None, description="metadata.generation the status reflects."
+    )
+
+
+# ---- the resource -----------------------------------------------------------------------------
+
+
+class Metadata(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
+    name: str = Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    namespace: str = Field(default="default", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    generation: int | None = None
+    uid: str | None = None
+    resource_version: str | None = Field(default=None, alias="resourceVersion")
+
+
+class EmbeddingMigration(BaseModel):
+    """A whole manifest: apiVersion, kind, metadata, spec and (optional) status."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True
+    )
+    api_version: Literal["embedshift.io/v1alpha1"]
+    kind: Literal["EmbeddingMigration"]
+    metadata: Metadata
+    spec: EmbeddingMigrationSpec
+    status: EmbeddingMigrationStatus = Field(default_factory=EmbeddingMigrationStatus)
+
+    @property
+    def key(self) -> str:
+        """``namespace/name``: the routing row's and the status table's key."""
+        return f"{self.metadata.namespace}/{self.metadata.name}"
+
+
+def spec_hash(spec: EmbeddingMigrationSpec) -> SpecHash:
+    """The two hashes of DESIGN.md "Phases". Pure and stable across processes.
+
+    ``rollout`` covers the steps and the analysis, not ``paused`` or ``maxPercentage`` (they act
+    at once without restarting anything) nor ``stickyKey`` (the service's concern).
+    """
+    data = {
+        "database": spec.database.model_dump(mode="json", by_alias=True),
+        "source": spec.source.model_dump(mode="json", by_alias=True) if spec.source else None,
+        "target": spec.target.model_dump(mode="json", by_alias=True),
+    }
+    rollout = {
+        "steps": [s.model_dump(mode="json", by_alias=True) for s in spec.rollout.steps],
+        "analysis": spec.analysis.model_dump(mode="json", by_alias=True),
+    }
+    return SpecHash(data_plane=_digest(data), rollout=_digest(rollout))
+
+
+def _digest(value: Any) -> str:
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def parse_migration(raw: Any, *, where: str) -> EmbeddingMigration:
+    """Validate a manifest already read into Python; every problem is one ConfigError line."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must hold one EmbeddingMigration mapping")
+    if raw.get("apiVersion") != API_VERSION or raw.get("kind") != KIND:
+        raise ConfigError(
+            f"{where}: expected apiVersion {API_VERSION} and kind {KIND}, "
+            f"got {raw.get('apiVersion')} {raw.get('kind')}"
+        )
+    try:
+        return EmbeddingMigration.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: {validation_message(exc, prefix='')}") from None
+
+
+def load_migration(path: Path) -> EmbeddingMigration:
+    """Read an EmbeddingMigration manifest from a YAML file (status in it, if any, is kept)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path} is not valid YAML{where}: {problem}") from None
+    return parse_migration(raw, where=str(path))
