@@ -584,6 +584,11 @@ class SpecHash(_Status):
     rollout: str = Field(
         description="steps and analysis: a change restarts the rollout at the first step."
     )
+    migration: str = Field(
+        default="",
+        description="the Jobs' settings (batch size, shards, budget, image…): a change restarts "
+        "nothing, but retries a Failed migration.",
+    )
 
 
 class EmbeddingMigrationStatus(_Status):
@@ -597,6 +602,15 @@ class EmbeddingMigrationStatus(_Status):
     )
     phase_started_at: datetime | None = Field(default=None, description="When the phase began.")
     spec_hash: SpecHash | None = Field(default=None, description="What the decisions acted on.")
+    attempt: int = Field(
+        default=1,
+        ge=1,
+        description="Run of the migration pipeline; a retry after Failed starts the next, with "
+        "new Job names.",
+    )
+    source_dropped_at: datetime | None = Field(
+        default=None, description="When cleanup dropped the v1 column (dropSource only)."
+    )
     migration: MigrationProgress = Field(
         default_factory=MigrationProgress, description="Re-embedding progress and Jobs."
     )
@@ -649,7 +663,10 @@ class EmbeddingMigration(BaseModel):
 
 
 def spec_hash(spec: EmbeddingMigrationSpec) -> SpecHash:
-    """The two hashes of DESIGN.md "Phases". Pure and stable across processes.
+    """The hashes of DESIGN.md "Phases", plus one for the Jobs' settings. Pure and stable.
+
+    ``migration`` is beyond DESIGN.md's two: raising ``budgetUSD`` after a budget stop (or fixing
+    an image) must retry a Failed migration without re-migrating or resetting traffic.
 
     ``rollout`` covers the steps and the analysis, not ``paused`` or ``maxPercentage`` (they act
     at once without restarting anything) nor ``stickyKey`` (the service's concern).
@@ -663,7 +680,8 @@ def spec_hash(spec: EmbeddingMigrationSpec) -> SpecHash:
         "steps": [s.model_dump(mode="json", by_alias=True) for s in spec.rollout.steps],
         "analysis": spec.analysis.model_dump(mode="json", by_alias=True),
     }
-    return SpecHash(data_plane=_digest(data), rollout=_digest(rollout))
+    jobs = spec.migration.model_dump(mode="json", by_alias=True)
+    return SpecHash(data_plane=_digest(data), rollout=_digest(rollout), migration=_digest(jobs))
 
 
 def _digest(value: Any) -> str:
