@@ -73,6 +73,36 @@ async def declare_emergency(
         await conn.execute("SELECT pg_notify(%s, %s)", [ROLLOUT_CHANNEL, migration])
 
 
+async def write_percentage(
+    conn: psycopg.AsyncConnection[Any],
+    *,
+    table: TableName,
+    migration: str,
+    percentage: int,
+    reason: str,
+    clear_emergency: bool = False,
+) -> None:
+    """The control plane's write: set the percentage and NOTIFY, in one transaction.
+
+    ``emergency`` is left as it is unless ``clear_emergency``: a webhook may set it at any
+    moment, and only a deliberate (re)start of the rollout may clear it.
+    """
+    if not 0 <= percentage <= 100:
+        raise ValueError(f"percentage {percentage} is not within 0–100")
+    async with conn.transaction():
+        await conn.execute(
+            sql.SQL(
+                "INSERT INTO {t} AS r (migration, percentage, reason) VALUES (%s, %s, %s)"
+                " ON CONFLICT (migration) DO UPDATE SET percentage = EXCLUDED.percentage,"
+                " reason = EXCLUDED.reason,"
+                " emergency = CASE WHEN %s THEN false ELSE r.emergency END,"
+                " updated_at = now()"
+            ).format(t=ident(table)),
+            [migration, percentage, reason, clear_emergency],
+        )
+        await conn.execute("SELECT pg_notify(%s, %s)", [ROLLOUT_CHANNEL, migration])
+
+
 class RoutingFollower:
     """Keeps ``current`` in step with the routing row. One LISTEN connection per replica."""
 

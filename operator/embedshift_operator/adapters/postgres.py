@@ -1,0 +1,165 @@
+"""The control plane's PostgreSQL: the status of local rollouts, the routing row, progress, lag.
+
+- ``embedshift_rollout_status`` (next to the routing row, in the source table's schema): one row
+  per migration ("namespace/name") holding the resource's status as JSON. It is what lets a
+  killed ``embedshift rollout run`` resume exactly where it was: every counter the core needs is
+  in that status, never in the driver's memory. (The kopf operator keeps status on the resource.)
+- the routing row: :func:`rag_service.rollout_row.write_percentage` (UPDATE + NOTIFY in one
+  transaction) and ``read_row``; the search replicas follow it.
+- progress and the follower's lag, read through rag_service's own queries.
+
+Every database failure becomes :class:`rag_service.errors.DatabaseError` with one line and no
+password, so drivers can turn it into a condition and retry instead of crashing.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from embedshift_operator.core.model import ProgressObservation, RoutingObservation, SetPercentage
+from embedshift_operator.resource import EmbeddingMigrationSpec, EmbeddingMigrationStatus
+from rag_service.errors import DatabaseError
+from rag_service.identifiers import TableName
+from rag_service.progress import migration_progress
+from rag_service.rollout_row import read_row, write_percentage
+from rag_service.schema import ROLLOUT_TABLE, connect, first_line, ident
+
+STATUS_TABLE = "embedshift_rollout_status"
+
+__all__ = ["STATUS_TABLE", "ControlStore"]
+
+
+class ControlStore:
+    """One migration's control-plane rows. Opens a short connection per call: a driver ticks
+    every second or so, and a dropped connection must cost one tick, not the driver."""
+
+    def __init__(self, *, url: str, spec: EmbeddingMigrationSpec, migration: str) -> None:
+        self._url = url
+        self._spec = spec
+        self._migration = migration
+        schema = spec.database.table_name.schema
+        self._status_table = TableName(STATUS_TABLE, schema)
+        self._rollout_table = TableName(ROLLOUT_TABLE, schema)
+
+    @property
+    def migration(self) -> str:
+        return self._migration
+
+    def with_spec(self, spec: EmbeddingMigrationSpec) -> ControlStore:
+        """The same migration under an edited spec (the driver re-reads the file each tick)."""
+        return ControlStore(url=self._url, spec=spec, migration=self._migration)
+
+    async def _run(self, work: Any) -> Any:
+        try:
+            conn = await connect(self._url, autocommit=True)
+            async with conn:
+                return await work(conn)
+        except psycopg.Error as exc:
+            raise DatabaseError(f"database: {first_line(exc)}") from None
+
+    async def ensure_tables(self) -> None:
+        async def work(conn: psycopg.AsyncConnection[Any]) -> None:
+            await conn.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {} (\n"
+                    "    migration text PRIMARY KEY,\n"
+                    "    status jsonb NOT NULL,\n"
+                    "    updated_at timestamptz NOT NULL DEFAULT now()\n"
+                    ")"
+                ).format(ident(self._status_table))
+            )
+
+        await self._run(work)
+
+    async def load_status(self) -> EmbeddingMigrationStatus | None:
+        async def work(conn: psycopg.AsyncConnection[Any]) -> Any:
+            cur = await conn.execute(
+                sql.SQL("SELECT status FROM {} WHERE migration = %s").format(
+                    ident(self._status_table)
+                ),
+                [self._migration],
+            )
+            return await cur.fetchone()
+
+        row = await self._run(work)
+        return None if row is None else EmbeddingMigrationStatus.model_validate(row[0])
+
+    async def save_status(self, status: EmbeddingMigrationStatus) -> None:
+        document = json.dumps(status.model_dump(mode="json", by_alias=True, exclude_none=True))
+
+        async def work(conn: psycopg.AsyncConnection[Any]) -> None:
+            await conn.execute(
+                sql.SQL(
+                    "INSERT INTO {} (migration, status) VALUES (%s, %s::jsonb)"
+                    " ON CONFLICT (migration) DO UPDATE"
+                    " SET status = EXCLUDED.status, updated_at = now()"
+                ).format(ident(self._status_table)),
+                [self._migration, document],
+            )
+
+        await self._run(work)
+
+    async def routing(self) -> RoutingObservation | None:
+        """The routing row, or None before ``setup`` created it."""
+
+        async def work(conn: psycopg.AsyncConnection[Any]) -> Any:
+            exists = await conn.execute(
+                "SELECT to_regclass(%s) IS NOT NULL", [self._rollout_table.regclass_text]
+            )
+            found = await exists.fetchone()
+            if not found or not found[0]:
+                return None
+            return await read_row(conn, table=self._rollout_table, migration=self._migration)
+
+        row = await self._run(work)
+        if row is None:
+            return None
+        return RoutingObservation(
+            percentage=row.percentage, emergency=row.emergency, reason=row.reason
+        )
+
+    async def set_percentage(self, action: SetPercentage) -> None:
+        async def work(conn: psycopg.AsyncConnection[Any]) -> None:
+            await write_percentage(
+                conn,
+                table=self._rollout_table,
+                migration=self._migration,
+                percentage=action.percentage,
+                reason=action.reason[:500],
+                clear_emergency=action.clear_emergency,
+            )
+
+        await self._run(work)
+
+    async def progress(self) -> ProgressObservation:
+        """Counts per category, failed batches and the oldest queued change's age."""
+        try:
+            progress = await migration_progress(self._url, self._spec.data_plane, errors=0)
+        except psycopg.Error as exc:
+            raise DatabaseError(f"database: {first_line(exc)}") from None
+        return ProgressObservation(
+            total=progress.total("source"),
+            migrated=progress.total("current"),
+            pending=progress.total("pending"),
+            failed_batches=progress.failed_batches,
+            oldest_pending_seconds=progress.oldest_pending_seconds,
+            by_category={c.category: (c.source, c.current) for c in progress.categories},
+        )
+
+    async def drop_source(self, column: str) -> None:
+        """Cleanup: drop the v1 embedding column (only ever asked for with dropSource)."""
+        table = self._spec.database.table_name
+
+        async def work(conn: psycopg.AsyncConnection[Any]) -> None:
+            await conn.execute("SET lock_timeout = '2s'")
+            await conn.execute(
+                sql.SQL("ALTER TABLE {} DROP COLUMN IF EXISTS {}").format(
+                    ident(table), sql.Identifier(column)
+                )
+            )
+
+        await self._run(work)

@@ -1,0 +1,329 @@
+"""``embedshift rollout run | status | replay``: the rollout on this machine, its state, a dry run.
+
+The commands read the same EmbeddingMigration YAML the operator reads. ``run`` is the local
+driver (:mod:`embedshift_operator.local`); ``status`` reads the status it saved in the database;
+``replay`` runs the core over recorded metric values (:mod:`embedshift_operator.replay`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections import deque
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from embedshift_operator.adapters.postgres import ControlStore
+from embedshift_operator.local import LocalDriver, resolve_environment
+from embedshift_operator.resource import (
+    EmbeddingMigration,
+    EmbeddingMigrationStatus,
+    Phase,
+    load_migration,
+)
+from rag_service.criteria import Verdict
+
+RUN_EPILOG = """\
+The driver re-reads FILE every tick: edit it to steer the rollout (set
+spec.rollout.maxPercentage: 0 to route 0 % to v2 at once; change the steps or
+the analysis to restart at the first step). Status lives in the database
+(table embedshift_rollout_status), so Ctrl-C or a crash loses nothing: run
+the same command again and it resumes. Secret references resolve from the
+environment: {name: rag-db, key: url} is RAG_DB_URL (else DATABASE_URL).
+"""
+
+_MARKS = {
+    Verdict.PASS: "[green]✓ pass[/]",
+    Verdict.FAIL: "[red]✗ fail[/]",
+    Verdict.NODATA: "[yellow]? nodata[/]",
+    Verdict.ERROR: "[red]! error[/]",
+}
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    rollout = commands.add_parser(
+        "rollout",
+        help="run a migration's rollout on this machine, show where it stands, replay a policy",
+        description="Carry one EmbeddingMigration from re-embedding to 100 %% on this machine, "
+        "gated by Prometheus, without a cluster.",
+    )
+    actions = rollout.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    p = actions.add_parser(
+        "run",
+        help="drive the migration: Jobs as subprocesses, steps gated by Prometheus",
+        description="Setup, re-embed (one subprocess per shard), index, verify, then shift "
+        "traffic step by step while the success criteria hold; roll back to 0 %% when a "
+        "threshold breaks.",
+        epilog=RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("file", type=Path, metavar="FILE", help="the EmbeddingMigration YAML")
+    p.add_argument(
+        "--json", action="store_true", help="print events as JSON lines instead of a live view"
+    )
+    p.add_argument(
+        "--until",
+        type=_phases,
+        default=frozenset(),
+        metavar="PHASE[,PHASE]",
+        help="exit once one of these phases is reached, e.g. Succeeded,Failed "
+        "(default: run until Ctrl-C; the follower keeps v2 current meanwhile)",
+    )
+    p.add_argument(
+        "--tick",
+        type=_seconds,
+        default=1.0,
+        metavar="SECONDS",
+        help="how often the file, Jobs and routing row are read (default 1)",
+    )
+    p.add_argument(
+        "--log-dir",
+        type=Path,
+        help="where each Job's output goes (default ~/.local/state/embedshift/NS_NAME)",
+    )
+    p.set_defaults(handler=_run)
+
+    p = actions.add_parser(
+        "status",
+        help="where a migration stands (phase, step, progress, last check, history)",
+        description="Read the status `rollout run` saved for FILE's migration.",
+    )
+    p.add_argument("file", type=Path, metavar="FILE", help="the EmbeddingMigration YAML")
+    p.add_argument("--json", action="store_true", help="the status as JSON")
+    p.set_defaults(handler=_status)
+
+
+def _phases(value: str) -> frozenset[Phase]:
+    known = {p.value.lower(): p for p in Phase}
+    phases = set()
+    for part in value.split(","):
+        phase = known.get(part.strip().lower())
+        if phase is None:
+            raise argparse.ArgumentTypeError(
+                f"{part.strip()!r} is not a phase; use {', '.join(p.value for p in Phase)}"
+            )
+        phases.add(phase)
+    return frozenset(phases)
+
+
+def _seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not 0.05 <= number <= 60:
+        raise argparse.ArgumentTypeError(f"{value} must be between 0.05 and 60 seconds")
+    return number
+
+
+# ---- views ------------------------------------------------------------------------------------
+
+
+class JsonLinesView:
+    """``--json``: one JSON object per event (and per warning) on stdout."""
+
+    def __init__(self) -> None:
+        self._phase = ""
+        self._percentage = 0
+
+    def update(self, resource: EmbeddingMigration, status: EmbeddingMigrationStatus) -> None:
+        self._phase, self._percentage = status.phase.value, status.percentage
+
+    def event(self, time: datetime, kind: str, reason: str, message: str) -> None:
+        self._print(
+            {
+                "event": "transition" if kind == "Normal" else "warning-event",
+                "time": time.isoformat(),
+                "type": kind,
+                "reason": reason,
+                "message": message,
+            }
+        )
+
+    def warn(self, message: str) -> None:
+        self._print({"event": "warning", "time": datetime.now(UTC).isoformat(), "message": message})
+
+    def _print(self, record: dict[str, Any]) -> None:
+        print(json.dumps(record), flush=True)
+
+
+class LiveView:
+    """The live panel: phase, step and time in it, percentage, progress, criteria, events."""
+
+    def __init__(self, console: Console) -> None:
+        self._console = console
+        self._events: deque[str] = deque(maxlen=8)
+        self._live = Live(console=console, refresh_per_second=4, transient=False)
+        self._resource: EmbeddingMigration | None = None
+        self._status: EmbeddingMigrationStatus | None = None
+
+    def __enter__(self) -> LiveView:
+        self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._live.__exit__(None, None, None)
+
+    def update(self, resource: EmbeddingMigration, status: EmbeddingMigrationStatus) -> None:
+        self._resource, self._status = resource, status
+        self._live.update(self._render())
+
+    def event(self, time: datetime, kind: str, reason: str, message: str) -> None:
+        style = "red" if kind == "Warning" else "cyan"
+        self._events.append(f"[dim]{time:%H:%M:%S}[/] [{style}]{reason}[/] {message}")
+
+    def warn(self, message: str) -> None:
+        self._events.append(f"[yellow]warning[/] {message}")
+        if self._resource and self._status:
+            self._live.update(self._render())
+
+    def _render(self) -> RenderableType:
+        assert self._resource is not None and self._status is not None
+        return render_status(self._resource, self._status, events=list(self._events))
+
+
+def render_status(
+    resource: EmbeddingMigration,
+    status: EmbeddingMigrationStatus,
+    *,
+    events: list[str] | None = None,
+    now: datetime | None = None,
+) -> Group:
+    """The status as people read it (``rollout status`` and the live view). Pure."""
+    now = now or datetime.now(UTC)
+    steps = resource.spec.rollout.steps
+    step = ""
+    if status.phase.routes_v2 or status.phase is Phase.ROLLED_BACK:
+        index = min(status.step_index, len(steps) - 1)
+        since = status.step_started_at
+        held = f", {_ago(now - since)} in it" if since else ""
+        step = f"  step {index + 1}/{len(steps)} ({steps[index].percentage} %{held})"
+    header = Text.from_markup(
+        f"[bold]{resource.key}[/]  [bold]{status.phase.value}[/]{step}  "
+        f"v2 [bold]{status.percentage} %[/]"
+    )
+    percentage = ProgressBar(total=100, completed=status.percentage, width=40)
+    parts: list[RenderableType] = [header, Group(Text("traffic to v2 "), percentage)]
+    m = status.migration
+    if m.total:
+        bar = ProgressBar(total=max(m.total, 1), completed=m.migrated, width=40)
+        lag = (
+            f", follower lag {m.oldest_pending_seconds:.0f}s"
+            if m.oldest_pending_seconds is not None
+            else ""
+        )
+        parts += [Text(f"re-embedded {m.migrated:,}/{m.total:,} ({m.pending:,} pending{lag})"), bar]
+    if status.analysis.results:
+        table = Table("criterion", "kind", "value", "healthy", "verdict", "why", box=None)
+        for r in status.analysis.results:
+            value = "–" if r.value is None else f"{r.value:.4g}"
+            mark = _MARKS[r.verdict] + (" (dry run)" if r.dry_run else "")
+            table.add_row(r.name, r.kind.value, value, r.bound, mark, r.message[:60])
+        when = status.analysis.time
+        checks = resource.spec.analysis.successful_checks
+        parts.append(
+            Text(
+                f"last check {when:%H:%M:%S} · {status.analysis.consecutive_passes}/{checks} "
+                "consecutive passes"
+                if when
+                else ""
+            )
+        )
+        parts.append(table)
+    if status.message:
+        parts.append(Text(status.message, style="dim"))
+    if events:
+        parts.append(Text.from_markup("\n".join(events)))
+    return Group(*parts)
+
+
+def _ago(delta: Any) -> str:
+    seconds = int(delta.total_seconds())
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+
+
+# ---- commands ---------------------------------------------------------------------------------
+
+
+async def _run(args: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    console = Console(stderr=True, highlight=False)
+    if args.json:
+        view: Any = JsonLinesView()
+        driver = LocalDriver(
+            args.file,
+            view=view,
+            environ=os.environ,
+            log_dir=args.log_dir,
+            tick_seconds=args.tick,
+            until=args.until,
+        )
+        status = await driver.run(stop)
+    else:
+        with LiveView(console) as live:
+            driver = LocalDriver(
+                args.file,
+                view=live,
+                environ=os.environ,
+                log_dir=args.log_dir,
+                tick_seconds=args.tick,
+                until=args.until,
+            )
+            status = await driver.run(stop)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)
+    if stop.is_set():
+        print(
+            f"embedshift: stopped at {status.phase.value} ({status.percentage} %); Jobs and the "
+            "follower were stopped; run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 130
+    return 0 if status.phase is not Phase.FAILED else 1
+
+
+async def _status(args: argparse.Namespace) -> int:
+    resource = load_migration(args.file)
+    env = resolve_environment(resource, os.environ)
+    store = ControlStore(url=env.database_url, spec=resource.spec, migration=resource.key)
+    with contextlib.suppress(Exception):
+        await store.ensure_tables()
+    status = await store.load_status()
+    if status is None:
+        if args.json:
+            print(json.dumps({"migration": resource.key, "status": None}))
+        else:
+            print(f"{resource.key}: not started (run `embedshift rollout run {args.file}`)")
+        return 0
+    if args.json:
+        document = status.model_dump(mode="json", by_alias=True, exclude_none=True)
+        print(json.dumps({"migration": resource.key, "status": document}))
+        return 0
+    console = Console(highlight=False)
+    history = [
+        f"[dim]{h.time:%Y-%m-%d %H:%M:%S}[/] {h.phase.value} {h.percentage} % [cyan]{h.reason}[/]"
+        f" {h.message}"
+        for h in status.history[-10:]
+    ]
+    console.print(render_status(resource, status, events=history))
+    return 0

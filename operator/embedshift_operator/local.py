@@ -1,0 +1,359 @@
+"""``embedshift rollout run FILE``: the rollout on one machine, no cluster.
+
+The second driver of the core (the kopf operator is the other). Every tick (about a second) it:
+
+1. re-reads FILE — editing it is the local GitOps: ``maxPercentage: 0`` routes 0 % within a
+   tick, a new step list restarts at the first step. A file that no longer parses is reported
+   and ignored (the last good spec stays in force; nothing is acted on from a broken file);
+2. observes: the Jobs (supervised subprocesses, :mod:`.adapters.subprocess_jobs`), the routing
+   row, migration progress and the follower's lag (every few seconds), and, every
+   ``analysis.interval`` while v2 takes traffic, one analysis check through Prometheus;
+3. calls :func:`embedshift_operator.core.decide` and carries out its actions (Jobs, the
+   follower, the routing row, events);
+4. saves the status in the database (``embedshift_rollout_status``), so a killed driver resumes
+   exactly where it was; Jobs it started keep running without it and are adopted on rerun.
+
+Secret references resolve from the environment (``rag-db``/``url`` → ``RAG_DB_URL``), falling
+back to the usual variables: ``DATABASE_URL``, ``EMBEDSHIFT_TARGET_API_KEY`` / ``OPENAI_API_KEY`` /
+``GEMINI_API_KEY``. Children get ``DATABASE_URL`` and ``EMBEDSHIFT_{TARGET,SOURCE}_API_KEY``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import re
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol
+
+import psycopg
+
+from embedshift_operator.adapters.postgres import ControlStore
+from embedshift_operator.adapters.prometheus import PrometheusSource
+from embedshift_operator.adapters.subprocess_jobs import SubprocessJobs
+from embedshift_operator.core import (
+    AnalysisObservation,
+    Decision,
+    DropSource,
+    EmitEvent,
+    EnsureFollower,
+    MetricSource,
+    MetricSourceError,
+    Observations,
+    ProgressObservation,
+    RunJob,
+    SetPercentage,
+    decide,
+    measure,
+    plan_analysis,
+)
+from embedshift_operator.resource import (
+    EmbeddingMigration,
+    EmbeddingMigrationStatus,
+    Phase,
+    load_migration,
+    parse_duration,
+)
+from rag_service.errors import ConfigError, DatabaseError, EmbedshiftError
+from rag_service.providers import Role, api_key_from_env
+from rag_service.schema import connect
+from rag_service.spec import EmbeddingSpec, SecretKeyRef
+
+log = logging.getLogger("embedshift.rollout")
+
+__all__ = ["LocalDriver", "RolloutView", "resolve_environment", "secret_variable"]
+
+_PROGRESS_EVERY = timedelta(seconds=3)
+
+
+def secret_variable(ref: SecretKeyRef) -> str:
+    """The environment variable a Secret reference resolves from locally. Pure.
+
+    ``{name: rag-db, key: url}`` → ``RAG_DB_URL``: name and key, upper-cased, joined by ``_``,
+    every other character turned into ``_``.
+    """
+    return re.sub(r"[^A-Z0-9]+", "_", f"{ref.name}_{ref.key}".upper()).strip("_")
+
+
+def _secret(ref: SecretKeyRef | None, environ: Mapping[str, str]) -> str | None:
+    return environ.get(secret_variable(ref)) or None if ref is not None else None
+
+
+@dataclass(frozen=True)
+class Environment:
+    database_url: str
+    children: dict[str, str]  # the Jobs' environment
+    prometheus_token: str | None
+
+
+def resolve_environment(resource: EmbeddingMigration, environ: Mapping[str, str]) -> Environment:
+    """The database URL, the children's environment and the Prometheus token. Pure."""
+    spec = resource.spec
+    ref = spec.database.url_secret_ref
+    url = _secret(ref, environ) or environ.get("DATABASE_URL")
+    if not url:
+        hint = f"export {secret_variable(ref)} or DATABASE_URL" if ref else "export DATABASE_URL"
+        raise ConfigError(f"spec.database: no database URL: {hint}=postgresql://user@host/db")
+    children = dict(environ)
+    children["DATABASE_URL"] = url
+    roles: tuple[tuple[Role, EmbeddingSpec | None], ...] = (
+        ("target", spec.target),
+        ("source", spec.source),
+    )
+    for role, model in roles:
+        if model is None:
+            continue
+        key = _secret(model.api_key_secret_ref, environ) or api_key_from_env(model, role, environ)
+        if key:
+            children[f"EMBEDSHIFT_{role.upper()}_API_KEY"] = key
+    prometheus = spec.analysis.prometheus
+    token = _secret(prometheus.bearer_token_secret_ref, environ) if prometheus else None
+    return Environment(database_url=url, children=children, prometheus_token=token)
+
+
+class RolloutView(Protocol):
+    """Where the driver tells people what happens (a live panel, JSON lines, a log)."""
+
+    def update(self, resource: EmbeddingMigration, status: EmbeddingMigrationStatus) -> None: ...
+
+    def event(self, time: datetime, kind: str, reason: str, message: str) -> None: ...
+
+    def warn(self, message: str) -> None: ...
+
+
+class _NoPrometheus:
+    """The metric source when ``spec.analysis.prometheus`` is missing: every check says why."""
+
+    async def query(self, promql: str) -> float | None:
+        raise MetricSourceError(
+            "spec.analysis.prometheus is not set: nothing can be measured, so nothing promotes"
+        )
+
+    async def aclose(self) -> None:
+        return None
+
+
+class LocalDriver:
+    """Drives one EmbeddingMigration file until ``stop`` is set or ``until`` phases are reached."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        view: RolloutView,
+        environ: Mapping[str, str],
+        command: list[str] | None = None,
+        log_dir: Path | None = None,
+        tick_seconds: float = 1.0,
+        until: frozenset[Phase] = frozenset(),
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._path = path
+        self._view = view
+        self._environ = dict(environ)
+        self._command = command or [sys.executable, "-m", "embedshift_operator.cli"]
+        self._log_dir = log_dir
+        self._tick = tick_seconds
+        self._until = until
+        self._clock = clock
+        self._resource = load_migration(path)  # a broken file at start is the user's error
+        self._env = resolve_environment(self._resource, self._environ)
+        self._status: EmbeddingMigrationStatus | None = None
+        self._progress: ProgressObservation | None = None
+        self._progress_at: datetime | None = None
+        self._source: MetricSource | None = None
+        self._source_key: tuple[str | None, str | None] | None = None
+        self._lock: psycopg.AsyncConnection[Any] | None = None
+
+    @property
+    def resource(self) -> EmbeddingMigration:
+        return self._resource
+
+    @property
+    def key(self) -> str:
+        return self._resource.key
+
+    def _store(self) -> ControlStore:
+        return ControlStore(
+            url=self._env.database_url, spec=self._resource.spec, migration=self.key
+        )
+
+    def _jobs(self) -> SubprocessJobs:
+        key = self.key
+        log_dir = self._log_dir or Path.home() / ".local/state/embedshift" / key.replace("/", "_")
+        return SubprocessJobs(
+            url=self._env.database_url,
+            migration=key,
+            schema=self._resource.spec.database.table_name.schema,
+            command=self._command,
+            common_args=["--config", str(self._path.resolve()), "--migration", key],
+            env=self._env.children,
+            log_dir=log_dir,
+        )
+
+    async def run(self, stop: asyncio.Event) -> EmbeddingMigrationStatus:
+        """Tick until ``stop`` or an ``until`` phase; Jobs and the follower are stopped on the
+        way out (they resume when the driver runs again). Returns the last status."""
+        await self._take_lock()
+        try:
+            await self._store().ensure_tables()
+            await self._jobs().ensure_table()
+            self._status = await self._store().load_status()
+            if self._status is not None:
+                log.info(
+                    "resuming %s at %s (%d %%)",
+                    self.key,
+                    self._status.phase.value,
+                    self._status.percentage,
+                )
+            while not stop.is_set():
+                status = await self.tick()
+                if status.phase in self._until:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=self._tick)
+        finally:
+            with contextlib.suppress(EmbedshiftError):
+                await self._jobs().stop()
+            await self._close()
+        assert self._status is not None
+        return self._status
+
+    async def tick(self) -> EmbeddingMigrationStatus:
+        """One observe → decide → act → save round."""
+        self._reload()
+        now = self._clock()
+        status = self._status or EmbeddingMigrationStatus()
+        observations = await self._observe(status, now)
+        decision = decide(
+            self._resource.spec, status, observations, now, name=self._resource.metadata.name
+        )
+        await self._act(decision, now)
+        try:
+            await self._store().save_status(decision.status)
+        except DatabaseError as exc:
+            self._view.warn(f"status not saved this tick ({exc}); retrying next tick")
+        self._status = decision.status
+        self._view.update(self._resource, decision.status)
+        return decision.status
+
+    def _reload(self) -> None:
+        try:
+            resource = load_migration(self._path)
+        except ConfigError as exc:
+            self._view.warn(f"{exc} — keeping the last good spec until the file is fixed")
+            return
+        if resource.key != self._resource.key:
+            self._view.warn(
+                f"{self._path}: metadata changed from {self._resource.key} to {resource.key}; "
+                "a driver follows one migration: stop it and start one for the new name"
+            )
+            return
+        self._resource = resource
+
+    async def _observe(self, status: EmbeddingMigrationStatus, now: datetime) -> Observations:
+        errors: list[str] = []
+        store = self._store()
+        jobs = {}
+        try:
+            jobs = await self._jobs().observe()
+        except DatabaseError as exc:
+            errors.append(str(exc))
+        routing = None
+        try:
+            routing = await store.routing()
+        except DatabaseError as exc:
+            errors.append(str(exc))
+        if status.phase not in (Phase.PENDING, Phase.PREPARING, Phase.FAILED) and (
+            self._progress_at is None or now - self._progress_at >= _PROGRESS_EVERY
+        ):
+            try:
+                self._progress = await store.progress()
+                self._progress_at = now
+            except EmbedshiftError as exc:
+                errors.append(str(exc))
+        analysis = None
+        if status.phase.routes_v2 and self._check_due(status, now):
+            analysis = await self._check()
+        return Observations(
+            jobs=jobs,
+            progress=self._progress,
+            analysis=analysis,
+            routing=routing,
+            database_error="; ".join(errors) or None,
+        )
+
+    def _check_due(self, status: EmbeddingMigrationStatus, now: datetime) -> bool:
+        last = status.analysis.time
+        interval = parse_duration(self._resource.spec.analysis.interval)
+        return last is None or now - last >= interval - timedelta(milliseconds=200)
+
+    async def _check(self) -> AnalysisObservation:
+        spec = self._resource.spec
+        prometheus = spec.analysis.prometheus
+        key = (prometheus.url if prometheus else None, self._env.prometheus_token)
+        if self._source is None or self._source_key != key:
+            await self._close_source()
+            self._source = (
+                PrometheusSource(url=prometheus.url, bearer_token=self._env.prometheus_token)
+                if prometheus
+                else _NoPrometheus()
+            )
+            self._source_key = key
+        plan = plan_analysis(spec, migration=self.key)
+        return await measure(self._source, plan, progress=self._progress)
+
+    async def _act(self, decision: Decision, now: datetime) -> None:
+        store = self._store()
+        jobs = self._jobs()
+        for action in decision.actions:
+            try:
+                if isinstance(action, RunJob):
+                    if await jobs.run_job(action):
+                        log.info("started %s: embedshift %s", action.name, " ".join(action.args))
+                elif isinstance(action, EnsureFollower):
+                    if await jobs.ensure_follower(action):
+                        log.info("started the follower %s", action.name)
+                elif isinstance(action, SetPercentage):
+                    await store.set_percentage(action)
+                elif isinstance(action, EmitEvent):
+                    self._view.event(now, action.type, action.reason, action.message)
+                elif isinstance(action, DropSource):
+                    await store.drop_source(action.column)
+            except EmbedshiftError as exc:
+                # The next tick decides again from the same status: a failed action is retried.
+                self._view.warn(f"{type(action).__name__} failed: {exc}; retrying next tick")
+
+    async def _take_lock(self) -> None:
+        """One driver per migration: a session advisory lock held for the driver's life."""
+        conn = await connect(self._env.database_url, autocommit=True)
+        key = int.from_bytes(hashlib.sha256(f"rollout:{self.key}".encode()).digest()[:8], "big")
+        key -= 1 << 63 if key >= 1 << 63 else 0
+        cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", [key])
+        row = await cur.fetchone()
+        if not row or not row[0]:
+            await conn.close()
+            raise ConfigError(
+                f"another `embedshift rollout run` is driving {self.key}; stop it first "
+                "(or watch it with `embedshift rollout status`)"
+            )
+        self._lock = conn
+
+    async def _close_source(self) -> None:
+        if self._source is not None:
+            closer = getattr(self._source, "aclose", None)
+            if closer is not None:
+                await closer()
+            self._source = None
+
+    async def _close(self) -> None:
+        await self._close_source()
+        if self._lock is not None:
+            await self._lock.close()
+            self._lock = None
