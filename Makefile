@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PACKAGES := rag_service operator/embedshift_operator
 
-.PHONY: all venv test lint typecheck imports pytest prometheus demo bench clean
+.PHONY: all venv test lint typecheck imports pytest prometheus crd demo bench clean
 
 all: test
 
@@ -39,6 +39,11 @@ pytest: $(STAMP) prometheus
 	EMBEDSHIFT_REQUIRE_REAL=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck imports pytest
+
+# Regenerate crds/ from the models in embedshift_operator.resource. Not part of `test`: a test
+# fails when the checked-in CRD is stale, so a model change without this is caught, not hidden.
+crd: $(STAMP)
+	$(BIN)/python -m embedshift_operator.crd
 
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py

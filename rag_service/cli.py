@@ -293,7 +293,7 @@ def resolve(args: argparse.Namespace) -> tuple[DataPlaneSpec, str, str, PriceTab
     try:
         spec = DataPlaneSpec.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(validation_message(exc, prefix="spec")) from None
+        raise ConfigError(validation_message(exc, prefix="spec", model=DataPlaneSpec)) from None
     spec.target.check_indexable()
     url = args.database_url
     if not url:

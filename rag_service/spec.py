@@ -7,14 +7,26 @@ names; validation errors name the field path (``spec.target.dimensions``) and th
 
 from __future__ import annotations
 
+import difflib
 import re
+import types
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
+from pydantic_core import ErrorDetails
 
 from rag_service.errors import ConfigError
 from rag_service.identifiers import TableName, check_identifier, derived_identifier
@@ -50,6 +62,27 @@ _RETIRED_MODELS: dict[tuple[ProviderName, str], str] = {
 }
 
 
+def cel_rule(rule: str, message: str, *, field_path: str | None = None) -> dict[str, str]:
+    """One Kubernetes ``x-kubernetes-validations`` entry: a CEL ``rule`` over ``self``.
+
+    Standard CEL only: the tests evaluate every rule offline with cel-python. ``field_path``
+    (``.dimensions``) is the field the API server names in its error.
+    """
+    entry = {"rule": rule, "message": message}
+    if field_path:
+        entry["fieldPath"] = field_path
+    return entry
+
+
+def cel_rules(*rules: dict[str, str]) -> dict[str, Any]:
+    """``json_schema_extra`` putting ``rules`` on a model or field of the generated CRD.
+
+    Models declare the rules next to the Python checks they mirror, so the API server refuses
+    at ``kubectl apply`` what the model refuses.
+    """
+    return {"x-kubernetes-validations": list(rules)}
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(
         alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
@@ -59,14 +92,31 @@ class _Model(BaseModel):
 class SecretKeyRef(_Model):
     """A key in a Kubernetes Secret; the CLI reads the value from the environment instead."""
 
-    name: str = Field(min_length=1)
-    key: str = Field(min_length=1)
+    name: str = Field(min_length=1, description="Name of the Secret, in the resource's namespace.")
+    key: str = Field(min_length=1, description="Key within the Secret whose value is used.")
 
 
 class IndexSpec(_Model):
-    type: Literal["hnsw", "ivfflat"] = "hnsw"
-    m: int = Field(default=16, ge=2, le=100)
-    ef_construction: int = Field(default=64, ge=4, le=1000)
+    """The pgvector index built on the target vectors after the backfill."""
+
+    type: Literal["hnsw", "ivfflat"] = Field(
+        default="hnsw",
+        description="Index method: hnsw (better recall per millisecond, slower to build) or "
+        "ivfflat.",
+    )
+    m: int = Field(
+        default=16,
+        ge=2,
+        le=100,
+        description="hnsw: links per node (pgvector's m); more is better recall, a larger index.",
+    )
+    ef_construction: int = Field(
+        default=64,
+        ge=4,
+        le=1000,
+        description="hnsw: candidate list size while building; more is better recall, a "
+        "slower build.",
+    )
     # pgvector's server default (40) measured recall@10 0.944 on benchmarks/search.py's corpus;
     # 100 measured 0.978 for about a millisecond (docs/benchmarks.md, "Search latency").
     ef_search: int = Field(
@@ -75,22 +125,77 @@ class IndexSpec(_Model):
         le=1000,
         description="hnsw.ef_search for searches and recall checks: recall against latency.",
     )
-    lists: int = Field(default=100, ge=1, le=32768)
-    halfvec: bool = False
+    lists: int = Field(
+        default=100, ge=1, le=32768, description="ivfflat: number of lists (pgvector's lists)."
+    )
+    halfvec: bool = Field(
+        default=False,
+        description=f"Index the vectors as halfvec (16-bit floats): allows up to "
+        f"{MAX_HALFVEC_INDEX_DIMS} dimensions instead of {MAX_VECTOR_INDEX_DIMS}, half the size.",
+    )
 
 
 _SPEC_STRING = re.compile(r"^(?P<provider>[a-z]+):(?P<model>[A-Za-z0-9._\-/]+)@(?P<dims>\d+)$")
 
 
+def _model_rules() -> list[dict[str, str]]:
+    # The API server's copy of _known_model_dimensions, generated from the same two tables.
+    rules = [
+        cel_rule(
+            f"!(self.provider == '{provider.value}' && self.model == '{model}')",
+            f"{provider.value}:{model} {why}",
+            field_path=".model",
+        )
+        for (provider, model), why in _RETIRED_MODELS.items()
+    ]
+    for (provider, model), (low, high) in _MODEL_DIMENSIONS.items():
+        allowed = f"exactly {low}" if low == high else f"{low}–{high}"
+        rules.append(
+            cel_rule(
+                f"!(self.provider == '{provider.value}' && self.model == '{model}') || "
+                f"(self.dimensions >= {low} && self.dimensions <= {high})",
+                f"{provider.value}:{model} gives {allowed} dimensions; change dimensions",
+                field_path=".dimensions",
+            )
+        )
+    return rules
+
+
 class EmbeddingSpec(_Model):
     """One embedding model: ``source`` (v1) or ``target`` (v2)."""
 
-    provider: ProviderName
-    model: str = Field(min_length=1)
-    dimensions: int = Field(ge=1, le=16000)
-    api_key_secret_ref: SecretKeyRef | None = None
-    base_url: str | None = Field(default=None, alias="baseURL")
-    index: IndexSpec = Field(default_factory=IndexSpec)
+    model_config = ConfigDict(json_schema_extra=cel_rules(*_model_rules()))
+
+    provider: ProviderName = Field(
+        description="Embedding API: openai (also Azure OpenAI and compatible servers via "
+        "baseURL), google (Gemini API) or local (deterministic, offline)."
+    )
+    model: str = Field(
+        min_length=1,
+        max_length=128,
+        description="Model name as the provider spells it, e.g. text-embedding-3-small or "
+        "gemini-embedding-001.",
+    )
+    dimensions: int = Field(
+        ge=1,
+        le=16000,
+        description="Vector length the model is asked for (OpenAI dimensions, Google "
+        "output_dimensionality) and the column is typed with.",
+    )
+    api_key_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="Secret key holding the provider's API key (not needed for local).",
+    )
+    base_url: str | None = Field(
+        default=None,
+        alias="baseURL",
+        description="API endpoint instead of the provider's default (Azure OpenAI, an "
+        "OpenAI-compatible server, a proxy).",
+    )
+    index: IndexSpec = Field(
+        default_factory=IndexSpec,
+        description="The vector index (read for the target only).",
+    )
 
     @model_validator(mode="after")
     def _known_model_dimensions(self) -> EmbeddingSpec:
@@ -157,24 +262,48 @@ class EmbeddingSpec(_Model):
 
 
 class DatabaseSpec(_Model):
-    url_secret_ref: SecretKeyRef | None = None
-    table: str
-    id_column: str = "id"
-    text_column: str = "content"
-    category_column: str | None = None
-    source_embedding_column: str | None = None
+    """The source table and how to reach its database."""
 
+    url_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="Secret key holding the PostgreSQL URL (postgresql://...). The CLI reads "
+        "DATABASE_URL instead.",
+    )
+    table: str = Field(
+        description="The table holding the documents: table or schema.table (plain SQL "
+        "identifiers). It is never rewritten; v2 vectors go to a side table."
+    )
+    id_column: str = Field(default="id", description="Primary key column of the table.")
+    text_column: str = Field(default="content", description="Column holding the text to embed.")
+    category_column: str | None = Field(
+        default=None,
+        description="Column to filter and report by (migration.categories, progress per "
+        "category), if any.",
+    )
+    source_embedding_column: str | None = Field(
+        default=None,
+        description="Column holding the existing (v1) vectors, if v1 is served from this table.",
+    )
+
+    # The identifier checks raise ConfigError, which pydantic would let through without the
+    # field's path; as ValueError the path is added (``spec.database.table: ...``).
     @field_validator("table")
     @classmethod
     def _table(cls, value: str) -> str:
-        TableName.parse(value, field="table")
+        try:
+            TableName.parse(value, field="table")
+        except ConfigError as exc:
+            raise ValueError(str(exc).removeprefix("table: ")) from None
         return value
 
     @field_validator("id_column", "text_column", "category_column", "source_embedding_column")
     @classmethod
     def _column(cls, value: str | None) -> str | None:
         if value is not None:
-            check_identifier(value, field="column")
+            try:
+                check_identifier(value, field="column")
+            except ConfigError as exc:
+                raise ValueError(str(exc).removeprefix("column: ")) from None
         return value
 
     @property
@@ -182,15 +311,76 @@ class DatabaseSpec(_Model):
         return TableName.parse(self.table, field="spec.database.table")
 
 
+# A Kubernetes quantity (``500m``, ``2Gi``, ``1.5``), the pattern the API server itself uses.
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
+    r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+_QUANTITY = re.compile(QUANTITY_PATTERN)
+
+
+def _quantity(value: Any) -> Any:
+    # One message for a bad quantity, rather than one per branch of the int | str union.
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | str)
+        or (isinstance(value, str) and not _QUANTITY.match(value))
+    ):
+        raise ValueError(f"{value!r} is not a Kubernetes quantity; write e.g. 500m, 512Mi or 2")
+    return value
+
+
+Quantity = Annotated[
+    int | Annotated[str, StringConstraints(pattern=QUANTITY_PATTERN)], BeforeValidator(_quantity)
+]
+
+
+class ResourceRequirements(_Model):
+    """CPU and memory for each migrate Job's container, as in a Pod's resources."""
+
+    requests: dict[str, Quantity] = Field(
+        default_factory=dict,
+        description="Resources the scheduler reserves, e.g. {cpu: 500m, memory: 512Mi}.",
+    )
+    limits: dict[str, Quantity] = Field(
+        default_factory=dict,
+        description="Most the container may use, e.g. {memory: 1Gi}.",
+    )
+
+
 class MigrationSpec(_Model):
-    categories: list[str] = Field(default_factory=list)
-    batch_size: int = Field(default=100, ge=1, le=10000)
-    concurrency: int = Field(default=4, ge=1, le=256)
-    parallelism: int = Field(default=1, ge=1, le=1000)
-    shards: int = Field(default=1, ge=1, le=1000)
-    image: str | None = None
-    resources: dict[str, Any] | None = None
-    budget_usd: float | None = Field(default=None, alias="budgetUSD", ge=0)
+    """How the re-embedding runs: which rows, how fast, in how many Jobs, at what cost."""
+
+    categories: list[str] = Field(
+        default_factory=list,
+        description="Categories to migrate (values of database.categoryColumn); empty means all.",
+    )
+    batch_size: int = Field(
+        default=100, ge=1, le=10000, description="Texts per embedding request and database batch."
+    )
+    concurrency: int = Field(
+        default=4, ge=1, le=256, description="Embedding requests in flight per worker."
+    )
+    parallelism: int = Field(default=1, ge=1, le=1000, description="Shards (Jobs) running at once.")
+    shards: int = Field(
+        default=1,
+        ge=1,
+        le=1000,
+        description="Parts the table is split into by primary key: one migrate Job each.",
+    )
+    image: str | None = Field(
+        default=None, description="Container image of the Jobs; default: the operator's own."
+    )
+    resources: ResourceRequirements | None = Field(
+        default=None, description="CPU and memory of each Job's container."
+    )
+    budget_usd: float | None = Field(
+        default=None,
+        alias="budgetUSD",
+        ge=0,
+        description="Stop the backfill before its estimated embedding cost exceeds this many "
+        "US dollars.",
+    )
 
 
 class DataPlaneSpec(_Model):
@@ -252,25 +442,129 @@ class EmbeddingMigrationResource(_Model):
 
 def _one_line(exc: Exception) -> str:
     if isinstance(exc, ValidationError):
-        parts = []
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"] if p != "__root__")
-            msg = str(err["msg"]).removeprefix("Value error, ")
-            parts.append(f"{loc}: {msg}" if loc else msg)
-        return "; ".join(parts)
+        return validation_message(exc, prefix="")
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
-def validation_message(exc: ValidationError, *, prefix: str) -> str:
-    """A pydantic error as one line whose field paths start with ``prefix``."""
+def validation_message(
+    exc: ValidationError, *, prefix: str, model: type[BaseModel] | None = None
+) -> str:
+    """A pydantic error as one line whose field paths start with ``prefix``.
+
+    Paths are written as Kubernetes writes them (``spec.analysis.successCriteria[0].for``);
+    ``model`` (the validated class) lets an unknown field suggest the one it was probably meant
+    to be.
+    """
     parts = []
     for err in exc.errors():
-        loc = ".".join([prefix, *(str(p) for p in err["loc"])]).strip(".")
-        msg = str(err["msg"]).removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field; check its spelling against the EmbeddingMigration schema"
-        parts.append(f"{loc}: {msg}")
+        loc = [p for p in err["loc"] if p != "__root__"]
+        path = prefix
+        for part in loc:
+            path = f"{path}[{part}]" if isinstance(part, int) else f"{path}.{part}".lstrip(".")
+        msg = _error_text(err)
+        if err["type"] == "extra_forbidden" and model is not None and loc:
+            close = difflib.get_close_matches(str(loc[-1]), _fields_at(model, loc[:-1]), n=1)
+            if close:
+                msg += f" (did you mean {close[0]}?)"
+        parts.append(f"{path}: {msg}" if path else msg)
     return "; ".join(parts)
+
+
+def _show(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+_TYPE_ERRORS = {
+    "int_parsing": "is not a whole number",
+    "int_type": "is not a whole number",
+    "int_from_float": "is not a whole number",
+    "float_parsing": "is not a number",
+    "float_type": "is not a number",
+    "bool_parsing": "is not true or false",
+    "bool_type": "is not true or false",
+    "string_type": "is not a string; quote it",
+    "dict_type": "is not a mapping; write key: value fields",
+    "model_type": "is not a mapping; write key: value fields",
+    "model_attributes_type": "is not a mapping; write key: value fields",
+    "list_type": "is not a list; write one item per '- ' line or [a, b]",
+}
+
+
+def _error_text(err: ErrorDetails) -> str:
+    """What is wrong and how to fix it; pydantic's own words when they already say both.
+
+    pydantic's bound messages ("Input should be less than or equal to 100") say neither the
+    value given nor what to do: every field's bound is reworded here, in one place.
+    """
+    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+    if kind == "extra_forbidden":
+        return "unknown field; check its spelling against the EmbeddingMigration schema"
+    if kind == "missing":
+        return "required; add this field"
+    if kind == "greater_than_equal":
+        return f"{_show(value)} is below the minimum of {ctx['ge']}; use {ctx['ge']} or more"
+    if kind == "greater_than":
+        return f"{_show(value)} is too small; use a value above {ctx['gt']}"
+    if kind == "less_than_equal":
+        return f"{_show(value)} is above the maximum of {ctx['le']}; use {ctx['le']} or less"
+    if kind == "less_than":
+        return f"{_show(value)} is too large; use a value below {ctx['lt']}"
+    if kind == "too_long":
+        return (
+            f"{ctx['actual_length']} items, more than the {ctx['max_length']} allowed; remove some"
+        )
+    if kind == "too_short":
+        return f"{ctx['actual_length']} items; give at least {ctx['min_length']}"
+    if kind == "string_too_short":
+        return "empty; give a value or leave the field out"
+    if kind == "string_too_long":
+        return f"longer than {ctx['max_length']} characters; shorten it"
+    if kind == "string_pattern_mismatch":
+        return f"{_show(value)} does not match {ctx['pattern']}; change it to match"
+    if kind in ("literal_error", "enum"):
+        return f"{_show(value)} is not allowed; use {ctx['expected']}"
+    if kind in _TYPE_ERRORS:
+        return f"{_show(value)} {_TYPE_ERRORS[kind]}"
+    return str(err["msg"]).removeprefix("Value error, ")
+
+
+def _fields_at(model: type[BaseModel], loc: list[int | str]) -> list[str]:
+    """The field names (aliases) of the model found by following ``loc`` from ``model``."""
+    current: Any = model
+    for part in loc:
+        current = _unwrap(current)
+        if isinstance(part, int) or get_origin(current) is dict:
+            args = get_args(current)
+            current = args[-1] if args else None
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        field = next(
+            (f for n, f in current.model_fields.items() if part in (n, f.alias)),
+            None,
+        )
+        if field is None:
+            return []
+        current = field.annotation
+    current = _unwrap(current)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return [f.alias or n for n, f in current.model_fields.items()]
+    return []
+
+
+def _unwrap(annotation: Any) -> Any:
+    """``X | None`` and ``Annotated[X, ...]`` as ``X``."""
+    while True:
+        origin = get_origin(annotation)
+        if origin is Annotated:
+            annotation = get_args(annotation)[0]
+        elif origin in (Union, types.UnionType):
+            rest = [a for a in get_args(annotation) if a is not type(None)]
+            if len(rest) != 1:
+                return annotation
+            annotation = rest[0]
+        else:
+            return annotation
 
 
 def load_resource(path: Path) -> EmbeddingMigrationResource:
@@ -291,6 +585,8 @@ def load_resource(path: Path) -> EmbeddingMigrationResource:
     try:
         resource = EmbeddingMigrationResource.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{path}: {validation_message(exc, prefix='')}") from None
+        raise ConfigError(
+            f"{path}: {validation_message(exc, prefix='', model=EmbeddingMigrationResource)}"
+        ) from None
     resource.spec.target.check_indexable()
     return resource

@@ -38,7 +38,7 @@ def test_provider_spec_strings(text: str, provider: ProviderName, model: str, di
         ("openai:text-embedding-3-small", "provider:model@dimensions"),
         ("openai:text-embedding-ada-002@768", "gives exactly 1536 dimensions"),
         ("openai:text-embedding-3-large@3073", "gives 1–3072 dimensions"),
-        ("local:hash@0", "greater than or equal to 1"),
+        ("local:hash@0", "0 is below the minimum of 1; use 1 or more"),
         ("azure:x@8", "not one of openai, google, local"),
         ("google:text-embedding-004@768", "retired on the Gemini API in January 2026"),
     ],

@@ -26,8 +26,10 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    StringConstraints,
     ValidationError,
     field_validator,
     model_validator,
@@ -47,11 +49,15 @@ from rag_service.errors import ConfigError
 from rag_service.spec import (
     API_VERSION,
     KIND,
+    MAX_HALFVEC_INDEX_DIMS,
+    MAX_VECTOR_INDEX_DIMS,
     DatabaseSpec,
     DataPlaneSpec,
     EmbeddingSpec,
     MigrationSpec,
     SecretKeyRef,
+    cel_rule,
+    cel_rules,
     validation_message,
 )
 
@@ -92,9 +98,14 @@ MAX_CRITERIA = 32
 
 # ---- durations --------------------------------------------------------------------------------
 
-_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)(h|ms|m|s))+$")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(h|ms|m|s)")
+# [0-9], not \d: the CRD's pattern runs in Go's RE2, where \d is ASCII but Python's is Unicode.
+DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(h|ms|m|s))+$"
+_DURATION = re.compile(DURATION_PATTERN)
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(h|ms|m|s)")
 _UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+# A duration whose every number is zero, as a CEL string literal (hence the doubled backslash).
+_ZERO_DURATION = r"^(0+(\\.0+)?(h|ms|m|s))+$"
+MAX_DURATION_LENGTH = 32  # bounds the CEL cost of matching it; "1h30m" needs 5
 
 
 def parse_duration(value: str) -> timedelta:
@@ -111,19 +122,48 @@ def parse_duration(value: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
+def _duration_shape(value: Any) -> Any:
+    # Before the pattern constraint, so a bad duration gets this message, not the regex.
+    if isinstance(value, str):
+        parse_duration(value)
+    return value
+
+
 def _positive_duration(value: str) -> str:
     if parse_duration(value) <= timedelta(0):
-        raise ValueError(f"{value!r} must be longer than zero")
+        raise ValueError(f"{value!r} must be longer than zero, e.g. 30s")
     return value
 
 
-def _non_negative_duration(value: str) -> str:
-    parse_duration(value)
-    return value
+# The constraints are the CRD's (pattern, maxLength); the validators give the messages.
+NonNegativeDuration = Annotated[
+    str,
+    StringConstraints(max_length=MAX_DURATION_LENGTH, pattern=DURATION_PATTERN),
+    BeforeValidator(_duration_shape),
+]
+Duration = Annotated[
+    NonNegativeDuration,
+    AfterValidator(_positive_duration),
+    Field(
+        json_schema_extra=cel_rules(
+            cel_rule(f"!self.matches('{_ZERO_DURATION}')", "must be longer than zero, e.g. 30s")
+        )
+    ),
+]
 
 
-Duration = Annotated[str, AfterValidator(_positive_duration)]
-NonNegativeDuration = Annotated[str, AfterValidator(_non_negative_duration)]
+def _matching(pattern: str, fix: str) -> BeforeValidator:
+    """Refuse a string not matching ``pattern`` with ``fix`` (before the pattern constraint
+    that puts the same pattern in the CRD, whose own message would only quote the regex)."""
+    compiled = re.compile(pattern)
+
+    def check(value: Any) -> Any:
+        if isinstance(value, str) and not compiled.match(value):
+            raise ValueError(f"{value!r} {fix}")
+        return value
+
+    return BeforeValidator(check)
+
 
 # ---- spec -------------------------------------------------------------------------------------
 
@@ -157,6 +197,23 @@ def _guide_schedule() -> list[RolloutStep]:
     ]
 
 
+# Standard CEL has no ranges over indexes; a literal list of every index a step may have does
+# it (steps has maxItems MAX_STEPS, so the list is complete).
+_STEP_INDEXES = ", ".join(str(i) for i in range(1, MAX_STEPS))
+_STEP_RULES = [
+    cel_rule(
+        f"[{_STEP_INDEXES}].all(i, i >= size(self) || self[i].percentage > self[i - 1].percentage)",
+        "each step's percentage must be above the one before (e.g. 10, 25, 50, 75, 100); "
+        "reorder the steps or remove the repeated one",
+    ),
+    cel_rule(
+        "size(self) == 0 || self[size(self) - 1].percentage == 100",
+        "the last step must be 100 %; add a final step of 100 (use maxPercentage to stop lower)",
+    ),
+]
+_HEADER = r"^[A-Za-z0-9-]+$"
+
+
 class RolloutSpec(_Model):
     """How traffic moves to v2: the steps, a ceiling, a pause switch and the sticky key."""
 
@@ -166,6 +223,7 @@ class RolloutSpec(_Model):
         max_length=MAX_STEPS,
         description="Percentages strictly increasing within 1–100 and ending at 100, each "
         "with its minDuration. Default: the guide's 10/25/50/75 % for 72h each, 100 % for 48h.",
+        json_schema_extra=cel_rules(*_STEP_RULES),
     )
     max_percentage: int = Field(
         default=100,
@@ -178,10 +236,12 @@ class RolloutSpec(_Model):
         default=False,
         description="Hold the current step. Rollback thresholds still act while paused.",
     )
-    sticky_key: str = Field(
+    sticky_key: Annotated[
+        str, _matching(_HEADER, "is not an HTTP header name; use letters, digits and '-'")
+    ] = Field(
         default="X-User-Id",
-        min_length=1,
-        pattern=r"^[A-Za-z0-9-]+$",
+        max_length=256,
+        pattern=_HEADER,
         description="Request header whose value picks the user's bucket (sticky routing).",
     )
 
@@ -202,12 +262,18 @@ class RolloutSpec(_Model):
         return steps
 
 
+_URL = r"^https?://[^\s/]+.*$"
+
+
 class PrometheusSpec(_Model):
     """Where the analysis reads the metric contract."""
 
-    url: str = Field(
-        min_length=1,
-        pattern=r"^https?://[^\s/]+.*$",
+    url: Annotated[
+        str,
+        _matching(_URL, "is not an http(s) URL; write it as http://prometheus.monitoring:9090"),
+    ] = Field(
+        max_length=2048,
+        pattern=_URL,
         description="Prometheus base URL (http:// or https://), including any route prefix.",
     )
     bearer_token_secret_ref: SecretKeyRef | None = Field(
@@ -216,25 +282,60 @@ class PrometheusSpec(_Model):
 
 
 class CriterionKind(str, Enum):
+    """Which list a criterion comes from."""
+
     SUCCESS = "success"  # must pass to promote
     ROLLBACK = "rollback"  # breached → RolledBack
 
 
 _NAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+# Built-in metrics without a v1 to compare with (read from the database, not Prometheus).
+_NOT_COMPARABLE = [name for name, m in METRICS.items() if m.source is not MetricSource.PROMETHEUS]
+_CRITERION_RULES = [
+    cel_rule(
+        "has(self.metric) != has(self.query)",
+        "set exactly one of metric (a built-in metric) and query (custom PromQL)",
+    ),
+    cel_rule(
+        "(has(self.min) ? 1 : 0) + (has(self.max) ? 1 : 0) + (has(self.maxRatioToV1) ? 1 : 0) == 1",
+        "set exactly one of min, max and maxRatioToV1",
+    ),
+    cel_rule(
+        "!has(self.maxRatioToV1) || (has(self.metric) && !(self.metric in "
+        + json.dumps(_NOT_COMPARABLE).replace('"', "'")
+        + "))",
+        "maxRatioToV1 compares v2 with v1 and needs a built-in Prometheus metric; use min or max "
+        "with a custom query",
+        field_path=".maxRatioToV1",
+    ),
+]
 
 
 class Criterion(_Model):
     """One check: a built-in ``metric`` or a custom PromQL ``query``, and where it must lie."""
 
-    name: str = Field(
+    model_config = ConfigDict(json_schema_extra=cel_rules(*_CRITERION_RULES))
+
+    name: Annotated[
+        str,
+        _matching(
+            _NAME,
+            "is not a criterion name; use lowercase letters, digits and '-' (at most 63, "
+            "starting and ending with a letter or digit), e.g. p95-latency",
+        ),
+    ] = Field(
+        max_length=63,
         pattern=_NAME,
         description="Unique name in this analysis (lowercase letters, digits and '-').",
     )
     metric: str | None = Field(
         default=None,
+        max_length=64,
         description="A built-in metric of the contract: "
         + ", ".join(METRICS)
         + ". Scoped to this migration and the analysis window.",
+        # An enum in the CRD only: the validator below refuses an unknown one with the list.
+        json_schema_extra={"enum": list[Any](METRICS)},
     )
     query: str | None = Field(
         default=None,
@@ -321,8 +422,31 @@ def _default_rollback() -> list[Criterion]:
     return [Criterion.from_default(c) for c in DEFAULT_ROLLBACK_THRESHOLDS]
 
 
+def _unique_within(items: str) -> str:
+    # Parenthesised: the caller joins these with &&, which binds tighter than ||.
+    return (
+        f"(!has(self.{items}) || self.{items}.all(c, self.{items}.exists_one(d, d.name == c.name)))"
+    )
+
+
+_UNIQUE_NAMES = cel_rule(
+    " && ".join(
+        [
+            _unique_within("successCriteria"),
+            _unique_within("rollbackThresholds"),
+            "(!has(self.successCriteria) || !has(self.rollbackThresholds) || "
+            "self.successCriteria.all(c, !self.rollbackThresholds.exists(r, r.name == c.name)))",
+        ]
+    ),
+    "criterion names must be unique across successCriteria and rollbackThresholds; rename the "
+    "repeated one",
+)
+
+
 class AnalysisSpec(_Model):
     """When v2 may take more traffic, and when it must give it all back."""
+
+    model_config = ConfigDict(json_schema_extra=cel_rules(_UNIQUE_NAMES))
 
     prometheus: PrometheusSpec | None = Field(
         default=None,
@@ -402,6 +526,24 @@ class CleanupSpec(_Model):
     )
 
 
+# The API server's copy of EmbeddingSpec.check_indexable (pgvector's index limits).
+_HALFVEC = "(has(self.index) && has(self.index.halfvec) && self.index.halfvec)"
+_INDEXABLE_RULES = [
+    cel_rule(
+        f"{_HALFVEC} || self.dimensions <= {MAX_VECTOR_INDEX_DIMS}",
+        f"pgvector indexes a vector column of at most {MAX_VECTOR_INDEX_DIMS} dimensions; set "
+        f"index.halfvec: true (up to {MAX_HALFVEC_INDEX_DIMS}) or lower dimensions",
+        field_path=".dimensions",
+    ),
+    cel_rule(
+        f"!{_HALFVEC} || self.dimensions <= {MAX_HALFVEC_INDEX_DIMS}",
+        f"pgvector indexes a halfvec column of at most {MAX_HALFVEC_INDEX_DIMS} dimensions; "
+        "lower dimensions",
+        field_path=".dimensions",
+    ),
+]
+
+
 class EmbeddingMigrationSpec(_Model):
     """``spec``: the data plane (rag_service's models) plus the rollout it is carried through."""
 
@@ -409,7 +551,10 @@ class EmbeddingMigrationSpec(_Model):
     source: EmbeddingSpec | None = Field(
         default=None, description="The model behind the existing (v1) vectors."
     )
-    target: EmbeddingSpec = Field(description="The model to re-embed into (v2).")
+    target: EmbeddingSpec = Field(
+        description="The model to re-embed into (v2).",
+        json_schema_extra=cel_rules(*_INDEXABLE_RULES),
+    )
     migration: MigrationSpec = Field(
         default_factory=MigrationSpec, description="How the re-embedding Jobs run."
     )
@@ -447,6 +592,8 @@ class EmbeddingMigrationSpec(_Model):
 
 
 class Phase(str, Enum):
+    """Where the migration is; only Progressing, Paused, Promoted and Succeeded route to v2."""
+
     PENDING = "Pending"
     PREPARING = "Preparing"  # migrate setup
     MIGRATING = "Migrating"  # migrate run, one Job per shard
@@ -466,6 +613,8 @@ class Phase(str, Enum):
 
 
 class JobKind(str, Enum):
+    """Which ``embedshift migrate`` command a Job runs."""
+
     SETUP = "setup"
     MIGRATE = "migrate"
     INDEX = "index"
@@ -473,6 +622,8 @@ class JobKind(str, Enum):
 
 
 class JobState(str, Enum):
+    """A Job's state as last observed."""
+
     PENDING = "Pending"  # decided, not yet seen running
     RUNNING = "Running"
     SUCCEEDED = "Succeeded"
@@ -500,6 +651,8 @@ class JobRecord(_Status):
 
 
 class CategoryProgress(_Status):
+    """Progress of one category."""
+
     total: int = Field(default=0, description="Source rows with text in this category.")
     migrated: int = Field(default=0, description="Rows with a current v2 vector.")
 
@@ -521,6 +674,8 @@ class MigrationProgress(_Status):
 
 
 class VerificationStatus(_Status):
+    """The result of the last ``migrate verify``."""
+
     ok: bool = Field(description="Whether every check of migrate verify passed.")
     time: datetime = Field(description="When the verification finished.")
     failed_checks: list[str] = Field(
@@ -529,6 +684,8 @@ class VerificationStatus(_Status):
 
 
 class CriterionResult(_Status):
+    """One criterion's verdict in the last check."""
+
     name: str = Field(description="The criterion's name.")
     kind: CriterionKind = Field(description="success or rollback.")
     query: str = Field(default="", description="The rendered query (or the observation read).")
@@ -540,6 +697,8 @@ class CriterionResult(_Status):
 
 
 class AnalysisStatus(_Status):
+    """The last check of the analysis and the counters decisions need."""
+
     time: datetime | None = Field(default=None, description="When the last check ran.")
     consecutive_passes: int = Field(
         default=0, description="Consecutive checks where every success criterion passed."
@@ -554,6 +713,8 @@ class AnalysisStatus(_Status):
 
 
 class ConditionType(str, Enum):
+    """The standard conditions this resource reports."""
+
     READY = "Ready"
     MIGRATED = "Migrated"
     VERIFIED = "Verified"
@@ -562,6 +723,8 @@ class ConditionType(str, Enum):
 
 
 class Condition(_Status):
+    """A standard Kubernetes condition."""
+
     type: ConditionType = Field(description="Ready, Migrated, Verified, AnalysisPassing, ...")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(description="CamelCase reason.")
@@ -570,6 +733,8 @@ class Condition(_Status):
 
 
 class HistoryEntry(_Status):
+    """One transition: when, to which phase and percentage, and why."""
+
     time: datetime = Field(description="When the transition happened.")
     phase: Phase = Field(description="The phase entered.")
     percentage: int = Field(description="The effective percentage after it.")
@@ -701,7 +866,9 @@ def parse_migration(raw: Any, *, where: str) -> EmbeddingMigration:
     try:
         return EmbeddingMigration.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{where}: {validation_message(exc, prefix='')}") from None
+        raise ConfigError(
+            f"{where}: {validation_message(exc, prefix='', model=EmbeddingMigration)}"
+        ) from None
 
 
 def load_migration(path: Path) -> EmbeddingMigration:
