@@ -357,8 +357,9 @@ class Criterion(_Model):
         alias="for",
         ge=1,
         le=100,
-        description="Consecutive failing checks before it counts (rollback thresholds: "
-        "breaches before rolling back).",
+        description="Rollback thresholds: consecutive failing checks before rolling back. "
+        "Success criteria must pass on every one of successfulChecks checks, so it does not "
+        "apply to them.",
     )
     dry_run: bool = Field(
         default=False, description="Evaluate and record the verdict, never act on it."
