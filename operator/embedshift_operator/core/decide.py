@@ -17,6 +17,7 @@ The rules (DESIGN.md "Phases"), in the order they are applied each tick:
    RolledBack (paused or not: safety never pauses); ``paused`` → hold; after ``minDuration`` and
    ``successfulChecks`` consecutive all-pass checks → the next step. The last step (100 %) is
    Promoted, which holds for its ``minDuration`` with rollback thresholds active, then Succeeded.
+   A step capped below its percentage by ``maxPercentage`` holds, and its checks do not count.
 4. The follower runs from Migrating on; the routing row is kept at the effective percentage
    (repaired if it drifted); conditions are derived from the phase and the last check.
 
@@ -122,6 +123,7 @@ class _Tick:
         self.actions: list[Action] = []
         self.wake_at: datetime | None = None
         self._routed = False  # a SetPercentage was issued this tick
+        self._clearing_emergency = False  # a SetPercentage this tick clears the emergency flag
 
     # ---- the rules, in order ------------------------------------------------------------------
 
@@ -175,7 +177,10 @@ class _Tick:
             )
             return True
         routing = self.obs.routing
-        if routing is not None and routing.emergency:
+        # A retry commit that restarted the rollout this tick clears the flag (SetPercentage
+        # with clear_emergency): the flag observed was read before that write, so acting on it
+        # would undo the very retry DESIGN asks for. A flag set again is seen next tick.
+        if routing is not None and routing.emergency and not self._clearing_emergency:
             why = f" ({routing.reason})" if routing.reason else ""
             self.roll_back("EmergencyFlag", f"the routing row's emergency flag is set{why}")
             return True
@@ -279,12 +284,18 @@ class _Tick:
     def fail_job(self, name: str, kind: JobKind) -> None:
         record = next((j for j in self.status.migration.jobs if j.name == name), None)
         why = record.message if record and record.message else "no error recorded"
+        # A failure is a Warning event, as Kubernetes reports failed Jobs and Pods.
         if kind is JobKind.VERIFY:
             self.set(verification=VerificationStatus(ok=False, time=self.now, failed_checks=[why]))
-            self.enter(Phase.FAILED, "VerificationFailed", f"migrate verify failed: {why}")
+            self.enter(
+                Phase.FAILED, "VerificationFailed", f"migrate verify failed: {why}", warning=True
+            )
             return
         self.enter(
-            Phase.FAILED, "JobFailed", f"{kind.value} Job {name} failed past its retries: {why}"
+            Phase.FAILED,
+            "JobFailed",
+            f"{kind.value} Job {name} failed past its retries: {why}",
+            warning=True,
         )
 
     def setup_done(self) -> None:
@@ -349,6 +360,12 @@ class _Tick:
             return
         if self.status.phase is Phase.PAUSED:
             self.enter(resting, "Resumed", f"resumed at step {index + 1} ({wanted} %)")
+        if wanted < current.percentage:
+            # Capped below the step: its checks say nothing about the step's traffic, so they
+            # do not count toward promoting it (the count restarts once the cap is lifted), and
+            # a capped last step is not "100 % held": Promoted does not become Succeeded.
+            self.set(analysis=self.status.analysis.model_copy(update={"consecutive_passes": 0}))
+            return
         started = self.status.step_started_at or self.now
         ends = started + parse_duration(current.min_duration)
         if last:
@@ -363,8 +380,6 @@ class _Tick:
             return
         if not checked:
             return
-        if wanted < current.percentage:
-            return  # capped below the step: its checks say nothing about the step's traffic
         passes = self.status.analysis.consecutive_passes
         needed = spec.analysis.successful_checks
         if self.now < ends:
@@ -541,6 +556,7 @@ class _Tick:
             SetPercentage(percentage=percentage, reason=reason, clear_emergency=clear_emergency)
         )
         self._routed = True
+        self._clearing_emergency = self._clearing_emergency or clear_emergency
         self.set(percentage=percentage)
 
     def enter(
