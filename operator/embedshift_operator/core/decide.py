@@ -252,9 +252,10 @@ class _Tick:
             updated = record.model_copy(update={"state": seen.state, "message": seen.message})
             jobs = [updated if j.name == name else j for j in jobs]
             record = updated
-        if record.state is JobState.PENDING:
-            # Not seen running yet: ask again. A Job that exists is success, so this never runs
-            # it twice.
+        if seen is None and record.state in (JobState.PENDING, JobState.RUNNING):
+            # Not seen yet, or no longer seen while unfinished (a local Job interrupted by
+            # Ctrl-C, a Kubernetes Job deleted by hand): ask again under the same name. Creating
+            # a Job that exists is success, so this never runs one twice.
             self.actions.append(RunJob(name=name, kind=kind, args=args, shard=shard))
         self.set(migration=self.status.migration.model_copy(update={"jobs": jobs}))
         return record.state

@@ -136,9 +136,11 @@ def test_a_job_seen_running_is_not_launched_again(
     assert d.status.phase is phase
     assert d.status.migration.jobs[0].state is JobState.RUNNING
     assert not events(d)  # nothing new to tell
-    # Later ticks that do not hear from the runner keep the Job as it was last seen.
+    # A runner that no longer reports an unfinished Job (Ctrl-C interrupted it, someone
+    # deleted it) is asked for it again under the same name: creating it is idempotent.
     again = tick(spec, d.status, Observations(), at(minutes=2))
-    assert run_jobs(again) == []
+    assert [r.name for r in run_jobs(again)] == [name]
+    assert "JobStarted" not in [e.reason for e in events(again)]
 
 
 @pytest.mark.parametrize(("phase", "kind", "args", "next_phase", "reason"), PIPELINE)
