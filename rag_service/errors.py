@@ -23,6 +23,14 @@ class DatabaseError(EmbedshiftError):
     """The database is unreachable, or the schema is not what the spec says."""
 
 
+class DatabaseUnavailable(DatabaseError):
+    """The server cannot be reached or dropped the session (psycopg's OperationalError class).
+
+    Separate from DatabaseError so a long-running process (``migrate follow``) can reconnect and
+    retry this one, while a missing table or a refused schema still stops it.
+    """
+
+
 class SchemaRefused(DatabaseError):
     """``setup`` will not change a schema it cannot handle safely (nothing was changed)."""
 

@@ -27,6 +27,7 @@ import socket
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
@@ -41,6 +42,7 @@ from rag_service.errors import (
     BudgetExceeded,
     ConfigError,
     DatabaseError,
+    DatabaseUnavailable,
     EmbedshiftError,
     ProviderError,
     WorkerBusy,
@@ -168,7 +170,8 @@ def shard_filter(column: sql.Composable, shard: Shard) -> sql.Composable:
     )
 
 
-def _category_filter(layout: Layout, categories: Sequence[str]) -> sql.Composable:
+def category_filter(layout: Layout, categories: Sequence[str]) -> sql.Composable:
+    """SQL true for source rows (aliased ``s``) in ``categories``, all rows if empty. Pure."""
     if not categories:
         return sql.SQL("true")
     if layout.category_column is None:
@@ -191,7 +194,7 @@ def pending_query(layout: Layout, options: RunOptions) -> Query:
         sid=layout.s_id,
         embeddable=layout.s_embeddable,
         shard=shard_filter(layout.s_id, options.shard),
-        cats=_category_filter(layout, options.categories),
+        cats=category_filter(layout, options.categories),
         hash=layout.s_hash,
     )
 
@@ -312,7 +315,7 @@ class Worker:
                     t_after=t_after,
                     embeddable=layout.s_embeddable,
                     shard=shard_filter(layout.s_id, self.options.shard),
-                    cats=_category_filter(layout, self.options.categories),
+                    cats=category_filter(layout, self.options.categories),
                 ),
                 {"after": None if cursor is None else str(cursor), "limit": limit},
             )
@@ -356,7 +359,7 @@ class Worker:
                     tgt=ident(layout.target),
                     after=after_clause,
                     shard=shard_filter(sql.SQL("q.id"), self.options.shard),
-                    cats=_category_filter(layout, self.options.categories),
+                    cats=category_filter(layout, self.options.categories),
                 ),
                 {
                     "after": None if cursor is None else str(cursor),
@@ -407,11 +410,14 @@ class Worker:
         tokens = self.provider.estimate_tokens([r.text for r in rows])
         return self.prices.cost(*self._price_key, tokens)
 
-    async def _pipeline(self, batches: AsyncIterator[Batch]) -> None:
+    async def _pipeline(
+        self, batches: AsyncIterator[Batch], stop: asyncio.Event | None = None
+    ) -> None:
         """Read ahead, embed ``concurrency`` batches at once, write them in order.
 
         The reader runs as its own task on its own connection, so paging the source overlaps
-        the writes instead of waiting between them.
+        the writes instead of waiting between them. Once ``stop`` is set no batch is started;
+        the ones already embedding are still written, since their tokens are paid for.
         """
         ahead: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=self.options.concurrency)
 
@@ -419,8 +425,13 @@ class Worker:
             try:
                 async for batch in batches:
                     await ahead.put(batch)
-            finally:
+            except asyncio.CancelledError:
+                # Nobody reads any more: an end marker put into a full queue would wait forever.
+                raise
+            except BaseException:
                 await ahead.put(None)
+                raise
+            await ahead.put(None)
 
         reader = asyncio.create_task(read_ahead())
         inflight: deque[tuple[Batch, asyncio.Task[Embeddings] | None, float, datetime]] = deque()
@@ -434,6 +445,8 @@ class Worker:
 
         try:
             while (batch := await ahead.get()) is not None:
+                if stop is not None and stop.is_set():
+                    break
                 estimate = self._estimate_cost(batch.rows)
                 budget = self.options.budget_usd
                 spent = self._spent_before + self.report.cost_usd
@@ -459,12 +472,17 @@ class Worker:
                     await write_oldest()
             while inflight:
                 await write_oldest()
-            await reader  # surfaces a reading error
+            if stop is None or not stop.is_set() or reader.done():
+                await reader  # surfaces a reading error; a stopped one is cancelled below
         finally:
             reader.cancel()
             for _, task, _, _ in inflight:
                 if task is not None:
                     task.cancel()
+            # Let a reader cancelled mid-query unwind before its connection is used or closed.
+            await asyncio.wait([reader])
+            if not reader.cancelled():
+                reader.exception()  # retrieved: the error that matters is the one propagating
 
     async def _write(
         self,
@@ -726,6 +744,24 @@ class Worker:
         )
         self._spent_before = float(spent or 0)
 
+    async def catch_up(self, stop: asyncio.Event | None = None) -> None:
+        """Drain the queue: passes until one settles nothing, ``--limit`` is reached or ``stop``
+        is set (then the batches already embedding are written and nothing more is started).
+
+        Adds to ``self.report``; ``run`` calls it after the backfill, ``migrate follow`` on every
+        notification and sweep.
+        """
+        for _ in range(self.options.max_catchup_passes):
+            if stop is not None and stop.is_set():
+                break
+            if self.options.limit is not None and self._launched >= self.options.limit:
+                self.report.stopped_by = "limit"
+                break
+            before = (self.report.batches, self.report.settled_from_queue)
+            await self._pipeline(self._catchup_batches(), stop)
+            if (self.report.batches, self.report.settled_from_queue) == before:
+                break
+
     async def run(self) -> RunReport:
         started = time.monotonic()
         last_id, completed = await self._checkpoint.read(self.reader)
@@ -759,14 +795,7 @@ class Worker:
                 target=self.layout.migration_target,
                 phase="catchup",
             )
-        for _ in range(self.options.max_catchup_passes):
-            if self.options.limit is not None and self._launched >= self.options.limit:
-                self.report.stopped_by = "limit"
-                break
-            before = (self.report.batches, self.report.settled_from_queue)
-            await self._pipeline(self._catchup_batches())
-            if (self.report.batches, self.report.settled_from_queue) == before:
-                break
+        await self.catch_up()
         self.report.pending = int(
             await _scalar(self.reader, pending_query(self.layout, self.options)) or 0
         )
@@ -779,7 +808,22 @@ def _json(value: Any) -> str:
     return json.dumps(value, sort_keys=True)
 
 
-async def run_migration(
+LockRole = Literal["shard", "follow"]
+
+
+def lock_key(layout: Layout, role: LockRole, shard: Shard) -> str:
+    """The advisory lock a worker holds for its whole session. Pure.
+
+    Shard workers lock their shard; followers lock one key per target of their own, because the
+    follower runs beside the shard Jobs from Migrating on and must not wait for (or block) them.
+    Both drain the queue safely side by side (hash guard, ``(id, seq)`` deletion): the locks only
+    keep two processes of one kind from doing the same work twice.
+    """
+    return f"embedshift:{layout.target}:{shard if role == 'shard' else 'follow'}"
+
+
+@asynccontextmanager
+async def worker_session(
     url: str,
     spec: DataPlaneSpec,
     *,
@@ -788,8 +832,14 @@ async def run_migration(
     migration: str,
     prices: PriceTable | None = None,
     progress: ProgressSink | None = None,
-) -> RunReport:
-    """Run one shard to completion (or ``--limit``/budget). Raises EmbedshiftError subclasses."""
+    role: LockRole = "shard",
+) -> AsyncIterator[Worker]:
+    """A prepared :class:`Worker` holding its advisory lock until the block exits.
+
+    Raises WorkerBusy if another process holds the lock, DatabaseError if setup has not run, and
+    turns database errors inside the block into DatabaseError (DatabaseUnavailable when the
+    server went away, which a long-running caller may retry).
+    """
     if provider.dimensions != spec.target.dimensions:
         raise ConfigError(
             f"--target: provider gives {provider.dimensions} dimensions, spec says "
@@ -806,14 +856,18 @@ async def run_migration(
                 )
         await check_target_compatible(reader, layout)
         options = replace(options, categories=tuple(dict.fromkeys(options.categories)))
-        lock_key = f"embedshift:{layout.target}:{options.shard}"
         locked = await _scalar(
-            reader, sql.SQL("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"), [lock_key]
+            reader,
+            sql.SQL("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"),
+            [lock_key(layout, role, options.shard)],
         )
         if not locked:
             raise WorkerBusy(
                 f"shard {options.shard} of {layout.target} is being migrated by another worker "
                 "(advisory lock held); wait for it, or run another --shard"
+                if role == "shard"
+                else f"another `embedshift migrate follow` holds the follower lock of "
+                f"{layout.target}; one follower per target drains the queue"
             )
         # Autocommit, so each ``transaction()`` block is a real BEGIN/COMMIT, never a savepoint
         # inside an implicit transaction that a stray statement opened.
@@ -830,13 +884,39 @@ async def run_migration(
                 writer=writer,
             )
             await worker.prepare()
-            return await worker.run()
+            yield worker
         except psycopg.Error as exc:
-            raise DatabaseError(f"database error during the run: {first_line(exc)}") from None
+            error = (
+                DatabaseUnavailable if isinstance(exc, psycopg.OperationalError) else DatabaseError
+            )
+            raise error(f"database error during the run: {first_line(exc)}") from None
         finally:
             await writer.close()
     finally:
         await reader.close()
+
+
+async def run_migration(
+    url: str,
+    spec: DataPlaneSpec,
+    *,
+    provider: EmbeddingProvider,
+    options: RunOptions,
+    migration: str,
+    prices: PriceTable | None = None,
+    progress: ProgressSink | None = None,
+) -> RunReport:
+    """Run one shard to completion (or ``--limit``/budget). Raises EmbedshiftError subclasses."""
+    async with worker_session(
+        url,
+        spec,
+        provider=provider,
+        options=options,
+        migration=migration,
+        prices=prices,
+        progress=progress,
+    ) as worker:
+        return await worker.run()
 
 
 @dataclass
@@ -879,7 +959,7 @@ async def plan_run(
         where = sql.SQL("{} AND {} AND {} AND {}").format(
             layout.s_embeddable,
             shard_filter(layout.s_id, options.shard),
-            _category_filter(layout, options.categories),
+            category_filter(layout, options.categories),
             stale,
         )
         limit = (

@@ -6,6 +6,7 @@ Counts come from the source and side tables themselves (what is true now), spend
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -13,6 +14,7 @@ import psycopg
 from psycopg import sql
 
 from rag_service.errors import DatabaseError
+from rag_service.migrate import category_filter
 from rag_service.schema import Layout, connect, ident, inspect_source, table_exists
 from rag_service.spec import DataPlaneSpec
 
@@ -36,6 +38,7 @@ class MigrationProgress:
     categories: list[CategoryCounts] = field(default_factory=list)
     target_rows: int = 0
     queued: int = 0
+    oldest_pending_seconds: float | None = None  # the follower's lag; None: queue empty
     batches: int = 0
     failed_batches: int = 0
     tokens: int = 0
@@ -54,6 +57,7 @@ class MigrationProgress:
             "pending": self.total("pending"),
             "stale": self.total("stale"),
             "queued": self.queued,
+            "oldestPendingSeconds": self.oldest_pending_seconds,
             "batches": self.batches,
             "failedBatches": self.failed_batches,
             "tokens": self.tokens,
@@ -106,6 +110,45 @@ async def open_layout(conn: psycopg.AsyncConnection[Any], spec: DataPlaneSpec) -
     return layout
 
 
+async def queue_lag(
+    conn: psycopg.AsyncConnection[Any], layout: Layout, categories: Sequence[str] = ()
+) -> float | None:
+    """Seconds since the oldest queued change a worker would serve was queued; None if none is.
+
+    Filtered like the catch-up's own read, so a change outside ``spec.migration.categories``
+    (which no worker serves) does not show as ever-growing lag. ``clock_timestamp()``, not
+    ``now()``: ``conn`` may be inside a transaction that started long ago.
+    """
+    cur = await conn.execute(
+        sql.SQL(
+            "SELECT EXTRACT(EPOCH FROM clock_timestamp() - min(q.enqueued_at))::float8\n"
+            "FROM {queue} q LEFT JOIN {src} s ON {sid} = q.id\n"
+            "WHERE s.{sid_col} IS NULL OR {cats}"
+        ).format(
+            queue=ident(layout.queue),
+            src=ident(layout.source),
+            sid=layout.s_id,
+            sid_col=sql.Identifier(layout.id_column),
+            cats=category_filter(layout, categories),
+        )
+    )
+    row = await cur.fetchone()
+    return None if row is None or row[0] is None else max(0.0, float(row[0]))
+
+
+async def oldest_pending_seconds(
+    conn_or_url: str | psycopg.AsyncConnection[Any], spec: DataPlaneSpec
+) -> float | None:
+    """The age of the oldest queued change (``status.migration.oldestPendingSeconds``): how far
+    ``migrate follow`` is behind the application's writes. None when the queue is empty."""
+    if isinstance(conn_or_url, str):
+        conn = await connect(conn_or_url, autocommit=True)
+        async with conn:
+            return await oldest_pending_seconds(conn, spec)
+    layout = await open_layout(conn_or_url, spec)
+    return await queue_lag(conn_or_url, layout, spec.migration.categories)
+
+
 async def migration_progress(
     url: str, spec: DataPlaneSpec, *, errors: int = 5
 ) -> MigrationProgress:
@@ -116,6 +159,7 @@ async def migration_progress(
         progress.categories = await category_counts(conn, layout)
         progress.target_rows = await count_rows(conn, layout.target)
         progress.queued = await count_rows(conn, layout.queue)
+        progress.oldest_pending_seconds = await queue_lag(conn, layout, spec.migration.categories)
         cur = await conn.execute(
             sql.SQL(
                 "SELECT count(*) FILTER (WHERE status = 'done'),"

@@ -6,8 +6,9 @@ What ``setup`` installs next to the user's source table (which is never rewritte
   hash, model, category copy. Its id references the source with ``ON DELETE CASCADE``, so deleted
   documents lose their vectors, and dropping the side table undoes everything.
 - the **pending queue** and a trigger on the source: every insert, and every update of the text,
-  upserts the id with a fresh ``seq``. Workers delete only the ``(id, seq)`` pairs they read, so a
-  change that races a worker stays queued and is never lost.
+  upserts the id with a fresh ``seq`` and notifies ``FOLLOW_CHANNEL`` (wakes ``migrate follow``).
+  Workers delete only the ``(id, seq)`` pairs they read, so a change that races a worker stays
+  queued and is never lost.
 - ``embedding_migration_status`` (one row per batch: rows, tokens, cost, errors), the backfill
   checkpoint, and the routing row table ``embedshift_rollout`` that rag_service follows.
 """
@@ -25,7 +26,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from rag_service.errors import DatabaseError, SchemaRefused
+from rag_service.errors import DatabaseError, DatabaseUnavailable, SchemaRefused
 from rag_service.identifiers import TableName, derived_identifier
 from rag_service.spec import DataPlaneSpec, EmbeddingSpec
 
@@ -38,6 +39,9 @@ STATUS_TABLE = "embedding_migration_status"
 CHECKPOINT_TABLE = "embedshift_backfill_checkpoint"
 ROLLOUT_TABLE = "embedshift_rollout"
 ROLLOUT_CHANNEL = "embedshift_rollout"
+# One channel for every target's queue; the payload is the side table's name (``str(target)``, as
+# in the status rows), so one LISTEN serves a process that follows many targets.
+FOLLOW_CHANNEL = "embedshift_pending"
 QUERY_CACHE_TABLE = "embedshift_query_cache"
 
 _TEXT_TYPES = {"text", "character varying", "character", "citext"}
@@ -122,7 +126,7 @@ async def connect(url: str, *, autocommit: bool = False) -> psycopg.AsyncConnect
     try:
         return await psycopg.AsyncConnection.connect(url, autocommit=autocommit, connect_timeout=10)
     except psycopg.OperationalError as exc:
-        raise DatabaseError(
+        raise DatabaseUnavailable(
             f"cannot connect to the database ({describe_url(url)}): {first_line(exc)}; "
             "check DATABASE_URL (or --database-url)"
         ) from None
@@ -427,6 +431,10 @@ def _trigger_function(layout: Layout) -> Query:
     cannot remove an entry that a later change renewed. Category changes are queued rather than
     copied here: a copy made by the trigger cannot see a vector row that a worker has written but
     not yet committed, and would be lost; the catch-up refreshes the copy instead (no re-embed).
+
+    The NOTIFY wakes ``migrate follow``. PostgreSQL delivers it at commit (never for a rollback)
+    and folds identical notifications of one transaction into one, so a bulk UPDATE of a million
+    rows costs one message, not a million.
     """
     changed = [sql.SQL("TG_OP = 'INSERT'")] + [
         sql.SQL("NEW.{0} IS DISTINCT FROM OLD.{0}").format(sql.Identifier(column))
@@ -439,6 +447,7 @@ def _trigger_function(layout: Layout) -> Query:
         "    IF {changed} THEN\n"
         "        INSERT INTO {queue} (id, seq) VALUES (NEW.{sid}, nextval({seq}))\n"
         "        ON CONFLICT (id) DO UPDATE SET seq = EXCLUDED.seq, enqueued_at = now();\n"
+        "        PERFORM pg_notify({channel}, {payload});\n"
         "    END IF;\n"
         "    RETURN NULL;\n"
         "END\n"
@@ -449,6 +458,8 @@ def _trigger_function(layout: Layout) -> Query:
         queue=ident(layout.queue),
         sid=sql.Identifier(layout.id_column),
         seq=sql.Literal(str(ident(layout.queue_seq).as_string())),
+        channel=sql.Literal(FOLLOW_CHANNEL),
+        payload=sql.Literal(str(layout.target)),
     )
 
 
