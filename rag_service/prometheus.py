@@ -1,6 +1,7 @@
-"""An async PromQL client: instant queries against Prometheus's HTTP API.
+"""An async PromQL client: instant and range queries against Prometheus's HTTP API.
 
-The dashboard and ``embedshift baseline`` read the rollout's numbers through it::
+The dashboard, ``embedshift baseline`` and the operator's analysis read the rollout's numbers
+through it::
 
     async with PrometheusClient(url="http://prometheus:9090") as prometheus:
         p95 = await prometheus.query_scalar(
@@ -8,16 +9,20 @@ The dashboard and ``embedshift baseline`` read the rollout's numbers through it:
             "(rate(embedshift_search_duration_seconds_bucket[5m])))"
         )
 
-Every failure (unreachable, an HTTP error, a PromQL error, an answer that is not Prometheus's)
-raises :class:`PrometheusError`, whose one-line message names the query and the cause.
+Every failure (unreachable, timed out, an HTTP error, a PromQL error, an answer that is not
+Prometheus's) raises :class:`PrometheusError`, whose one-line message names the query and the
+cause. A bearer token (or any credential in ``headers`` or the URL) never appears in a message
+or a ``repr``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
 
@@ -31,6 +36,10 @@ __all__ = ["PrometheusClient", "PrometheusError", "Sample"]
 # recognise which query failed.
 _MAX_QUERY_IN_MESSAGE = 160
 _WHITESPACE = re.compile(r"\s+")
+# Prometheus refuses a range query of more than 11,000 points per series; longer ranges are
+# fetched in pieces of at most this many steps.
+_MAX_POINTS_PER_REQUEST = 11_000
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class PrometheusError(EmbedshiftError):
@@ -47,22 +56,50 @@ class Sample:
 
 
 class PrometheusClient:
-    """Instant PromQL queries over ``GET /api/v1/query``; close it with :meth:`aclose`.
+    """PromQL queries over ``GET /api/v1/query`` and ``/api/v1/query_range``; close it with
+    :meth:`aclose`.
 
     ``url`` is Prometheus's base URL, including any ``--web.route-prefix`` path. ``timeout`` is
-    per request, in seconds.
+    the whole budget of one HTTP request (connecting, sending, waiting, reading), in seconds.
+    ``bearer_token`` is sent as ``Authorization: Bearer …`` (surrounding whitespace, such as a
+    Secret file's trailing newline, is dropped); ``headers`` are sent with every request (e.g. a
+    tenant header for Thanos or Mimir).
     """
 
-    def __init__(self, *, url: str, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        *,
+        url: str,
+        timeout: float = 10.0,
+        bearer_token: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         base = httpx.URL(url)
         if base.scheme not in ("http", "https") or not base.host:
             raise ConfigError(
                 f"Prometheus URL {_redact(base)!r} must be http:// or https:// with a host"
             )
+        if timeout <= 0:
+            raise ConfigError(f"Prometheus timeout must be positive, got {timeout}")
+        sent = dict(headers or {})
+        if bearer_token is not None:
+            token = bearer_token.strip()
+            if not token:
+                raise ConfigError("the Prometheus bearer token is empty")
+            if base.userinfo or any(name.lower() == "authorization" for name in sent):
+                raise ConfigError(
+                    "give Prometheus either a bearer token or credentials in the URL or an "
+                    "Authorization header, not both"
+                )
+            sent["Authorization"] = f"Bearer {token}"
         self._url = base
         # Userinfo in the URL becomes basic auth in httpx; messages show the URL without it.
         self._display_url = _redact(base)
-        self._client = httpx.AsyncClient(base_url=base, timeout=timeout)
+        self._timeout = timeout
+        self._client = httpx.AsyncClient(base_url=base, timeout=timeout, headers=sent)
+
+    def __repr__(self) -> str:
+        return f"PrometheusClient(url={self._display_url!r}, timeout={self._timeout})"
 
     @property
     def url(self) -> str:
@@ -80,7 +117,7 @@ class PrometheusClient:
             if at.tzinfo is None:
                 raise ValueError("`at` must be timezone-aware; a naive datetime is ambiguous")
             params["time"] = f"{at.timestamp():.3f}"
-        data = await self._get_data(promql, params)
+        data = await self._get_data("/api/v1/query", promql, params)
         return _parse_result(promql, data)
 
     async def query_scalar(self, promql: str, *, at: datetime | None = None) -> float | None:
@@ -100,6 +137,50 @@ class PrometheusClient:
             )
         value = samples[0].value
         return None if math.isnan(value) else value
+
+    async def query_range(
+        self, promql: str, *, start: datetime, end: datetime, step: timedelta
+    ) -> list[tuple[datetime, float | None]]:
+        """``promql`` evaluated every ``step`` from ``start`` to ``end`` (inclusive, as
+        Prometheus's ``/api/v1/query_range`` steps): one ``(instant, value)`` per step.
+
+        ``value`` is ``None`` at a step with no data: no sample there, or NaN. An empty result
+        is every step ``None``. More than one series raises :class:`PrometheusError`:
+        aggregate the query to one. Ranges beyond Prometheus's 11,000 points per query are
+        fetched in several requests. ``start`` and ``end`` must be timezone-aware; Prometheus
+        works in milliseconds, so finer parts are dropped.
+        """
+        if start.tzinfo is None or end.tzinfo is None:
+            raise ValueError(
+                "`start` and `end` must be timezone-aware; a naive datetime is ambiguous"
+            )
+        step_ms = _milliseconds(step)
+        if step_ms <= 0:
+            raise ValueError(f"`step` must be at least 1 ms, got {step}")
+        start_ms = _epoch_ms(start)
+        end_ms = _epoch_ms(end)
+        if end_ms < start_ms:
+            raise ValueError(f"`end` ({end.isoformat()}) is before `start` ({start.isoformat()})")
+        steps = (end_ms - start_ms) // step_ms + 1
+        values: dict[int, float] = {}
+        for first in range(0, steps, _MAX_POINTS_PER_REQUEST):
+            last = min(first + _MAX_POINTS_PER_REQUEST, steps) - 1
+            params = {
+                "query": promql,
+                "start": _seconds(start_ms + first * step_ms),
+                "end": _seconds(start_ms + last * step_ms),
+                "step": _seconds(step_ms),
+            }
+            data = await self._get_data("/api/v1/query_range", promql, params)
+            values.update(_parse_matrix(promql, data))
+        grid = (start_ms + k * step_ms for k in range(steps))
+        return [
+            (
+                _EPOCH + timedelta(milliseconds=at),
+                None if (value := values.get(at)) is None or math.isnan(value) else value,
+            )
+            for at in grid
+        ]
 
     async def ready(self) -> bool:
         """Whether Prometheus answers ``/-/ready`` with 200; never raises."""
@@ -123,13 +204,16 @@ class PrometheusClient:
     ) -> None:
         await self.aclose()
 
-    async def _get_data(self, promql: str, params: dict[str, str]) -> dict[str, Any]:
+    async def _get_data(self, path: str, promql: str, params: dict[str, str]) -> dict[str, Any]:
         where = f"Prometheus query {_describe(promql)}"
         try:
-            response = await self._client.get("/api/v1/query", params=params)
-        except httpx.TimeoutException:
+            # httpx's timeout bounds each phase (connect, each read); this bounds the whole
+            # request, so a server that trickles bytes cannot hold a check for longer.
+            async with asyncio.timeout(self._timeout):
+                response = await self._client.get(path, params=params)
+        except (httpx.TimeoutException, TimeoutError):
             raise PrometheusError(
-                f"{where} timed out after {self._client.timeout.read}s at {self._display_url}"
+                f"{where} timed out after {self._timeout:g}s at {self._display_url}"
             ) from None
         except httpx.HTTPError as error:
             cause = _one_line(str(error)) or type(error).__name__
@@ -179,6 +263,46 @@ def _parse_result(promql: str, data: dict[str, Any]) -> list[Sample]:
     raise PrometheusError(
         f"Prometheus query {_describe(promql)} returned a {kind!r} result, not a number"
     )
+
+
+def _parse_matrix(promql: str, data: dict[str, Any]) -> dict[int, float]:
+    """A range query's one series as {epoch milliseconds: value}; {} for no series."""
+    kind = data.get("resultType")
+    if kind != "matrix":
+        raise PrometheusError(
+            f"Prometheus range query {_describe(promql)} returned a {kind!r} result, not a matrix"
+        )
+    try:
+        series = data["result"]
+        if len(series) > 1:
+            raise PrometheusError(
+                f"Prometheus range query {_describe(promql)} returned {len(series)} series, "
+                "expected one: aggregate it (sum, max, …)"
+            )
+        if not series:
+            return {}
+        return {
+            round(float(timestamp) * 1000): float(value) for timestamp, value in series[0]["values"]
+        }
+    except (KeyError, TypeError, ValueError) as error:
+        raise PrometheusError(
+            f"Prometheus range query {_describe(promql)} failed: malformed matrix result "
+            f"({error!r})"
+        ) from error
+
+
+def _epoch_ms(at: datetime) -> int:
+    return (at - _EPOCH) // timedelta(milliseconds=1)
+
+
+def _milliseconds(step: timedelta) -> int:
+    return step // timedelta(milliseconds=1)
+
+
+def _seconds(milliseconds: int) -> str:
+    """Milliseconds as the decimal seconds Prometheus reads, exactly (no float rounding)."""
+    whole, fraction = divmod(milliseconds, 1000)
+    return f"{whole}.{fraction:03d}"
 
 
 def _sample(labels: dict[str, str], point: list[Any]) -> Sample:

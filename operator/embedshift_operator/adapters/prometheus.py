@@ -1,0 +1,82 @@
+"""The analysis's :class:`~embedshift_operator.core.analysis.MetricSource` over Prometheus.
+
+Instant queries through :class:`rag_service.prometheus.PrometheusClient` (the one PromQL client
+of the project)::
+
+    async with PrometheusSource(url="http://prometheus:9090", bearer_token=token) as source:
+        observation = await measure(source, plan_analysis(spec, migration=key), progress=None)
+
+What the core reads from an answer: one series → its value; no series or NaN (PromQL's 0/0, a
+ratio or quantile over a window without requests) → ``None``, no data. Everything else raises
+:class:`~embedshift_operator.core.analysis.MetricSourceError` with one line naming the query and
+the cause: several series (aggregate the query), a PromQL error, an HTTP error, Prometheus
+unreachable or slower than ``timeout``. The bearer token never appears in a message or a repr.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Self
+
+from embedshift_operator.core.analysis import MetricSourceError
+from rag_service.prometheus import PrometheusClient, PrometheusError
+
+__all__ = ["DEFAULT_TIMEOUT", "PrometheusSource"]
+
+# One check runs a dozen queries concurrently every ``interval`` (30 s by default); a query
+# Prometheus has not answered in 5 s is an error verdict, not a check that hangs.
+DEFAULT_TIMEOUT = 5.0
+
+
+class PrometheusSource:
+    """Prometheus as the analysis's metric source. Close it with :meth:`aclose` (or ``async
+    with``).
+
+    ``url``: Prometheus's base URL, including any route prefix. ``bearer_token``: sent as
+    ``Authorization: Bearer …`` (e.g. from ``spec.analysis.prometheus.bearerTokenSecretRef``).
+    ``headers``: sent with every query (e.g. a tenant header). ``timeout``: seconds one query
+    may take in all. A bad URL or token raises :class:`rag_service.errors.ConfigError`.
+    """
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        bearer_token: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self._client = PrometheusClient(
+            url=url, timeout=timeout, bearer_token=bearer_token, headers=headers
+        )
+
+    @property
+    def url(self) -> str:
+        """The base URL, without credentials."""
+        return self._client.url
+
+    async def query(self, promql: str) -> float | None:
+        """The single value of ``promql`` now; ``None`` for no data (no series, or NaN)."""
+        try:
+            return await self._client.query_scalar(promql)
+        except PrometheusError as error:
+            # The message already names the query and the cause, in one line, without secrets.
+            raise MetricSourceError(str(error)) from error
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"PrometheusSource(url={self.url!r})"
