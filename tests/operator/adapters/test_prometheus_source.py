@@ -19,6 +19,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
 from embedshift_operator.adapters.prometheus import PrometheusSource
 from embedshift_operator.core.analysis import (
     MetricSource,
@@ -29,8 +31,6 @@ from embedshift_operator.core.analysis import (
     plan_analysis,
 )
 from embedshift_operator.resource import AnalysisStatus, CriterionResult, EmbeddingMigrationSpec
-from prometheus_client import CollectorRegistry, Counter, Gauge
-
 from rag_service.criteria import Verdict
 from rag_service.errors import ConfigError
 from rag_service.testing.prometheus import PrometheusProcess, serving_metrics

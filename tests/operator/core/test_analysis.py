@@ -8,6 +8,7 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 import pytest
+
 from embedshift_operator.core import (
     AnalysisObservation,
     Measurement,
@@ -25,7 +26,6 @@ from embedshift_operator.resource import (
     EmbeddingMigrationSpec,
     PrometheusSpec,
 )
-
 from rag_service.criteria import Verdict, metric_query, requests_query
 from tests.operator.core.builders import (
     MIGRATION,

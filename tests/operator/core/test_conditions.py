@@ -7,6 +7,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+
 from embedshift_operator.core import (
     Decision,
     EmitEvent,
@@ -24,7 +25,6 @@ from embedshift_operator.resource import (
     JobState,
     Phase,
 )
-
 from tests.operator.core.builders import (
     all_pass,
     at,

@@ -6,6 +6,7 @@ import re
 from itertools import product
 
 import pytest
+
 from embedshift_operator.core import follower_name, job_name
 from embedshift_operator.resource import JobKind
 

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import pytest
+
 from embedshift_operator.core import (
     EnsureFollower,
     JobObservation,
@@ -25,7 +26,6 @@ from embedshift_operator.resource import (
     Phase,
     spec_hash,
 )
-
 from tests.operator.core.builders import (
     NAME,
     all_pass,

@@ -7,6 +7,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+
 from embedshift_operator.core import Observations, RoutingObservation, SetPercentage
 from embedshift_operator.resource import (
     ConditionType,
@@ -15,7 +16,6 @@ from embedshift_operator.resource import (
     Phase,
     spec_hash,
 )
-
 from tests.operator.core.builders import (
     SUCCESS,
     all_pass,

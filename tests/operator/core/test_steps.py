@@ -7,6 +7,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+
 from embedshift_operator.core import AnalysisObservation, DropSource, Observations, SetPercentage
 from embedshift_operator.resource import (
     CriterionKind,
@@ -15,7 +16,6 @@ from embedshift_operator.resource import (
     JobState,
     Phase,
 )
-
 from rag_service.criteria import Verdict
 from tests.operator.core.builders import (
     STEP,
