@@ -226,7 +226,10 @@ def _traffic_gate(spec: EmbeddingMigrationSpec, requests: Measurement) -> _Gate:
     if requests.error is not None:
         return _Gate(Verdict.ERROR, f"traffic gate failed: {requests.error}")
     minimum = spec.analysis.min_requests
-    seen = requests.value or 0.0
+    # NaN is no traffic: a source should say None, but a NaN must never open the gate.
+    seen = (
+        requests.value if requests.value is not None and requests.value == requests.value else 0.0
+    )
     if seen < minimum:
         return _Gate(
             Verdict.NODATA,
