@@ -74,7 +74,6 @@ from embedshift_operator.resource import (
     parse_duration,
     parse_migration,
 )
-
 from rag_service.criteria import Bound, Verdict, judge
 
 INTERVAL = timedelta(seconds=30)

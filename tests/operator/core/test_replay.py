@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from embedshift_operator.replay import (
     ReplayDecision,
     SeriesError,
@@ -18,7 +19,6 @@ from embedshift_operator.replay import (
     verified_status,
 )
 from embedshift_operator.resource import EmbeddingMigrationSpec, Phase, parse_migration
-
 from rag_service.criteria import Verdict
 
 DATA = Path(__file__).parent / "data"
