@@ -20,9 +20,9 @@ turns going first, so neither pays more for cold caches.
 ``baseline`` (the guide's ``monitor:baseline --compare``) records v1's figures to a file — from
 Prometheus (:func:`rag_service.dashboard.prometheus_summary`) or from a compare run — and
 ``baseline --compare`` measures v2 now from the same kind of source and judges it against the
-guide's success criteria: v2 p95 ≤ v1 p95 and < 800 ms, average similarity > 0.7, error rate
-< 0.1 %, query-cache hit rate > 70 %, cost per query below v1's. Exit code 1 unless every
-criterion the source can measure passes; a criterion without data never passes.
+guide's success criteria (:data:`rag_service.criteria.DEFAULT_SUCCESS_CRITERIA`, bounds
+inclusive). Exit code 1 unless every criterion the source can measure passes; a criterion
+without data never passes, and one the source cannot measure is listed, not judged.
 
 The metric functions (recall@k, reciprocal rank, nDCG, percentiles), the summaries, the judge
 and the renderers are pure; only ``run_compare``/``sample_cases`` and the handlers do I/O.
@@ -49,7 +49,15 @@ from psycopg import sql
 from rich.console import Console, Group
 from rich.table import Table
 
-from rag_service.dashboard import METRICS, prometheus_summary
+from rag_service.criteria import (
+    DASHBOARD_METRICS,
+    DEFAULT_SUCCESS_CRITERIA,
+    METRICS,
+    CriterionDefault,
+    Verdict,
+    judge,
+)
+from rag_service.dashboard import prometheus_summary
 from rag_service.errors import (
     AuthenticationFailed,
     ConfigError,
@@ -77,17 +85,17 @@ __all__ = [
     "BASELINE_FILE",
     "Agreement",
     "Baseline",
+    "BaselineJudgement",
     "CompareReport",
     "QueryCase",
     "QueryOutcome",
-    "Verdict",
     "VerdictRow",
     "VersionFigures",
     "agreement",
     "baseline_comparison_view",
     "compare_table",
     "first_sentence",
-    "judge",
+    "judge_baseline",
     "load_baseline",
     "load_queries",
     "ndcg_at_k",
@@ -107,12 +115,6 @@ BASELINE_FORMAT = 1
 NDCG_DEPTH = 10
 DEFAULT_SAMPLE = 50
 MAX_QUERY_CHARS = 300
-
-# The guide's success criteria (DESIGN.md "Default success criteria").
-P95_LIMIT_SECONDS = 0.8
-MIN_AVG_SIMILARITY = 0.7
-MAX_ERROR_RATE = 0.001
-MIN_CACHE_HIT_RATE = 0.7
 
 
 # ---- queries ----------------------------------------------------------------------------------
@@ -373,7 +375,7 @@ class VersionFigures:
         }
 
     def dashboard_metrics(self) -> dict[str, float | None]:
-        """The figures under the dashboard's metric names (``dashboard.METRICS``); a compare run
+        """The figures under the dashboard's metric names (``DASHBOARD_METRICS``); a compare run
         bypasses the query cache, so ``cache_hit_rate`` is None (not measured)."""
         return {
             "requests": float(self.queries),
@@ -804,7 +806,7 @@ BaselineSource = Literal["prometheus", "compare"]
 
 @dataclass(frozen=True)
 class Baseline:
-    """v1's figures at one moment, under the dashboard's metric names (``dashboard.METRICS``)."""
+    """v1's figures at one moment, under the dashboard's metric names (``DASHBOARD_METRICS``)."""
 
     recorded_at: str
     source: BaselineSource
@@ -849,7 +851,7 @@ class Baseline:
         if not isinstance(metrics, dict):
             raise ConfigError(f'{where}: "metrics" must be an object')
         values: dict[str, float | None] = {}
-        for name in METRICS:
+        for name in DASHBOARD_METRICS:
             value = metrics.get(name)
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int | float)
@@ -887,111 +889,87 @@ def load_baseline(path: Path) -> Baseline:
     return Baseline.from_dict(raw, where=str(path))
 
 
-Verdict = Literal["pass", "fail", "nodata", "n/a"]
-
-
 @dataclass(frozen=True)
 class VerdictRow:
-    """One success criterion judged: ``value`` is v2's, ``bound`` what it must beat."""
+    """One success criterion judged for v2: ``value`` is v2's, ``limit`` the number it was held
+    against (for a bound relative to v1: the ratio times the baseline's figure)."""
 
-    name: str
-    metric: str
+    criterion: CriterionDefault
     value: float | None
-    bound: float | None
+    limit: float | None
     verdict: Verdict
     detail: str
+
+    @property
+    def name(self) -> str:
+        return self.criterion.name
+
+    @property
+    def metric(self) -> str:
+        return self.criterion.metric
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "metric": self.metric,
             "value": self.value,
-            "bound": self.bound,
-            "verdict": self.verdict,
+            "bound": self.criterion.bound.describe(),
+            "limit": self.limit,
+            "verdict": self.verdict.value,
             "detail": self.detail,
         }
 
 
-def judge(
+@dataclass(frozen=True)
+class BaselineJudgement:
+    """The success criteria for v2 against the baseline: those judged, and those the source
+    cannot measure (listed, never judged, never a failure)."""
+
+    rows: tuple[VerdictRow, ...]
+    not_measured: tuple[CriterionDefault, ...]
+
+    @property
+    def ok(self) -> bool:
+        """Every judged criterion passes; ``nodata`` does not pass."""
+        return all(row.verdict is Verdict.PASS for row in self.rows)
+
+    def not_measured_as_dicts(self) -> list[dict[str, str]]:
+        return [
+            {"name": c.name, "metric": c.metric, "bound": c.bound.describe()}
+            for c in self.not_measured
+        ]
+
+
+def judge_baseline(
     baseline: Mapping[str, float | None],
     current: Mapping[str, float | None],
     *,
     unmeasured: Iterable[str] = (),
-) -> list[VerdictRow]:
-    """The guide's success criteria for v2 (``current``) against v1 (``baseline``). Pure.
+    criteria: Sequence[CriterionDefault] = DEFAULT_SUCCESS_CRITERIA,
+) -> BaselineJudgement:
+    """``criteria`` for v2 (``current``) against v1 (``baseline``), by :func:`criteria.judge`.
+    Pure.
 
-    ``unmeasured``: metrics the source cannot measure (a compare run bypasses the query cache);
-    their criteria are ``n/a``. A criterion whose numbers are missing is ``nodata``, which never
-    passes. Cost: lower than v1's, or both zero (free models cannot get cheaper).
+    A criterion on a metric the source cannot measure (``unmeasured``: a compare run bypasses
+    the query cache; a baseline file holds only the dashboard's figures, so no critical-errors
+    count) is listed in ``not_measured``. A criterion whose numbers are missing is ``nodata``,
+    which never passes.
     """
     skip = set(unmeasured)
     rows: list[VerdictRow] = []
-
-    def add(
-        name: str,
-        metric: str,
-        bound: float | None,
-        passes: Callable[[float, float], bool],
-        detail: str,
-        *,
-        needs_baseline: bool = False,
-    ) -> None:
-        value = current.get(metric)
-        if metric in skip:
-            rows.append(VerdictRow(name, metric, None, bound, "n/a", "not measured by this source"))
-            return
-        if value is None or (needs_baseline and bound is None):
-            missing = "v2" if value is None else "the baseline"
-            rows.append(VerdictRow(name, metric, value, bound, "nodata", f"no data for {missing}"))
-            return
-        verdict: Verdict = "pass" if passes(value, bound if bound is not None else 0.0) else "fail"
-        rows.append(VerdictRow(name, metric, value, bound, verdict, detail))
-
-    v1_p95 = baseline.get("p95_latency_seconds")
-    add(
-        "p95 latency ≤ v1",
-        "p95_latency_seconds",
-        v1_p95,
-        lambda v, b: v <= b,
-        "v2 p95 must not exceed v1's",
-        needs_baseline=True,
-    )
-    add(
-        "p95 latency < 800 ms",
-        "p95_latency_seconds",
-        P95_LIMIT_SECONDS,
-        lambda v, b: v < b,
-        "the guide's p95 target",
-    )
-    add(
-        "avg similarity > 0.7",
-        "avg_top_similarity",
-        MIN_AVG_SIMILARITY,
-        lambda v, b: v > b,
-        "search relevance maintained",
-    )
-    add("error rate < 0.1 %", "error_rate", MAX_ERROR_RATE, lambda v, b: v < b, "stability")
-    add(
-        "cache hit rate > 70 %",
-        "cache_hit_rate",
-        MIN_CACHE_HIT_RATE,
-        lambda v, b: v > b,
-        "query-embedding cache",
-    )
-    add(
-        "cost per query < v1",
-        "cost_per_1k_queries_usd",
-        baseline.get("cost_per_1k_queries_usd"),
-        lambda v, b: v < b or v == b == 0,
-        "embedding API cost reduced",
-        needs_baseline=True,
-    )
-    return rows
-
-
-def criteria_ok(rows: Iterable[VerdictRow]) -> bool:
-    """Every judged criterion passes (``n/a`` is not judged; ``nodata`` does not pass)."""
-    return all(row.verdict in ("pass", "n/a") for row in rows)
+    not_measured: list[CriterionDefault] = []
+    for criterion in criteria:
+        if criterion.metric in skip or criterion.metric not in DASHBOARD_METRICS:
+            not_measured.append(criterion)
+            continue
+        value = current.get(criterion.metric)
+        v1_value = baseline.get(criterion.metric) if criterion.bound.compares_versions else None
+        verdict = judge(value, criterion.bound, v1_value=v1_value)
+        detail = criterion.description
+        if verdict is Verdict.NODATA:
+            detail = "no data for v2" if value is None else "no data for the baseline (v1)"
+        rows.append(VerdictRow(criterion, value, criterion.bound.limit(v1_value), verdict, detail))
+    return BaselineJudgement(tuple(rows), tuple(not_measured))
 
 
 _METRIC_LABELS = {
@@ -1008,15 +986,21 @@ _METRIC_LABELS = {
 def _metric_text(metric: str, value: float | None) -> str:
     if value is None:
         return "–"
-    if metric.endswith("_seconds"):
+    unit = METRICS[metric].unit
+    if unit == "seconds":
         return _ms(value)
-    if metric in ("error_rate", "cache_hit_rate"):
+    if unit == "ratio":
         return _percent(value)
-    if metric.endswith("_usd"):
+    if unit == "usd":
         return _usd(value)
-    if metric == "requests":
+    if unit == "count":
         return f"{value:,.0f}"
     return f"{value:.3f}"
+
+
+def criteria_text(criteria: Iterable[CriterionDefault] = DEFAULT_SUCCESS_CRITERIA) -> str:
+    """``p95_latency_seconds ≤ 0.8; …``: the criteria as ``--help`` states them. Pure."""
+    return "; ".join(f"{c.metric} {c.bound.describe()}" for c in criteria)
 
 
 def deltas(
@@ -1024,7 +1008,7 @@ def deltas(
 ) -> dict[str, dict[str, float | None]]:
     """Per metric: v1 (baseline), v2 (now), the difference and the relative change. Pure."""
     out: dict[str, dict[str, float | None]] = {}
-    for metric in METRICS:
+    for metric in DASHBOARD_METRICS:
         before, now = baseline.get(metric), current.get(metric)
         delta = None if before is None or now is None else now - before
         relative = None if delta is None or not before else delta / abs(before)
@@ -1035,7 +1019,7 @@ def deltas(
 def baseline_comparison_view(
     baseline: Baseline,
     current: Mapping[str, float | None],
-    rows: Sequence[VerdictRow],
+    judgement: BaselineJudgement,
     *,
     current_model: str,
     source: str,
@@ -1062,24 +1046,38 @@ def baseline_comparison_view(
             "–" if d["relative"] is None else f"{d['relative'] * 100:+.1f} %",
         )
     verdicts = Table("criterion", "v2", "bound", "verdict", "why", title="success criteria")
-    marks = {"pass": "✓ pass", "fail": "✗ FAIL", "nodata": "? no data", "n/a": "– n/a"}
-    for row in rows:
+    marks = {
+        Verdict.PASS: "✓ pass",
+        Verdict.FAIL: "✗ FAIL",
+        Verdict.NODATA: "? no data",
+        Verdict.ERROR: "! error",
+    }
+    for row in judgement.rows:
+        # The bound as configured, then the number it came to in the metric's own unit.
+        bound_text = row.criterion.bound.describe()
+        if row.limit is not None:
+            bound_text += f" ({_metric_text(row.metric, row.limit)})"
         verdicts.add_row(
             row.name,
             _metric_text(row.metric, row.value),
-            _metric_text(row.metric, row.bound),
+            bound_text,
             marks[row.verdict],
             row.detail,
         )
-    ok = criteria_ok(rows)
-    summary = (
+    parts: list[Any] = [metrics, verdicts]
+    if judgement.not_measured:
+        parts.append(
+            "not measured by this source: "
+            + ", ".join(f"{c.name} ({c.description})" for c in judgement.not_measured)
+        )
+    parts.append(
         "all success criteria pass: v2 may take more traffic"
-        if ok
+        if judgement.ok
         else "success criteria NOT met: hold the rollout ("
-        + ", ".join(r.name for r in rows if r.verdict in ("fail", "nodata"))
+        + ", ".join(r.name for r in judgement.rows if r.verdict is not Verdict.PASS)
         + ")"
     )
-    return Group(metrics, verdicts, summary)
+    return Group(*parts)
 
 
 # ---- command line -----------------------------------------------------------------------------
@@ -1149,9 +1147,10 @@ def register(
         help="record v1's figures; with --compare, judge v2 now against them",
         description="Without --compare: record v1's figures to --output, from Prometheus "
         "(--prometheus-url) or from a compare run of v1. With --compare: measure v2 now from "
-        "the same kind of source and judge it against the guide's success criteria (v2 p95 ≤ "
-        "v1 and < 800 ms, average similarity > 0.7, error rate < 0.1 %, cache hit rate > 70 %, "
-        "cost per query below v1's). Exit code 1 unless every criterion passes.",
+        "the same kind of source and judge it against the guide's success criteria, bounds "
+        f"inclusive: {criteria_text()}. A criterion the source cannot measure (the query cache "
+        "in a compare run; critical errors, which a baseline does not record) is listed, not "
+        "judged. Exit code 1 unless every judged criterion passes.",
     )
     add_spec_flags(p)
     p.add_argument(
@@ -1340,7 +1339,7 @@ async def _baseline_command(args: argparse.Namespace) -> int:
             print(json.dumps({"output": str(path), **baseline.as_dict()}))
             return 0
         table = Table("metric", f"v1 {baseline.model}", title=f"v1 baseline → {path}")
-        for metric in METRICS:
+        for metric in DASHBOARD_METRICS:
             table.add_row(_METRIC_LABELS[metric], _metric_text(metric, baseline.metrics[metric]))
         _print(table)
         where = (
@@ -1352,8 +1351,7 @@ async def _baseline_command(args: argparse.Namespace) -> int:
         return 0
     baseline = load_baseline(path)
     measured = await _measure(args, spec, url, prices, version=Version.V2, like=baseline)
-    rows = judge(baseline.metrics, measured.metrics, unmeasured=measured.unmeasured)
-    ok = criteria_ok(rows)
+    judgement = judge_baseline(baseline.metrics, measured.metrics, unmeasured=measured.unmeasured)
     source = (
         f"Prometheus over {measured.prometheus['range']}"
         if measured.prometheus
@@ -1373,8 +1371,9 @@ async def _baseline_command(args: argparse.Namespace) -> int:
                         "metrics": measured.metrics,
                     },
                     "deltas": deltas(baseline.metrics, measured.metrics),
-                    "criteria": [row.as_dict() for row in rows],
-                    "ok": ok,
+                    "criteria": [row.as_dict() for row in judgement.rows],
+                    "notMeasured": judgement.not_measured_as_dicts(),
+                    "ok": judgement.ok,
                 }
             )
         )
@@ -1383,9 +1382,9 @@ async def _baseline_command(args: argparse.Namespace) -> int:
             baseline_comparison_view(
                 baseline,
                 measured.metrics,
-                rows,
+                judgement,
                 current_model=spec.target.descriptor,
                 source=source,
             )
         )
-    return 0 if ok else 1
+    return 0 if judgement.ok else 1

@@ -13,16 +13,6 @@ from collections.abc import Mapping
 
 from rag_service.prometheus import PrometheusClient
 
-METRICS = (
-    "requests",
-    "avg_latency_seconds",
-    "p95_latency_seconds",
-    "error_rate",
-    "cache_hit_rate",
-    "avg_top_similarity",
-    "cost_per_1k_queries_usd",
-)
-
 
 def version_queries(version: str, *, range_: str, provider: str, model: str) -> dict[str, str]:
     """PromQL for each of the guide's metrics, for one version over ``range_``. Pure."""
