@@ -53,6 +53,7 @@ from rag_service.criteria import (
     DASHBOARD_METRICS,
     DEFAULT_SUCCESS_CRITERIA,
     METRICS,
+    PROMQL_RANGE,
     CriterionDefault,
     Verdict,
     judge,
@@ -1093,11 +1094,8 @@ def _positive(value: str) -> int:
     return number
 
 
-_RANGE = re.compile(r"^\d+[smhdw]$")
-
-
 def _range(value: str) -> str:
-    if not _RANGE.match(value):
+    if not re.match(PROMQL_RANGE, value):
         raise argparse.ArgumentTypeError(f"{value!r} is not a Prometheus range such as 24h or 30m")
     return value
 
@@ -1228,6 +1226,7 @@ async def _measure(
     url: str,
     prices: PriceTable,
     *,
+    migration: str,
     version: Version,
     like: Baseline | None,
 ) -> _Measured:
@@ -1257,6 +1256,7 @@ async def _measure(
             )
         summary = await prometheus_summary(
             prometheus_url,
+            migration=migration,
             range_=range_,
             models={version.value: (model_spec.provider.value, model_spec.model)},
         )
@@ -1319,7 +1319,9 @@ async def _baseline_command(args: argparse.Namespace) -> int:
     spec, migration, url, prices = resolve(args)
     path: Path = args.output
     if not args.compare:
-        measured = await _measure(args, spec, url, prices, version=Version.V1, like=None)
+        measured = await _measure(
+            args, spec, url, prices, migration=migration, version=Version.V1, like=None
+        )
         assert spec.source is not None  # _measure refuses a spec without one
         baseline = Baseline(
             recorded_at=_now(),
@@ -1350,7 +1352,9 @@ async def _baseline_command(args: argparse.Namespace) -> int:
         _print(f"recorded from {where}; compare v2 later with `embedshift baseline --compare`")
         return 0
     baseline = load_baseline(path)
-    measured = await _measure(args, spec, url, prices, version=Version.V2, like=baseline)
+    measured = await _measure(
+        args, spec, url, prices, migration=migration, version=Version.V2, like=baseline
+    )
     judgement = judge_baseline(baseline.metrics, measured.metrics, unmeasured=measured.unmeasured)
     source = (
         f"Prometheus over {measured.prometheus['range']}"

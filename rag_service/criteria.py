@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT_ROLLBACK_THRESHOLDS",
     "DEFAULT_SUCCESS_CRITERIA",
     "METRICS",
+    "PROMQL_RANGE",
     "Bound",
     "CriterionDefault",
     "Metric",
@@ -228,7 +229,9 @@ DASHBOARD_METRICS: tuple[str, ...] = (
     "cost_per_1k_queries_usd",
 )
 
-_RANGE = re.compile(r"^[1-9][0-9]*(ms|s|m|h|d|w|y)$")
+# A PromQL range duration (``5m``, ``24h``), as every window and ``--range`` is validated.
+PROMQL_RANGE = r"^[1-9][0-9]*(ms|s|m|h|d|w|y)$"
+_RANGE = re.compile(PROMQL_RANGE)
 
 
 def metric_query(

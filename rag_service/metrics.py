@@ -5,6 +5,10 @@ renaming one silently turns a success criterion into ``nodata``, which never pro
 metric lives on the registry passed in, never on prometheus_client's global default one, so two
 services (or two tests) in one process do not share counts.
 
+Every series carries the ``migration`` label ("namespace/name", fixed per service), so one
+Prometheus can watch many migrations and each one's criteria select only its own traffic
+(:func:`rag_service.criteria.metric_query`).
+
 Series for both versions and every fixed label value exist at 0 from the start: a PromQL ratio
 such as ``rate(errors{version="v2"}) / rate(requests{version="v2"})`` has no data at all, rather
 than 0, while one of its series is missing.
@@ -55,97 +59,109 @@ ERROR_SEVERITIES: tuple[ErrorSeverity, ...] = get_args(ErrorSeverity)
 class ServiceMetrics:
     """The service's metrics on ``registry``, with typed methods to record them.
 
+    ``migration`` ("namespace/name") is the value of every series' ``migration`` label.
     ``usage_models``: (provider, model) pairs whose token and cost counters should exist at 0
     from the start (the query models of both versions), for "v2 cost per query < v1".
     Constructing two on one registry raises ``ValueError`` (duplicated timeseries).
     """
 
     def __init__(
-        self, *, registry: CollectorRegistry, usage_models: Iterable[tuple[str, str]] = ()
+        self,
+        *,
+        migration: str,
+        registry: CollectorRegistry,
+        usage_models: Iterable[tuple[str, str]] = (),
     ) -> None:
+        if not migration:
+            raise ValueError("migration must name the migration, e.g. 'namespace/name'")
+        self._migration = m = migration
         self._registry = registry
         self._search_duration = Histogram(
             "embedshift_search_duration_seconds",
             "Search latency in seconds, end to end, by the version that served it.",
-            ["version"],
+            ["migration", "version"],
             buckets=SEARCH_DURATION_BUCKETS,
             registry=registry,
         )
         self._search_requests = Counter(
             "embedshift_search_requests_total",
             "Searches by routed version and outcome (ok, error, fallback to v1).",
-            ["version", "outcome"],
+            ["migration", "version", "outcome"],
             registry=registry,
         )
         self._top_similarity = Histogram(
             "embedshift_search_top_similarity",
             "Similarity of the best hit of each search that found anything.",
-            ["version"],
+            ["migration", "version"],
             buckets=SIMILARITY_BUCKETS,
             registry=registry,
         )
         self._query_cache = Counter(
             "embedshift_query_cache_requests_total",
             "Query-embedding cache lookups by version and result (hit, miss).",
-            ["version", "result"],
+            ["migration", "version", "result"],
             registry=registry,
         )
         self._embedding_tokens = Counter(
             "embedshift_embedding_tokens_total",
             "Tokens billed by embedding APIs for query embeddings.",
-            ["provider", "model"],
+            ["migration", "provider", "model"],
             registry=registry,
         )
         self._embedding_cost = Counter(
             "embedshift_embedding_cost_usd_total",
             "Estimated cost in US dollars of query embeddings.",
-            ["provider", "model"],
+            ["migration", "provider", "model"],
             registry=registry,
         )
         self._errors = Counter(
             "embedshift_errors_total",
             "Errors by version and severity (warning, error, critical).",
-            ["version", "severity"],
+            ["migration", "version", "severity"],
             registry=registry,
         )
         self._rollout_percentage = Gauge(
             "embedshift_rollout_percentage",
             "Share of sticky buckets routed to v2 (0-100), as this replica applies it.",
+            ["migration"],
             registry=registry,
         )
         self._circuit_breaker_open = Gauge(
             "embedshift_circuit_breaker_open",
             "1 while the version's circuit breaker is open or half-open, else 0.",
-            ["version"],
+            ["migration", "version"],
             registry=registry,
         )
         self._shadow_comparisons = Counter(
             "embedshift_shadow_comparisons_total",
             "Sampled shadow comparisons: completed, or dropped because the queue was full.",
-            ["result"],
+            ["migration", "result"],
             registry=registry,
         )
         self._shadow_overlap = Histogram(
             "embedshift_shadow_overlap",
             "overlap@k of the serving and the other version's results on shadowed searches.",
+            ["migration"],
             buckets=OVERLAP_BUCKETS,
             registry=registry,
         )
         for v in Version:
-            self._search_duration.labels(v.value)
-            self._top_similarity.labels(v.value)
-            self._circuit_breaker_open.labels(v.value)
+            self._search_duration.labels(m, v.value)
+            self._top_similarity.labels(m, v.value)
+            self._circuit_breaker_open.labels(m, v.value)
             for outcome in OUTCOMES:
-                self._search_requests.labels(v.value, outcome)
+                self._search_requests.labels(m, v.value, outcome)
             for result in ("hit", "miss"):
-                self._query_cache.labels(v.value, result)
+                self._query_cache.labels(m, v.value, result)
             for severity in ERROR_SEVERITIES:
-                self._errors.labels(v.value, severity)
+                self._errors.labels(m, v.value, severity)
         for provider, model in usage_models:
-            self._embedding_tokens.labels(provider, model)
-            self._embedding_cost.labels(provider, model)
+            self._embedding_tokens.labels(m, provider, model)
+            self._embedding_cost.labels(m, provider, model)
         for result in ("completed", "dropped"):
-            self._shadow_comparisons.labels(result)
+            self._shadow_comparisons.labels(m, result)
+        self._rollout_percentage.labels(m)
+        self._shadow_overlap.labels(m)
 
     def observe_search(
         self,
@@ -159,41 +175,43 @@ class ServiceMetrics:
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}; got {outcome!r}")
         v = Version(version).value
-        self._search_requests.labels(v, outcome).inc()
-        self._search_duration.labels(v).observe(seconds)
+        self._search_requests.labels(self._migration, v, outcome).inc()
+        self._search_duration.labels(self._migration, v).observe(seconds)
         if top_similarity is not None:
-            self._top_similarity.labels(v).observe(top_similarity)
+            self._top_similarity.labels(self._migration, v).observe(top_similarity)
 
     def count_cache(self, *, version: Version | str, hit: bool) -> None:
-        self._query_cache.labels(Version(version).value, "hit" if hit else "miss").inc()
+        result = "hit" if hit else "miss"
+        self._query_cache.labels(self._migration, Version(version).value, result).inc()
 
     def count_usage(self, *, provider: str, model: str, tokens: int, cost_usd: float) -> None:
-        self._embedding_tokens.labels(provider, model).inc(tokens)
-        self._embedding_cost.labels(provider, model).inc(cost_usd)
+        self._embedding_tokens.labels(self._migration, provider, model).inc(tokens)
+        self._embedding_cost.labels(self._migration, provider, model).inc(cost_usd)
 
     def count_error(self, *, version: Version | str, severity: ErrorSeverity) -> None:
         if severity not in ERROR_SEVERITIES:
             raise ValueError(
                 f"severity must be one of {', '.join(ERROR_SEVERITIES)}; got {severity!r}"
             )
-        self._errors.labels(Version(version).value, severity).inc()
+        self._errors.labels(self._migration, Version(version).value, severity).inc()
 
     def set_percentage(self, percentage: float) -> None:
         if not 0 <= percentage <= 100:
             raise ValueError(f"percentage must be in [0, 100]; got {percentage}")
-        self._rollout_percentage.set(percentage)
+        self._rollout_percentage.labels(self._migration).set(percentage)
 
     def set_breaker_open(self, *, version: Version | str, open: bool) -> None:
-        self._circuit_breaker_open.labels(Version(version).value).set(1 if open else 0)
+        state = 1 if open else 0
+        self._circuit_breaker_open.labels(self._migration, Version(version).value).set(state)
 
     def observe_shadow(self, result: ShadowResult) -> None:
         """A completed shadow comparison and its overlap@k (``ShadowComparer``'s ``on_result``)."""
-        self._shadow_comparisons.labels("completed").inc()
-        self._shadow_overlap.observe(result.overlap)
+        self._shadow_comparisons.labels(self._migration, "completed").inc()
+        self._shadow_overlap.labels(self._migration).observe(result.overlap)
 
     def count_shadow_dropped(self, job: ShadowJob | None = None) -> None:
         """A sampled shadow comparison the full queue refused (fits ``on_drop``)."""
-        self._shadow_comparisons.labels("dropped").inc()
+        self._shadow_comparisons.labels(self._migration, "dropped").inc()
 
     def render(self) -> tuple[bytes, str]:
         """The registry in Prometheus' text format: the ``/metrics`` body and its content type."""

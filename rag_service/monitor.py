@@ -37,6 +37,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from rag_service.criteria import PROMQL_RANGE
 from rag_service.errors import ConfigError, EmbedshiftError
 from rag_service.progress import migration_progress
 from rag_service.rollout_row import read_row
@@ -54,7 +55,6 @@ __all__ = [
 
 DEFAULT_INTERVAL_SECONDS = 300.0
 SERVICE_TIMEOUT_SECONDS = 10.0
-_RANGE = re.compile(r"^\d+[smhdw]$")
 
 T = TypeVar("T")
 
@@ -373,7 +373,7 @@ def _interval(value: str) -> float:
 
 
 def _range(value: str) -> str:
-    if not _RANGE.match(value):
+    if not re.match(PROMQL_RANGE, value):
         raise argparse.ArgumentTypeError(f"{value!r} is not a range such as 24h or 30m")
     return value
 

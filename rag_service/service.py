@@ -31,6 +31,7 @@ from pydantic import BaseModel, Field, field_validator
 from rag_service import alerts as alerts_module
 from rag_service.alerts import AlertLog, check_bearer, is_emergency, parse_alerts
 from rag_service.breaker import BreakerState, CircuitBreaker
+from rag_service.criteria import PROMQL_RANGE
 from rag_service.errors import ConfigError, EmbedshiftError
 from rag_service.indexes import index_state
 from rag_service.metrics import Outcome, ServiceMetrics
@@ -291,6 +292,7 @@ async def _start(settings: ServiceSettings, registry: CollectorRegistry) -> Serv
     )
     await follower.start()
     metrics = ServiceMetrics(
+        migration=settings.migration,
         registry=registry,
         usage_models=[_model_labels(p.descriptor) for p in providers.values()],
     )
@@ -536,7 +538,7 @@ def _routes(app: FastAPI, settings: ServiceSettings) -> None:
     @app.get("/api/monitoring/dashboard")
     async def dashboard(
         request: Request,
-        range_: Annotated[str, Query(alias="range", pattern=r"^\d+[smhdw]$")] = "24h",
+        range_: Annotated[str, Query(alias="range", pattern=PROMQL_RANGE)] = "24h",
     ) -> dict[str, Any]:
         service = service_of(request)
         row = service.follower.current
@@ -547,7 +549,10 @@ def _routes(app: FastAPI, settings: ServiceSettings) -> None:
 
             try:
                 summary = await prometheus_summary(
-                    settings.prometheus_url, range_=range_, models=_models(service)
+                    settings.prometheus_url,
+                    migration=settings.migration,
+                    range_=range_,
+                    models=_models(service),
                 )
                 source = "prometheus"
             except EmbedshiftError as exc:

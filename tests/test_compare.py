@@ -521,14 +521,18 @@ def test_baseline_compare_mistakes_are_one_line(
 async def test_baseline_from_prometheus(
     capsys: pytest.CaptureFixture[str], prometheus: PrometheusFactory, tmp_path: Path
 ) -> None:
-    """v1 and v2 traffic as the service counts it, scraped by a real Prometheus."""
-    registry = CollectorRegistry()
-    metrics = ServiceMetrics(
-        registry=registry, usage_models=[("local", "v1model"), ("local", "v2model")]
-    )
-    with serving_metrics(registry) as target:
-        prom = prometheus(targets=[target])
+    """v1 and v2 traffic as the service counts it, scraped by a real Prometheus that also
+    scrapes another migration's service, whose failing traffic must not count."""
+    registry, other_registry = CollectorRegistry(), CollectorRegistry()
+    models = [("local", "v1model"), ("local", "v2model")]
+    metrics = ServiceMetrics(migration=f"default/{TABLE}", registry=registry, usage_models=models)
+    other = ServiceMetrics(migration="rag/other", registry=other_registry, usage_models=models)
+    with serving_metrics(registry) as target, serving_metrics(other_registry) as other_target:
+        prom = prometheus(targets=[target, other_target])
         await prom.wait_for_scrape_async()  # every series is in Prometheus at 0
+        for _ in range(50):
+            other.observe_search(version="v2", seconds=5.0, outcome="error", top_similarity=None)
+        other.count_usage(provider="local", model="v2model", tokens=1000, cost_usd=100.0)
         for i in range(100):
             metrics.observe_search(version="v1", seconds=0.45, outcome="ok", top_similarity=0.78)
             metrics.count_cache(version="v1", hit=i < 60)
