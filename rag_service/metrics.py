@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -32,6 +32,7 @@ from prometheus_client import (
 )
 from prometheus_client.metrics import MetricWrapperBase
 
+from rag_service.criteria import DASHBOARD_METRICS
 from rag_service.routing import Version
 from rag_service.shadow import ShadowJob, ShadowResult
 
@@ -217,38 +218,43 @@ class ServiceMetrics:
         """The registry in Prometheus' text format: the ``/metrics`` body and its content type."""
         return generate_latest(self._registry), CONTENT_TYPE_LATEST
 
-    def summary(self) -> dict[str, dict[str, Any]]:
+    def summary(
+        self, *, models: Mapping[str, tuple[str, str]] | None = None
+    ) -> dict[str, dict[str, float | None]]:
         """Per-version figures since start, from this object's own samples, for the dashboard.
 
-        ``{"v1": {...}, "v2": {...}}`` with ``requests``, ``errors``, ``fallbacks``,
-        ``criticalErrors``, ``errorRate`` ((errors + fallbacks) / requests),
-        ``avgLatencySeconds``, ``p95LatencySeconds`` (from the buckets, as PromQL's
-        ``histogram_quantile`` estimates it), ``cacheHitRate`` and ``avgTopSimilarity``. A
-        ratio with nothing to divide by is None (JSON null), never NaN.
+        ``{"v1": {...}, "v2": {...}}`` under the names of
+        :data:`rag_service.criteria.DASHBOARD_METRICS`, the keys the dashboard has when it reads
+        Prometheus too, with the same meanings: ``error_rate`` is (errors + fallbacks) /
+        requests, ``p95_latency_seconds`` is estimated from the buckets as PromQL's
+        ``histogram_quantile`` does, ``cost_per_1k_queries_usd`` is the cost counted under the
+        version's query model in ``models`` (version → (provider, model)). A ratio with nothing
+        to divide by is None (JSON null), never NaN.
         """
         requests = _counter_values(self._search_requests, "version", "outcome")
         cache = _counter_values(self._query_cache, "version", "result")
-        errors = _counter_values(self._errors, "version", "severity")
+        cost = _counter_values(self._embedding_cost, "provider", "model")
         duration = _histogram_values(self._search_duration, "version")
         similarity = _histogram_values(self._top_similarity, "version")
-        out: dict[str, dict[str, Any]] = {}
+        out: dict[str, dict[str, float | None]] = {}
         for v in Version:
             by_outcome = {o: requests.get((v.value, o), 0.0) for o in OUTCOMES}
             total = sum(by_outcome.values())
             hits, misses = cache.get((v.value, "hit"), 0.0), cache.get((v.value, "miss"), 0.0)
             lat = duration.get((v.value,), _Histogram())
             sim = similarity.get((v.value,), _Histogram())
-            out[v.value] = {
-                "requests": int(total),
-                "errors": int(by_outcome["error"]),
-                "fallbacks": int(by_outcome["fallback"]),
-                "criticalErrors": int(errors.get((v.value, "critical"), 0.0)),
-                "errorRate": _ratio(by_outcome["error"] + by_outcome["fallback"], total),
-                "avgLatencySeconds": _ratio(lat.sum, lat.count),
-                "p95LatencySeconds": histogram_quantile(0.95, lat.buckets),
-                "cacheHitRate": _ratio(hits, hits + misses),
-                "avgTopSimilarity": _ratio(sim.sum, sim.count),
+            model = (models or {}).get(v.value)
+            spent = None if model is None else cost.get(model, 0.0)
+            figures: dict[str, float | None] = {
+                "requests": total,
+                "avg_latency_seconds": _ratio(lat.sum, lat.count),
+                "p95_latency_seconds": histogram_quantile(0.95, lat.buckets),
+                "error_rate": _ratio(by_outcome["error"] + by_outcome["fallback"], total),
+                "cache_hit_rate": _ratio(hits, hits + misses),
+                "avg_top_similarity": _ratio(sim.sum, sim.count),
+                "cost_per_1k_queries_usd": None if spent is None else _ratio(1000 * spent, total),
             }
+            out[v.value] = {name: figures[name] for name in DASHBOARD_METRICS}
         return out
 
 

@@ -37,7 +37,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from rag_service.criteria import PROMQL_RANGE
+from rag_service.criteria import DASHBOARD_METRICS, PROMQL_RANGE
 from rag_service.errors import ConfigError, EmbedshiftError
 from rag_service.progress import migration_progress
 from rag_service.rollout_row import read_row
@@ -46,7 +46,6 @@ from rag_service.spec import DataPlaneSpec
 
 __all__ = [
     "DEFAULT_INTERVAL_SECONDS",
-    "dashboard_metric",
     "gather_snapshot",
     "register",
     "render_snapshot",
@@ -182,18 +181,9 @@ def snapshot_errors(snapshot: Mapping[str, Any]) -> dict[str, str]:
 # ---- rendering --------------------------------------------------------------------------------
 
 
-def _camel(snake: str) -> str:
-    head, *rest = snake.split("_")
-    return head + "".join(part.capitalize() for part in rest)
-
-
-def dashboard_metric(values: Mapping[str, Any], name: str) -> float | None:
-    """A dashboard figure by the dashboard's snake_case name (``p95_latency_seconds``). Pure.
-
-    The dashboard answers with Prometheus's names when it reads Prometheus and with camelCase
-    names (``p95LatencySeconds``) from the service's own counters; both are accepted.
-    """
-    value = values.get(name, values.get(_camel(name)))
+def _figure(values: Mapping[str, Any], name: str) -> float | None:
+    """A dashboard figure (named as in ``DASHBOARD_METRICS``); anything not a number is None."""
+    value = values.get(name)
     if value is None or isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value)
@@ -209,6 +199,22 @@ def _pct(value: float | None, digits: int = 1) -> str:
 
 def _num(value: float | None, fmt: str = ".3f") -> str:
     return "–" if value is None else format(value, fmt)
+
+
+def _usd(value: float | None) -> str:
+    return "–" if value is None else f"${value:.6f}"
+
+
+# The key-metrics table: a column per dashboard metric, in DASHBOARD_METRICS's order.
+_COLUMNS: dict[str, tuple[str, Callable[[float | None], str]]] = {
+    "requests": ("requests", lambda v: _num(v, ",.0f")),
+    "avg_latency_seconds": ("avg latency", _ms),
+    "p95_latency_seconds": ("p95 latency", _ms),
+    "error_rate": ("error rate", lambda v: _pct(v, 2)),
+    "cache_hit_rate": ("cache hit rate", _pct),
+    "avg_top_similarity": ("avg similarity", _num),
+    "cost_per_1k_queries_usd": ("cost per 1k queries", _usd),
+}
 
 
 def _routing_view(routing: Mapping[str, Any] | None) -> RenderableType:
@@ -306,27 +312,14 @@ def _service_view(service: Mapping[str, Any]) -> list[RenderableType]:
         versions: Mapping[str, Mapping[str, Any]] = dashboard.get("versions") or {}
         table = Table(
             "version",
-            "requests",
-            "avg latency",
-            "p95 latency",
-            "error rate",
-            "cache hit rate",
-            "avg similarity",
-            "critical errors",
+            *(_COLUMNS[name][0] for name in DASHBOARD_METRICS),
             title=f"key metrics over {dashboard.get('range', '?')} "
             f"(from {dashboard.get('source', '?')})",
         )
         for version, values in versions.items():
-            requests = dashboard_metric(values, "requests")
             table.add_row(
                 version,
-                _num(requests, ",.0f"),
-                _ms(dashboard_metric(values, "avg_latency_seconds")),
-                _ms(dashboard_metric(values, "p95_latency_seconds")),
-                _pct(dashboard_metric(values, "error_rate"), 2),
-                _pct(dashboard_metric(values, "cache_hit_rate")),
-                _num(dashboard_metric(values, "avg_top_similarity")),
-                _num(dashboard_metric(values, "critical_errors"), ",.0f"),
+                *(_COLUMNS[name][1](_figure(values, name)) for name in DASHBOARD_METRICS),
             )
         out.append(table)
         seen = f"the service routes {dashboard.get('percentage', '?')} % to v2" + (

@@ -542,7 +542,7 @@ def _routes(app: FastAPI, settings: ServiceSettings) -> None:
     ) -> dict[str, Any]:
         service = service_of(request)
         row = service.follower.current
-        summary: dict[str, Any]
+        summary: dict[str, dict[str, float | None]]
         source = "service"
         if settings.prometheus_url:
             from rag_service.dashboard import prometheus_summary
@@ -557,9 +557,9 @@ def _routes(app: FastAPI, settings: ServiceSettings) -> None:
                 source = "prometheus"
             except EmbedshiftError as exc:
                 log.warning("dashboard: Prometheus unavailable (%s); using own counters", exc)
-                summary = service.metrics.summary()
+                summary = service.metrics.summary(models=_models(service))
         else:
-            summary = service.metrics.summary()
+            summary = service.metrics.summary(models=_models(service))
         return {
             "range": range_,
             "source": source,

@@ -15,6 +15,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from rag_service.criteria import DASHBOARD_METRICS
 from rag_service.metrics import ServiceMetrics, histogram_quantile
 from rag_service.routing import Version
 from rag_service.shadow import ShadowJob, ShadowResult
@@ -213,33 +214,35 @@ def test_the_summary_on_known_observations(metrics: ServiceMetrics) -> None:
         metrics.count_cache(version=Version.V2, hit=hit)
     metrics.count_error(version=Version.V2, severity="critical")
     metrics.count_error(version=Version.V2, severity="error")
+    metrics.count_usage(provider="openai", model="small", tokens=1000, cost_usd=0.002)
+    models = {"v1": ("google", "gemini"), "v2": ("openai", "small")}
 
-    summary = metrics.summary()
+    summary = metrics.summary(models=models)
     # p95: rank 0.95 · 20 = 19 lands in (1.0, 1.2], which holds observations 19 and 20:
     # 1.0 + 0.2 · (19 - 18) / (20 - 18) = 1.1.
     assert summary["v2"] == {
         "requests": 20,
-        "errors": 2,
-        "fallbacks": 1,
-        "criticalErrors": 1,
-        "errorRate": pytest.approx(3 / 20),
-        "avgLatencySeconds": pytest.approx((0.5 + 1.8 + 1.4 + 2.2) / 20),
-        "p95LatencySeconds": pytest.approx(1.1),
-        "cacheHitRate": pytest.approx(0.7),
-        "avgTopSimilarity": pytest.approx(0.8),
+        "avg_latency_seconds": pytest.approx((0.5 + 1.8 + 1.4 + 2.2) / 20),
+        "p95_latency_seconds": pytest.approx(1.1),
+        "error_rate": pytest.approx(3 / 20),
+        "cache_hit_rate": pytest.approx(0.7),
+        "avg_top_similarity": pytest.approx(0.8),
+        "cost_per_1k_queries_usd": pytest.approx(1000 * 0.002 / 20),
     }
+    # The dashboard's keys, in its order, whichever source answers (Prometheus: dashboard.py).
+    assert list(summary["v2"]) == list(DASHBOARD_METRICS)
     # v1 saw nothing: counts are 0 and ratios are null, never NaN (which JSON cannot carry).
     assert summary["v1"] == {
         "requests": 0,
-        "errors": 0,
-        "fallbacks": 0,
-        "criticalErrors": 0,
-        "errorRate": None,
-        "avgLatencySeconds": None,
-        "p95LatencySeconds": None,
-        "cacheHitRate": None,
-        "avgTopSimilarity": None,
+        "avg_latency_seconds": None,
+        "p95_latency_seconds": None,
+        "error_rate": None,
+        "cache_hit_rate": None,
+        "avg_top_similarity": None,
+        "cost_per_1k_queries_usd": None,
     }
+    # Without the versions' models there is no cost to count.
+    assert metrics.summary()["v2"]["cost_per_1k_queries_usd"] is None
 
 
 def test_two_services_on_two_registries_do_not_interfere() -> None:

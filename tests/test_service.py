@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 import psycopg
 import pytest
 
-from rag_service.criteria import metric_query
+from rag_service.criteria import DASHBOARD_METRICS, metric_query
 from rag_service.errors import ConfigError
 from rag_service.indexes import build_index
 from rag_service.migrate import RunOptions, run_migration
@@ -369,7 +369,8 @@ async def test_health_metrics_and_dashboard(world: World) -> None:
 async def test_prometheus_scrapes_the_contract_metrics(
     world: World, prometheus: PrometheusFactory
 ) -> None:
-    """A real Prometheus scrapes a running replica; the operator's PromQL finds the series."""
+    """A real Prometheus scrapes a running replica; the operator's PromQL finds the series; the
+    dashboard answers in one shape from Prometheus and from the service's own counters."""
     async with serving(world.settings) as svc:
         prom = prometheus(targets=[svc.url.removeprefix("http://")])
         await prom.wait_for_scrape_async()  # a sample before the traffic, so rate() sees it
@@ -412,6 +413,14 @@ async def test_prometheus_scrapes_the_contract_metrics(
         async with serving(replace(world.settings, prometheus_url=prom.url)) as reader:
             dashboard = (await reader.client.get("/api/monitoring/dashboard?range=5m")).json()
         assert dashboard["source"] == "prometheus"
+        # One shape whatever the source: the same versions and the same keys.
+        own = (await svc.client.get("/api/monitoring/dashboard?range=5m")).json()
+        assert own["source"] == "service"
+        assert set(own["versions"]) == set(dashboard["versions"]) == {"v1", "v2"}
+        for version in ("v1", "v2"):
+            assert list(own["versions"][version]) == list(DASHBOARD_METRICS)
+            assert list(dashboard["versions"][version]) == list(DASHBOARD_METRICS)
+        assert own["versions"]["v2"]["requests"] == 20
         # increase() extrapolates to the window's edges, so 20 requests read as a bit more.
         assert 20 <= dashboard["versions"]["v2"]["requests"] < 30
         assert dashboard["versions"]["v2"]["cache_hit_rate"] == pytest.approx(0.5, abs=0.05)
