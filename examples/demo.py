@@ -41,7 +41,7 @@ def embedshift(*argv: str, env: dict[str, str], capture: bool = False) -> str:
     shown = " ".join(shlex.quote(a) for a in ("embedshift", *argv))
     print(f"$ {shown}", flush=True)
     proc = subprocess.run(  # noqa: S603 (our own CLI, arguments from this script)
-        [sys.executable, "-m", "rag_service.cli", *argv],
+        [sys.executable, "-m", "embedshift_operator.cli", *argv],
         env=env,
         text=True,
         capture_output=capture,

@@ -25,35 +25,32 @@ inclusive). Exit code 1 unless every criterion the source can measure passes; a 
 without data never passes, and one the source cannot measure is listed, not judged.
 
 The metric functions (recall@k, reciprocal rank, nDCG, percentiles), the summaries, the judge
-and the renderers are pure; only ``run_compare``/``sample_cases`` and the handlers do I/O.
+and the renderers are pure; only ``run_compare``, ``sample_cases``, ``measure`` and the baseline
+file's ``load_baseline``/``save_baseline`` do I/O. The ``embedshift compare`` and ``embedshift
+baseline`` commands are :mod:`embedshift_operator.cli.monitoring`.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import json
 import math
 import re
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import psycopg
 from psycopg import sql
-from rich.console import Console, Group
+from rich.console import Group
 from rich.table import Table
 
 from rag_service.criteria import (
     DASHBOARD_METRICS,
     DEFAULT_SUCCESS_CRITERIA,
     METRICS,
-    PROMQL_RANGE,
     CriterionDefault,
     Verdict,
     judge,
@@ -67,6 +64,7 @@ from rag_service.errors import (
     ProviderError,
     QuotaExceeded,
 )
+from rag_service.prometheus import PrometheusClient
 from rag_service.providers import EmbeddingProvider, api_key_from_env, make_provider
 from rag_service.providers.base import Purpose
 from rag_service.providers.pricing import PriceTable
@@ -88,25 +86,28 @@ __all__ = [
     "Baseline",
     "BaselineJudgement",
     "CompareReport",
+    "Measured",
     "QueryCase",
     "QueryOutcome",
     "VerdictRow",
     "VersionFigures",
     "agreement",
     "baseline_comparison_view",
+    "baseline_table",
     "compare_table",
     "first_sentence",
     "judge_baseline",
     "load_baseline",
     "load_queries",
+    "measure",
     "ndcg_at_k",
     "parse_queries",
     "percentile",
     "recall_at_k",
     "reciprocal_rank",
-    "register",
     "run_compare",
     "sample_cases",
+    "save_baseline",
     "summarise",
 ]
 
@@ -1081,137 +1082,34 @@ def baseline_comparison_view(
     return Group(*parts)
 
 
-# ---- command line -----------------------------------------------------------------------------
+def baseline_table(baseline: Baseline, path: Path) -> Table:
+    """A recorded baseline for people: v1's figure per dashboard metric. Pure."""
+    table = Table("metric", f"v1 {baseline.model}", title=f"v1 baseline → {path}")
+    for metric in DASHBOARD_METRICS:
+        table.add_row(_METRIC_LABELS[metric], _metric_text(metric, baseline.metrics[metric]))
+    return table
 
 
-def _positive(value: str) -> int:
+def save_baseline(path: Path, baseline: Baseline) -> None:
+    """Write ``baseline`` to ``path`` as JSON; a failure is one ConfigError line."""
     try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return number
+        path.write_text(json.dumps(baseline.as_dict(), indent=2) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"--output: cannot write {path}: {exc.strerror}") from None
 
 
-def _range(value: str) -> str:
-    if not re.match(PROMQL_RANGE, value):
-        raise argparse.ArgumentTypeError(f"{value!r} is not a Prometheus range such as 24h or 30m")
-    return value
-
-
-def _add_query_flags(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("queries")
-    which = g.add_mutually_exclusive_group()
-    which.add_argument(
-        "--queries",
-        type=Path,
-        metavar="FILE.jsonl",
-        help='JSON lines: {"query": "...", "relevant": ["id", ...], "category": "..."} '
-        "(relevant and category optional; category filters the search)",
-    )
-    which.add_argument(
-        "--sample",
-        type=_positive,
-        metavar="N",
-        help=f"sample N queries: the first sentence of N random documents "
-        f"(default {DEFAULT_SAMPLE})",
-    )
-    g.add_argument("--seed", type=int, help="seed of --sample (default 0)")
-    g.add_argument("-k", "--k", dest="k", type=_positive, help="results per query (default 10)")
-    g.add_argument("--ef-search", type=_positive, help="hnsw.ef_search, as the service would set")
-
-
-def register(
-    commands: argparse._SubParsersAction[argparse.ArgumentParser],
-    add_spec_flags: Callable[[argparse.ArgumentParser], None],
-) -> None:
-    """Add ``compare`` and ``baseline`` to the ``embedshift`` command line."""
-    p = commands.add_parser(
-        "compare",
-        help="v1 against v2 on the same queries: overlap, recall, latency, similarity, cost",
-        description="Embed and search each query on v1 and on v2 directly (no HTTP, no cache) "
-        "and compare: overlap@k and rank-biased overlap of their top k, each index's recall "
-        "against exact search, recall@k / MRR / nDCG@10 for labelled queries, latency p50/p95, "
-        "average top-1 similarity and cost per 1,000 queries.",
-    )
-    add_spec_flags(p)
-    _add_query_flags(p)
-    p.add_argument("--json", action="store_true", help="machine-readable result")
-    p.set_defaults(handler=_compare_command)
-
-    p = commands.add_parser(
-        "baseline",
-        help="record v1's figures; with --compare, judge v2 now against them",
-        description="Without --compare: record v1's figures to --output, from Prometheus "
-        "(--prometheus-url) or from a compare run of v1. With --compare: measure v2 now from "
-        "the same kind of source and judge it against the guide's success criteria, bounds "
-        f"inclusive: {criteria_text()}. A criterion the source cannot measure (the query cache "
-        "in a compare run; critical errors, which a baseline does not record) is listed, not "
-        "judged. Exit code 1 unless every judged criterion passes.",
-    )
-    add_spec_flags(p)
-    p.add_argument(
-        "--output",
-        type=Path,
-        default=Path(BASELINE_FILE),
-        help=f"the baseline file (default {BASELINE_FILE})",
-    )
-    p.add_argument(
-        "--compare", action="store_true", help="judge v2 now against the recorded baseline"
-    )
-    p.add_argument(
-        "--prometheus-url",
-        help="read the service's metrics from Prometheus instead of running queries",
-    )
-    p.add_argument(
-        "--range",
-        dest="range_",
-        type=_range,
-        help="Prometheus window, e.g. 24h (default 24h, or the baseline's)",
-    )
-    _add_query_flags(p)
-    p.add_argument("--json", action="store_true", help="machine-readable result")
-    p.set_defaults(handler=_baseline_command)
-
-
-def _print(renderable: Any) -> None:
-    Console(file=sys.stdout, highlight=False, soft_wrap=False).print(renderable)
-
-
-async def _compare_command(args: argparse.Namespace) -> int:
-    from rag_service.cli import resolve
-
-    spec, _, url, prices = resolve(args)
-    cases = load_queries(args.queries) if args.queries else None
-    report = await run_compare(
-        url,
-        spec,
-        cases=cases,
-        sample=args.sample,
-        seed=args.seed or 0,
-        k=args.k or 10,
-        prices=prices,
-        ef_search=args.ef_search,
-        query_source=str(args.queries) if args.queries else None,
-    )
-    if args.json:
-        print(json.dumps(report.as_dict()))
-    else:
-        _print(compare_table(report))
-    return 0
-
-
-def _write(path: Path, text: str) -> None:
-    path.write_text(text, encoding="utf-8")
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+# ---- measuring a version now ------------------------------------------------------------------
 
 
 @dataclass
-class _Measured:
+class Measured:
+    """One version's figures now, under the dashboard's metric names, and where they came from.
+
+    ``unmeasured``: metrics the source cannot measure. ``prometheus`` ({"url", "range"}) or
+    ``compare`` ({"queries", "sample", "seed", "k", "count"}) is how to measure it the same way
+    again, as a baseline file records it.
+    """
+
     metrics: dict[str, float | None]
     source: BaselineSource
     unmeasured: tuple[str, ...] = ()
@@ -1219,19 +1117,35 @@ class _Measured:
     compare: dict[str, Any] | None = None
     report: CompareReport | None = field(default=None)
 
+    def describe(self) -> str:
+        """``Prometheus over 24h`` or ``compare run of 50 queries``."""
+        if self.prometheus:
+            return f"Prometheus over {self.prometheus['range']}"
+        return f"compare run of {(self.compare or {}).get('count')} queries"
 
-async def _measure(
-    args: argparse.Namespace,
-    spec: DataPlaneSpec,
+
+async def measure(
     url: str,
+    spec: DataPlaneSpec,
     prices: PriceTable,
     *,
     migration: str,
     version: Version,
     like: Baseline | None,
-) -> _Measured:
-    """``version``'s figures now, from Prometheus or a compare run (as ``like`` was, if given)."""
-    prometheus_url: str | None = args.prometheus_url
+    prometheus_url: str | None = None,
+    range_: str | None = None,
+    queries: Path | None = None,
+    sample: int | None = None,
+    seed: int | None = None,
+    k: int | None = None,
+    ef_search: int | None = None,
+) -> Measured:
+    """``version``'s figures now, from Prometheus (``prometheus_url``) or a compare run.
+
+    With ``like`` (the baseline to compare with), the source is the baseline's and every
+    option not given is the baseline's: its Prometheus URL and range, or its query set, seed
+    and k. Mixing sources is a ConfigError.
+    """
     if like is not None:
         if like.source == "compare" and prometheus_url:
             raise ConfigError(
@@ -1247,7 +1161,7 @@ async def _measure(
                 )
     if prometheus_url:
         stored_range = (like.prometheus or {}).get("range") if like else None
-        range_: str = args.range_ or stored_range or "24h"
+        window = range_ or stored_range or "24h"
         model_spec = spec.source if version is Version.V1 else spec.target
         if model_spec is None:
             raise ConfigError(
@@ -1257,33 +1171,29 @@ async def _measure(
         summary = await prometheus_summary(
             prometheus_url,
             migration=migration,
-            range_=range_,
+            range_=window,
             models={version.value: (model_spec.provider.value, model_spec.model)},
         )
-        from rag_service.prometheus import PrometheusClient
-
         async with PrometheusClient(url=prometheus_url) as client:
             shown_url = client.url  # without credentials
         metrics = dict(summary[version.value])
         if like is None and not metrics.get("requests"):
             raise DatabaseError(
                 f"Prometheus at {shown_url} has no {version.value} searches over the last "
-                f"{range_}: nothing to record; widen --range, or record from a compare run "
+                f"{window}: nothing to record; widen --range, or record from a compare run "
                 "(without --prometheus-url)"
             )
-        return _Measured(
+        return Measured(
             metrics=metrics,
             source="prometheus",
-            prometheus={"url": shown_url, "range": range_},
+            prometheus={"url": shown_url, "range": window},
         )
     stored = (like.compare or {}) if like else {}
-    queries = args.queries
-    sample = args.sample
     if queries is None and sample is None and stored:
         queries = Path(stored["queries"]) if stored.get("queries") else None
         sample = stored.get("sample")
-    seed = args.seed if args.seed is not None else int(stored.get("seed", 0))
-    k = args.k or int(stored.get("k", 10))
+    seed = seed if seed is not None else int(stored.get("seed", 0))
+    k = k or int(stored.get("k", 10))
     cases = load_queries(queries) if queries else None
     report = await run_compare(
         url,
@@ -1294,11 +1204,11 @@ async def _measure(
         k=k,
         versions=(version,),
         prices=prices,
-        ef_search=args.ef_search,
+        ef_search=ef_search,
         query_source=str(queries) if queries else None,
     )
     figures = report.versions[version.value]
-    return _Measured(
+    return Measured(
         metrics=figures.dashboard_metrics(),
         source="compare",
         unmeasured=("cache_hit_rate",),
@@ -1311,84 +1221,3 @@ async def _measure(
         },
         report=report,
     )
-
-
-async def _baseline_command(args: argparse.Namespace) -> int:
-    from rag_service.cli import resolve
-
-    spec, migration, url, prices = resolve(args)
-    path: Path = args.output
-    if not args.compare:
-        measured = await _measure(
-            args, spec, url, prices, migration=migration, version=Version.V1, like=None
-        )
-        assert spec.source is not None  # _measure refuses a spec without one
-        baseline = Baseline(
-            recorded_at=_now(),
-            source=measured.source,
-            version=Version.V1.value,
-            model=spec.source.descriptor,
-            migration=migration,
-            metrics=measured.metrics,
-            prometheus=measured.prometheus,
-            compare=measured.compare,
-        )
-        try:
-            await asyncio.to_thread(_write, path, json.dumps(baseline.as_dict(), indent=2) + "\n")
-        except OSError as exc:
-            raise ConfigError(f"--output: cannot write {path}: {exc.strerror}") from None
-        if args.json:
-            print(json.dumps({"output": str(path), **baseline.as_dict()}))
-            return 0
-        table = Table("metric", f"v1 {baseline.model}", title=f"v1 baseline → {path}")
-        for metric in DASHBOARD_METRICS:
-            table.add_row(_METRIC_LABELS[metric], _metric_text(metric, baseline.metrics[metric]))
-        _print(table)
-        where = (
-            f"Prometheus {baseline.prometheus['url']} over {baseline.prometheus['range']}"
-            if baseline.prometheus
-            else f"a compare run of {(baseline.compare or {}).get('count')} queries"
-        )
-        _print(f"recorded from {where}; compare v2 later with `embedshift baseline --compare`")
-        return 0
-    baseline = load_baseline(path)
-    measured = await _measure(
-        args, spec, url, prices, migration=migration, version=Version.V2, like=baseline
-    )
-    judgement = judge_baseline(baseline.metrics, measured.metrics, unmeasured=measured.unmeasured)
-    source = (
-        f"Prometheus over {measured.prometheus['range']}"
-        if measured.prometheus
-        else f"compare run of {(measured.compare or {}).get('count')} queries"
-    )
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "baseline": baseline.as_dict(),
-                    "current": {
-                        "version": Version.V2.value,
-                        "model": spec.target.descriptor,
-                        "source": measured.source,
-                        "prometheus": measured.prometheus,
-                        "compare": measured.compare,
-                        "metrics": measured.metrics,
-                    },
-                    "deltas": deltas(baseline.metrics, measured.metrics),
-                    "criteria": [row.as_dict() for row in judgement.rows],
-                    "notMeasured": judgement.not_measured_as_dicts(),
-                    "ok": judgement.ok,
-                }
-            )
-        )
-    else:
-        _print(
-            baseline_comparison_view(
-                baseline,
-                measured.metrics,
-                judgement,
-                current_model=spec.target.descriptor,
-                source=source,
-            )
-        )
-    return 0 if judgement.ok else 1

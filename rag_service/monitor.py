@@ -12,20 +12,18 @@ One snapshot gathers, each part on its own so one failing part does not hide the
 
 The snapshot is a JSON-ready dict (``--json`` prints it, one object per line and refresh);
 :func:`render_snapshot` turns it into rich renderables and is pure, so it renders a captured
-JSON as well as a live one. ``--continuous`` refreshes every ``--interval`` seconds (default
-300, the guide's "every 5 minutes") in place on a terminal, or as successive blocks otherwise,
-until Ctrl-C, which exits 0.
+JSON as well as a live one. :func:`watch` (``--continuous``) refreshes every ``interval``
+seconds (default 300, the guide's "every 5 minutes") in place on a terminal, or as successive
+blocks otherwise, until Ctrl-C, which exits 0. The ``embedshift monitor`` command is
+:mod:`embedshift_operator.cli.monitoring`.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
-import re
 import signal
-import sys
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -37,7 +35,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from rag_service.criteria import DASHBOARD_METRICS, PROMQL_RANGE
+from rag_service.criteria import DASHBOARD_METRICS
 from rag_service.errors import ConfigError, EmbedshiftError
 from rag_service.progress import migration_progress
 from rag_service.rollout_row import read_row
@@ -47,9 +45,9 @@ from rag_service.spec import DataPlaneSpec
 __all__ = [
     "DEFAULT_INTERVAL_SECONDS",
     "gather_snapshot",
-    "register",
     "render_snapshot",
     "snapshot_errors",
+    "watch",
 ]
 
 DEFAULT_INTERVAL_SECONDS = 300.0
@@ -352,60 +350,7 @@ def render_snapshot(snapshot: Mapping[str, Any], *, footer: str | None = None) -
     return Group(*parts)
 
 
-# ---- command line -----------------------------------------------------------------------------
-
-
-def _interval(value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
-    if not seconds > 0:
-        raise argparse.ArgumentTypeError(f"{value} must be more than 0 seconds")
-    return seconds
-
-
-def _range(value: str) -> str:
-    if not re.match(PROMQL_RANGE, value):
-        raise argparse.ArgumentTypeError(f"{value!r} is not a range such as 24h or 30m")
-    return value
-
-
-def register(
-    commands: argparse._SubParsersAction[argparse.ArgumentParser],
-    add_spec_flags: Callable[[argparse.ArgumentParser], None],
-) -> None:
-    """Add ``monitor`` to the ``embedshift`` command line."""
-    p = commands.add_parser(
-        "monitor",
-        help="migration progress, rollout percentage, breakers and key metrics",
-        description="Show the migration's progress, the routing row (effective percentage, "
-        "emergency flag) and, with --service-url, the running service's circuit breakers and "
-        "key metrics. Once (exit code 1 if a part could not be read), or with --continuous every "
-        "--interval seconds until Ctrl-C (exit code 0).",
-    )
-    add_spec_flags(p)
-    p.add_argument("--continuous", action="store_true", help="refresh until Ctrl-C (exit code 0)")
-    p.add_argument(
-        "--interval",
-        type=_interval,
-        default=DEFAULT_INTERVAL_SECONDS,
-        metavar="SECONDS",
-        help=f"seconds between refreshes (default {DEFAULT_INTERVAL_SECONDS:.0f})",
-    )
-    p.add_argument(
-        "--service-url",
-        help="a running `embedshift serve`, e.g. http://localhost:8080, for breakers and metrics",
-    )
-    p.add_argument(
-        "--range",
-        dest="range_",
-        type=_range,
-        default="24h",
-        help="the dashboard's window (default 24h)",
-    )
-    p.add_argument("--json", action="store_true", help="one JSON object per line and refresh")
-    p.set_defaults(handler=_monitor_command)
+# ---- refreshing ------------------------------------------------------------------------------
 
 
 async def _until_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:
@@ -431,44 +376,16 @@ async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
     return True
 
 
-async def _monitor_command(args: argparse.Namespace) -> int:
-    from rag_service.cli import resolve
-
-    spec, migration, url, _ = resolve(args)
-    service_url: str | None = args.service_url
-    if service_url:
-        parsed = httpx.URL(service_url)
-        if parsed.scheme not in ("http", "https") or not parsed.host:
-            raise ConfigError(
-                f"--service-url: {service_url!r} must be http:// or https:// with a host, "
-                "e.g. http://localhost:8080"
-            )
-        service_url = service_url.rstrip("/")
-
-    async def gather() -> dict[str, Any]:
-        return await gather_snapshot(
-            url, spec, migration=migration, service_url=service_url, range_=args.range_
-        )
-
-    console = Console(file=sys.stdout, highlight=False)
-    if not args.continuous:
-        snapshot = await gather()
-        if args.json:
-            print(json.dumps(snapshot), flush=True)
-        else:
-            console.print(render_snapshot(snapshot))
-        return 1 if snapshot_errors(snapshot) else 0
-    return await _continuous(gather, console=console, interval=args.interval, as_json=args.json)
-
-
-async def _continuous(
+async def watch(
     gather: Callable[[], Awaitable[dict[str, Any]]],
     *,
     console: Console,
     interval: float,
     as_json: bool,
 ) -> int:
-    """Refresh until Ctrl-C; a failed part shows as an error and the next refresh retries."""
+    """Print ``gather()``'s snapshot every ``interval`` seconds until Ctrl-C (then return 0):
+    in place on a terminal, else one block (or with ``as_json`` one JSON line) per refresh. A
+    failed part shows as an error and the next refresh retries."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     try:

@@ -22,7 +22,7 @@ from tests.test_migrate import vectors_match_text
 
 def start_run(argv: list[str], *, stdout: int = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [PYTHON, "-m", "rag_service.cli", "migrate", "run", *argv],
+        [PYTHON, "-m", "embedshift_operator.cli", "migrate", "run", *argv],
         stdout=stdout,
         stderr=subprocess.PIPE,
     )

@@ -184,7 +184,7 @@ def test_continuous_json_until_ctrl_c(world: World) -> None:
         [
             sys.executable,
             "-m",
-            "rag_service.cli",
+            "embedshift_operator.cli",
             "monitor",
             *world.flags,
             "--continuous",
