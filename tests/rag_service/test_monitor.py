@@ -34,7 +34,7 @@ TABLE = "mon_docs"
 MIGRATION = "rag/mon"
 DOCUMENTS = 90
 MIGRATED = 30
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def rendered(snapshot: dict[str, Any], width: int = 160) -> str:

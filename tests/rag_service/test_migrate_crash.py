@@ -17,7 +17,7 @@ import pytest
 
 from rag_service.testing.corpus import create_corpus
 from tests.helpers import PYTHON, cli_subprocess, counts, flags, spec_for, table_name
-from tests.test_migrate import vectors_match_text
+from tests.rag_service.test_migrate import vectors_match_text
 
 
 def start_run(argv: list[str], *, stdout: int = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
