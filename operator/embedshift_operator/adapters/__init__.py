@@ -1,0 +1,1 @@
+"""The control plane's adapters: Jobs (kube, subprocess), Prometheus, Postgres, alerts."""

@@ -1,0 +1,1 @@
+"""The control plane's decisions: decide(), analysis verdicts and actions; pure, no I/O."""

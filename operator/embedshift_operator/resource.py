@@ -1,0 +1,1 @@
+"""The EmbeddingMigration resource (spec and status) as typed models; pure. A placeholder."""
