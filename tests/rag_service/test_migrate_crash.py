@@ -38,11 +38,13 @@ def test_kill_9_at_20_random_moments_loses_nothing_and_doubles_nothing(
     rng = random.Random(20261123)
     killed_while_running = 0
     for _ in range(20):
-        # Small batches: many commits, so the kills land between and inside transactions. The
-        # clock starts when the worker says it has started (JSON line), not when the process
-        # does, so a slow interpreter start on a loaded machine cannot make the kills miss.
+        # One row per batch: many commits, so the kills land between and inside transactions,
+        # and the 20 runs end well before the backfill does (with 3 rows per batch a quiet
+        # machine finished all 12,000 rows within them). The clock starts when the worker says
+        # it has started (JSON line), not when the process does, so a slow interpreter start on
+        # a loaded machine cannot make the kills miss.
         proc = start_run(
-            [*base, "--batch-size", "3", "--concurrency", "2", "--json"], stdout=subprocess.PIPE
+            [*base, "--batch-size", "1", "--concurrency", "2", "--json"], stdout=subprocess.PIPE
         )
         assert proc.stdout is not None
         proc.stdout.readline()  # {"event": "started", ...}, or EOF if it finished at once
