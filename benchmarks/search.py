@@ -4,8 +4,8 @@
 
 Builds a corpus (``--rows`` documents), migrates it to ``local:hash@768`` and builds the HNSW index
 (m=16, ef_construction=64, the spec's defaults), then starts ``embedshift serve`` as a subprocess
-(``python -m rag_service.cli serve``: one uvicorn worker in its own process, as deployed) and
-measures, all in this run on this machine (shared and noisy, so compare ratios):
+(``python -m embedshift_operator.cli serve``: one uvicorn worker in its own process, as
+deployed) and measures, all in this run on this machine (shared and noisy, so compare ratios):
 
 - **bare SQL**: ``search_statement(layout, Version.V2, category=False)`` through psycopg with a
   pre-computed query vector, one connection per worker: the floor for a v2 search;

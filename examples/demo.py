@@ -41,7 +41,7 @@ def embedshift(*argv: str, env: dict[str, str], capture: bool = False) -> str:
     shown = " ".join(shlex.quote(a) for a in ("embedshift", *argv))
     print(f"$ {shown}", flush=True)
     proc = subprocess.run(  # noqa: S603 (our own CLI, arguments from this script)
-        [sys.executable, "-m", "rag_service.cli", *argv],
+        [sys.executable, "-m", "embedshift_operator.cli", *argv],
         env=env,
         text=True,
         capture_output=capture,
@@ -92,8 +92,8 @@ def serve_and_shift(env: dict[str, str], url: str) -> dict[int, dict[str, int]]:
             print(f"  e.g. v2: {forced['results'][0]['text'][:70]}…")
             dashboard = client.get("/api/monitoring/dashboard?range=24h").json()
             for version, figures in dashboard["versions"].items():
-                p95 = figures.get("p95LatencySeconds") or 0.0
-                print(f"  {version}: {figures['requests']} requests, p95 {p95 * 1000:.0f} ms")
+                p95 = figures["p95_latency_seconds"] or 0.0
+                print(f"  {version}: {figures['requests']:.0f} requests, p95 {p95 * 1000:.0f} ms")
     finally:
         server.terminate()
         server.wait(timeout=10)

@@ -20,36 +20,42 @@ turns going first, so neither pays more for cold caches.
 ``baseline`` (the guide's ``monitor:baseline --compare``) records v1's figures to a file — from
 Prometheus (:func:`rag_service.dashboard.prometheus_summary`) or from a compare run — and
 ``baseline --compare`` measures v2 now from the same kind of source and judges it against the
-guide's success criteria: v2 p95 ≤ v1 p95 and < 800 ms, average similarity > 0.7, error rate
-< 0.1 %, query-cache hit rate > 70 %, cost per query below v1's. Exit code 1 unless every
-criterion the source can measure passes; a criterion without data never passes.
+guide's success criteria (:data:`rag_service.criteria.DEFAULT_SUCCESS_CRITERIA`, bounds
+inclusive). Exit code 1 unless every criterion the source can measure passes; a criterion
+without data never passes, and one the source cannot measure is listed, not judged.
 
 The metric functions (recall@k, reciprocal rank, nDCG, percentiles), the summaries, the judge
-and the renderers are pure; only ``run_compare``/``sample_cases`` and the handlers do I/O.
+and the renderers are pure; only ``run_compare``, ``sample_cases``, ``measure`` and the baseline
+file's ``load_baseline``/``save_baseline`` do I/O. The ``embedshift compare`` and ``embedshift
+baseline`` commands are :mod:`embedshift_operator.cli.monitoring`.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import json
 import math
 import re
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import psycopg
 from psycopg import sql
-from rich.console import Console, Group
+from rich.console import Group
 from rich.table import Table
 
-from rag_service.dashboard import METRICS, prometheus_summary
+from rag_service.criteria import (
+    DASHBOARD_METRICS,
+    DEFAULT_SUCCESS_CRITERIA,
+    METRICS,
+    CriterionDefault,
+    Verdict,
+    judge,
+)
+from rag_service.dashboard import prometheus_summary
 from rag_service.errors import (
     AuthenticationFailed,
     ConfigError,
@@ -58,6 +64,7 @@ from rag_service.errors import (
     ProviderError,
     QuotaExceeded,
 )
+from rag_service.prometheus import PrometheusClient
 from rag_service.providers import EmbeddingProvider, api_key_from_env, make_provider
 from rag_service.providers.base import Purpose
 from rag_service.providers.pricing import PriceTable
@@ -77,27 +84,30 @@ __all__ = [
     "BASELINE_FILE",
     "Agreement",
     "Baseline",
+    "BaselineJudgement",
     "CompareReport",
+    "Measured",
     "QueryCase",
     "QueryOutcome",
-    "Verdict",
     "VerdictRow",
     "VersionFigures",
     "agreement",
     "baseline_comparison_view",
+    "baseline_table",
     "compare_table",
     "first_sentence",
-    "judge",
+    "judge_baseline",
     "load_baseline",
     "load_queries",
+    "measure",
     "ndcg_at_k",
     "parse_queries",
     "percentile",
     "recall_at_k",
     "reciprocal_rank",
-    "register",
     "run_compare",
     "sample_cases",
+    "save_baseline",
     "summarise",
 ]
 
@@ -107,12 +117,6 @@ BASELINE_FORMAT = 1
 NDCG_DEPTH = 10
 DEFAULT_SAMPLE = 50
 MAX_QUERY_CHARS = 300
-
-# The guide's success criteria (DESIGN.md "Default success criteria").
-P95_LIMIT_SECONDS = 0.8
-MIN_AVG_SIMILARITY = 0.7
-MAX_ERROR_RATE = 0.001
-MIN_CACHE_HIT_RATE = 0.7
 
 
 # ---- queries ----------------------------------------------------------------------------------
@@ -373,7 +377,7 @@ class VersionFigures:
         }
 
     def dashboard_metrics(self) -> dict[str, float | None]:
-        """The figures under the dashboard's metric names (``dashboard.METRICS``); a compare run
+        """The figures under the dashboard's metric names (``DASHBOARD_METRICS``); a compare run
         bypasses the query cache, so ``cache_hit_rate`` is None (not measured)."""
         return {
             "requests": float(self.queries),
@@ -804,7 +808,7 @@ BaselineSource = Literal["prometheus", "compare"]
 
 @dataclass(frozen=True)
 class Baseline:
-    """v1's figures at one moment, under the dashboard's metric names (``dashboard.METRICS``)."""
+    """v1's figures at one moment, under the dashboard's metric names (``DASHBOARD_METRICS``)."""
 
     recorded_at: str
     source: BaselineSource
@@ -849,7 +853,7 @@ class Baseline:
         if not isinstance(metrics, dict):
             raise ConfigError(f'{where}: "metrics" must be an object')
         values: dict[str, float | None] = {}
-        for name in METRICS:
+        for name in DASHBOARD_METRICS:
             value = metrics.get(name)
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int | float)
@@ -887,111 +891,87 @@ def load_baseline(path: Path) -> Baseline:
     return Baseline.from_dict(raw, where=str(path))
 
 
-Verdict = Literal["pass", "fail", "nodata", "n/a"]
-
-
 @dataclass(frozen=True)
 class VerdictRow:
-    """One success criterion judged: ``value`` is v2's, ``bound`` what it must beat."""
+    """One success criterion judged for v2: ``value`` is v2's, ``limit`` the number it was held
+    against (for a bound relative to v1: the ratio times the baseline's figure)."""
 
-    name: str
-    metric: str
+    criterion: CriterionDefault
     value: float | None
-    bound: float | None
+    limit: float | None
     verdict: Verdict
     detail: str
+
+    @property
+    def name(self) -> str:
+        return self.criterion.name
+
+    @property
+    def metric(self) -> str:
+        return self.criterion.metric
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "metric": self.metric,
             "value": self.value,
-            "bound": self.bound,
-            "verdict": self.verdict,
+            "bound": self.criterion.bound.describe(),
+            "limit": self.limit,
+            "verdict": self.verdict.value,
             "detail": self.detail,
         }
 
 
-def judge(
+@dataclass(frozen=True)
+class BaselineJudgement:
+    """The success criteria for v2 against the baseline: those judged, and those the source
+    cannot measure (listed, never judged, never a failure)."""
+
+    rows: tuple[VerdictRow, ...]
+    not_measured: tuple[CriterionDefault, ...]
+
+    @property
+    def ok(self) -> bool:
+        """Every judged criterion passes; ``nodata`` does not pass."""
+        return all(row.verdict is Verdict.PASS for row in self.rows)
+
+    def not_measured_as_dicts(self) -> list[dict[str, str]]:
+        return [
+            {"name": c.name, "metric": c.metric, "bound": c.bound.describe()}
+            for c in self.not_measured
+        ]
+
+
+def judge_baseline(
     baseline: Mapping[str, float | None],
     current: Mapping[str, float | None],
     *,
     unmeasured: Iterable[str] = (),
-) -> list[VerdictRow]:
-    """The guide's success criteria for v2 (``current``) against v1 (``baseline``). Pure.
+    criteria: Sequence[CriterionDefault] = DEFAULT_SUCCESS_CRITERIA,
+) -> BaselineJudgement:
+    """``criteria`` for v2 (``current``) against v1 (``baseline``), by :func:`criteria.judge`.
+    Pure.
 
-    ``unmeasured``: metrics the source cannot measure (a compare run bypasses the query cache);
-    their criteria are ``n/a``. A criterion whose numbers are missing is ``nodata``, which never
-    passes. Cost: lower than v1's, or both zero (free models cannot get cheaper).
+    A criterion on a metric the source cannot measure (``unmeasured``: a compare run bypasses
+    the query cache; a baseline file holds only the dashboard's figures, so no critical-errors
+    count) is listed in ``not_measured``. A criterion whose numbers are missing is ``nodata``,
+    which never passes.
     """
     skip = set(unmeasured)
     rows: list[VerdictRow] = []
-
-    def add(
-        name: str,
-        metric: str,
-        bound: float | None,
-        passes: Callable[[float, float], bool],
-        detail: str,
-        *,
-        needs_baseline: bool = False,
-    ) -> None:
-        value = current.get(metric)
-        if metric in skip:
-            rows.append(VerdictRow(name, metric, None, bound, "n/a", "not measured by this source"))
-            return
-        if value is None or (needs_baseline and bound is None):
-            missing = "v2" if value is None else "the baseline"
-            rows.append(VerdictRow(name, metric, value, bound, "nodata", f"no data for {missing}"))
-            return
-        verdict: Verdict = "pass" if passes(value, bound if bound is not None else 0.0) else "fail"
-        rows.append(VerdictRow(name, metric, value, bound, verdict, detail))
-
-    v1_p95 = baseline.get("p95_latency_seconds")
-    add(
-        "p95 latency ≤ v1",
-        "p95_latency_seconds",
-        v1_p95,
-        lambda v, b: v <= b,
-        "v2 p95 must not exceed v1's",
-        needs_baseline=True,
-    )
-    add(
-        "p95 latency < 800 ms",
-        "p95_latency_seconds",
-        P95_LIMIT_SECONDS,
-        lambda v, b: v < b,
-        "the guide's p95 target",
-    )
-    add(
-        "avg similarity > 0.7",
-        "avg_top_similarity",
-        MIN_AVG_SIMILARITY,
-        lambda v, b: v > b,
-        "search relevance maintained",
-    )
-    add("error rate < 0.1 %", "error_rate", MAX_ERROR_RATE, lambda v, b: v < b, "stability")
-    add(
-        "cache hit rate > 70 %",
-        "cache_hit_rate",
-        MIN_CACHE_HIT_RATE,
-        lambda v, b: v > b,
-        "query-embedding cache",
-    )
-    add(
-        "cost per query < v1",
-        "cost_per_1k_queries_usd",
-        baseline.get("cost_per_1k_queries_usd"),
-        lambda v, b: v < b or v == b == 0,
-        "embedding API cost reduced",
-        needs_baseline=True,
-    )
-    return rows
-
-
-def criteria_ok(rows: Iterable[VerdictRow]) -> bool:
-    """Every judged criterion passes (``n/a`` is not judged; ``nodata`` does not pass)."""
-    return all(row.verdict in ("pass", "n/a") for row in rows)
+    not_measured: list[CriterionDefault] = []
+    for criterion in criteria:
+        if criterion.metric in skip or criterion.metric not in DASHBOARD_METRICS:
+            not_measured.append(criterion)
+            continue
+        value = current.get(criterion.metric)
+        v1_value = baseline.get(criterion.metric) if criterion.bound.compares_versions else None
+        verdict = judge(value, criterion.bound, v1_value=v1_value)
+        detail = criterion.description
+        if verdict is Verdict.NODATA:
+            detail = "no data for v2" if value is None else "no data for the baseline (v1)"
+        rows.append(VerdictRow(criterion, value, criterion.bound.limit(v1_value), verdict, detail))
+    return BaselineJudgement(tuple(rows), tuple(not_measured))
 
 
 _METRIC_LABELS = {
@@ -1008,15 +988,21 @@ _METRIC_LABELS = {
 def _metric_text(metric: str, value: float | None) -> str:
     if value is None:
         return "–"
-    if metric.endswith("_seconds"):
+    unit = METRICS[metric].unit
+    if unit == "seconds":
         return _ms(value)
-    if metric in ("error_rate", "cache_hit_rate"):
+    if unit == "ratio":
         return _percent(value)
-    if metric.endswith("_usd"):
+    if unit == "usd":
         return _usd(value)
-    if metric == "requests":
+    if unit == "count":
         return f"{value:,.0f}"
     return f"{value:.3f}"
+
+
+def criteria_text(criteria: Iterable[CriterionDefault] = DEFAULT_SUCCESS_CRITERIA) -> str:
+    """``p95_latency_seconds ≤ 0.8; …``: the criteria as ``--help`` states them. Pure."""
+    return "; ".join(f"{c.metric} {c.bound.describe()}" for c in criteria)
 
 
 def deltas(
@@ -1024,7 +1010,7 @@ def deltas(
 ) -> dict[str, dict[str, float | None]]:
     """Per metric: v1 (baseline), v2 (now), the difference and the relative change. Pure."""
     out: dict[str, dict[str, float | None]] = {}
-    for metric in METRICS:
+    for metric in DASHBOARD_METRICS:
         before, now = baseline.get(metric), current.get(metric)
         delta = None if before is None or now is None else now - before
         relative = None if delta is None or not before else delta / abs(before)
@@ -1035,7 +1021,7 @@ def deltas(
 def baseline_comparison_view(
     baseline: Baseline,
     current: Mapping[str, float | None],
-    rows: Sequence[VerdictRow],
+    judgement: BaselineJudgement,
     *,
     current_model: str,
     source: str,
@@ -1062,159 +1048,68 @@ def baseline_comparison_view(
             "–" if d["relative"] is None else f"{d['relative'] * 100:+.1f} %",
         )
     verdicts = Table("criterion", "v2", "bound", "verdict", "why", title="success criteria")
-    marks = {"pass": "✓ pass", "fail": "✗ FAIL", "nodata": "? no data", "n/a": "– n/a"}
-    for row in rows:
+    marks = {
+        Verdict.PASS: "✓ pass",
+        Verdict.FAIL: "✗ FAIL",
+        Verdict.NODATA: "? no data",
+        Verdict.ERROR: "! error",
+    }
+    for row in judgement.rows:
+        # The bound as configured, then the number it came to in the metric's own unit.
+        bound_text = row.criterion.bound.describe()
+        if row.limit is not None:
+            bound_text += f" ({_metric_text(row.metric, row.limit)})"
         verdicts.add_row(
             row.name,
             _metric_text(row.metric, row.value),
-            _metric_text(row.metric, row.bound),
+            bound_text,
             marks[row.verdict],
             row.detail,
         )
-    ok = criteria_ok(rows)
-    summary = (
+    parts: list[Any] = [metrics, verdicts]
+    if judgement.not_measured:
+        parts.append(
+            "not measured by this source: "
+            + ", ".join(f"{c.name} ({c.description})" for c in judgement.not_measured)
+        )
+    parts.append(
         "all success criteria pass: v2 may take more traffic"
-        if ok
+        if judgement.ok
         else "success criteria NOT met: hold the rollout ("
-        + ", ".join(r.name for r in rows if r.verdict in ("fail", "nodata"))
+        + ", ".join(r.name for r in judgement.rows if r.verdict is not Verdict.PASS)
         + ")"
     )
-    return Group(metrics, verdicts, summary)
+    return Group(*parts)
 
 
-# ---- command line -----------------------------------------------------------------------------
+def baseline_table(baseline: Baseline, path: Path) -> Table:
+    """A recorded baseline for people: v1's figure per dashboard metric. Pure."""
+    table = Table("metric", f"v1 {baseline.model}", title=f"v1 baseline → {path}")
+    for metric in DASHBOARD_METRICS:
+        table.add_row(_METRIC_LABELS[metric], _metric_text(metric, baseline.metrics[metric]))
+    return table
 
 
-def _positive(value: str) -> int:
+def save_baseline(path: Path, baseline: Baseline) -> None:
+    """Write ``baseline`` to ``path`` as JSON; a failure is one ConfigError line."""
     try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return number
+        path.write_text(json.dumps(baseline.as_dict(), indent=2) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"--output: cannot write {path}: {exc.strerror}") from None
 
 
-_RANGE = re.compile(r"^\d+[smhdw]$")
-
-
-def _range(value: str) -> str:
-    if not _RANGE.match(value):
-        raise argparse.ArgumentTypeError(f"{value!r} is not a Prometheus range such as 24h or 30m")
-    return value
-
-
-def _add_query_flags(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("queries")
-    which = g.add_mutually_exclusive_group()
-    which.add_argument(
-        "--queries",
-        type=Path,
-        metavar="FILE.jsonl",
-        help='JSON lines: {"query": "...", "relevant": ["id", ...], "category": "..."} '
-        "(relevant and category optional; category filters the search)",
-    )
-    which.add_argument(
-        "--sample",
-        type=_positive,
-        metavar="N",
-        help=f"sample N queries: the first sentence of N random documents "
-        f"(default {DEFAULT_SAMPLE})",
-    )
-    g.add_argument("--seed", type=int, help="seed of --sample (default 0)")
-    g.add_argument("-k", "--k", dest="k", type=_positive, help="results per query (default 10)")
-    g.add_argument("--ef-search", type=_positive, help="hnsw.ef_search, as the service would set")
-
-
-def register(
-    commands: argparse._SubParsersAction[argparse.ArgumentParser],
-    add_spec_flags: Callable[[argparse.ArgumentParser], None],
-) -> None:
-    """Add ``compare`` and ``baseline`` to the ``embedshift`` command line."""
-    p = commands.add_parser(
-        "compare",
-        help="v1 against v2 on the same queries: overlap, recall, latency, similarity, cost",
-        description="Embed and search each query on v1 and on v2 directly (no HTTP, no cache) "
-        "and compare: overlap@k and rank-biased overlap of their top k, each index's recall "
-        "against exact search, recall@k / MRR / nDCG@10 for labelled queries, latency p50/p95, "
-        "average top-1 similarity and cost per 1,000 queries.",
-    )
-    add_spec_flags(p)
-    _add_query_flags(p)
-    p.add_argument("--json", action="store_true", help="machine-readable result")
-    p.set_defaults(handler=_compare_command)
-
-    p = commands.add_parser(
-        "baseline",
-        help="record v1's figures; with --compare, judge v2 now against them",
-        description="Without --compare: record v1's figures to --output, from Prometheus "
-        "(--prometheus-url) or from a compare run of v1. With --compare: measure v2 now from "
-        "the same kind of source and judge it against the guide's success criteria (v2 p95 ≤ "
-        "v1 and < 800 ms, average similarity > 0.7, error rate < 0.1 %, cache hit rate > 70 %, "
-        "cost per query below v1's). Exit code 1 unless every criterion passes.",
-    )
-    add_spec_flags(p)
-    p.add_argument(
-        "--output",
-        type=Path,
-        default=Path(BASELINE_FILE),
-        help=f"the baseline file (default {BASELINE_FILE})",
-    )
-    p.add_argument(
-        "--compare", action="store_true", help="judge v2 now against the recorded baseline"
-    )
-    p.add_argument(
-        "--prometheus-url",
-        help="read the service's metrics from Prometheus instead of running queries",
-    )
-    p.add_argument(
-        "--range",
-        dest="range_",
-        type=_range,
-        help="Prometheus window, e.g. 24h (default 24h, or the baseline's)",
-    )
-    _add_query_flags(p)
-    p.add_argument("--json", action="store_true", help="machine-readable result")
-    p.set_defaults(handler=_baseline_command)
-
-
-def _print(renderable: Any) -> None:
-    Console(file=sys.stdout, highlight=False, soft_wrap=False).print(renderable)
-
-
-async def _compare_command(args: argparse.Namespace) -> int:
-    from rag_service.cli import resolve
-
-    spec, _, url, prices = resolve(args)
-    cases = load_queries(args.queries) if args.queries else None
-    report = await run_compare(
-        url,
-        spec,
-        cases=cases,
-        sample=args.sample,
-        seed=args.seed or 0,
-        k=args.k or 10,
-        prices=prices,
-        ef_search=args.ef_search,
-        query_source=str(args.queries) if args.queries else None,
-    )
-    if args.json:
-        print(json.dumps(report.as_dict()))
-    else:
-        _print(compare_table(report))
-    return 0
-
-
-def _write(path: Path, text: str) -> None:
-    path.write_text(text, encoding="utf-8")
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+# ---- measuring a version now ------------------------------------------------------------------
 
 
 @dataclass
-class _Measured:
+class Measured:
+    """One version's figures now, under the dashboard's metric names, and where they came from.
+
+    ``unmeasured``: metrics the source cannot measure. ``prometheus`` ({"url", "range"}) or
+    ``compare`` ({"queries", "sample", "seed", "k", "count"}) is how to measure it the same way
+    again, as a baseline file records it.
+    """
+
     metrics: dict[str, float | None]
     source: BaselineSource
     unmeasured: tuple[str, ...] = ()
@@ -1222,18 +1117,35 @@ class _Measured:
     compare: dict[str, Any] | None = None
     report: CompareReport | None = field(default=None)
 
+    def describe(self) -> str:
+        """``Prometheus over 24h`` or ``compare run of 50 queries``."""
+        if self.prometheus:
+            return f"Prometheus over {self.prometheus['range']}"
+        return f"compare run of {(self.compare or {}).get('count')} queries"
 
-async def _measure(
-    args: argparse.Namespace,
-    spec: DataPlaneSpec,
+
+async def measure(
     url: str,
+    spec: DataPlaneSpec,
     prices: PriceTable,
     *,
+    migration: str,
     version: Version,
     like: Baseline | None,
-) -> _Measured:
-    """``version``'s figures now, from Prometheus or a compare run (as ``like`` was, if given)."""
-    prometheus_url: str | None = args.prometheus_url
+    prometheus_url: str | None = None,
+    range_: str | None = None,
+    queries: Path | None = None,
+    sample: int | None = None,
+    seed: int | None = None,
+    k: int | None = None,
+    ef_search: int | None = None,
+) -> Measured:
+    """``version``'s figures now, from Prometheus (``prometheus_url``) or a compare run.
+
+    With ``like`` (the baseline to compare with), the source is the baseline's and every
+    option not given is the baseline's: its Prometheus URL and range, or its query set, seed
+    and k. Mixing sources is a ConfigError.
+    """
     if like is not None:
         if like.source == "compare" and prometheus_url:
             raise ConfigError(
@@ -1249,7 +1161,7 @@ async def _measure(
                 )
     if prometheus_url:
         stored_range = (like.prometheus or {}).get("range") if like else None
-        range_: str = args.range_ or stored_range or "24h"
+        window = range_ or stored_range or "24h"
         model_spec = spec.source if version is Version.V1 else spec.target
         if model_spec is None:
             raise ConfigError(
@@ -1258,33 +1170,30 @@ async def _measure(
             )
         summary = await prometheus_summary(
             prometheus_url,
-            range_=range_,
+            migration=migration,
+            range_=window,
             models={version.value: (model_spec.provider.value, model_spec.model)},
         )
-        from rag_service.prometheus import PrometheusClient
-
         async with PrometheusClient(url=prometheus_url) as client:
             shown_url = client.url  # without credentials
         metrics = dict(summary[version.value])
         if like is None and not metrics.get("requests"):
             raise DatabaseError(
                 f"Prometheus at {shown_url} has no {version.value} searches over the last "
-                f"{range_}: nothing to record; widen --range, or record from a compare run "
+                f"{window}: nothing to record; widen --range, or record from a compare run "
                 "(without --prometheus-url)"
             )
-        return _Measured(
+        return Measured(
             metrics=metrics,
             source="prometheus",
-            prometheus={"url": shown_url, "range": range_},
+            prometheus={"url": shown_url, "range": window},
         )
     stored = (like.compare or {}) if like else {}
-    queries = args.queries
-    sample = args.sample
     if queries is None and sample is None and stored:
         queries = Path(stored["queries"]) if stored.get("queries") else None
         sample = stored.get("sample")
-    seed = args.seed if args.seed is not None else int(stored.get("seed", 0))
-    k = args.k or int(stored.get("k", 10))
+    seed = seed if seed is not None else int(stored.get("seed", 0))
+    k = k or int(stored.get("k", 10))
     cases = load_queries(queries) if queries else None
     report = await run_compare(
         url,
@@ -1295,11 +1204,11 @@ async def _measure(
         k=k,
         versions=(version,),
         prices=prices,
-        ef_search=args.ef_search,
+        ef_search=ef_search,
         query_source=str(queries) if queries else None,
     )
     figures = report.versions[version.value]
-    return _Measured(
+    return Measured(
         metrics=figures.dashboard_metrics(),
         source="compare",
         unmeasured=("cache_hit_rate",),
@@ -1312,80 +1221,3 @@ async def _measure(
         },
         report=report,
     )
-
-
-async def _baseline_command(args: argparse.Namespace) -> int:
-    from rag_service.cli import resolve
-
-    spec, migration, url, prices = resolve(args)
-    path: Path = args.output
-    if not args.compare:
-        measured = await _measure(args, spec, url, prices, version=Version.V1, like=None)
-        assert spec.source is not None  # _measure refuses a spec without one
-        baseline = Baseline(
-            recorded_at=_now(),
-            source=measured.source,
-            version=Version.V1.value,
-            model=spec.source.descriptor,
-            migration=migration,
-            metrics=measured.metrics,
-            prometheus=measured.prometheus,
-            compare=measured.compare,
-        )
-        try:
-            await asyncio.to_thread(_write, path, json.dumps(baseline.as_dict(), indent=2) + "\n")
-        except OSError as exc:
-            raise ConfigError(f"--output: cannot write {path}: {exc.strerror}") from None
-        if args.json:
-            print(json.dumps({"output": str(path), **baseline.as_dict()}))
-            return 0
-        table = Table("metric", f"v1 {baseline.model}", title=f"v1 baseline → {path}")
-        for metric in METRICS:
-            table.add_row(_METRIC_LABELS[metric], _metric_text(metric, baseline.metrics[metric]))
-        _print(table)
-        where = (
-            f"Prometheus {baseline.prometheus['url']} over {baseline.prometheus['range']}"
-            if baseline.prometheus
-            else f"a compare run of {(baseline.compare or {}).get('count')} queries"
-        )
-        _print(f"recorded from {where}; compare v2 later with `embedshift baseline --compare`")
-        return 0
-    baseline = load_baseline(path)
-    measured = await _measure(args, spec, url, prices, version=Version.V2, like=baseline)
-    rows = judge(baseline.metrics, measured.metrics, unmeasured=measured.unmeasured)
-    ok = criteria_ok(rows)
-    source = (
-        f"Prometheus over {measured.prometheus['range']}"
-        if measured.prometheus
-        else f"compare run of {(measured.compare or {}).get('count')} queries"
-    )
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "baseline": baseline.as_dict(),
-                    "current": {
-                        "version": Version.V2.value,
-                        "model": spec.target.descriptor,
-                        "source": measured.source,
-                        "prometheus": measured.prometheus,
-                        "compare": measured.compare,
-                        "metrics": measured.metrics,
-                    },
-                    "deltas": deltas(baseline.metrics, measured.metrics),
-                    "criteria": [row.as_dict() for row in rows],
-                    "ok": ok,
-                }
-            )
-        )
-    else:
-        _print(
-            baseline_comparison_view(
-                baseline,
-                measured.metrics,
-                rows,
-                current_model=spec.target.descriptor,
-                source=source,
-            )
-        )
-    return 0 if ok else 1

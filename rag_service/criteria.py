@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT_ROLLBACK_THRESHOLDS",
     "DEFAULT_SUCCESS_CRITERIA",
     "METRICS",
+    "PROMQL_RANGE",
     "Bound",
     "CriterionDefault",
     "Metric",
@@ -228,7 +229,9 @@ DASHBOARD_METRICS: tuple[str, ...] = (
     "cost_per_1k_queries_usd",
 )
 
-_RANGE = re.compile(r"^[1-9][0-9]*(ms|s|m|h|d|w|y)$")
+# A PromQL range duration (``5m``, ``24h``), as every window and ``--range`` is validated.
+PROMQL_RANGE = r"^[1-9][0-9]*(ms|s|m|h|d|w|y)$"
+_RANGE = re.compile(PROMQL_RANGE)
 
 
 def metric_query(
@@ -341,7 +344,7 @@ class CriterionDefault:
 # The guide's "Success Criteria" and "Key metrics to watch" (DESIGN.md "Default success criteria").
 DEFAULT_SUCCESS_CRITERIA: tuple[CriterionDefault, ...] = (
     CriterionDefault(
-        "p95-latency", "p95_latency_seconds", Bound(max=0.8), "v2 p95 under the guide's 800 ms"
+        "p95-latency", "p95_latency_seconds", Bound(max=0.8), "v2 p95 within the guide's 800 ms"
     ),
     CriterionDefault(
         "p95-latency-vs-v1",
@@ -352,9 +355,9 @@ DEFAULT_SUCCESS_CRITERIA: tuple[CriterionDefault, ...] = (
     CriterionDefault(
         "avg-similarity", "avg_top_similarity", Bound(min=0.7), "search relevance maintained"
     ),
-    CriterionDefault("error-rate", "error_rate", Bound(max=0.001), "error rate under 0.1 %"),
+    CriterionDefault("error-rate", "error_rate", Bound(max=0.001), "error rate at most 0.1 %"),
     CriterionDefault(
-        "cache-hit-rate", "cache_hit_rate", Bound(min=0.7), "query cache hit rate over 70 %"
+        "cache-hit-rate", "cache_hit_rate", Bound(min=0.7), "query cache hit rate at least 70 %"
     ),
     CriterionDefault(
         "critical-errors", "critical_errors", Bound(max=0), "zero critical errors in 24 h"

@@ -1,76 +1,40 @@
-"""The guide's key metrics per version, as PromQL over the service's metric contract.
+"""The dashboard's figures per version, read from Prometheus.
 
-``version_queries`` is pure and is the one place these expressions are written; the dashboard
-(``GET /api/monitoring/dashboard`` with ``--prometheus-url``) and ``embedshift baseline`` read
-them, and the operator's default success criteria are the same expressions.
+The PromQL is :func:`rag_service.criteria.metric_query`'s, the one place it is written, so the
+dashboard (``GET /api/monitoring/dashboard`` with ``--prometheus-url``), ``embedshift baseline``
+and the operator's success criteria read the same numbers.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Mapping
 
+from rag_service.criteria import DASHBOARD_METRICS, metric_query
 from rag_service.prometheus import PrometheusClient
-
-METRICS = (
-    "requests",
-    "avg_latency_seconds",
-    "p95_latency_seconds",
-    "error_rate",
-    "cache_hit_rate",
-    "avg_top_similarity",
-    "cost_per_1k_queries_usd",
-)
-
-
-def version_queries(version: str, *, range_: str, provider: str, model: str) -> dict[str, str]:
-    """PromQL for each of the guide's metrics, for one version over ``range_``. Pure."""
-    v = f'version="{version}"'
-    rate = f"[{range_}]"
-    requests = f"sum(increase(embedshift_search_requests_total{{{v}}}{rate}))"
-    return {
-        "requests": requests,
-        "avg_latency_seconds": (
-            f"sum(rate(embedshift_search_duration_seconds_sum{{{v}}}{rate})) / "
-            f"sum(rate(embedshift_search_duration_seconds_count{{{v}}}{rate}))"
-        ),
-        "p95_latency_seconds": (
-            "histogram_quantile(0.95, sum by (le) "
-            f"(rate(embedshift_search_duration_seconds_bucket{{{v}}}{rate})))"
-        ),
-        "error_rate": (
-            # A fallback is a request its version failed to serve (v1 answered instead).
-            f'sum(rate(embedshift_search_requests_total{{{v},outcome=~"error|fallback"}}{rate}))'
-            " / "
-            f"sum(rate(embedshift_search_requests_total{{{v}}}{rate}))"
-        ),
-        "cache_hit_rate": (
-            f'sum(rate(embedshift_query_cache_requests_total{{{v},result="hit"}}{rate})) / '
-            f"sum(rate(embedshift_query_cache_requests_total{{{v}}}{rate}))"
-        ),
-        "avg_top_similarity": (
-            f"sum(rate(embedshift_search_top_similarity_sum{{{v}}}{rate})) / "
-            f"sum(rate(embedshift_search_top_similarity_count{{{v}}}{rate}))"
-        ),
-        "cost_per_1k_queries_usd": (
-            "1000 * sum(increase(embedshift_embedding_cost_usd_total"
-            f'{{provider="{provider}",model="{model}"}}{rate})) / {requests}'
-        ),
-    }
 
 
 async def prometheus_summary(
-    url: str, *, range_: str, models: Mapping[str, tuple[str, str]]
+    url: str, *, migration: str, range_: str, models: Mapping[str, tuple[str, str]]
 ) -> dict[str, dict[str, float | None]]:
-    """{version: {metric: value or None (no data)}}; raises PrometheusError if unreachable."""
+    """{version: {metric: value or None (no data)}} of ``migration`` over ``range_``, for each
+    version in ``models`` (version → its query model's (provider, model), which the cost per
+    query is counted under). Raises PrometheusError if Prometheus cannot answer."""
     async with PrometheusClient(url=url) as client:
         result: dict[str, dict[str, float | None]] = {}
         for version, (provider, model) in models.items():
-            queries = version_queries(version, range_=range_, provider=provider, model=model)
-            values = await asyncio.gather(*(client.query_scalar(q) for q in queries.values()))
-            result[version] = {
-                name: (None if value is None or math.isnan(value) else value)
-                for name, value in zip(queries, values, strict=True)
-            }
+            queries = [
+                metric_query(
+                    name,
+                    version=version,
+                    migration=migration,
+                    window=range_,
+                    provider=provider,
+                    model=model,
+                )
+                for name in DASHBOARD_METRICS
+            ]
+            # query_scalar already turns NaN (PromQL's 0/0) into None.
+            values = await asyncio.gather(*(client.query_scalar(q) for q in queries))
+            result[version] = dict(zip(DASHBOARD_METRICS, values, strict=True))
         return result

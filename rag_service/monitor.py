@@ -12,20 +12,18 @@ One snapshot gathers, each part on its own so one failing part does not hide the
 
 The snapshot is a JSON-ready dict (``--json`` prints it, one object per line and refresh);
 :func:`render_snapshot` turns it into rich renderables and is pure, so it renders a captured
-JSON as well as a live one. ``--continuous`` refreshes every ``--interval`` seconds (default
-300, the guide's "every 5 minutes") in place on a terminal, or as successive blocks otherwise,
-until Ctrl-C, which exits 0.
+JSON as well as a live one. :func:`watch` (``--continuous``) refreshes every ``interval``
+seconds (default 300, the guide's "every 5 minutes") in place on a terminal, or as successive
+blocks otherwise, until Ctrl-C, which exits 0. The ``embedshift monitor`` command is
+:mod:`embedshift_operator.cli.monitoring`.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
-import re
 import signal
-import sys
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -37,6 +35,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from rag_service.criteria import DASHBOARD_METRICS
 from rag_service.errors import ConfigError, EmbedshiftError
 from rag_service.progress import migration_progress
 from rag_service.rollout_row import read_row
@@ -45,16 +44,14 @@ from rag_service.spec import DataPlaneSpec
 
 __all__ = [
     "DEFAULT_INTERVAL_SECONDS",
-    "dashboard_metric",
     "gather_snapshot",
-    "register",
     "render_snapshot",
     "snapshot_errors",
+    "watch",
 ]
 
 DEFAULT_INTERVAL_SECONDS = 300.0
 SERVICE_TIMEOUT_SECONDS = 10.0
-_RANGE = re.compile(r"^\d+[smhdw]$")
 
 T = TypeVar("T")
 
@@ -182,18 +179,9 @@ def snapshot_errors(snapshot: Mapping[str, Any]) -> dict[str, str]:
 # ---- rendering --------------------------------------------------------------------------------
 
 
-def _camel(snake: str) -> str:
-    head, *rest = snake.split("_")
-    return head + "".join(part.capitalize() for part in rest)
-
-
-def dashboard_metric(values: Mapping[str, Any], name: str) -> float | None:
-    """A dashboard figure by the dashboard's snake_case name (``p95_latency_seconds``). Pure.
-
-    The dashboard answers with Prometheus's names when it reads Prometheus and with camelCase
-    names (``p95LatencySeconds``) from the service's own counters; both are accepted.
-    """
-    value = values.get(name, values.get(_camel(name)))
+def _figure(values: Mapping[str, Any], name: str) -> float | None:
+    """A dashboard figure (named as in ``DASHBOARD_METRICS``); anything not a number is None."""
+    value = values.get(name)
     if value is None or isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value)
@@ -209,6 +197,22 @@ def _pct(value: float | None, digits: int = 1) -> str:
 
 def _num(value: float | None, fmt: str = ".3f") -> str:
     return "–" if value is None else format(value, fmt)
+
+
+def _usd(value: float | None) -> str:
+    return "–" if value is None else f"${value:.6f}"
+
+
+# The key-metrics table: a column per dashboard metric, in DASHBOARD_METRICS's order.
+_COLUMNS: dict[str, tuple[str, Callable[[float | None], str]]] = {
+    "requests": ("requests", lambda v: _num(v, ",.0f")),
+    "avg_latency_seconds": ("avg latency", _ms),
+    "p95_latency_seconds": ("p95 latency", _ms),
+    "error_rate": ("error rate", lambda v: _pct(v, 2)),
+    "cache_hit_rate": ("cache hit rate", _pct),
+    "avg_top_similarity": ("avg similarity", _num),
+    "cost_per_1k_queries_usd": ("cost per 1k queries", _usd),
+}
 
 
 def _routing_view(routing: Mapping[str, Any] | None) -> RenderableType:
@@ -306,27 +310,14 @@ def _service_view(service: Mapping[str, Any]) -> list[RenderableType]:
         versions: Mapping[str, Mapping[str, Any]] = dashboard.get("versions") or {}
         table = Table(
             "version",
-            "requests",
-            "avg latency",
-            "p95 latency",
-            "error rate",
-            "cache hit rate",
-            "avg similarity",
-            "critical errors",
+            *(_COLUMNS[name][0] for name in DASHBOARD_METRICS),
             title=f"key metrics over {dashboard.get('range', '?')} "
             f"(from {dashboard.get('source', '?')})",
         )
         for version, values in versions.items():
-            requests = dashboard_metric(values, "requests")
             table.add_row(
                 version,
-                _num(requests, ",.0f"),
-                _ms(dashboard_metric(values, "avg_latency_seconds")),
-                _ms(dashboard_metric(values, "p95_latency_seconds")),
-                _pct(dashboard_metric(values, "error_rate"), 2),
-                _pct(dashboard_metric(values, "cache_hit_rate")),
-                _num(dashboard_metric(values, "avg_top_similarity")),
-                _num(dashboard_metric(values, "critical_errors"), ",.0f"),
+                *(_COLUMNS[name][1](_figure(values, name)) for name in DASHBOARD_METRICS),
             )
         out.append(table)
         seen = f"the service routes {dashboard.get('percentage', '?')} % to v2" + (
@@ -359,60 +350,7 @@ def render_snapshot(snapshot: Mapping[str, Any], *, footer: str | None = None) -
     return Group(*parts)
 
 
-# ---- command line -----------------------------------------------------------------------------
-
-
-def _interval(value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
-    if not seconds > 0:
-        raise argparse.ArgumentTypeError(f"{value} must be more than 0 seconds")
-    return seconds
-
-
-def _range(value: str) -> str:
-    if not _RANGE.match(value):
-        raise argparse.ArgumentTypeError(f"{value!r} is not a range such as 24h or 30m")
-    return value
-
-
-def register(
-    commands: argparse._SubParsersAction[argparse.ArgumentParser],
-    add_spec_flags: Callable[[argparse.ArgumentParser], None],
-) -> None:
-    """Add ``monitor`` to the ``embedshift`` command line."""
-    p = commands.add_parser(
-        "monitor",
-        help="migration progress, rollout percentage, breakers and key metrics",
-        description="Show the migration's progress, the routing row (effective percentage, "
-        "emergency flag) and, with --service-url, the running service's circuit breakers and "
-        "key metrics. Once (exit code 1 if a part could not be read), or with --continuous every "
-        "--interval seconds until Ctrl-C (exit code 0).",
-    )
-    add_spec_flags(p)
-    p.add_argument("--continuous", action="store_true", help="refresh until Ctrl-C (exit code 0)")
-    p.add_argument(
-        "--interval",
-        type=_interval,
-        default=DEFAULT_INTERVAL_SECONDS,
-        metavar="SECONDS",
-        help=f"seconds between refreshes (default {DEFAULT_INTERVAL_SECONDS:.0f})",
-    )
-    p.add_argument(
-        "--service-url",
-        help="a running `embedshift serve`, e.g. http://localhost:8080, for breakers and metrics",
-    )
-    p.add_argument(
-        "--range",
-        dest="range_",
-        type=_range,
-        default="24h",
-        help="the dashboard's window (default 24h)",
-    )
-    p.add_argument("--json", action="store_true", help="one JSON object per line and refresh")
-    p.set_defaults(handler=_monitor_command)
+# ---- refreshing ------------------------------------------------------------------------------
 
 
 async def _until_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:
@@ -438,44 +376,16 @@ async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
     return True
 
 
-async def _monitor_command(args: argparse.Namespace) -> int:
-    from rag_service.cli import resolve
-
-    spec, migration, url, _ = resolve(args)
-    service_url: str | None = args.service_url
-    if service_url:
-        parsed = httpx.URL(service_url)
-        if parsed.scheme not in ("http", "https") or not parsed.host:
-            raise ConfigError(
-                f"--service-url: {service_url!r} must be http:// or https:// with a host, "
-                "e.g. http://localhost:8080"
-            )
-        service_url = service_url.rstrip("/")
-
-    async def gather() -> dict[str, Any]:
-        return await gather_snapshot(
-            url, spec, migration=migration, service_url=service_url, range_=args.range_
-        )
-
-    console = Console(file=sys.stdout, highlight=False)
-    if not args.continuous:
-        snapshot = await gather()
-        if args.json:
-            print(json.dumps(snapshot), flush=True)
-        else:
-            console.print(render_snapshot(snapshot))
-        return 1 if snapshot_errors(snapshot) else 0
-    return await _continuous(gather, console=console, interval=args.interval, as_json=args.json)
-
-
-async def _continuous(
+async def watch(
     gather: Callable[[], Awaitable[dict[str, Any]]],
     *,
     console: Console,
     interval: float,
     as_json: bool,
 ) -> int:
-    """Refresh until Ctrl-C; a failed part shows as an error and the next refresh retries."""
+    """Print ``gather()``'s snapshot every ``interval`` seconds until Ctrl-C (then return 0):
+    in place on a terminal, else one block (or with ``as_json`` one JSON line) per refresh. A
+    failed part shows as an error and the next refresh retries."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     try:

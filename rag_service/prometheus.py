@@ -5,9 +5,11 @@ through it::
 
     async with PrometheusClient(url="http://prometheus:9090") as prometheus:
         p95 = await prometheus.query_scalar(
-            "histogram_quantile(0.95, sum by (le) "
-            "(rate(embedshift_search_duration_seconds_bucket[5m])))"
+            metric_query("p95_latency_seconds", version="v2", migration="rag/docs", window="5m")
         )
+
+(:func:`rag_service.criteria.metric_query` writes the contract's PromQL, scoped to one
+migration.)
 
 Every failure (unreachable, timed out, an HTTP error, a PromQL error, an answer that is not
 Prometheus's) raises :class:`PrometheusError`, whose one-line message names the query and the

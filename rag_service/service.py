@@ -31,6 +31,7 @@ from pydantic import BaseModel, Field, field_validator
 from rag_service import alerts as alerts_module
 from rag_service.alerts import AlertLog, check_bearer, is_emergency, parse_alerts
 from rag_service.breaker import BreakerState, CircuitBreaker
+from rag_service.criteria import PROMQL_RANGE
 from rag_service.errors import ConfigError, EmbedshiftError
 from rag_service.indexes import index_state
 from rag_service.metrics import Outcome, ServiceMetrics
@@ -291,6 +292,7 @@ async def _start(settings: ServiceSettings, registry: CollectorRegistry) -> Serv
     )
     await follower.start()
     metrics = ServiceMetrics(
+        migration=settings.migration,
         registry=registry,
         usage_models=[_model_labels(p.descriptor) for p in providers.values()],
     )
@@ -536,25 +538,28 @@ def _routes(app: FastAPI, settings: ServiceSettings) -> None:
     @app.get("/api/monitoring/dashboard")
     async def dashboard(
         request: Request,
-        range_: Annotated[str, Query(alias="range", pattern=r"^\d+[smhdw]$")] = "24h",
+        range_: Annotated[str, Query(alias="range", pattern=PROMQL_RANGE)] = "24h",
     ) -> dict[str, Any]:
         service = service_of(request)
         row = service.follower.current
-        summary: dict[str, Any]
+        summary: dict[str, dict[str, float | None]]
         source = "service"
         if settings.prometheus_url:
             from rag_service.dashboard import prometheus_summary
 
             try:
                 summary = await prometheus_summary(
-                    settings.prometheus_url, range_=range_, models=_models(service)
+                    settings.prometheus_url,
+                    migration=settings.migration,
+                    range_=range_,
+                    models=_models(service),
                 )
                 source = "prometheus"
             except EmbedshiftError as exc:
                 log.warning("dashboard: Prometheus unavailable (%s); using own counters", exc)
-                summary = service.metrics.summary()
+                summary = service.metrics.summary(models=_models(service))
         else:
-            summary = service.metrics.summary()
+            summary = service.metrics.summary(models=_models(service))
         return {
             "range": range_,
             "source": source,

@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from rag_service.cli import build_parser, main
+from embedshift_operator.cli import build_parser, main
 from rag_service.errors import EmbedshiftError
 from rag_service.schema import layout_for
 from rag_service.spec import DataPlaneSpec, EmbeddingSpec
@@ -51,7 +51,7 @@ async def cli_async(capsys: pytest.CaptureFixture[str], *argv: str) -> Result:
 
 def cli_subprocess(argv: Sequence[str], env: dict[str, str] | None = None) -> Result:
     proc = subprocess.run(
-        [PYTHON, "-m", "rag_service.cli", *argv],
+        [PYTHON, "-m", "embedshift_operator.cli", *argv],
         capture_output=True,
         text=True,
         env=env,

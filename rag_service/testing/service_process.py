@@ -33,7 +33,7 @@ def start_serve(
     """
     port = free_port()
     command = [
-        sys.executable, "-m", "rag_service.cli", "serve", *flags,
+        sys.executable, "-m", "embedshift_operator.cli", "serve", *flags,
         "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
     with log.open("wb") as out:

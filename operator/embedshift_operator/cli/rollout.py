@@ -26,6 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from embedshift_operator.adapters.postgres import ControlStore
+from embedshift_operator.cli.flags import interval
 from embedshift_operator.local import LocalDriver, resolve_environment
 from embedshift_operator.resource import (
     EmbeddingMigration,
@@ -84,7 +85,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     p.add_argument(
         "--tick",
-        type=_seconds,
+        type=interval,
         default=1.0,
         metavar="SECONDS",
         help="how often the file, Jobs and routing row are read (default 1)",
@@ -117,16 +118,6 @@ def _phases(value: str) -> frozenset[Phase]:
             )
         phases.add(phase)
     return frozenset(phases)
-
-
-def _seconds(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
-    if not 0.05 <= number <= 60:
-        raise argparse.ArgumentTypeError(f"{value} must be between 0.05 and 60 seconds")
-    return number
 
 
 # ---- views ------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 import psycopg
 import pytest
 
+from rag_service.criteria import DASHBOARD_METRICS, metric_query
 from rag_service.errors import ConfigError
 from rag_service.indexes import build_index
 from rag_service.migrate import RunOptions, run_migration
@@ -356,6 +357,9 @@ async def test_health_metrics_and_dashboard(world: World) -> None:
         dashboard = (await svc.client.get("/api/monitoring/dashboard?range=24h")).json()
         assert dashboard["source"] == "service" and dashboard["percentage"] == 0
         assert set(dashboard["versions"]) >= {"v1", "v2"}
+        # The range is a PromQL range, as the criteria's queries need it.
+        bad_range = await svc.client.get("/api/monitoring/dashboard?range=0h")
+        assert bad_range.status_code == 422
         disabled = await svc.client.post(
             "/api/alerts/webhook", json={}, headers={"Authorization": "Bearer x"}
         )
@@ -365,7 +369,8 @@ async def test_health_metrics_and_dashboard(world: World) -> None:
 async def test_prometheus_scrapes_the_contract_metrics(
     world: World, prometheus: PrometheusFactory
 ) -> None:
-    """A real Prometheus scrapes a running replica; the operator's PromQL finds the series."""
+    """A real Prometheus scrapes a running replica; the operator's PromQL finds the series; the
+    dashboard answers in one shape from Prometheus and from the service's own counters."""
     async with serving(world.settings) as svc:
         prom = prometheus(targets=[svc.url.removeprefix("http://")])
         await prom.wait_for_scrape_async()  # a sample before the traffic, so rate() sees it
@@ -374,28 +379,31 @@ async def test_prometheus_scrapes_the_contract_metrics(
             await search(svc.client, f"pool hours {i}", headers={"X-Embedding-Version": "v2"})
             await search(svc.client, f"pool hours {i}", headers={"X-Embedding-Version": "v2"})
         await prom.wait_for_scrape_async(scrapes=2)
+        this = f'migration="{MIGRATION}"'
         async with PrometheusClient(url=prom.url) as client:
             by_version = {
                 s.labels["version"]: s.value
                 for s in await client.query(
-                    'sum by (version) (embedshift_search_requests_total{outcome="ok"})'
+                    f'sum by (version) (embedshift_search_requests_total{{{this},outcome="ok"}})'
                 )
             }
             assert by_version == {"v1": 10.0, "v2": 20.0}
-            p95 = await client.query(
-                "histogram_quantile(0.95, sum by (le, version) "
-                "(rate(embedshift_search_duration_seconds_bucket[1m])))"
-            )
-            assert {s.labels["version"] for s in p95} == {"v1", "v2"}
-            assert all(0 < s.value < 1.2 for s in p95)
+            for version in ("v1", "v2"):
+                p95 = await client.query_scalar(
+                    metric_query(
+                        "p95_latency_seconds", version=version, migration=MIGRATION, window="1m"
+                    )
+                )
+                assert p95 is not None and 0 < p95 < 1.2, version
             hits = await client.query_scalar(
-                'sum(embedshift_query_cache_requests_total{version="v2",result="hit"})'
+                f'sum(embedshift_query_cache_requests_total{{{this},version="v2",result="hit"}})'
             )
             assert hits == 10.0  # the second v2 search of each query was a hit
-            assert await client.query_scalar("embedshift_rollout_percentage") == 0.0
-            assert await client.query_scalar('embedshift_circuit_breaker_open{version="v2"}') == 0
+            assert await client.query_scalar(f"embedshift_rollout_percentage{{{this}}}") == 0.0
+            breaker = f'embedshift_circuit_breaker_open{{{this},version="v2"}}'
+            assert await client.query_scalar(breaker) == 0
             tokens = await client.query(
-                "sum by (provider, model) (embedshift_embedding_tokens_total)"
+                f"sum by (provider, model) (embedshift_embedding_tokens_total{{{this}}})"
             )
             assert {(s.labels["provider"], s.labels["model"]) for s in tokens} == {
                 ("local", "hash"),
@@ -405,6 +413,14 @@ async def test_prometheus_scrapes_the_contract_metrics(
         async with serving(replace(world.settings, prometheus_url=prom.url)) as reader:
             dashboard = (await reader.client.get("/api/monitoring/dashboard?range=5m")).json()
         assert dashboard["source"] == "prometheus"
+        # One shape whatever the source: the same versions and the same keys.
+        own = (await svc.client.get("/api/monitoring/dashboard?range=5m")).json()
+        assert own["source"] == "service"
+        assert set(own["versions"]) == set(dashboard["versions"]) == {"v1", "v2"}
+        for version in ("v1", "v2"):
+            assert list(own["versions"][version]) == list(DASHBOARD_METRICS)
+            assert list(dashboard["versions"][version]) == list(DASHBOARD_METRICS)
+        assert own["versions"]["v2"]["requests"] == 20
         # increase() extrapolates to the window's edges, so 20 requests read as a bit more.
         assert 20 <= dashboard["versions"]["v2"]["requests"] < 30
         assert dashboard["versions"]["v2"]["cache_hit_rate"] == pytest.approx(0.5, abs=0.05)
@@ -428,7 +444,10 @@ async def test_the_guides_flags_pin_v1_and_turn_on_shadow_comparison(world: Worl
 
         await eventually(compared, within=10)
         text = (await svc.client.get("/metrics")).text
-        assert 'embedshift_shadow_comparisons_total{result="completed"} 5.0' in text
+        completed = (
+            f'embedshift_shadow_comparisons_total{{migration="{MIGRATION}",result="completed"}}'
+        )
+        assert f"{completed} 5.0" in text
 
 
 def test_settings_read_the_guides_environment_flags(world: World) -> None:

@@ -13,7 +13,7 @@ from rag_service.testing import EmbeddingServer
 from rag_service.testing.corpus import create_corpus
 from tests.embedding_fixtures import GoogleFactory, OpenAIFactory
 from tests.helpers import cli, counts, flags, spec_for, table_name
-from tests.test_migrate import vectors_match_text
+from tests.rag_service.test_migrate import vectors_match_text
 
 OPENAI = "openai:text-embedding-3-small@64"
 GOOGLE = "google:gemini-embedding-001@128"

@@ -14,7 +14,7 @@ from rag_service.providers import api_key_from_env
 from rag_service.providers.pricing import PriceTable
 from rag_service.spec import DataPlaneSpec, EmbeddingSpec, ProviderName, load_resource
 
-EXAMPLES = Path(__file__).parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 @pytest.mark.parametrize(

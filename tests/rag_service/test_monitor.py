@@ -20,7 +20,7 @@ import pytest
 from rich.console import Console
 
 from rag_service.migrate import RunOptions, run_migration
-from rag_service.monitor import dashboard_metric, render_snapshot
+from rag_service.monitor import render_snapshot
 from rag_service.providers.local import LocalProvider
 from rag_service.schema import setup
 from rag_service.service import ServiceSettings
@@ -34,7 +34,7 @@ TABLE = "mon_docs"
 MIGRATION = "rag/mon"
 DOCUMENTS = 90
 MIGRATED = 30
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def rendered(snapshot: dict[str, Any], width: int = 160) -> str:
@@ -148,8 +148,8 @@ async def test_monitor_reads_a_running_service(
         assert service["circuitBreaker"]["v2"]["state"] == "closed"
         dashboard = service["dashboard"]
         assert dashboard["range"] == "1h" and dashboard["percentage"] == 25
-        assert dashboard_metric(dashboard["versions"]["v1"], "requests") == 2
-        assert dashboard_metric(dashboard["versions"]["v2"], "requests") == 1
+        assert dashboard["versions"]["v1"]["requests"] == 2
+        assert dashboard["versions"]["v2"]["requests"] == 1
         text = rendered(snapshot)
         assert "circuit breakers" in text and "closed" in text
         assert "key metrics over 1h (from service)" in text
@@ -184,7 +184,7 @@ def test_continuous_json_until_ctrl_c(world: World) -> None:
         [
             sys.executable,
             "-m",
-            "rag_service.cli",
+            "embedshift_operator.cli",
             "monitor",
             *world.flags,
             "--continuous",
@@ -300,12 +300,12 @@ CAPTURED = {
                 },
                 "v2": {
                     "requests": 3000,
-                    "avgLatencySeconds": 0.12,
-                    "p95LatencySeconds": 0.43,
-                    "errorRate": 0.0,
-                    "cacheHitRate": 0.71,
-                    "avgTopSimilarity": 0.77,
-                    "criticalErrors": 2,
+                    "avg_latency_seconds": 0.12,
+                    "p95_latency_seconds": 0.43,
+                    "error_rate": 0.0,
+                    "cache_hit_rate": 0.71,
+                    "avg_top_similarity": 0.77,
+                    "cost_per_1k_queries_usd": None,
                 },
             },
         },
@@ -332,13 +332,14 @@ def test_render_snapshot_shows_the_key_fields() -> None:
         "5/5 in 30.0s",
         "in 12s",
         "key metrics over 24h (from prometheus)",
-        "650.0 ms",  # v1 p95, Prometheus's names
-        "430.0 ms",  # v2 p95, the service's own (camelCase) names
+        "650.0 ms",  # v1 p95
+        "430.0 ms",  # v2 p95
         "0.04 %",
         "74.0 %",
         "0.770",
         "the service routes 25 % to v2",
-        "critical errors",
+        "cost per 1k queries",
+        "$0.050000",
         "refreshing every 300 s",
     ):
         assert expected in text, expected
@@ -359,11 +360,3 @@ def test_render_snapshot_with_errors_and_nothing_else() -> None:
     assert "progress: database: connection refused" in text
     assert "routing: no routing row" in text
     assert "migration to" not in text
-
-
-def test_dashboard_metric_accepts_both_spellings() -> None:
-    assert dashboard_metric({"p95_latency_seconds": 0.5}, "p95_latency_seconds") == 0.5
-    assert dashboard_metric({"p95LatencySeconds": 0.5}, "p95_latency_seconds") == 0.5
-    assert dashboard_metric({"requests": 3}, "requests") == 3.0
-    assert dashboard_metric({"errorRate": None}, "error_rate") is None
-    assert dashboard_metric({}, "cache_hit_rate") is None

@@ -17,12 +17,12 @@ import pytest
 
 from rag_service.testing.corpus import create_corpus
 from tests.helpers import PYTHON, cli_subprocess, counts, flags, spec_for, table_name
-from tests.test_migrate import vectors_match_text
+from tests.rag_service.test_migrate import vectors_match_text
 
 
 def start_run(argv: list[str], *, stdout: int = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [PYTHON, "-m", "rag_service.cli", "migrate", "run", *argv],
+        [PYTHON, "-m", "embedshift_operator.cli", "migrate", "run", *argv],
         stdout=stdout,
         stderr=subprocess.PIPE,
     )
@@ -38,11 +38,13 @@ def test_kill_9_at_20_random_moments_loses_nothing_and_doubles_nothing(
     rng = random.Random(20261123)
     killed_while_running = 0
     for _ in range(20):
-        # Small batches: many commits, so the kills land between and inside transactions. The
-        # clock starts when the worker says it has started (JSON line), not when the process
-        # does, so a slow interpreter start on a loaded machine cannot make the kills miss.
+        # One row per batch: many commits, so the kills land between and inside transactions,
+        # and the 20 runs end well before the backfill does (with 3 rows per batch a quiet
+        # machine finished all 12,000 rows within them). The clock starts when the worker says
+        # it has started (JSON line), not when the process does, so a slow interpreter start on
+        # a loaded machine cannot make the kills miss.
         proc = start_run(
-            [*base, "--batch-size", "3", "--concurrency", "2", "--json"], stdout=subprocess.PIPE
+            [*base, "--batch-size", "1", "--concurrency", "2", "--json"], stdout=subprocess.PIPE
         )
         assert proc.stdout is not None
         proc.stdout.readline()  # {"event": "started", ...}, or EOF if it finished at once

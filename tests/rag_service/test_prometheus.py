@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from rag_service.criteria import metric_query
 from rag_service.errors import ConfigError
 from rag_service.prometheus import PrometheusClient, PrometheusError
 from rag_service.testing import prometheus as testing_prometheus
@@ -35,17 +36,16 @@ RATES = {"v1": 10.0, "v2": 4.0}
 DURATIONS = {"v1": [0.5] * 8 + [1.0] * 2, "v2": [1.0, 1.5]}
 TICK = 0.01
 
-REQUESTS = "embedshift_search_requests_total"
-P95 = (
-    "histogram_quantile(0.95, sum by (version, le) "
-    "(rate(embedshift_search_duration_seconds_bucket[3s])))"
-)
-RULES = """\
+# Every series carries the contract's migration label, and every query selects it.
+MIGRATION = "rag/prom"
+THIS = f'migration="{MIGRATION}"'
+REQUESTS = f"embedshift_search_requests_total{{{THIS}}}"
+RULES = f"""\
 groups:
   - name: embedshift
     rules:
       - record: version:embedshift_search_requests:rate3s
-        expr: sum by (version) (rate(embedshift_search_requests_total[3s]))
+        expr: sum by (migration, version) (rate({REQUESTS}[3s]))
 """
 
 
@@ -54,12 +54,15 @@ def exporter() -> Iterator[str]:
     """A live exporter (its ``host:port``) with traffic flowing until the module ends."""
     registry = CollectorRegistry()
     requests = Counter(
-        "embedshift_search_requests", "Searches.", ["version", "outcome"], registry=registry
+        "embedshift_search_requests",
+        "Searches.",
+        ["migration", "version", "outcome"],
+        registry=registry,
     )
     durations = Histogram(
         "embedshift_search_duration_seconds",
         "Search latency.",
-        ["version"],
+        ["migration", "version"],
         buckets=(0.8, 1.2),
         registry=registry,
     )
@@ -71,9 +74,9 @@ def exporter() -> Iterator[str]:
             now = time.monotonic()
             for version, rate in RATES.items():
                 # By elapsed time, not per tick: a late tick must not slow the rate down.
-                requests.labels(version=version, outcome="ok").inc(rate * (now - last))
+                requests.labels(MIGRATION, version, "ok").inc(rate * (now - last))
                 for seconds in DURATIONS[version]:
-                    durations.labels(version=version).observe(seconds)
+                    durations.labels(MIGRATION, version).observe(seconds)
             last = now
 
     thread = threading.Thread(target=traffic, name="traffic", daemon=True)
@@ -125,9 +128,13 @@ async def test_rate_of_a_counter(client: PrometheusClient) -> None:
 
 
 async def test_histogram_quantile_lands_in_the_bucket(client: PrometheusClient) -> None:
-    samples = await client.query(P95)
-
-    p95 = {sample.labels["version"]: sample.value for sample in samples}
+    p95 = {
+        version: await client.query_scalar(
+            metric_query("p95_latency_seconds", version=version, migration=MIGRATION, window="3s")
+        )
+        for version in RATES
+    }
+    assert p95["v1"] is not None
     assert 0.8 < p95["v1"] <= 1.2
     assert p95["v1"] == pytest.approx(1.1, abs=0.05)
     assert p95["v2"] == 1.2
@@ -141,9 +148,10 @@ async def test_label_sets_come_back(client: PrometheusClient, exporter: str) -> 
     assert sorted(sample.labels["version"] for sample in samples) == ["v1", "v2"]
     for sample in samples:
         assert sample.labels == {
-            "__name__": REQUESTS,
+            "__name__": "embedshift_search_requests_total",
             "instance": exporter,
             "job": "embedshift",
+            "migration": MIGRATION,
             "outcome": "ok",
             "version": sample.labels["version"],
         }
@@ -152,7 +160,9 @@ async def test_label_sets_come_back(client: PrometheusClient, exporter: str) -> 
 
 
 async def test_a_recording_rule_from_rule_files(client: PrometheusClient) -> None:
-    rate = await client.query_scalar('version:embedshift_search_requests:rate3s{version="v1"}')
+    rate = await client.query_scalar(
+        f'version:embedshift_search_requests:rate3s{{{THIS},version="v1"}}'
+    )
 
     assert rate == pytest.approx(RATES["v1"], rel=0.1)
 
@@ -171,7 +181,9 @@ async def test_query_at_a_past_instant(client: PrometheusClient) -> None:
 
 
 async def test_query_scalar(client: PrometheusClient) -> None:
-    rate = await client.query_scalar(f'sum(rate({REQUESTS}{{version="v2"}}[3s]))')
+    rate = await client.query_scalar(
+        f'sum(rate(embedshift_search_requests_total{{{THIS},version="v2"}}[3s]))'
+    )
     assert rate == pytest.approx(RATES["v2"], rel=0.1)
     assert await client.query_scalar("42") == 42.0
     assert await client.query_scalar("1 / 0") == float("inf")
@@ -238,7 +250,10 @@ def test_a_url_without_scheme_is_a_config_error() -> None:
 
 async def test_added_targets_are_scraped(client: PrometheusClient, prom: PrometheusProcess) -> None:
     registry = CollectorRegistry()
-    Gauge("embedshift_rollout_percentage", "Share of v2.", registry=registry).set(25)
+    percentage = Gauge(
+        "embedshift_rollout_percentage", "Share of v2.", ["migration"], registry=registry
+    )
+    percentage.labels(MIGRATION).set(25)
     with serving_metrics(registry) as second:
         prom.add_targets(second)
         await prom.wait_for_scrape_async(timeout=15)
@@ -248,7 +263,7 @@ async def test_added_targets_are_scraped(client: PrometheusClient, prom: Prometh
             prom.targets[0]: 1.0,
             second: 1.0,
         }
-        assert await client.query_scalar("embedshift_rollout_percentage") == 25.0
+        assert await client.query_scalar(f"embedshift_rollout_percentage{{{THIS}}}") == 25.0
 
 
 def test_wait_for_scrape_names_a_down_target(prometheus: PrometheusFactory) -> None:

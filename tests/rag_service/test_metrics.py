@@ -15,12 +15,14 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from rag_service.criteria import DASHBOARD_METRICS
 from rag_service.metrics import ServiceMetrics, histogram_quantile
 from rag_service.routing import Version
 from rag_service.shadow import ShadowJob, ShadowResult
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 INF = math.inf
+MIGRATION = "rag/docs"
 
 
 def scrape(metrics: ServiceMetrics) -> tuple[dict[str, str], Samples]:
@@ -37,41 +39,46 @@ def scrape(metrics: ServiceMetrics) -> tuple[dict[str, str], Samples]:
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples[(name, frozenset(labels.items()))]
+    """The sample of ``name`` with exactly ``labels`` (and the migration's label)."""
+    return samples[(name, frozenset({"migration": MIGRATION, **labels}.items()))]
 
 
 def buckets_of(samples: Samples, name: str, **labels: str) -> list[float]:
     return sorted(
         float(dict(key)["le"])
         for (sample, key) in samples
-        if sample == f"{name}_bucket" and {k: v for k, v in key if k != "le"} == labels
+        if sample == f"{name}_bucket"
+        and {k: v for k, v in key if k != "le"} == {"migration": MIGRATION, **labels}
     )
 
 
 @pytest.fixture
 def metrics() -> ServiceMetrics:
-    return ServiceMetrics(registry=CollectorRegistry())
+    return ServiceMetrics(migration=MIGRATION, registry=CollectorRegistry())
 
 
 # The contract (DESIGN.md): family name → (type, label names). Counter families are named
-# without ``_total``, as the text format's parser reports them; the samples carry it.
+# without ``_total``, as the text format's parser reports them; the samples carry it. Every
+# series carries ``migration``, so one Prometheus can tell many migrations apart.
 CONTRACT = {
-    "embedshift_search_duration_seconds": ("histogram", {"version"}),
-    "embedshift_search_requests": ("counter", {"version", "outcome"}),
-    "embedshift_search_top_similarity": ("histogram", {"version"}),
-    "embedshift_query_cache_requests": ("counter", {"version", "result"}),
-    "embedshift_embedding_tokens": ("counter", {"provider", "model"}),
-    "embedshift_embedding_cost_usd": ("counter", {"provider", "model"}),
-    "embedshift_errors": ("counter", {"version", "severity"}),
-    "embedshift_rollout_percentage": ("gauge", set()),
-    "embedshift_circuit_breaker_open": ("gauge", {"version"}),
-    "embedshift_shadow_comparisons": ("counter", {"result"}),
-    "embedshift_shadow_overlap": ("histogram", set()),
+    "embedshift_search_duration_seconds": ("histogram", {"migration", "version"}),
+    "embedshift_search_requests": ("counter", {"migration", "version", "outcome"}),
+    "embedshift_search_top_similarity": ("histogram", {"migration", "version"}),
+    "embedshift_query_cache_requests": ("counter", {"migration", "version", "result"}),
+    "embedshift_embedding_tokens": ("counter", {"migration", "provider", "model"}),
+    "embedshift_embedding_cost_usd": ("counter", {"migration", "provider", "model"}),
+    "embedshift_errors": ("counter", {"migration", "version", "severity"}),
+    "embedshift_rollout_percentage": ("gauge", {"migration"}),
+    "embedshift_circuit_breaker_open": ("gauge", {"migration", "version"}),
+    "embedshift_shadow_comparisons": ("counter", {"migration", "result"}),
+    "embedshift_shadow_overlap": ("histogram", {"migration"}),
 }
 
 
 def test_every_contract_metric_is_exposed_with_its_type_and_labels() -> None:
-    metrics = ServiceMetrics(registry=CollectorRegistry(), usage_models=[("openai", "m")])
+    metrics = ServiceMetrics(
+        migration=MIGRATION, registry=CollectorRegistry(), usage_models=[("openai", "m")]
+    )
     metrics.count_usage(provider="openai", model="m", tokens=1, cost_usd=0.1)
     types, samples = scrape(metrics)
     for name, (kind, labels) in CONTRACT.items():
@@ -110,6 +117,7 @@ def test_every_series_a_promql_ratio_needs_exists_at_zero_from_the_start(
 
 def test_the_query_models_usage_series_exist_at_zero_when_named() -> None:
     metrics = ServiceMetrics(
+        migration=MIGRATION,
         registry=CollectorRegistry(),
         usage_models=[("google", "gemini-embedding-001"), ("openai", "text-embedding-3-small")],
     )
@@ -206,38 +214,40 @@ def test_the_summary_on_known_observations(metrics: ServiceMetrics) -> None:
         metrics.count_cache(version=Version.V2, hit=hit)
     metrics.count_error(version=Version.V2, severity="critical")
     metrics.count_error(version=Version.V2, severity="error")
+    metrics.count_usage(provider="openai", model="small", tokens=1000, cost_usd=0.002)
+    models = {"v1": ("google", "gemini"), "v2": ("openai", "small")}
 
-    summary = metrics.summary()
+    summary = metrics.summary(models=models)
     # p95: rank 0.95 · 20 = 19 lands in (1.0, 1.2], which holds observations 19 and 20:
     # 1.0 + 0.2 · (19 - 18) / (20 - 18) = 1.1.
     assert summary["v2"] == {
         "requests": 20,
-        "errors": 2,
-        "fallbacks": 1,
-        "criticalErrors": 1,
-        "errorRate": pytest.approx(3 / 20),
-        "avgLatencySeconds": pytest.approx((0.5 + 1.8 + 1.4 + 2.2) / 20),
-        "p95LatencySeconds": pytest.approx(1.1),
-        "cacheHitRate": pytest.approx(0.7),
-        "avgTopSimilarity": pytest.approx(0.8),
+        "avg_latency_seconds": pytest.approx((0.5 + 1.8 + 1.4 + 2.2) / 20),
+        "p95_latency_seconds": pytest.approx(1.1),
+        "error_rate": pytest.approx(3 / 20),
+        "cache_hit_rate": pytest.approx(0.7),
+        "avg_top_similarity": pytest.approx(0.8),
+        "cost_per_1k_queries_usd": pytest.approx(1000 * 0.002 / 20),
     }
+    # The dashboard's keys, in its order, whichever source answers (Prometheus: dashboard.py).
+    assert list(summary["v2"]) == list(DASHBOARD_METRICS)
     # v1 saw nothing: counts are 0 and ratios are null, never NaN (which JSON cannot carry).
     assert summary["v1"] == {
         "requests": 0,
-        "errors": 0,
-        "fallbacks": 0,
-        "criticalErrors": 0,
-        "errorRate": None,
-        "avgLatencySeconds": None,
-        "p95LatencySeconds": None,
-        "cacheHitRate": None,
-        "avgTopSimilarity": None,
+        "avg_latency_seconds": None,
+        "p95_latency_seconds": None,
+        "error_rate": None,
+        "cache_hit_rate": None,
+        "avg_top_similarity": None,
+        "cost_per_1k_queries_usd": None,
     }
+    # Without the versions' models there is no cost to count.
+    assert metrics.summary()["v2"]["cost_per_1k_queries_usd"] is None
 
 
 def test_two_services_on_two_registries_do_not_interfere() -> None:
-    first = ServiceMetrics(registry=CollectorRegistry())
-    second = ServiceMetrics(registry=CollectorRegistry())
+    first = ServiceMetrics(migration=MIGRATION, registry=CollectorRegistry())
+    second = ServiceMetrics(migration=MIGRATION, registry=CollectorRegistry())
     first.observe_search(version=Version.V1, seconds=0.1, outcome="ok", top_similarity=0.9)
     first.set_percentage(50)
     assert first.summary()["v1"]["requests"] == 1
@@ -255,9 +265,9 @@ def test_nothing_lands_on_the_global_default_registry(metrics: ServiceMetrics) -
 
 def test_one_registry_holds_one_service() -> None:
     registry = CollectorRegistry()
-    ServiceMetrics(registry=registry)
+    ServiceMetrics(migration=MIGRATION, registry=registry)
     with pytest.raises(ValueError, match="Duplicated"):
-        ServiceMetrics(registry=registry)
+        ServiceMetrics(migration=MIGRATION, registry=registry)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,72 @@
+"""``embedshift``: the command line. Every mistake a user can make ends in one line and exit ≠ 0.
+
+Configuration comes from ``--config FILE`` (an EmbeddingMigration manifest, the same YAML the
+operator reads), flags, and environment variables (each flag names its variable in ``--help``).
+Flags override the file.
+
+One module per command family registers its commands and wires them to library functions:
+:mod:`.migrate` (``migrate setup|run|verify|index|status|follow``), :mod:`.serve`,
+:mod:`.monitoring` (``compare``, ``baseline``, ``monitor``), :mod:`.rollout` (``rollout
+run|status|replay``); the flags they share are :mod:`.flags`. The library
+never imports this package. What a command needs beyond the data plane (kopf, the Kubernetes
+client) is imported inside its handler, so ``embedshift migrate …`` and ``embedshift serve``
+never load it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+import psycopg
+
+from embedshift_operator.cli import migrate, monitoring, rollout, serve
+from rag_service import __version__
+from rag_service.errors import EmbedshiftError
+from rag_service.schema import first_line
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="embedshift",
+        description="Move a pgvector RAG corpus to a new embedding model, step by step.",
+    )
+    parser.add_argument("--version", action="version", version=f"embedshift {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    migrate.register(commands)
+    serve.register(commands)
+    monitoring.register(commands)
+    rollout.register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("httpx", "httpx2", "openai", "google_genai", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    handler: Callable[[argparse.Namespace], Coroutine[Any, Any, int]] = args.handler
+    try:
+        return asyncio.run(handler(args))
+    except EmbedshiftError as exc:
+        print(f"embedshift: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except psycopg.Error as exc:
+        print(f"embedshift: error: database: {first_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            "embedshift: interrupted; committed batches are kept, rerun to resume",
+            file=sys.stderr,
+        )
+        return 130

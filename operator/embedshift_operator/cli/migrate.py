@@ -1,0 +1,312 @@
+"""``embedshift migrate setup|run|verify|index|status``: the re-embedding, step by step."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+from rich.console import Console
+from rich.table import Table
+
+from embedshift_operator.cli.flags import add_spec_flags, interval, positive, resolve, shard
+from rag_service.errors import ConfigError
+from rag_service.follow import DEFAULT_SWEEP_SECONDS, follow_command
+from rag_service.indexes import build_index
+from rag_service.migrate import DryRun, RunOptions, RunReport, Shard, plan_run, run_migration
+from rag_service.progress import migration_progress
+from rag_service.providers import api_key_from_env, make_provider
+from rag_service.schema import setup
+from rag_service.spec import DataPlaneSpec
+from rag_service.terminal import JsonLinesProgress, RichProgress
+from rag_service.verify import verify
+
+EXAMPLES = """\
+examples:
+  export DATABASE_URL=postgresql://user@host/db
+  embedshift migrate setup  --table documents --text-column content --category-column category \\
+                            --target openai:text-embedding-3-small@768
+  embedshift migrate run    --config migration.yaml --dry-run --limit 10
+  embedshift migrate run    --config migration.yaml --category facilities
+  embedshift migrate index  --config migration.yaml
+  embedshift migrate verify --config migration.yaml
+  embedshift migrate status --config migration.yaml --json
+"""
+
+
+_out = Console(highlight=False, soft_wrap=True)
+_err = Console(stderr=True, highlight=False)
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``migrate`` and its steps to the ``embedshift`` command line."""
+    migrate = commands.add_parser(
+        "migrate",
+        help="set up, run, index, verify and inspect the re-embedding",
+        description="Re-embed the corpus into a side table next to the source table.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    steps = migrate.add_subparsers(dest="step", metavar="STEP", required=True)
+
+    p = steps.add_parser(
+        "setup",
+        help="create the side table, change queue + trigger, status and routing tables",
+        description="Idempotent. Refuses (changing nothing) a partitioned table, a non-unique id "
+        "column, or a vector index above 2000 dimensions without halfvec.",
+    )
+    add_spec_flags(p)
+    p.add_argument("--dry-run", action="store_true", help="print the SQL, change nothing")
+    p.set_defaults(handler=_setup)
+
+    p = steps.add_parser(
+        "run",
+        help="embed pending rows (resumable; safe to kill)",
+        description="Backfill by primary key from the last checkpoint, then drain the change "
+        "queue. Killing it at any moment loses nothing: rerun to resume.",
+    )
+    add_spec_flags(p)
+    p.add_argument(
+        "--dry-run", action="store_true", help="show what would be embedded and the cost"
+    )
+    p.add_argument("--limit", type=positive, help="embed at most N rows in this run")
+    p.add_argument(
+        "--category", action="append", default=None, help="only this category (repeatable)"
+    )
+    p.add_argument("--shard", type=shard, default=Shard(), metavar="I/N", help="run shard I of N")
+    p.add_argument("--batch-size", type=positive, help="rows per transaction (default 100)")
+    p.add_argument("--concurrency", type=positive, help="batches embedding at once (default 4)")
+    p.add_argument("--budget-usd", type=float, help="stop before spending more than this in total")
+    p.add_argument(
+        "--rescan", action="store_true", help="rescan the whole table, not just the queue"
+    )
+    p.add_argument("--json", action="store_true", help="JSON lines instead of a progress bar")
+    p.set_defaults(handler=_run)
+
+    p = steps.add_parser("verify", help="check counts, dims, norms, staleness and index recall")
+    add_spec_flags(p)
+    p.add_argument("--sample", type=positive, default=50, help="queries for the recall check")
+    p.add_argument("--k", type=positive, default=10, help="neighbours compared per query")
+    p.add_argument("--min-recall", type=float, default=0.9, help="fail below this recall@k")
+    p.add_argument("--ef-search", type=positive, help="hnsw.ef_search for the recall check")
+    p.add_argument("--json", action="store_true", help="machine-readable result")
+    p.set_defaults(handler=_verify)
+
+    p = steps.add_parser(
+        "index", help="build the target ANN index concurrently (repairs leftovers)"
+    )
+    add_spec_flags(p)
+    p.add_argument("--maintenance-work-mem", default="512MB", help="memory for the build")
+    p.add_argument("--json", action="store_true", help="machine-readable result")
+    p.set_defaults(handler=_index)
+
+    p = steps.add_parser("status", help="per-category progress, errors, tokens and cost")
+    add_spec_flags(p)
+    p.add_argument("--json", action="store_true", help="machine-readable result")
+    p.set_defaults(handler=_status)
+
+    p = steps.add_parser(
+        "follow",
+        help="keep the side table current while the application writes (runs until stopped)",
+        description="Drain the change queue as it fills: LISTEN for the trigger's notifications "
+        "and sweep the queue every --sweep-seconds in case one was lost. One follower per "
+        "target drains at a time (a second one waits and takes over). SIGTERM or Ctrl-C "
+        "finishes the batch in flight and exits 0.",
+    )
+    add_spec_flags(p)
+    p.add_argument(
+        "--sweep-seconds",
+        type=interval,
+        default=DEFAULT_SWEEP_SECONDS,
+        help=f"sweep the queue this often even without a notification "
+        f"(default {DEFAULT_SWEEP_SECONDS:g})",
+    )
+    p.add_argument(
+        "--batch-size", type=positive, help="rows per transaction (default: the spec's, 100)"
+    )
+    p.add_argument(
+        "--concurrency", type=positive, help="batches embedding at once (default: the spec's, 4)"
+    )
+    p.add_argument("--json", action="store_true", help="JSON lines instead of log lines")
+    p.set_defaults(handler=_follow)
+
+
+async def _follow(args: argparse.Namespace) -> int:
+    spec, migration, url, prices = resolve(args)
+    return await follow_command(
+        url,
+        spec,
+        migration=migration,
+        prices=prices,
+        sweep_seconds=args.sweep_seconds,
+        batch_size=args.batch_size,
+        concurrency=args.concurrency,
+        json_lines=args.json,
+    )
+
+
+async def _setup(args: argparse.Namespace) -> int:
+    spec, migration, url, _ = resolve(args)
+    statements = await setup(url, spec, migration=migration, dry_run=args.dry_run)
+    if args.dry_run:
+        print("\n\n".join(statements))
+        return 0
+    _out.print(
+        f"setup done: {spec.target_table} ({spec.target.vector_type}({spec.target.dimensions})) "
+        f"next to {spec.database.table_name}; routing row {migration!r} at 0 %"
+    )
+    return 0
+
+
+def _options(args: argparse.Namespace, spec: DataPlaneSpec) -> RunOptions:
+    m = spec.migration
+    budget = args.budget_usd if args.budget_usd is not None else m.budget_usd
+    if budget is not None and budget < 0:
+        raise ConfigError("--budget-usd: must be zero or more")
+    return RunOptions(
+        limit=args.limit,
+        categories=tuple(args.category if args.category is not None else m.categories),
+        shard=args.shard,
+        batch_size=args.batch_size or m.batch_size,
+        concurrency=args.concurrency or m.concurrency,
+        budget_usd=budget,
+        rescan=args.rescan,
+    )
+
+
+async def _run(args: argparse.Namespace) -> int:
+    spec, migration, url, prices = resolve(args)
+    options = _options(args, spec)
+    if args.dry_run:
+        plan = await plan_run(url, spec, options=options, prices=prices)
+        _print_dry_run(plan, as_json=args.json)
+        return 0
+    provider = make_provider(
+        spec.target,
+        api_key=api_key_from_env(spec.target, "target"),
+        prices=prices,
+        concurrency=options.concurrency,
+        bulk=True,
+    )
+    progress = JsonLinesProgress(sys.stdout) if args.json else RichProgress(_err)
+    try:
+        report = await run_migration(
+            url,
+            spec,
+            provider=provider,
+            options=options,
+            migration=migration,
+            prices=prices,
+            progress=progress,
+        )
+    finally:
+        await provider.aclose()
+    if not args.json:
+        _print_run(report)
+    return 0
+
+
+def _print_dry_run(plan: DryRun, *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"event": "dry-run", **asdict(plan)}))
+        return
+    note = "" if plan.setup_done else " (setup has not run yet: every row counts)"
+    _out.print(f"dry run: would embed {plan.rows} rows with {plan.target}{note}")
+    for category, rows in plan.by_category.items():
+        _out.print(f"  {category or '(no category)'}: {rows} rows")
+    _out.print(
+        f"estimated ≈{plan.estimated_tokens:,} tokens ≈ ${plan.estimated_cost_usd:.4f} "
+        "(tokens estimated as characters / 3); nothing was written"
+    )
+    if plan.sample:
+        table = Table("id", "category", "text", title="first rows")
+        for row in plan.sample:
+            table.add_row(row["id"], row["category"] or "", row["text"])
+        _out.print(table)
+
+
+def _print_run(report: RunReport) -> None:
+    _out.print(
+        f"embedded {report.embedded} rows in {report.seconds:.1f}s "
+        f"({report.rows_per_second:.0f} rows/s) with {report.target}; "
+        f"{report.tokens:,} tokens, ${report.cost_usd:.4f}; {report.pending} pending"
+        + ("; stopped at --limit" if report.stopped_by == "limit" else "")
+        + (
+            f"; {report.changed_while_embedding} rows changed while embedding and stay queued"
+            if report.changed_while_embedding
+            else ""
+        )
+    )
+
+
+async def _verify(args: argparse.Namespace) -> int:
+    spec, _, url, _ = resolve(args)
+    result = await verify(
+        url,
+        spec,
+        sample=args.sample,
+        k=args.k,
+        min_recall=args.min_recall,
+        ef_search=args.ef_search,
+    )
+    if args.json:
+        print(json.dumps(result.as_dict()))
+    else:
+        table = Table("check", "ok", "detail", title=f"verify {result.target}")
+        for check in result.checks:
+            table.add_row(check.name, "✓" if check.ok else "✗", check.detail)
+        _out.print(table)
+        cats = Table("category", "source", "current", "pending", "stale", "no text")
+        for c in result.categories:
+            cats.add_row(
+                c.category or "(none)",
+                *(str(v) for v in (c.source, c.current, c.pending, c.stale, c.no_text)),
+            )
+        _out.print(cats)
+        _out.print("verification passed" if result.ok else "verification FAILED")
+    return 0 if result.ok else 1
+
+
+async def _index(args: argparse.Namespace) -> int:
+    spec, _, url, _ = resolve(args)
+    report = await build_index(url, spec, maintenance_work_mem=args.maintenance_work_mem)
+    if args.json:
+        print(json.dumps(asdict(report)))
+    else:
+        _out.print(
+            f"index {report.name}: {report.action} in {report.seconds:.1f}s\n  {report.definition}"
+        )
+    return 0
+
+
+async def _status(args: argparse.Namespace) -> int:
+    spec, _, url, _ = resolve(args)
+    progress = await migration_progress(url, spec)
+    if args.json:
+        print(json.dumps(progress.as_dict()))
+        return 0
+    table = Table(
+        "category", "source", "migrated", "pending", "stale", "%", title=f"status {progress.target}"
+    )
+    for c in progress.categories:
+        share = 100.0 * c.current / c.source if c.source else 100.0
+        table.add_row(
+            c.category or "(none)",
+            str(c.source),
+            str(c.current),
+            str(c.pending),
+            str(c.stale),
+            f"{share:.1f}",
+        )
+    _out.print(table)
+    _out.print(
+        f"{progress.batches} batches, {progress.failed_batches} failed; "
+        f"{progress.tokens:,} tokens, ${progress.cost_usd:.4f}; {progress.queued} queued changes"
+    )
+    for error in progress.recent_errors:
+        _out.print(
+            f"  failed {error['at']} shard {error['shard']} "
+            f"ids {error['firstId']}…{error['lastId']}: {error['error']}"
+        )
+    return 0
