@@ -35,7 +35,7 @@ from rag_service.testing import EmbeddingServer
 from rag_service.testing.corpus import create_corpus
 from tests.embedding_fixtures import EMBEDDING_API_KEY, OpenAIFactory
 from tests.helpers import cli_async, counts, flags, spec_for, table_name
-from tests.test_migrate import vectors_match_text
+from tests.rag_service.test_migrate import vectors_match_text
 
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = 200

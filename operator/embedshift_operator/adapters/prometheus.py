@@ -16,6 +16,7 @@ unreachable or slower than ``timeout``. The bearer token never appears in a mess
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Self
 
@@ -63,6 +64,24 @@ class PrometheusSource:
         except PrometheusError as error:
             # The message already names the query and the cause, in one line, without secrets.
             raise MetricSourceError(str(error)) from error
+
+    async def query_ranges(
+        self, queries: Mapping[str, str], *, start: datetime, end: datetime, step: timedelta
+    ) -> dict[str, list[tuple[datetime, float | None]]]:
+        """Each query evaluated every ``step`` over [start, end] (for ``rollout replay``).
+
+        Keyed as ``queries`` is. A failure raises :class:`MetricSourceError` naming the query:
+        a replay over a half-fetched week would mislead.
+        """
+        ranges: dict[str, list[tuple[datetime, float | None]]] = {}
+        for key, promql in queries.items():
+            try:
+                ranges[key] = await self._client.query_range(
+                    promql, start=start, end=end, step=step
+                )
+            except PrometheusError as exc:
+                raise MetricSourceError(str(exc)) from None
+        return ranges
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -26,15 +26,26 @@ from rich.table import Table
 from rich.text import Text
 
 from embedshift_operator.adapters.postgres import ControlStore
-from embedshift_operator.cli.flags import interval
+from embedshift_operator.adapters.prometheus import PrometheusSource
+from embedshift_operator.cli.flags import interval, promql_range
+from embedshift_operator.core import MetricSourceError, plan_analysis
 from embedshift_operator.local import LocalDriver, resolve_environment
+from embedshift_operator.replay import (
+    SeriesError,
+    parse_series,
+    points_from_dicts,
+    replay,
+    series_from_ranges,
+)
 from embedshift_operator.resource import (
     EmbeddingMigration,
     EmbeddingMigrationStatus,
     Phase,
     load_migration,
+    parse_duration,
 )
 from rag_service.criteria import Verdict
+from rag_service.errors import ConfigError
 
 RUN_EPILOG = """\
 The driver re-reads FILE every tick: edit it to steer the rollout (set
@@ -43,6 +54,17 @@ the analysis to restart at the first step). Status lives in the database
 (table embedshift_rollout_status), so Ctrl-C or a crash loses nothing: run
 the same command again and it resumes. Secret references resolve from the
 environment: {name: rag-db, key: url} is RAG_DB_URL (else DATABASE_URL).
+"""
+
+REPLAY_EPILOG = """\
+series format (one check per line):
+  {"at": "2026-11-17T10:00:00Z", "p95-latency": 0.31, "error-rate": null,
+   "p95-latency-vs-v1": 0.31, "p95-latency-vs-v1.v1": 0.35,
+   "cache-hit-rate": "error", "requests": 512, "alert": false}
+  a number, null (no data) or "error" (the source failed) per criterion name;
+  "<name>.v1": v1's value for maxRatioToV1 criteria (absent: equal to v2);
+  "requests": v2 requests in the window (absent: enough traffic);
+  "alert": true is a firing alert for this migration.
 """
 
 _MARKS = {
@@ -57,7 +79,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     rollout = commands.add_parser(
         "rollout",
         help="run a migration's rollout on this machine, show where it stands, replay a policy",
-        description="Carry one EmbeddingMigration from re-embedding to 100 %% on this machine, "
+        description="Carry one EmbeddingMigration from re-embedding to 100 % on this machine, "
         "gated by Prometheus, without a cluster.",
     )
     actions = rollout.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -66,7 +88,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "run",
         help="drive the migration: Jobs as subprocesses, steps gated by Prometheus",
         description="Setup, re-embed (one subprocess per shard), index, verify, then shift "
-        "traffic step by step while the success criteria hold; roll back to 0 %% when a "
+        "traffic step by step while the success criteria hold; roll back to 0 % when a "
         "threshold breaks.",
         epilog=RUN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -105,6 +127,44 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("file", type=Path, metavar="FILE", help="the EmbeddingMigration YAML")
     p.add_argument("--json", action="store_true", help="the status as JSON")
     p.set_defaults(handler=_status)
+
+    p = actions.add_parser(
+        "replay",
+        help="what the rollout policy would have done over recorded metrics",
+        description="Run the rollout core from the first step, as if the migration had just "
+        "been verified, over recorded metric values, and print every decision: time, phase, "
+        "percentage, reason. Tune a policy on last week's metrics before trusting it.",
+        epilog=REPLAY_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("file", type=Path, metavar="FILE", help="the EmbeddingMigration YAML")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--metrics",
+        type=Path,
+        metavar="SERIES.jsonl",
+        help="recorded checks, one JSON object per line (format below)",
+    )
+    source.add_argument(
+        "--prometheus-url",
+        metavar="URL",
+        help="fetch the series from this Prometheus instead (range queries of every criterion)",
+    )
+    p.add_argument(
+        "--range",
+        dest="range_",
+        type=promql_range,
+        default="7d",
+        help="with --prometheus-url: how far back (default 7d)",
+    )
+    p.add_argument(
+        "--step",
+        type=promql_range,
+        help="with --prometheus-url: time between checks (default: spec.analysis.interval)",
+    )
+    p.add_argument("--all", action="store_true", help="print every check, not only the transitions")
+    p.add_argument("--json", action="store_true", help="one JSON object per decision")
+    p.set_defaults(handler=_replay)
 
 
 def _phases(value: str) -> frozenset[Phase]:
@@ -318,3 +378,89 @@ async def _status(args: argparse.Namespace) -> int:
     ]
     console.print(render_status(resource, status, events=history))
     return 0
+
+
+async def _replay(args: argparse.Namespace) -> int:
+    resource = load_migration(args.file)
+    spec = resource.spec
+    if args.metrics:
+        try:
+            lines = args.metrics.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise ConfigError(f"--metrics: cannot read {args.metrics}: {exc.strerror}") from None
+        try:
+            points = parse_series(spec, lines)
+        except SeriesError as exc:
+            raise ConfigError(f"--metrics: {args.metrics}: {exc}") from None
+    else:
+        points = await _fetch_series(resource, args)
+    if not points:
+        raise ConfigError("the series is empty: nothing to replay")
+    shown = 0
+    last = None
+    for decision in replay(spec, points, name=resource.metadata.name):
+        first = last is None
+        last = decision
+        if not (decision.transition or args.all or first):
+            continue
+        shown += 1
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "at": decision.at.isoformat(),
+                        "line": decision.line,
+                        "phase": decision.phase.value,
+                        "percentage": decision.percentage,
+                        "reason": decision.reason,
+                        "message": decision.message,
+                        "transition": decision.transition,
+                        "verdicts": {k: v.value for k, v in decision.verdicts.items()},
+                    }
+                )
+            )
+        else:
+            failing = [k for k, v in decision.verdicts.items() if v is not Verdict.PASS]
+            note = f"  [not passing: {', '.join(failing)}]" if failing and args.all else ""
+            print(
+                f"{decision.at:%Y-%m-%d %H:%M:%S}  {decision.phase.value:<12} "
+                f"{decision.percentage:>3} %  {decision.reason}: {decision.message}{note}"
+            )
+    if last is not None and not args.json:
+        print(
+            f"-- {len(points)} checks replayed; ended {last.phase.value} at "
+            f"{last.percentage} % ({shown} lines shown)"
+        )
+    return 0
+
+
+async def _fetch_series(resource: EmbeddingMigration, args: argparse.Namespace) -> list[Any]:
+    spec = resource.spec
+    env = resolve_environment(resource, {**os.environ, "DATABASE_URL": "unused"})
+    plan = plan_analysis(spec, migration=resource.key)
+    queries = {"requests": plan.requests_query}
+    for planned in plan.queries:
+        if planned.database_metric is None:
+            queries[planned.criterion] = planned.query
+        if planned.v1_query is not None:
+            queries[f"{planned.criterion}.v1"] = planned.v1_query
+    step = parse_duration(args.step or spec.analysis.interval)
+    end = datetime.now(UTC)
+    start = end - parse_duration(_go_duration(args.range_))
+    async with PrometheusSource(url=args.prometheus_url, bearer_token=env.prometheus_token) as src:
+        try:
+            ranges = await src.query_ranges(queries, start=start, end=end, step=step)
+        except MetricSourceError as exc:
+            raise ConfigError(f"--prometheus-url: {exc}") from None
+    try:
+        return points_from_dicts(spec, series_from_ranges(ranges, step))
+    except SeriesError as exc:
+        raise ConfigError(f"--prometheus-url: {exc}") from None
+
+
+def _go_duration(promql: str) -> str:
+    """A PromQL range (7d, 2w) as a Go duration (168h, 336h): Go has no days."""
+    units = {"d": 24, "w": 24 * 7, "y": 24 * 365}
+    if promql[-1] in units:
+        return f"{int(promql[:-1]) * units[promql[-1]]}h"
+    return promql
