@@ -55,6 +55,7 @@ def _create_table(table: TableName) -> sql.Composed:
         "    state text NOT NULL,\n"
         "    pid integer,\n"
         "    attempts integer NOT NULL DEFAULT 0,\n"
+        "    launches integer NOT NULL DEFAULT 0,\n"
         "    exit_code integer,\n"
         "    message text NOT NULL DEFAULT '',\n"
         "    started_at timestamptz NOT NULL DEFAULT now(),\n"
@@ -198,12 +199,13 @@ class SubprocessJobs:
                         return False
                 await conn.execute(
                     sql.SQL(
-                        "INSERT INTO {} (migration, name, kind, args, state) "
-                        "VALUES (%s, %s, %s, %s::jsonb, 'Running') "
+                        "INSERT INTO {t} (migration, name, kind, args, state, launches) "
+                        "VALUES (%s, %s, %s, %s::jsonb, 'Running', 1) "
                         "ON CONFLICT (migration, name) DO UPDATE SET state = 'Running', "
+                        "launches = {t}.launches + 1, "
                         "pid = NULL, exit_code = NULL, message = '', started_at = now(), "
                         "finished_at = NULL, args = EXCLUDED.args"
-                    ).format(ident(self._table)),
+                    ).format(t=ident(self._table)),
                     [self._migration, name, kind, json.dumps(list(args))],
                 )
                 return True

@@ -34,7 +34,7 @@ from embedshift_operator.resource import AnalysisStatus, CriterionResult, Embedd
 from rag_service.criteria import Verdict
 from rag_service.errors import ConfigError
 from rag_service.testing.prometheus import PrometheusProcess, serving_metrics
-from tests.operator.adapters.exporter import ContractTraffic, VersionTraffic
+from rag_service.testing.traffic import ContractTraffic, VersionTraffic
 from tests.operator.adapters.http_stub import StubPrometheus, vector
 from tests.prometheus_fixtures import PrometheusFactory
 

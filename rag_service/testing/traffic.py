@@ -1,4 +1,4 @@
-"""A metrics exporter the test controls: the contract's series with steady, settable traffic.
+"""The metric contract with steady, settable traffic: an exporter tests and benchmarks control.
 
 :class:`ContractTraffic` publishes, on a ``prometheus_client`` registry, the series rag_service
 exports for a migration (DESIGN.md "Contract"), each labelled ``migration``, and a thread makes
@@ -117,6 +117,11 @@ class ContractTraffic:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+
+    def set_traffic(self, migration: str, version: str, traffic: VersionTraffic) -> None:
+        """Change one version's traffic from now on (a degraded v2, a quiet one)."""
+        with self._lock:
+            self._migrations[migration][version] = traffic
 
     def burst_errors(self, migration: str, version: str, count: int) -> None:
         """``count`` failed requests at once (and as many errors of severity ``error``)."""
