@@ -266,17 +266,25 @@ def render_status(
         f"[bold]{resource.key}[/]  [bold]{status.phase.value}[/]{step}  "
         f"v2 [bold]{status.percentage} %[/]"
     )
-    percentage = ProgressBar(total=100, completed=status.percentage, width=40)
-    parts: list[RenderableType] = [header, Group(Text("traffic to v2 "), percentage)]
+    bars = Table.grid(padding=(0, 1))
+    bars.add_row(
+        "traffic to v2",
+        ProgressBar(total=100, completed=status.percentage, width=40),
+        f"{status.percentage} %",
+    )
     m = status.migration
     if m.total:
-        bar = ProgressBar(total=max(m.total, 1), completed=m.migrated, width=40)
         lag = (
             f", follower lag {m.oldest_pending_seconds:.0f}s"
             if m.oldest_pending_seconds is not None
             else ""
         )
-        parts += [Text(f"re-embedded {m.migrated:,}/{m.total:,} ({m.pending:,} pending{lag})"), bar]
+        bars.add_row(
+            "re-embedded",
+            ProgressBar(total=max(m.total, 1), completed=m.migrated, width=40),
+            f"{m.migrated:,}/{m.total:,} ({m.pending:,} pending{lag})",
+        )
+    parts: list[RenderableType] = [header, bars]
     if status.analysis.results:
         table = Table("criterion", "kind", "value", "healthy", "verdict", "why", box=None)
         for r in status.analysis.results:

@@ -216,3 +216,23 @@ def phase_is(database_url: str, migration: str, *phases: str) -> Callable[[], An
         return current if current and current.get("phase") in phases else None
 
     return probe
+
+
+def job_states(database_url: str, migration: str) -> dict[str, tuple[str, str, int | None]]:
+    """{name: (kind, state, supervisor pid)} of the local Jobs and the follower."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT name, kind, state, pid FROM embedshift_local_jobs WHERE migration = %s",
+            [migration],
+        ).fetchall()
+        return {str(n): (str(k), str(s), p) for n, k, s, p in rows}
+
+
+def process_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")

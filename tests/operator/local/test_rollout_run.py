@@ -21,9 +21,11 @@ from rag_service.testing.prometheus import PrometheusProcess, serving_metrics
 from rag_service.testing.traffic import ContractTraffic, VersionTraffic
 from tests.operator.local.harness import (
     driving,
+    job_states,
     launches,
     manifest,
     phase_is,
+    process_alive,
     routing,
     status,
     wait_for,
@@ -188,7 +190,17 @@ def test_a_rollout_promotes_step_by_step_rolls_back_on_a_breach_and_retries_by_e
         assert time.monotonic() - edited <= 2.0
         manual = wait_for("RolledBack", phase_is(world.url, MAIN, "RolledBack"), timeout=5)
         assert manual["history"][-1]["reason"] == "ManualRollback"
+        follower_pid = next(
+            pid for kind, state, pid in job_states(world.url, MAIN).values() if kind == "follower"
+        )
+        assert process_alive(follower_pid)
         assert driver.interrupt() == 130
+    # Ctrl-C stopped the follower cleanly, and said so; the state is kept for the next run.
+    states = job_states(world.url, MAIN)
+    assert {s for k, s, _ in states.values() if k == "follower"} == {"Interrupted"}
+    assert not process_alive(follower_pid)
+    assert any("run the same command again to resume" in line for line in driver.stderr)
+    assert status(world.url, MAIN)["phase"] == "RolledBack"  # type: ignore[index]
     # Every Job ran exactly once (the follower is supervised separately).
     assert set(launches(world.url, MAIN).values()) == {1}
     assert len(launches(world.url, MAIN)) == 5  # setup, 2 shards, index, verify
