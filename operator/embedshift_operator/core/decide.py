@@ -101,7 +101,7 @@ def decide(
     """
     tick = _Tick(spec, status, observations, now, name)
     tick.run()
-    return Decision(status=tick.status, actions=tuple(tick.actions), wake_at=tick.wake_at)
+    return Decision(status=tick.status, actions=tuple(tick.actions))
 
 
 class _Tick:
@@ -121,7 +121,6 @@ class _Tick:
         self.now = now
         self.name = name
         self.actions: list[Action] = []
-        self.wake_at: datetime | None = None
         self._routed = False  # a SetPercentage was issued this tick
         self._clearing_emergency = False  # a SetPercentage this tick clears the emergency flag
 
@@ -376,17 +375,9 @@ class _Tick:
                     "Succeeded",
                     f"100 % held for {current.min_duration} without a breach: migration complete",
                 )
-            else:
-                self.wake(ends)
-            return
-        if not checked:
             return
         passes = self.status.analysis.consecutive_passes
-        needed = spec.analysis.successful_checks
-        if self.now < ends:
-            self.wake(ends)
-            return
-        if passes < needed:
+        if not checked or self.now < ends or passes < spec.analysis.successful_checks:
             return
         following = steps[index + 1]
         percentage = min(following.percentage, spec.rollout.max_percentage)
@@ -433,7 +424,6 @@ class _Tick:
         since = self.status.phase_started_at or self.now
         due = since + parse_duration(cleanup.retain_source_for)
         if self.now < due:
-            self.wake(due)
             return
         self.actions.append(DropSource(column=column))
         self.set(source_dropped_at=self.now)
@@ -589,7 +579,3 @@ class _Tick:
         self.actions.append(
             EmitEvent(type="Warning" if warning else "Normal", reason=reason, message=message)
         )
-
-    def wake(self, at: datetime) -> None:
-        if self.wake_at is None or at < self.wake_at:
-            self.wake_at = at

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import TypeVar
 
 from embedshift_operator.resource import EmbeddingMigrationStatus, JobKind, JobState
@@ -136,8 +135,6 @@ _A = TypeVar("_A")
 class Decision:
     status: EmbeddingMigrationStatus
     actions: tuple[Action, ...]
-    # When the driver should tick again at the latest (a step's minDuration ends, a check is due).
-    wake_at: datetime | None = None
 
     def of_type(self, kind: type[_A]) -> list[_A]:
         return [a for a in self.actions if isinstance(a, kind)]
