@@ -164,6 +164,8 @@ class LocalDriver:
         self._clock = clock
         self._resource = load_migration(path)  # a broken file at start is the user's error
         self._env = resolve_environment(self._resource, self._environ)
+        # One runner for the driver's life: it keeps the processes it started, to reap them.
+        self._runner = self._make_runner()
         self._status: EmbeddingMigrationStatus | None = None
         self._progress: ProgressObservation | None = None
         self._progress_at: datetime | None = None
@@ -184,7 +186,7 @@ class LocalDriver:
             url=self._env.database_url, spec=self._resource.spec, migration=self.key
         )
 
-    def _jobs(self) -> SubprocessJobs:
+    def _make_runner(self) -> SubprocessJobs:
         key = self.key
         log_dir = self._log_dir or Path.home() / ".local/state/embedshift" / key.replace("/", "_")
         return SubprocessJobs(
@@ -203,7 +205,7 @@ class LocalDriver:
         await self._take_lock()
         try:
             await self._store().ensure_tables()
-            await self._jobs().ensure_table()
+            await self._runner.ensure_table()
             self._status = await self._store().load_status()
             if self._status is not None:
                 log.info(
@@ -220,7 +222,7 @@ class LocalDriver:
                     await asyncio.wait_for(stop.wait(), timeout=self._tick)
         finally:
             with contextlib.suppress(EmbedshiftError):
-                await self._jobs().stop()
+                await self._runner.stop()
             await self._close()
         assert self._status is not None
         return self._status
@@ -262,7 +264,7 @@ class LocalDriver:
         store = self._store()
         jobs = {}
         try:
-            jobs = await self._jobs().observe()
+            jobs = await self._runner.observe()
         except DatabaseError as exc:
             errors.append(str(exc))
         routing = None
@@ -311,7 +313,7 @@ class LocalDriver:
 
     async def _act(self, decision: Decision, now: datetime) -> None:
         store = self._store()
-        jobs = self._jobs()
+        jobs = self._runner
         for action in decision.actions:
             try:
                 if isinstance(action, RunJob):
