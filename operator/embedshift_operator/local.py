@@ -77,6 +77,7 @@ __all__ = [
 ]
 
 _PROGRESS_EVERY = timedelta(seconds=3)
+# The phases whose ticks run an analysis check (Succeeded routes v2 but judges nothing more).
 _CHECKED = (Phase.PROGRESSING, Phase.PAUSED, Phase.PROMOTED)
 _MIN_PAUSE = 0.05  # never spin, whatever the clock says
 
@@ -311,7 +312,7 @@ class LocalDriver:
             except EmbedshiftError as exc:
                 errors.append(str(exc))
         analysis = None
-        if status.phase.routes_v2 and self._check_due(status, now):
+        if status.phase in _CHECKED and self._check_due(status, now):
             analysis = await self._check()
         return Observations(
             jobs=jobs,
