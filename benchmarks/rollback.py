@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -547,6 +548,7 @@ def main() -> None:
                         world.close()
         finally:
             drop_database(admin, name)
+            shutil.rmtree(workdir, ignore_errors=True)
     all_met = report(blocks)
     print(f"elapsed {time.monotonic() - started:.0f} s")
     sys.exit(0 if all_met else 1)
