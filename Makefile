@@ -50,11 +50,12 @@ crd: $(STAMP)
 demo: $(STAMP) prometheus
 	$(BIN)/python examples/demo.py
 
-bench: $(STAMP)
+bench: $(STAMP) prometheus
 	$(BIN)/python benchmarks/backfill.py
 	$(BIN)/python benchmarks/ratelimit.py
 	$(BIN)/python benchmarks/search.py
 	$(BIN)/python benchmarks/emergency.py
+	$(BIN)/python benchmarks/rollback.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .demo

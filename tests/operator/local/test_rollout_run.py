@@ -18,19 +18,9 @@ from prometheus_client import CollectorRegistry
 from rag_service.progress import migration_progress
 from rag_service.testing.corpus import corpus_spec, create_corpus
 from rag_service.testing.prometheus import PrometheusProcess, serving_metrics
+from rag_service.testing.rollout import driving, manifest, routing, status, write
 from rag_service.testing.traffic import ContractTraffic, VersionTraffic
-from tests.operator.local.harness import (
-    driving,
-    job_states,
-    launches,
-    manifest,
-    phase_is,
-    process_alive,
-    routing,
-    status,
-    wait_for,
-    write,
-)
+from tests.operator.local.harness import job_states, launches, phase_is, process_alive, wait_for
 from tests.prometheus_fixtures import PrometheusFactory
 
 pytestmark = pytest.mark.slow
@@ -101,7 +91,7 @@ def test_a_rollout_promotes_step_by_step_rolls_back_on_a_breach_and_retries_by_e
             seen.append(row[0])
         return row[0] if row and row[0] == target else None
 
-    with driving(path, database_url=world.url, log_dir=tmp_path / "logs") as driver:
+    with driving(path, database_url=world.url, log_dir=tmp_path / "logs", tick=0.3) as driver:
         wait_for(
             "verification",
             phase_is(world.url, MAIN, "Progressing"),
@@ -209,7 +199,7 @@ def test_a_rollout_promotes_step_by_step_rolls_back_on_a_breach_and_retries_by_e
 def test_low_traffic_never_promotes(world: World, tmp_path: Path) -> None:
     path = tmp_path / "quiet.yaml"
     write(path, manifest(name="quiet", prometheus_url=world.prometheus.url, shards=1))
-    with driving(path, database_url=world.url, log_dir=tmp_path / "logs") as driver:
+    with driving(path, database_url=world.url, log_dir=tmp_path / "logs", tick=0.3) as driver:
         wait_for(
             "step 1", phase_is(world.url, QUIET, "Progressing"), timeout=PIPELINE, driver=driver
         )
@@ -237,7 +227,7 @@ def test_a_killed_driver_resumes_in_every_phase_without_repeating_anything(
         return phase_is(world.url, KILLED, *later)
 
     for phase in phases:
-        with driving(path, database_url=world.url, log_dir=tmp_path / "logs") as driver:
+        with driving(path, database_url=world.url, log_dir=tmp_path / "logs", tick=0.3) as driver:
             current = wait_for(
                 f"{phase} (or later)",
                 reached(phases[phases.index(phase) :]),
@@ -249,7 +239,7 @@ def test_a_killed_driver_resumes_in_every_phase_without_repeating_anything(
             driver.kill()
     assert "Progressing" in killed_in
     assert len(set(killed_in)) >= 3, killed_in  # the kills really landed in different phases
-    with driving(path, database_url=world.url, log_dir=tmp_path / "logs") as driver:
+    with driving(path, database_url=world.url, log_dir=tmp_path / "logs", tick=0.3) as driver:
         wait_for(
             "100 %", lambda: routing(world.url, KILLED) == (100, False), timeout=60, driver=driver
         )
