@@ -14,8 +14,8 @@ from embedshift_operator.adapters.postgres import ControlStore
 from embedshift_operator.cli.rollout import render_status
 from embedshift_operator.replay import Replayer, parse_series, replay, verified_status
 from embedshift_operator.resource import load_migration
+from rag_service.testing.rollout import manifest, write
 from tests.helpers import cli
-from tests.operator.local.harness import manifest, write
 
 REPO = Path(__file__).resolve().parents[3]
 SERIES = REPO / "tests" / "operator" / "core" / "data" / "replay-latency-breach.jsonl"
