@@ -55,6 +55,7 @@ bench: $(STAMP) prometheus
 	$(BIN)/python benchmarks/ratelimit.py
 	$(BIN)/python benchmarks/search.py
 	$(BIN)/python benchmarks/emergency.py
+	$(BIN)/python benchmarks/decisions.py
 	$(BIN)/python benchmarks/rollback.py
 
 clean:
