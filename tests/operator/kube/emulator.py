@@ -36,14 +36,14 @@ __all__ = ["CRD_RESOURCE", "ApiServerEmulator"]
 
 # The EmbeddingMigration resource as discovery would show it (kmock's bundle holds builtins only).
 CRD_RESOURCE = f"{API_VERSION}/embeddingmigrations"
-_CRD_INFO = {
-    "namespaced": True,
-    "kind": "EmbeddingMigration",
-    "singular": "embeddingmigration",
-    "shortnames": {"em"},
-    "verbs": {"create", "delete", "get", "list", "patch", "update", "watch"},
-    "subresources": {"status"},
-}
+_CRD_INFO = kmock.ResourceInfo(
+    namespaced=True,
+    kind="EmbeddingMigration",
+    singular="embeddingmigration",
+    shortnames={"em"},
+    verbs={"create", "delete", "get", "list", "patch", "update", "watch"},
+    subresources={"status"},
+)
 
 
 def _merge(base: Any, patch: Any) -> Any:
@@ -99,7 +99,7 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             )
             meta.pop("deletionTimestamp", None)
             return
-        if action != kmock.action.UPDATE or request.name is None:
+        if action != kmock.action.UPDATE or request.name is None or request.resource is None:
             return
         key = (request.resource, request.namespace, request.name)
         if key not in self.objects or self.objects[key].deleted:

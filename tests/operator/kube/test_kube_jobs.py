@@ -32,7 +32,6 @@ NS = "rag"
 UID = "0f8e6b1a-4c1d-4e53-9d8e-2b7c1f7a9e11"
 OPERATOR_IMAGE = "ghcr.io/embedshift/embedshift:0.1.0"
 K8S_VERSION = "1.33"  # the schemas kubernetes-validate checks the built-in kinds against
-JOBS = client.V1Job
 
 
 def migration(
@@ -311,7 +310,13 @@ async def test_run_job_twice_creates_one_job(cluster: Cluster) -> None:
     )
     assert len(cm.items) == 1  # one spec ConfigMap, shared by the Jobs
     env = job.spec.template.spec.containers[0].env
-    assert all(e.value is None for e in env if e.name != "HOME" and e.name.startswith(("D", "E")))
+    secrets = {e.name: e for e in env if e.value_from is not None}
+    assert set(secrets) == {
+        "DATABASE_URL",
+        "EMBEDSHIFT_TARGET_API_KEY",
+        "EMBEDSHIFT_SOURCE_API_KEY",
+    }
+    assert all(e.value is None and e.value_from.secret_key_ref for e in secrets.values())
 
 
 async def test_observe_follows_job_status(cluster: Cluster) -> None:
