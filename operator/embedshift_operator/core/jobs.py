@@ -36,6 +36,11 @@ def follower_name(resource: str, *, data_hash: str) -> str:
     return _fit(resource, f"-follow-{data_hash[:8]}")
 
 
+def config_name(resource: str, *, digest: str) -> str:
+    """The ConfigMap holding the data-plane spec the Jobs read (``digest``: of its content)."""
+    return _fit(resource, f"-spec-{digest[:8]}")
+
+
 def _fit(resource: str, suffix: str) -> str:
     room = MAX_NAME - len(suffix)
     if len(resource) <= room:

@@ -1,0 +1,488 @@
+"""Jobs and the follower as Kubernetes objects: the kopf operator's runner.
+
+The same role as :mod:`.subprocess_jobs` for ``embedshift rollout run``, over another backend:
+``RunJob`` becomes a batch/v1 Job, ``EnsureFollower`` a one-replica apps/v1 Deployment, both
+owned by the ``EmbeddingMigration`` (deleted with it) and named deterministically
+(:mod:`embedshift_operator.core.jobs`), so creating one that exists is success.
+
+The container runs ``embedshift <args> --config /etc/embedshift/migration.yaml --migration
+NS/NAME``. ``--config`` reads a file (``rag_service.spec.load_resource``), so the data-plane spec
+is rendered into a ConfigMap the adapter also creates (owned by the resource, named by a digest
+of its content) and mounted read-only; an env var would need a second way into the CLI. The
+ConfigMap holds Secret *references* only: the database URL and the API keys reach the container
+as ``secretKeyRef`` env, never as values.
+
+Pure builders (:func:`job_manifest`, :func:`follower_manifest`, :func:`config_map_manifest`)
+return plain dicts; :class:`KubeJobs` sends them through the official client (synchronous, so
+each call runs in :func:`asyncio.to_thread`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import yaml
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException, OpenApiException
+from urllib3.exceptions import HTTPError
+
+from embedshift_operator.core.jobs import MAX_NAME, config_name
+from embedshift_operator.core.model import EnsureFollower, JobObservation, RunJob
+from embedshift_operator.resource import EmbeddingMigration, JobState
+from rag_service.errors import ConfigError, EmbedshiftError
+from rag_service.spec import SecretKeyRef
+
+__all__ = [
+    "CONFIG_DIR",
+    "CONFIG_PATH",
+    "ClusterError",
+    "KubeJobs",
+    "config_map_manifest",
+    "follower_manifest",
+    "job_manifest",
+    "migration_labels",
+]
+
+CONFIG_DIR = "/etc/embedshift"
+CONFIG_FILE = "migration.yaml"
+CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
+
+APP = "embedshift"
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MIGRATION = "embedshift.io/migration"
+LABEL_KIND = "embedshift.io/kind"
+LABEL_FOLLOWER = "embedshift.io/follower"
+COMPONENT_JOB = "migrate-job"
+COMPONENT_FOLLOWER = "follower"
+COMPONENT_CONFIG = "config"
+
+BACKOFF_LIMIT = 2  # as the local runner's retries
+ACTIVE_DEADLINE_SECONDS = 24 * 3600  # a backfill of millions of rows takes hours, not days
+# A finished Job stays a week (its logs readable, `kubectl get jobs` tells the story); the core
+# keeps each Job's outcome in status, so the Job's disappearance afterwards changes nothing.
+TTL_SECONDS_AFTER_FINISHED = 7 * 24 * 3600
+RUN_AS_USER = 65532  # the distroless "nonroot" uid; the image need not define a user by name
+
+_T = TypeVar("_T")
+_M = TypeVar("_M", client.V1Job, client.V1Deployment, client.V1ConfigMap)
+
+
+class ClusterError(EmbedshiftError):
+    """The Kubernetes API refused a call or could not be reached (one line, no secrets)."""
+
+
+# ---- pure builders ------------------------------------------------------------------------------
+
+
+def label_value(value: str) -> str:
+    """``value`` as a label value (≤ 63 characters; a long one is cut and a digest added)."""
+    if len(value) <= MAX_NAME:
+        return value
+    digest = hashlib.sha256(value.encode()).hexdigest()[:6]
+    return f"{value[: MAX_NAME - 7].rstrip('-.')}-{digest}"
+
+
+def migration_labels(resource: EmbeddingMigration, component: str) -> dict[str, str]:
+    return {
+        LABEL_NAME: APP,
+        LABEL_COMPONENT: component,
+        LABEL_MIGRATION: label_value(resource.metadata.name),
+    }
+
+
+def owner_reference(resource: EmbeddingMigration) -> dict[str, Any]:
+    """The resource as the controller owner: its objects go when it goes."""
+    uid = resource.metadata.uid
+    if not uid:
+        raise ConfigError(
+            f"{resource.key}: the resource has no metadata.uid; read it from the API server"
+        )
+    return {
+        "apiVersion": resource.api_version,
+        "kind": resource.kind,
+        "name": resource.metadata.name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _config_document(resource: EmbeddingMigration) -> str:
+    """The manifest ``embedshift migrate --config`` reads: the data-plane spec, references only."""
+    document = {
+        "apiVersion": resource.api_version,
+        "kind": resource.kind,
+        "metadata": {"name": resource.metadata.name, "namespace": resource.metadata.namespace},
+        "spec": resource.spec.data_plane.model_dump(mode="json", by_alias=True, exclude_none=True),
+    }
+    return yaml.safe_dump(document, sort_keys=True)
+
+
+def _config_map_name(resource: EmbeddingMigration) -> str:
+    digest = hashlib.sha256(_config_document(resource).encode()).hexdigest()
+    return config_name(resource.metadata.name, digest=digest)
+
+
+def config_map_manifest(resource: EmbeddingMigration) -> dict[str, Any]:
+    """The ConfigMap holding ``migration.yaml`` for the Jobs and the follower."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": _config_map_name(resource),
+            "namespace": resource.metadata.namespace,
+            "labels": migration_labels(resource, COMPONENT_CONFIG),
+            "ownerReferences": [owner_reference(resource)],
+        },
+        "data": {CONFIG_FILE: _config_document(resource)},
+    }
+
+
+def _secret_env(name: str, ref: SecretKeyRef) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+
+
+def _env(resource: EmbeddingMigration) -> list[dict[str, Any]]:
+    """DATABASE_URL and the API keys as secretKeyRef (the names ``rollout run`` gives children)."""
+    spec = resource.spec
+    ref = spec.database.url_secret_ref
+    if ref is None:
+        raise ConfigError(
+            "spec.database.urlSecretRef: required on a cluster; name the Secret key holding "
+            "the PostgreSQL URL, e.g. {name: rag-db, key: url}"
+        )
+    env = [_secret_env("DATABASE_URL", ref)]
+    for role, model in (("TARGET", spec.target), ("SOURCE", spec.source)):
+        if model is not None and model.api_key_secret_ref is not None:
+            env.append(_secret_env(f"EMBEDSHIFT_{role}_API_KEY", model.api_key_secret_ref))
+    # The root filesystem is read-only: caches and the home directory live on /tmp.
+    env.append({"name": "HOME", "value": "/tmp"})  # noqa: S108
+    env.append({"name": "PYTHONDONTWRITEBYTECODE", "value": "1"})
+    return env
+
+
+def _pod_spec(
+    resource: EmbeddingMigration,
+    args: tuple[str, ...],
+    *,
+    image: str,
+    restart_policy: str,
+) -> dict[str, Any]:
+    resources = resource.spec.migration.resources
+    container: dict[str, Any] = {
+        "name": "embedshift",
+        "image": image,
+        "command": ["embedshift"],
+        "args": [*args, "--config", CONFIG_PATH, "--migration", resource.key],
+        "env": _env(resource),
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108
+        ],
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_USER,
+            "runAsGroup": RUN_AS_USER,
+            "readOnlyRootFilesystem": True,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        # The CLI's last line (`embedshift: error: …`) becomes the Pod's termination message.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if resources is not None:
+        container["resources"] = resources.model_dump(mode="json", exclude_defaults=True)
+    return {
+        "restartPolicy": restart_policy,
+        "automountServiceAccountToken": False,  # the Jobs never call the Kubernetes API
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_USER,
+            "runAsGroup": RUN_AS_USER,
+            "fsGroup": RUN_AS_USER,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [
+            {"name": "config", "configMap": {"name": _config_map_name(resource)}},
+            {"name": "tmp", "emptyDir": {}},
+        ],
+    }
+
+
+def _image(resource: EmbeddingMigration, operator_image: str | None) -> str:
+    image = resource.spec.migration.image or operator_image
+    if not image:
+        raise ConfigError(
+            "spec.migration.image: not set and the operator's own image is unknown; set it "
+            "(or the operator's EMBEDSHIFT_OPERATOR_IMAGE)"
+        )
+    return image
+
+
+def job_manifest(
+    resource: EmbeddingMigration,
+    action: RunJob,
+    *,
+    operator_image: str | None,
+    image: str | None = None,
+    active_deadline_seconds: int = ACTIVE_DEADLINE_SECONDS,
+    ttl_seconds_after_finished: int = TTL_SECONDS_AFTER_FINISHED,
+) -> dict[str, Any]:
+    """The batch/v1 Job for ``action``. ``image`` overrides; else ``spec.migration.image``, else
+    ``operator_image`` (the operator's own). Pure."""
+    labels = {**migration_labels(resource, COMPONENT_JOB), LABEL_KIND: action.kind.value}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": action.name,
+            "namespace": resource.metadata.namespace,
+            "labels": labels,
+            "ownerReferences": [owner_reference(resource)],
+        },
+        "spec": {
+            "backoffLimit": BACKOFF_LIMIT,
+            "activeDeadlineSeconds": active_deadline_seconds,
+            "ttlSecondsAfterFinished": ttl_seconds_after_finished,
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": _pod_spec(
+                    resource,
+                    action.args,
+                    image=image or _image(resource, operator_image),
+                    restart_policy="Never",
+                ),
+            },
+        },
+    }
+
+
+def follower_manifest(
+    resource: EmbeddingMigration,
+    action: EnsureFollower,
+    *,
+    operator_image: str | None,
+    image: str | None = None,
+) -> dict[str, Any]:
+    """The one-replica apps/v1 Deployment running ``migrate follow``. Pure.
+
+    Its selector includes its own name, so an old and a new follower never select each other's
+    Pods while one replaces the other; ``Recreate`` keeps at most one Pod of each.
+    """
+    labels = {**migration_labels(resource, COMPONENT_FOLLOWER), LABEL_FOLLOWER: action.name}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": action.name,
+            "namespace": resource.metadata.namespace,
+            "labels": labels,
+            "ownerReferences": [owner_reference(resource)],
+        },
+        "spec": {
+            "replicas": 1,
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": _pod_spec(
+                    resource,
+                    action.args,
+                    image=image or _image(resource, operator_image),
+                    restart_policy="Always",
+                ),
+            },
+        },
+    }
+
+
+# ---- reading Job status -------------------------------------------------------------------------
+
+
+def job_observation(job: client.V1Job) -> JobObservation:
+    """A Job's state from its status: the terminal conditions first, then the counters."""
+    status = job.status
+    if status is None:
+        return JobObservation(state=JobState.RUNNING)  # created, no Pod yet: launched all the same
+    conditions = {c.type: c for c in status.conditions or [] if c.status == "True"}
+    for kind in ("Failed", "FailureTarget"):
+        if kind in conditions:
+            c = conditions[kind]
+            message = ": ".join(p for p in (c.reason, c.message) if p) or "the Job failed"
+            return JobObservation(state=JobState.FAILED, message=_one_line(message))
+    if "Complete" in conditions or "SuccessCriteriaMet" in conditions or (status.succeeded or 0):
+        return JobObservation(state=JobState.SUCCEEDED)
+    if (status.failed or 0) > BACKOFF_LIMIT:
+        return JobObservation(
+            state=JobState.FAILED, message=f"failed {status.failed} times (backoffLimit reached)"
+        )
+    return JobObservation(state=JobState.RUNNING)
+
+
+def as_model(model: type[_M], manifest: dict[str, Any]) -> _M:
+    """A manifest as the client's model: the client validates it, as it does every body."""
+    built = model.from_dict(manifest)
+    assert built is not None  # only None for None
+    return built
+
+
+def _one_line(text: str, limit: int = 1000) -> str:
+    return " ".join(text.split())[:limit]
+
+
+def _labelled(meta: client.V1ObjectMeta | None, wanted: Mapping[str, str]) -> bool:
+    labels = (meta.labels if meta else None) or {}
+    return all(labels.get(k) == v for k, v in wanted.items())
+
+
+# ---- the runner ---------------------------------------------------------------------------------
+
+
+class KubeJobs:
+    """Runs RunJob and EnsureFollower actions as Jobs and a Deployment in the resource's namespace.
+
+    ``api`` is a configured :class:`kubernetes.client.ApiClient`; ``operator_image`` is the image
+    used when ``spec.migration.image`` is not set (the operator's own).
+    """
+
+    def __init__(self, api: client.ApiClient, *, operator_image: str | None) -> None:
+        self._core = client.CoreV1Api(api)
+        self._batch = client.BatchV1Api(api)
+        self._apps = client.AppsV1Api(api)
+        self._operator_image = operator_image
+
+    async def observe(self, resource: EmbeddingMigration) -> dict[str, JobObservation]:
+        """Every Job of this migration, by name: Running, Succeeded or Failed (with a message)."""
+        ns = resource.metadata.namespace
+        jobs = await _call(
+            f"list Jobs in {ns}", lambda: self._batch.list_namespaced_job(namespace=ns)
+        )
+        wanted = migration_labels(resource, COMPONENT_JOB)
+        # Filtered here rather than with label_selector=: the same on a cluster, and the test
+        # emulator (kmock) has no label selectors. One list per tick per resource is cheap.
+        return {
+            job.metadata.name: job_observation(job)
+            for job in jobs.items
+            if job.metadata is not None and job.metadata.name and _labelled(job.metadata, wanted)
+        }
+
+    async def run_job(self, resource: EmbeddingMigration, action: RunJob) -> bool:
+        """Create the Job (and its ConfigMap). True when created; False when it already exists."""
+        manifest = job_manifest(resource, action, operator_image=self._operator_image)
+        await self._ensure_config(resource)
+        ns = resource.metadata.namespace
+        body = as_model(client.V1Job, manifest)
+        return await _create(
+            f"create Job {ns}/{action.name}",
+            lambda: self._batch.create_namespaced_job(namespace=ns, body=body),
+        )
+
+    async def ensure_follower(self, resource: EmbeddingMigration, action: EnsureFollower) -> bool:
+        """Keep exactly one follower Deployment: delete this migration's followers under other
+        names, create this one if missing. True when it was created."""
+        manifest = follower_manifest(resource, action, operator_image=self._operator_image)
+        ns = resource.metadata.namespace
+        listed = await _call(
+            f"list Deployments in {ns}",
+            lambda: self._apps.list_namespaced_deployment(namespace=ns),
+        )
+        wanted = migration_labels(resource, COMPONENT_FOLLOWER)
+        # Filtered in Python, as in observe().
+        for deployment in listed.items:
+            meta = deployment.metadata
+            if meta is None or not meta.name or meta.name == action.name:
+                continue
+            if _labelled(meta, wanted):
+                await self._delete_deployment(ns, meta.name)
+        await self._ensure_config(resource)
+        body = as_model(client.V1Deployment, manifest)
+        return await _create(
+            f"create Deployment {ns}/{action.name}",
+            lambda: self._apps.create_namespaced_deployment(namespace=ns, body=body),
+        )
+
+    async def _delete_deployment(self, ns: str, name: str) -> None:
+        def call() -> object:
+            return self._apps.delete_namespaced_deployment(
+                name=name, namespace=ns, propagation_policy="Foreground"
+            )
+
+        await _delete(f"delete Deployment {ns}/{name}", call)
+
+    async def _ensure_config(self, resource: EmbeddingMigration) -> None:
+        manifest = config_map_manifest(resource)
+        ns = resource.metadata.namespace
+        body = as_model(client.V1ConfigMap, manifest)
+        await _create(
+            f"create ConfigMap {ns}/{manifest['metadata']['name']}",
+            lambda: self._core.create_namespaced_config_map(namespace=ns, body=body),
+        )
+
+
+# ---- calls and errors ---------------------------------------------------------------------------
+
+
+async def _call(what: str, call: Callable[[], _T]) -> _T:
+    """Run one blocking client call in a thread; failures become one-line ClusterErrors."""
+    try:
+        return await asyncio.to_thread(call)
+    except ApiException as exc:
+        raise ClusterError(f"kubernetes: {what}: {_api_message(exc)}") from None
+    except (HTTPError, OSError) as exc:
+        raise ClusterError(
+            f"kubernetes: {what}: cannot reach the API server ({type(exc).__name__})"
+        ) from None
+    except OpenApiException as exc:  # the client refused the body before sending it
+        raise ClusterError(f"kubernetes: {what}: {_one_line(str(exc), 300)}") from None
+
+
+async def _create(what: str, call: Callable[[], object]) -> bool:
+    """Create; an object that already exists is success (False: nothing was created)."""
+    try:
+        await asyncio.to_thread(call)
+    except ApiException as exc:
+        if exc.status == 409:
+            return False
+        raise ClusterError(f"kubernetes: {what}: {_api_message(exc)}") from None
+    except (HTTPError, OSError) as exc:
+        raise ClusterError(
+            f"kubernetes: {what}: cannot reach the API server ({type(exc).__name__})"
+        ) from None
+    return True
+
+
+async def _delete(what: str, call: Callable[[], object]) -> None:
+    """Delete; an object already gone is success."""
+    try:
+        await asyncio.to_thread(call)
+    except ApiException as exc:
+        if exc.status == 404:
+            return
+        raise ClusterError(f"kubernetes: {what}: {_api_message(exc)}") from None
+    except (HTTPError, OSError) as exc:
+        raise ClusterError(
+            f"kubernetes: {what}: cannot reach the API server ({type(exc).__name__})"
+        ) from None
+
+
+def _api_message(exc: ApiException) -> str:
+    """``403 Forbidden: jobs.batch is forbidden: …``: the Status' message, never the headers.
+
+    Our objects carry Secret references only, so an echo of the request holds no secret value.
+    """
+    message = ""
+    try:
+        body = json.loads(exc.body or "")
+        if isinstance(body, dict):
+            message = str(body.get("message") or "")
+    except ValueError:
+        pass
+    head = f"{exc.status} {exc.reason or ''}".strip()
+    return _one_line(f"{head}: {message}" if message else head, 500)

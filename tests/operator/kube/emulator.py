@@ -1,0 +1,130 @@
+"""kmock's Kubernetes emulator with the metadata an API server assigns.
+
+kmock 0.8 stores objects as plain JSON and merges patches into them; it sets no ``uid``,
+``resourceVersion``, ``generation`` or ``creationTimestamp``, and takes no JSON-Patch. Clients
+rely on these (kopf's finalizer patch tests ``resourceVersion``; owner references need the
+owner's ``uid``), so :class:`ApiServerEmulator` adds them in the one hook every write passes
+through, ``KubernetesEmulator._handle``, before kmock stores the object:
+
+- create: ``uid`` (a UUID), ``resourceVersion`` (one counter for all objects, as etcd's
+  revision), ``generation`` 1 and ``creationTimestamp``;
+- patch: the next ``resourceVersion``; ``generation`` + 1 when ``spec`` changes (a patch of
+  ``status`` or metadata leaves it), ``uid`` and ``creationTimestamp`` kept; a JSON-Patch
+  (a list of operations, ``test`` included) is applied here and handed to kmock as the
+  equivalent merge patch; a failed ``test`` is 422 Invalid, as on an API server.
+
+Still not emulated (see issue 8): label selectors, generateName, PUT, a separate ``/status``
+subresource (status patches merge into the object), validation, garbage collection and the Job
+controller. Tests complete Jobs by patching their status.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import itertools
+import uuid
+from typing import Any
+
+import jsonpatch
+import kmock
+from kmock._internal import rendering  # the Request type of the hook kmock itself overrides
+
+from embedshift_operator.resource import API_VERSION
+
+__all__ = ["CRD_RESOURCE", "ApiServerEmulator"]
+
+# The EmbeddingMigration resource as discovery would show it (kmock's bundle holds builtins only).
+CRD_RESOURCE = f"{API_VERSION}/embeddingmigrations"
+_CRD_INFO = kmock.ResourceInfo(
+    namespaced=True,
+    kind="EmbeddingMigration",
+    singular="embeddingmigration",
+    shortnames={"em"},
+    verbs={"create", "delete", "get", "list", "patch", "update", "watch"},
+    subresources={"status"},
+)
+
+
+def _merge(base: Any, patch: Any) -> Any:
+    """RFC 7386 merge patch (None removes a key), as kmock applies it."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = dict(base) if isinstance(base, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = _merge(result.get(key), value)
+    return result
+
+
+def _merge_patch(old: Any, new: Any) -> Any:
+    """The merge patch turning ``old`` into ``new`` (lists are replaced whole)."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return copy.deepcopy(new)
+    patch: dict[str, Any] = {key: None for key in old if key not in new}
+    for key, value in new.items():
+        if key not in old:
+            patch[key] = copy.deepcopy(value)
+        elif old[key] != value:
+            patch[key] = _merge_patch(old[key], value)
+    return patch
+
+
+class ApiServerEmulator(kmock.KubernetesEmulator):
+    """kmock's emulator plus uid, resourceVersion, generation and creationTimestamp."""
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self._revisions = itertools.count(1)
+        self.resources.load_bundled()
+        self.resources[CRD_RESOURCE] = _CRD_INFO
+
+    async def _handle(self, request: rendering.Request) -> Any:
+        if request.resource is not None and request.action is not None:
+            async with self._lock:
+                self._stamp(request)
+        return await super()._handle(request)
+
+    def _stamp(self, request: rendering.Request) -> None:
+        action = request.action
+        if action == kmock.action.CREATE and isinstance(request.data, dict):
+            meta = request.data.setdefault("metadata", {})
+            meta["uid"] = str(uuid.uuid4())
+            meta["resourceVersion"] = str(next(self._revisions))
+            meta["generation"] = 1
+            meta["creationTimestamp"] = datetime.datetime.now(datetime.UTC).strftime(
+                "%Y-%m-%dT%H:%M:%SZ"
+            )
+            meta.pop("deletionTimestamp", None)
+            return
+        if action != kmock.action.UPDATE or request.name is None or request.resource is None:
+            return
+        key = (request.resource, request.namespace, request.name)
+        if key not in self.objects or self.objects[key].deleted:
+            return  # kmock answers 404
+        old = copy.deepcopy(self.objects[key].raw)
+        if isinstance(request.data, list):  # JSON-Patch
+            try:
+                new = jsonpatch.apply_patch(old, request.data)
+            except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as exc:
+                raise kmock.KubernetesError(
+                    status=422, reason="Invalid", message=f"the JSON patch failed: {exc}"
+                ) from None
+            patch = _merge_patch(old, new)
+            # The request is frozen; kmock reads .data when it stores the patch.
+            object.__setattr__(request, "data", patch)
+        elif isinstance(request.data, dict):
+            new = _merge(old, request.data)
+            patch = request.data
+        else:
+            return
+        meta = patch.setdefault("metadata", {}) or {}
+        patch["metadata"] = meta
+        meta["resourceVersion"] = str(next(self._revisions))
+        meta["uid"] = old.get("metadata", {}).get("uid")
+        meta["creationTimestamp"] = old.get("metadata", {}).get("creationTimestamp")
+        generation = old.get("metadata", {}).get("generation") or 1
+        changed = old.get("spec") != new.get("spec")
+        meta["generation"] = generation + 1 if changed else generation
