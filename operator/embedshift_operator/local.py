@@ -35,32 +35,25 @@ from typing import Any, Protocol
 import psycopg
 
 from embedshift_operator.adapters.postgres import ControlStore
-from embedshift_operator.adapters.prometheus import PrometheusSource
 from embedshift_operator.adapters.subprocess_jobs import SubprocessJobs
 from embedshift_operator.core import (
-    AnalysisObservation,
     Decision,
     DropSource,
     EmitEvent,
     EnsureFollower,
-    MetricSource,
-    MetricSourceError,
     Observations,
     ProgressObservation,
     RunJob,
     SetPercentage,
     decide,
-    measure,
-    plan_analysis,
 )
 from embedshift_operator.resource import (
     EmbeddingMigration,
-    EmbeddingMigrationSpec,
     EmbeddingMigrationStatus,
     Phase,
     load_migration,
-    parse_duration,
 )
+from embedshift_operator.ticking import AnalysisChecker, check_due, seconds_to_next_tick
 from rag_service.errors import ConfigError, DatabaseError, EmbedshiftError
 from rag_service.providers import Role, api_key_from_env
 from rag_service.schema import connect
@@ -77,9 +70,6 @@ __all__ = [
 ]
 
 _PROGRESS_EVERY = timedelta(seconds=3)
-# The phases whose ticks run an analysis check (Succeeded routes v2 but judges nothing more).
-_CHECKED = (Phase.PROGRESSING, Phase.PAUSED, Phase.PROMOTED)
-_MIN_PAUSE = 0.05  # never spin, whatever the clock says
 
 
 def secret_variable(ref: SecretKeyRef) -> str:
@@ -127,24 +117,6 @@ def resolve_environment(resource: EmbeddingMigration, environ: Mapping[str, str]
     return Environment(database_url=url, children=children, prometheus_token=token)
 
 
-def seconds_to_next_tick(
-    spec: EmbeddingMigrationSpec, status: EmbeddingMigrationStatus, now: datetime, *, tick: float
-) -> float:
-    """How long the driver sleeps after a tick: ``tick``, or less when an analysis check falls
-    due sooner. Pure.
-
-    Waking only every ``tick`` would run a check at the first tick after it is due: with a 2 s
-    interval and 0.5 s ticks, every 2.0-2.5 s plus each tick's own work, so a breach could wait
-    longer than one interval. Waking when it is due keeps checks ``analysis.interval`` apart.
-    """
-    last = status.analysis.time
-    # The phases whose ticks record a check (Succeeded routes v2 but checks nothing any more).
-    if status.phase not in _CHECKED or last is None:
-        return tick
-    due = last + parse_duration(spec.analysis.interval)
-    return min(tick, max(_MIN_PAUSE, (due - now).total_seconds()))
-
-
 class RolloutView(Protocol):
     """Where the driver tells people what happens (a live panel, JSON lines, a log)."""
 
@@ -153,18 +125,6 @@ class RolloutView(Protocol):
     def event(self, time: datetime, kind: str, reason: str, message: str) -> None: ...
 
     def warn(self, message: str) -> None: ...
-
-
-class _NoPrometheus:
-    """The metric source when ``spec.analysis.prometheus`` is missing: every check says why."""
-
-    async def query(self, promql: str) -> float | None:
-        raise MetricSourceError(
-            "spec.analysis.prometheus is not set: nothing can be measured, so nothing promotes"
-        )
-
-    async def aclose(self) -> None:
-        return None
 
 
 class LocalDriver:
@@ -197,8 +157,7 @@ class LocalDriver:
         self._status: EmbeddingMigrationStatus | None = None
         self._progress: ProgressObservation | None = None
         self._progress_at: datetime | None = None
-        self._source: MetricSource | None = None
-        self._source_key: tuple[str | None, str | None] | None = None
+        self._checker = AnalysisChecker(migration=self.key)
         self._lock: psycopg.AsyncConnection[Any] | None = None
 
     @property
@@ -312,8 +271,10 @@ class LocalDriver:
             except EmbedshiftError as exc:
                 errors.append(str(exc))
         analysis = None
-        if status.phase in _CHECKED and self._check_due(status, now):
-            analysis = await self._check()
+        if check_due(self._resource.spec, status, now):
+            analysis = await self._checker.check(
+                self._resource.spec, token=self._env.prometheus_token, progress=self._progress
+            )
         return Observations(
             jobs=jobs,
             progress=self._progress,
@@ -321,26 +282,6 @@ class LocalDriver:
             routing=routing,
             database_error="; ".join(errors) or None,
         )
-
-    def _check_due(self, status: EmbeddingMigrationStatus, now: datetime) -> bool:
-        last = status.analysis.time
-        interval = parse_duration(self._resource.spec.analysis.interval)
-        return last is None or now - last >= interval - timedelta(milliseconds=200)
-
-    async def _check(self) -> AnalysisObservation:
-        spec = self._resource.spec
-        prometheus = spec.analysis.prometheus
-        key = (prometheus.url if prometheus else None, self._env.prometheus_token)
-        if self._source is None or self._source_key != key:
-            await self._close_source()
-            self._source = (
-                PrometheusSource(url=prometheus.url, bearer_token=self._env.prometheus_token)
-                if prometheus
-                else _NoPrometheus()
-            )
-            self._source_key = key
-        plan = plan_analysis(spec, migration=self.key)
-        return await measure(self._source, plan, progress=self._progress)
 
     async def _act(self, decision: Decision, now: datetime) -> None:
         store = self._store()
@@ -378,15 +319,8 @@ class LocalDriver:
             )
         self._lock = conn
 
-    async def _close_source(self) -> None:
-        if self._source is not None:
-            closer = getattr(self._source, "aclose", None)
-            if closer is not None:
-                await closer()
-            self._source = None
-
     async def _close(self) -> None:
-        await self._close_source()
+        await self._checker.aclose()
         if self._lock is not None:
             await self._lock.close()
             self._lock = None

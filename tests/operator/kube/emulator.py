@@ -14,7 +14,8 @@ through, ``KubernetesEmulator._handle``, before kmock stores the object:
   equivalent merge patch; a failed ``test`` is 422 Invalid, as on an API server.
 
 Still not emulated (see issue 8): label selectors, generateName, PUT, a separate ``/status``
-subresource (status patches merge into the object), validation, garbage collection and the Job
+subresource (a patch of ``.../status`` is a patch of the object; here it is cut to its
+``status``), validation, garbage collection and the Job
 controller. Tests complete Jobs by patching their status.
 """
 
@@ -105,6 +106,10 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         if key not in self.objects or self.objects[key].deleted:
             return  # kmock answers 404
         old = copy.deepcopy(self.objects[key].raw)
+        if request.subresource == "status" and isinstance(request.data, dict):
+            # The status subresource takes status only, as an API server does (kmock merges
+            # whatever a patch of .../status carries into the object).
+            object.__setattr__(request, "data", {"status": request.data.get("status")})
         if isinstance(request.data, list):  # JSON-Patch
             try:
                 new = jsonpatch.apply_patch(old, request.data)

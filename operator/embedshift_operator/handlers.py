@@ -1,0 +1,436 @@
+"""The kopf operator: the cluster's driver of the core (``embedshift rollout run`` is the other).
+
+Handlers stay thin. One daemon per ``EmbeddingMigration`` ticks like the local driver:
+read the resource → observe (Jobs, the routing row and progress when the database Secret can be
+read, an analysis check when due, firing alerts) → :func:`embedshift_operator.core.decide` →
+act (Jobs, the follower, the routing row, Events) → patch ``status`` through the API. It ticks
+every ``analysis.interval`` and at once when woken: by a spec change (``on.field("spec")``) or
+by an alert for this resource. Every counter lives in ``status``, so a restarted operator
+decides the same. Handler return values are never written into status (every handler returns
+None; kopf's own progress lives in annotations).
+
+A missing database Secret, or a database that cannot be reached, is a status message (and the
+core's condition), retried with backoff; never a crash. Deletion routes 0 % before the finalizer
+goes; data is kept.
+
+kopf is imported here only. :func:`configure` sets what the process provides (the kubernetes
+client's configuration, the operator's image, the alert receiver); ``embedshift operator run``
+and the tests call it before kopf starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import kopf
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from embedshift_operator.adapters.alerts import AlertReceiver
+from embedshift_operator.adapters.kube_jobs import ClusterError, KubeJobs
+from embedshift_operator.adapters.postgres import ControlStore
+from embedshift_operator.core import (
+    Decision,
+    DropSource,
+    EmitEvent,
+    EnsureFollower,
+    Observations,
+    ProgressObservation,
+    RoutingObservation,
+    RunJob,
+    SetPercentage,
+    decide,
+)
+from embedshift_operator.resource import (
+    API_VERSION,
+    EmbeddingMigration,
+    EmbeddingMigrationStatus,
+    Phase,
+    parse_duration,
+    parse_migration,
+)
+from embedshift_operator.ticking import AnalysisChecker, check_due, seconds_to_next_tick
+from rag_service.errors import ConfigError, EmbedshiftError
+from rag_service.spec import SecretKeyRef
+
+__all__ = ["GROUP", "PLURAL", "VERSION", "OperatorConfig", "configure"]
+
+log = logging.getLogger("embedshift.operator")
+
+GROUP, VERSION = API_VERSION.split("/")
+PLURAL = "embeddingmigrations"
+ANNOTATION_PREFIX = "embedshift.io"
+# Backoff while the database Secret is missing or the database cannot be reached.
+_BACKOFF_FIRST = 1.0
+_BACKOFF_MAX = 60.0
+_NOT_OBSERVED = (Phase.PENDING, Phase.PREPARING, Phase.FAILED)  # no progress to read yet
+
+
+@dataclass
+class OperatorConfig:
+    """What the process gives the handlers. ``kube`` None: in-cluster, else the kubeconfig."""
+
+    kube: client.Configuration | None = None
+    operator_image: str | None = None
+    receiver: AlertReceiver | None = None
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+
+
+@dataclass
+class _Runtime:
+    config: OperatorConfig = field(default_factory=OperatorConfig)
+    api: client.ApiClient | None = None
+    wakers: dict[str, asyncio.Event] = field(default_factory=dict)
+
+
+_runtime = _Runtime()
+
+
+def configure(config: OperatorConfig) -> None:
+    """Set the process's configuration (before kopf starts)."""
+    _runtime.config = config
+    _runtime.api = None
+    _runtime.wakers.clear()
+
+
+def _api() -> client.ApiClient:
+    if _runtime.api is None:
+        configuration = _runtime.config.kube
+        if configuration is None:
+            from kubernetes import config as kubeconfig
+
+            try:
+                kubeconfig.load_incluster_config()  # type: ignore[no-untyped-call]
+            except kubeconfig.ConfigException:
+                kubeconfig.load_kube_config()  # type: ignore[no-untyped-call]
+            configuration = client.Configuration.get_default_copy()
+        _runtime.api = client.ApiClient(configuration)
+    return _runtime.api
+
+
+def _waker(key: str) -> asyncio.Event:
+    return _runtime.wakers.setdefault(key, asyncio.Event())
+
+
+# ---- kopf's settings and login ----------------------------------------------------------------
+
+
+@kopf.on.startup()
+async def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # kopf's own state in annotations, never in status: status is the resource's story only.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
+        prefix=ANNOTATION_PREFIX
+    )
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = f"{ANNOTATION_PREFIX}/finalizer"
+    settings.posting.level = logging.WARNING  # our Events are EmitEvent actions, not log lines
+
+
+@kopf.on.login()
+async def _login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    configuration = _runtime.config.kube
+    if configuration is None:
+        return kopf.login_via_client(**kwargs)
+    return kopf.ConnectionInfo(server=configuration.host, insecure=not configuration.verify_ssl)
+
+
+# ---- the per-resource loop ----------------------------------------------------------------------
+
+
+@kopf.on.field(GROUP, VERSION, PLURAL, field="spec")
+async def _spec_changed(namespace: str | None, name: str | None, **_: Any) -> None:
+    """A spec edit wakes the loop at once (``maxPercentage: 0`` must not wait an interval)."""
+    _waker(f"{namespace}/{name}").set()
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=5.0)
+async def _rollout_loop(
+    namespace: str | None, name: str | None, stopped: kopf.DaemonStopped, **_: Any
+) -> None:
+    key = f"{namespace}/{name}"
+    assert namespace is not None and name is not None
+    loop = _Loop(namespace=namespace, name=name)
+    try:
+        await loop.run(stopped=stopped)
+    finally:
+        await loop.aclose()
+        _runtime.wakers.pop(key, None)
+        if _runtime.config.receiver is not None:
+            _runtime.config.receiver.forget(key)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL)
+async def _deleted(
+    body: kopf.Body, namespace: str | None, name: str | None, retry: int, **_: Any
+) -> None:
+    """Route 0 % to v2 before the resource goes. Data is kept (nothing is dropped)."""
+    resource = parse_migration(dict(body), where=f"{namespace}/{name}")
+    try:
+        url = await read_secret(
+            api=_api(), namespace=resource.metadata.namespace, ref=_db_ref(resource)
+        )
+        store = ControlStore(url=url, spec=resource.spec, migration=resource.key)
+        await store.set_percentage(
+            SetPercentage(percentage=0, reason="the EmbeddingMigration was deleted")
+        )
+    except EmbedshiftError as exc:
+        raise kopf.TemporaryError(
+            f"cannot route 0 % before deletion: {exc}", delay=_backoff(retry)
+        ) from None
+    kopf.info(body, reason="RoutedToV1", message="deleted: 0 % to v2; the data is kept")
+
+
+class _Loop:
+    """One resource's ticks: its Jobs runner, analysis checker and the database backoff."""
+
+    def __init__(self, *, namespace: str, name: str) -> None:
+        self._namespace = namespace
+        self._name = name
+        self._key = f"{namespace}/{name}"
+        self._jobs = KubeJobs(_api(), operator_image=_runtime.config.operator_image)
+        self._checker = AnalysisChecker(migration=self._key)
+        self._failures = 0
+
+    async def run(self, *, stopped: kopf.DaemonStopped) -> None:
+        receiver = _runtime.config.receiver
+        wakers = [_waker(self._key)]
+        if receiver is not None:
+            wakers.append(receiver.subscribe(self._key))
+        while not stopped:
+            pause = await self._tick_safely()
+            await _sleep(wakers=wakers, seconds=pause)
+
+    async def _tick_safely(self) -> float:
+        """One tick; returns the seconds until the next. Nothing here ends the loop."""
+        try:
+            return await self.tick()
+        except (EmbedshiftError, ApiException) as exc:
+            self._failures += 1
+            pause = _backoff(self._failures)
+            log.warning("%s: tick failed (%s); retrying in %.0f s", self._key, exc, pause)
+            return pause
+
+    async def tick(self) -> float:
+        now = _runtime.config.clock()
+        resource = await read_migration(api=_api(), namespace=self._namespace, name=self._name)
+        status = resource.status
+        database_url: str | None = None
+        secret_error: str | None = None
+        try:
+            database_url = await read_secret(
+                api=_api(), namespace=self._namespace, ref=_db_ref(resource)
+            )
+        except ConfigError as exc:
+            secret_error = str(exc)
+        observations = await self._observe(
+            resource=resource, database_url=database_url, secret_error=secret_error, now=now
+        )
+        decision = decide(resource.spec, status, observations, now, name=self._name)
+        await self._act(resource=resource, decision=decision, database_url=database_url)
+        new_status = decision.status
+        if resource.metadata.generation is not None:
+            new_status = new_status.model_copy(
+                update={"observed_generation": resource.metadata.generation}
+            )
+        if observations.database_error:
+            new_status = new_status.model_copy(
+                update={"message": f"{observations.database_error}; retrying"}
+            )
+        await patch_status(
+            api=_api(), namespace=self._namespace, name=self._name, status=new_status
+        )
+        interval = parse_duration(resource.spec.analysis.interval).total_seconds()
+        if observations.database_error:
+            self._failures += 1
+            return min(interval, _backoff(self._failures))
+        self._failures = 0
+        return seconds_to_next_tick(resource.spec, new_status, now, tick=interval)
+
+    async def _observe(
+        self,
+        *,
+        resource: EmbeddingMigration,
+        database_url: str | None,
+        secret_error: str | None,
+        now: datetime,
+    ) -> Observations:
+        errors: list[str] = [secret_error] if secret_error else []
+        jobs = await self._jobs.observe(resource)
+        status = resource.status
+        routing: RoutingObservation | None = None
+        progress: ProgressObservation | None = None
+        if database_url is not None:
+            store = ControlStore(url=database_url, spec=resource.spec, migration=resource.key)
+            try:
+                routing = await store.routing()
+            except EmbedshiftError as exc:
+                errors.append(str(exc))
+            if status.phase not in _NOT_OBSERVED:
+                try:
+                    progress = await store.progress()
+                except EmbedshiftError as exc:
+                    errors.append(str(exc))
+        analysis = None
+        if check_due(resource.spec, status, now):
+            token = None
+            prometheus = resource.spec.analysis.prometheus
+            if prometheus is not None and prometheus.bearer_token_secret_ref is not None:
+                with contextlib.suppress(ConfigError):
+                    token = await read_secret(
+                        api=_api(),
+                        namespace=self._namespace,
+                        ref=prometheus.bearer_token_secret_ref,
+                    )
+            analysis = await self._checker.check(resource.spec, token=token, progress=progress)
+        receiver = _runtime.config.receiver
+        return Observations(
+            jobs=jobs,
+            progress=progress,
+            analysis=analysis,
+            alerts=receiver.firing(resource.key) if receiver is not None else (),
+            routing=routing,
+            database_error="; ".join(errors) or None,
+        )
+
+    async def _act(
+        self, *, resource: EmbeddingMigration, decision: Decision, database_url: str | None
+    ) -> None:
+        store = (
+            ControlStore(url=database_url, spec=resource.spec, migration=resource.key)
+            if database_url is not None
+            else None
+        )
+        for action in decision.actions:
+            try:
+                if isinstance(action, RunJob):
+                    if await self._jobs.run_job(resource, action):
+                        log.info("%s: created Job %s", resource.key, action.name)
+                elif isinstance(action, EnsureFollower):
+                    if await self._jobs.ensure_follower(resource, action):
+                        log.info("%s: created the follower %s", resource.key, action.name)
+                elif isinstance(action, SetPercentage):
+                    if store is None:
+                        raise ConfigError("no database URL: the routing row cannot be written")
+                    await store.set_percentage(action)
+                elif isinstance(action, EmitEvent):
+                    emit_event(resource=resource, action=action)
+                elif isinstance(action, DropSource):
+                    if store is None:
+                        raise ConfigError("no database URL: the source column cannot be dropped")
+                    await store.drop_source(action.column)
+            except EmbedshiftError as exc:
+                # The next tick decides again from the same status: a failed action is retried.
+                log.warning(
+                    "%s: %s failed: %s; retrying next tick",
+                    resource.key,
+                    type(action).__name__,
+                    exc,
+                )
+
+    async def aclose(self) -> None:
+        await self._checker.aclose()
+
+
+# ---- keyword-only helpers -----------------------------------------------------------------------
+
+
+def _backoff(failures: int) -> float:
+    return float(min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** max(0, failures - 1)))
+
+
+def _db_ref(resource: EmbeddingMigration) -> SecretKeyRef:
+    ref = resource.spec.database.url_secret_ref
+    if ref is None:
+        raise ConfigError(
+            f"{resource.key}: spec.database.urlSecretRef is not set: the operator reads the "
+            "database URL from a Secret"
+        )
+    return ref
+
+
+async def _sleep(*, wakers: list[asyncio.Event], seconds: float) -> None:
+    """Sleep ``seconds``, or less when a waker is set (and clear it)."""
+    waits = [asyncio.ensure_future(w.wait()) for w in wakers]
+    try:
+        await asyncio.wait(waits, timeout=max(0.0, seconds), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+        for waker in wakers:
+            waker.clear()
+
+
+async def read_migration(*, api: client.ApiClient, namespace: str, name: str) -> EmbeddingMigration:
+    """The resource as the API server has it now (status included)."""
+    objects = client.CustomObjectsApi(api)
+    raw = await asyncio.to_thread(
+        objects.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name
+    )
+    return parse_migration(raw, where=f"{PLURAL}/{namespace}/{name}")
+
+
+async def read_secret(*, api: client.ApiClient, namespace: str, ref: SecretKeyRef) -> str:
+    """One key of a Secret, decoded. ConfigError (never the value) when it cannot be read."""
+    core = client.CoreV1Api(api)
+    try:
+        secret = await asyncio.to_thread(core.read_namespaced_secret, ref.name, namespace)
+    except ApiException as exc:
+        what = "not found" if exc.status == 404 else f"cannot be read ({exc.status} {exc.reason})"
+        raise ConfigError(f"Secret {namespace}/{ref.name} {what}") from None
+    data = secret.data or {}
+    if ref.key not in data:
+        raise ConfigError(f"Secret {namespace}/{ref.name} has no key {ref.key!r}")
+    try:
+        return base64.b64decode(data[ref.key]).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise ConfigError(f"Secret {namespace}/{ref.name}: key {ref.key!r} is not text") from None
+
+
+async def patch_status(
+    *, api: client.ApiClient, namespace: str, name: str, status: EmbeddingMigrationStatus
+) -> None:
+    """Write ``status`` through the status subresource (a merge patch: null removes a field)."""
+    body = {"status": status.model_dump(mode="json", by_alias=True)}
+    objects = client.CustomObjectsApi(api)
+    try:
+        await asyncio.to_thread(
+            objects.patch_namespaced_custom_object_status,
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            name,
+            body,
+        )
+    except ApiException as exc:
+        raise ClusterError(
+            f"kubernetes: patch status of {namespace}/{name}: {exc.status}"
+        ) from None
+
+
+def emit_event(*, resource: EmbeddingMigration, action: EmitEvent) -> None:
+    """A Kubernetes Event on the resource (kopf posts it in the background)."""
+    target: dict[str, Any] = {
+        "apiVersion": resource.api_version,
+        "kind": resource.kind,
+        "metadata": {
+            "name": resource.metadata.name,
+            "namespace": resource.metadata.namespace,
+            "uid": resource.metadata.uid,
+        },
+    }
+    kopf.event(
+        kopf.Body(cast("kopf.RawBody", target)),
+        type=action.type,
+        reason=action.reason,
+        message=action.message,
+    )
