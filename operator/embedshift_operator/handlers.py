@@ -10,8 +10,12 @@ decides the same. Handler return values are never written into status (every han
 None; kopf's own progress lives in annotations).
 
 A missing database Secret, or a database that cannot be reached, is a status message (and the
-core's condition), retried with backoff; never a crash. Deletion routes 0 % before the finalizer
-goes; data is kept.
+core's condition, Ready False DatabaseUnreachable), retried with backoff; never a crash. Without
+the Secret the phase holds and nothing is acted on (a Job's Pod could not start without it).
+Deletion routes 0 % before the finalizer goes; data is kept.
+
+With ``OperatorConfig.metrics`` set, every tick is recorded (:class:`OperatorMetrics`), every
+error a tick survives is counted by kind, and a deleted resource's series are forgotten.
 
 kopf is imported here only. :func:`configure` sets what the process provides (the kubernetes
 client's configuration, the operator's image, the alert receiver); ``embedshift operator run``
@@ -24,6 +28,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,8 +40,10 @@ from kubernetes.client.exceptions import ApiException
 
 from embedshift_operator.adapters.alerts import AlertReceiver
 from embedshift_operator.adapters.kube_jobs import ClusterError, KubeJobs
+from embedshift_operator.adapters.operator_metrics import OperatorMetrics
 from embedshift_operator.adapters.postgres import ControlStore
 from embedshift_operator.core import (
+    Action,
     Decision,
     DropSource,
     EmitEvent,
@@ -50,6 +57,7 @@ from embedshift_operator.core import (
 )
 from embedshift_operator.resource import (
     API_VERSION,
+    ConditionType,
     EmbeddingMigration,
     EmbeddingMigrationStatus,
     Phase,
@@ -80,6 +88,7 @@ class OperatorConfig:
     kube: client.Configuration | None = None
     operator_image: str | None = None
     receiver: AlertReceiver | None = None
+    metrics: OperatorMetrics | None = None
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
 
 
@@ -186,6 +195,8 @@ async def _deleted(
         raise kopf.TemporaryError(
             f"cannot route 0 % before deletion: {exc}", delay=_backoff(retry)
         ) from None
+    if _runtime.config.metrics is not None:
+        _runtime.config.metrics.forget(resource.key)
     kopf.info(body, reason="RoutedToV1", message="deleted: 0 % to v2; the data is kept")
 
 
@@ -214,12 +225,18 @@ class _Loop:
         try:
             return await self.tick()
         except (EmbedshiftError, ApiException) as exc:
+            self._count_error(_error_kind(exc))
             self._failures += 1
             pause = _backoff(self._failures)
             log.warning("%s: tick failed (%s); retrying in %.0f s", self._key, exc, pause)
             return pause
 
+    def _count_error(self, kind: str) -> None:
+        if _runtime.config.metrics is not None:
+            _runtime.config.metrics.count_error(self._key, kind)
+
     async def tick(self) -> float:
+        started = time.monotonic()
         now = _runtime.config.clock()
         resource = await read_migration(api=_api(), namespace=self._namespace, name=self._name)
         status = resource.status
@@ -235,6 +252,19 @@ class _Loop:
             resource=resource, database_url=database_url, secret_error=secret_error, now=now
         )
         decision = decide(resource.spec, status, observations, now, name=self._name)
+        interval = parse_duration(resource.spec.analysis.interval).total_seconds()
+        if database_url is None:
+            # Without the database Secret nothing can be done (a Job would wait for the Secret
+            # in a Pod that cannot start): hold the phase, report the problem, retry.
+            await patch_status(
+                api=_api(),
+                namespace=self._namespace,
+                name=self._name,
+                status=_held(status, decision, message=f"{observations.database_error}; retrying"),
+            )
+            self._count_error("database")
+            self._failures += 1
+            return min(interval, _backoff(self._failures))
         await self._act(resource=resource, decision=decision, database_url=database_url)
         new_status = decision.status
         if resource.metadata.generation is not None:
@@ -248,8 +278,11 @@ class _Loop:
         await patch_status(
             api=_api(), namespace=self._namespace, name=self._name, status=new_status
         )
-        interval = parse_duration(resource.spec.analysis.interval).total_seconds()
+        if _runtime.config.metrics is not None:
+            seconds = time.monotonic() - started
+            _runtime.config.metrics.record(self._key, status, decision, seconds=seconds)
         if observations.database_error:
+            self._count_error("database")
             self._failures += 1
             return min(interval, _backoff(self._failures))
         self._failures = 0
@@ -329,6 +362,7 @@ class _Loop:
                     await store.drop_source(action.column)
             except EmbedshiftError as exc:
                 # The next tick decides again from the same status: a failed action is retried.
+                self._count_error(_action_error_kind(action))
                 log.warning(
                     "%s: %s failed: %s; retrying next tick",
                     resource.key,
@@ -345,6 +379,32 @@ class _Loop:
 
 def _backoff(failures: int) -> float:
     return float(min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** max(0, failures - 1)))
+
+
+def _error_kind(exc: Exception) -> str:
+    """The ``kind`` label of a tick's error: the API server or the database."""
+    if isinstance(exc, (ApiException, ClusterError)):
+        return "kubernetes"
+    if isinstance(exc, ConfigError):
+        return "config"
+    return "database"
+
+
+def _action_error_kind(action: Action) -> str:
+    if isinstance(action, (RunJob, EnsureFollower)):
+        return "jobs"
+    if isinstance(action, EmitEvent):
+        return "events"
+    return "database"
+
+
+def _held(
+    status: EmbeddingMigrationStatus, decision: Decision, *, message: str
+) -> EmbeddingMigrationStatus:
+    """``status`` unchanged but for ``message`` and the decision's Ready condition."""
+    ready = [c for c in decision.status.conditions if c.type == ConditionType.READY]
+    others = [c for c in status.conditions if c.type != ConditionType.READY]
+    return status.model_copy(update={"message": message, "conditions": [*ready, *others]})
 
 
 def _db_ref(resource: EmbeddingMigration) -> SecretKeyRef:

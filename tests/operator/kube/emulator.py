@@ -6,14 +6,15 @@ rely on these (kopf's finalizer patch tests ``resourceVersion``; owner reference
 owner's ``uid``), so :class:`ApiServerEmulator` adds them in the one hook every write passes
 through, ``KubernetesEmulator._handle``, before kmock stores the object:
 
-- create: ``uid`` (a UUID), ``resourceVersion`` (one counter for all objects, as etcd's
+- create: ``name`` from ``generateName`` and a random suffix when no name is given (kopf's
+  Events have none), ``uid`` (a UUID), ``resourceVersion`` (one counter for all objects, as etcd's
   revision), ``generation`` 1 and ``creationTimestamp``;
 - patch: the next ``resourceVersion``; ``generation`` + 1 when ``spec`` changes (a patch of
   ``status`` or metadata leaves it), ``uid`` and ``creationTimestamp`` kept; a JSON-Patch
   (a list of operations, ``test`` included) is applied here and handed to kmock as the
   equivalent merge patch; a failed ``test`` is 422 Invalid, as on an API server.
 
-Still not emulated (see issue 8): label selectors, generateName, PUT, a separate ``/status``
+Still not emulated (see issue 8): label selectors, PUT, a separate ``/status``
 subresource (a patch of ``.../status`` is a patch of the object; here it is cut to its
 ``status``), validation, garbage collection and the Job
 controller. Tests complete Jobs by patching their status.
@@ -92,6 +93,8 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         action = request.action
         if action == kmock.action.CREATE and isinstance(request.data, dict):
             meta = request.data.setdefault("metadata", {})
+            if not meta.get("name") and meta.get("generateName"):
+                meta["name"] = f"{meta['generateName']}{uuid.uuid4().hex[:5]}"
             meta["uid"] = str(uuid.uuid4())
             meta["resourceVersion"] = str(next(self._revisions))
             meta["generation"] = 1
