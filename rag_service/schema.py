@@ -19,9 +19,9 @@ import asyncio
 import json
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -130,6 +130,22 @@ async def connect(url: str, *, autocommit: bool = False) -> psycopg.AsyncConnect
             f"cannot connect to the database ({describe_url(url)}): {first_line(exc)}; "
             "check DATABASE_URL (or --database-url)"
         ) from None
+
+
+_T = TypeVar("_T")
+
+
+async def with_connection(
+    url: str, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[_T]]
+) -> _T:
+    """Run ``work`` on a short autocommit connection; a database failure is one DatabaseError
+    line without the password. For callers that tick: a dropped connection costs one call."""
+    try:
+        conn = await connect(url, autocommit=True)
+        async with conn:
+            return await work(conn)
+    except psycopg.Error as exc:
+        raise DatabaseError(f"database: {first_line(exc)}") from None
 
 
 def describe_url(url: str) -> str:

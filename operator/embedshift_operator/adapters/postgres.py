@@ -26,7 +26,7 @@ from rag_service.errors import DatabaseError
 from rag_service.identifiers import TableName
 from rag_service.progress import migration_progress
 from rag_service.rollout_row import read_row, write_percentage
-from rag_service.schema import ROLLOUT_TABLE, connect, first_line, ident
+from rag_service.schema import ROLLOUT_TABLE, first_line, ident, with_connection
 
 STATUS_TABLE = "embedshift_rollout_status"
 
@@ -53,14 +53,6 @@ class ControlStore:
         """The same migration under an edited spec (the driver re-reads the file each tick)."""
         return ControlStore(url=self._url, spec=spec, migration=self._migration)
 
-    async def _run(self, work: Any) -> Any:
-        try:
-            conn = await connect(self._url, autocommit=True)
-            async with conn:
-                return await work(conn)
-        except psycopg.Error as exc:
-            raise DatabaseError(f"database: {first_line(exc)}") from None
-
     async def ensure_tables(self) -> None:
         async def work(conn: psycopg.AsyncConnection[Any]) -> None:
             await conn.execute(
@@ -73,7 +65,7 @@ class ControlStore:
                 ).format(ident(self._status_table))
             )
 
-        await self._run(work)
+        await with_connection(self._url, work)
 
     async def load_status(self) -> EmbeddingMigrationStatus | None:
         async def work(conn: psycopg.AsyncConnection[Any]) -> Any:
@@ -85,7 +77,7 @@ class ControlStore:
             )
             return await cur.fetchone()
 
-        row = await self._run(work)
+        row = await with_connection(self._url, work)
         return None if row is None else EmbeddingMigrationStatus.model_validate(row[0])
 
     async def save_status(self, status: EmbeddingMigrationStatus) -> None:
@@ -101,7 +93,7 @@ class ControlStore:
                 [self._migration, document],
             )
 
-        await self._run(work)
+        await with_connection(self._url, work)
 
     async def routing(self) -> RoutingObservation | None:
         """The routing row, or None before ``setup`` created it."""
@@ -115,7 +107,7 @@ class ControlStore:
                 return None
             return await read_row(conn, table=self._rollout_table, migration=self._migration)
 
-        row = await self._run(work)
+        row = await with_connection(self._url, work)
         if row is None:
             return None
         return RoutingObservation(
@@ -133,7 +125,7 @@ class ControlStore:
                 clear_emergency=action.clear_emergency,
             )
 
-        await self._run(work)
+        await with_connection(self._url, work)
 
     async def progress(self) -> ProgressObservation:
         """Counts per category, failed batches and the oldest queued change's age."""
@@ -162,4 +154,4 @@ class ControlStore:
                 )
             )
 
-        await self._run(work)
+        await with_connection(self._url, work)

@@ -34,9 +34,8 @@ from psycopg import sql
 
 from embedshift_operator.core.model import EnsureFollower, JobObservation, RunJob
 from embedshift_operator.resource import JobState
-from rag_service.errors import DatabaseError
 from rag_service.identifiers import TableName
-from rag_service.schema import connect, first_line, ident
+from rag_service.schema import ident, with_connection
 
 JOBS_TABLE = "embedshift_local_jobs"
 FOLLOWER_KIND = "follower"
@@ -109,19 +108,11 @@ class SubprocessJobs:
         self._backoff_limit = backoff_limit
         self._spawned: list[asyncio.subprocess.Process] = []
 
-    async def _run(self, work: Any) -> Any:
-        try:
-            conn = await connect(self._url, autocommit=True)
-            async with conn:
-                return await work(conn)
-        except psycopg.Error as exc:
-            raise DatabaseError(f"database: {first_line(exc)}") from None
-
     async def ensure_table(self) -> None:
         async def work(conn: psycopg.AsyncConnection[Any]) -> None:
             await conn.execute(_create_table(self._table))
 
-        await self._run(work)
+        await with_connection(self._url, work)
 
     async def _rows(self, conn: psycopg.AsyncConnection[Any]) -> list[tuple[Any, ...]]:
         cur = await conn.execute(
@@ -160,7 +151,7 @@ class SubprocessJobs:
                     seen[name] = JobObservation(state=JobState(state), message=message)
             return seen
 
-        result: dict[str, JobObservation] = await self._run(work)
+        result: dict[str, JobObservation] = await with_connection(self._url, work)
         return result
 
     async def run_job(self, action: RunJob) -> bool:
@@ -177,7 +168,7 @@ class SubprocessJobs:
                 if kind == FOLLOWER_KIND and name != action.name and state == _RUNNING
             ]
 
-        for name, pid in await self._run(others):
+        for name, pid in await with_connection(self._url, others):
             await self._terminate(name, pid)
         return await self._start(action.name, FOLLOWER_KIND, action.args, forever=True)
 
@@ -210,7 +201,7 @@ class SubprocessJobs:
                 )
                 return True
 
-        if not await self._run(claim):
+        if not await with_connection(self._url, claim):
             return False
         self._log_dir.mkdir(parents=True, exist_ok=True)
         supervisor = [
@@ -251,7 +242,7 @@ class SubprocessJobs:
                 [process.pid, self._migration, name],
             )
 
-        await self._run(record)
+        await with_connection(self._url, record)
         return True
 
     async def _terminate(self, name: str, pid: int | None, *, grace: float = 10.0) -> None:
@@ -277,7 +268,7 @@ class SubprocessJobs:
                 if state == _RUNNING
             ]
 
-        for name, pid in await self._run(running):
+        for name, pid in await with_connection(self._url, running):
             await self._terminate(name, pid)
         for process in self._spawned:
             with contextlib.suppress(ProcessLookupError):
