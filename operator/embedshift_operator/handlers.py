@@ -60,11 +60,16 @@ from embedshift_operator.resource import (
     ConditionType,
     EmbeddingMigration,
     EmbeddingMigrationStatus,
-    Phase,
     parse_duration,
     parse_migration,
 )
-from embedshift_operator.ticking import AnalysisChecker, check_due, seconds_to_next_tick
+from embedshift_operator.ticking import (
+    NO_PROGRESS,
+    AnalysisChecker,
+    check_due,
+    read_database,
+    seconds_to_next_tick,
+)
 from rag_service.errors import ConfigError, EmbedshiftError
 from rag_service.spec import SecretKeyRef
 
@@ -78,7 +83,6 @@ ANNOTATION_PREFIX = "embedshift.io"
 # Backoff while the database Secret is missing or the database cannot be reached.
 _BACKOFF_FIRST = 1.0
 _BACKOFF_MAX = 60.0
-_NOT_OBSERVED = (Phase.PENDING, Phase.PREPARING, Phase.FAILED)  # no progress to read yet
 
 
 @dataclass
@@ -303,15 +307,9 @@ class _Loop:
         progress: ProgressObservation | None = None
         if database_url is not None:
             store = ControlStore(url=database_url, spec=resource.spec, migration=resource.key)
-            try:
-                routing = await store.routing()
-            except EmbedshiftError as exc:
-                errors.append(str(exc))
-            if status.phase not in _NOT_OBSERVED:
-                try:
-                    progress = await store.progress()
-                except EmbedshiftError as exc:
-                    errors.append(str(exc))
+            reading = await read_database(store, with_progress=status.phase not in NO_PROGRESS)
+            routing, progress = reading.routing, reading.progress
+            errors.extend(reading.errors)
         analysis = None
         if check_due(resource.spec, status, now):
             token = None

@@ -53,7 +53,13 @@ from embedshift_operator.resource import (
     Phase,
     load_migration,
 )
-from embedshift_operator.ticking import AnalysisChecker, check_due, seconds_to_next_tick
+from embedshift_operator.ticking import (
+    NO_PROGRESS,
+    AnalysisChecker,
+    check_due,
+    read_database,
+    seconds_to_next_tick,
+)
 from rag_service.errors import ConfigError, DatabaseError, EmbedshiftError
 from rag_service.providers import Role, api_key_from_env
 from rag_service.schema import connect
@@ -257,19 +263,14 @@ class LocalDriver:
             jobs = await self._runner.observe()
         except DatabaseError as exc:
             errors.append(str(exc))
-        routing = None
-        try:
-            routing = await store.routing()
-        except DatabaseError as exc:
-            errors.append(str(exc))
-        if status.phase not in (Phase.PENDING, Phase.PREPARING, Phase.FAILED) and (
+        with_progress = status.phase not in NO_PROGRESS and (
             self._progress_at is None or now - self._progress_at >= _PROGRESS_EVERY
-        ):
-            try:
-                self._progress = await store.progress()
-                self._progress_at = now
-            except EmbedshiftError as exc:
-                errors.append(str(exc))
+        )
+        reading = await read_database(store, with_progress=with_progress)
+        errors.extend(reading.errors)
+        if reading.progress is not None:
+            self._progress, self._progress_at = reading.progress, now
+        routing = reading.routing
         analysis = None
         if check_due(self._resource.spec, status, now):
             analysis = await self._checker.check(

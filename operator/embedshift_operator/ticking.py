@@ -8,14 +8,17 @@ driver's state of their own beyond the metric source a checker keeps between tic
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from embedshift_operator.adapters.postgres import ControlStore
 from embedshift_operator.adapters.prometheus import PrometheusSource
 from embedshift_operator.core import (
     AnalysisObservation,
     MetricSource,
     MetricSourceError,
     ProgressObservation,
+    RoutingObservation,
     measure,
     plan_analysis,
 )
@@ -25,17 +28,23 @@ from embedshift_operator.resource import (
     Phase,
     parse_duration,
 )
+from rag_service.errors import EmbedshiftError
 
 __all__ = [
     "CHECKED",
+    "NO_PROGRESS",
     "AnalysisChecker",
+    "DatabaseReading",
     "NoPrometheus",
     "check_due",
+    "read_database",
     "seconds_to_next_tick",
 ]
 
 # The phases whose ticks run an analysis check (Succeeded routes v2 but judges nothing more).
 CHECKED = (Phase.PROGRESSING, Phase.PAUSED, Phase.PROMOTED)
+# The phases with nothing to count yet (no side table) or any more (failed): progress is not read.
+NO_PROGRESS = (Phase.PENDING, Phase.PREPARING, Phase.FAILED)
 _MIN_PAUSE = 0.05  # never spin, whatever the clock says
 _EARLY = timedelta(milliseconds=200)  # a tick woken a little early still checks
 
@@ -114,3 +123,30 @@ class AnalysisChecker:
                 await closer()
             self._source = None
             self._key = None
+
+
+@dataclass(frozen=True)
+class DatabaseReading:
+    """What a tick read from the database; each failed read is one line in ``errors``."""
+
+    routing: RoutingObservation | None
+    progress: ProgressObservation | None
+    errors: tuple[str, ...]
+
+
+async def read_database(store: ControlStore, *, with_progress: bool) -> DatabaseReading:
+    """The routing row and, when asked, migration progress. Never raises for the database: a
+    failed read becomes an error line (the core turns it into a condition) and the tick goes on.
+    """
+    errors: list[str] = []
+    routing = progress = None
+    try:
+        routing = await store.routing()
+    except EmbedshiftError as exc:
+        errors.append(str(exc))
+    if with_progress:
+        try:
+            progress = await store.progress()
+        except EmbedshiftError as exc:
+            errors.append(str(exc))
+    return DatabaseReading(routing=routing, progress=progress, errors=tuple(errors))
