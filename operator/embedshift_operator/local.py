@@ -70,6 +70,7 @@ log = logging.getLogger("embedshift.rollout")
 __all__ = [
     "LocalDriver",
     "RolloutView",
+    "prometheus_token",
     "resolve_environment",
     "seconds_to_next_tick",
     "secret_variable",
@@ -118,9 +119,15 @@ def resolve_environment(resource: EmbeddingMigration, environ: Mapping[str, str]
         key = _secret(model.api_key_secret_ref, environ) or api_key_from_env(model, role, environ)
         if key:
             children[f"EMBEDSHIFT_{role.upper()}_API_KEY"] = key
-    prometheus = spec.analysis.prometheus
-    token = _secret(prometheus.bearer_token_secret_ref, environ) if prometheus else None
-    return Environment(database_url=url, children=children, prometheus_token=token)
+    return Environment(
+        database_url=url, children=children, prometheus_token=prometheus_token(resource, environ)
+    )
+
+
+def prometheus_token(resource: EmbeddingMigration, environ: Mapping[str, str]) -> str | None:
+    """The bearer token ``analysis.prometheus.bearerTokenSecretRef`` names, if any. Pure."""
+    prometheus = resource.spec.analysis.prometheus
+    return _secret(prometheus.bearer_token_secret_ref, environ) if prometheus else None
 
 
 class RolloutView(Protocol):

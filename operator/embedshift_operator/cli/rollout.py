@@ -29,7 +29,7 @@ from embedshift_operator.adapters.postgres import ControlStore
 from embedshift_operator.adapters.prometheus import PrometheusSource
 from embedshift_operator.cli.flags import interval, promql_range
 from embedshift_operator.core import MetricSourceError, plan_analysis
-from embedshift_operator.local import LocalDriver, resolve_environment
+from embedshift_operator.local import LocalDriver, prometheus_token, resolve_environment
 from embedshift_operator.replay import (
     SeriesError,
     parse_series,
@@ -444,7 +444,8 @@ async def _replay(args: argparse.Namespace) -> int:
 
 async def _fetch_series(resource: EmbeddingMigration, args: argparse.Namespace) -> list[Any]:
     spec = resource.spec
-    env = resolve_environment(resource, {**os.environ, "DATABASE_URL": "unused"})
+    # Replay reads Prometheus only: no database URL is needed, just the token, if any.
+    token = prometheus_token(resource, os.environ)
     plan = plan_analysis(spec, migration=resource.key)
     queries = {"requests": plan.requests_query}
     for planned in plan.queries:
@@ -455,7 +456,7 @@ async def _fetch_series(resource: EmbeddingMigration, args: argparse.Namespace) 
     step = parse_duration(args.step or spec.analysis.interval)
     end = datetime.now(UTC)
     start = end - parse_duration(_go_duration(args.range_))
-    async with PrometheusSource(url=args.prometheus_url, bearer_token=env.prometheus_token) as src:
+    async with PrometheusSource(url=args.prometheus_url, bearer_token=token) as src:
         try:
             ranges = await src.query_ranges(queries, start=start, end=end, step=step)
         except MetricSourceError as exc:
