@@ -29,8 +29,10 @@ from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import core_schema
 
 from embedshift_operator.resource import (
-    API_VERSION,
+    GROUP,
     KIND,
+    PLURAL,
+    VERSION,
     EmbeddingMigration,
     EmbeddingMigrationSpec,
     EmbeddingMigrationStatus,
@@ -38,8 +40,6 @@ from embedshift_operator.resource import (
 
 __all__ = ["FILE_NAME", "GROUP", "PLURAL", "SHORT_NAMES", "VERSION", "definition", "render"]
 
-GROUP, _, VERSION = API_VERSION.partition("/")
-PLURAL = "embeddingmigrations"
 SINGULAR = "embeddingmigration"
 SHORT_NAMES = ["em"]
 FILE_NAME = f"{PLURAL}.{GROUP}.yaml"

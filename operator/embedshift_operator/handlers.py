@@ -25,13 +25,12 @@ and the tests call it before kopf starts.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import kopf
@@ -39,7 +38,13 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from embedshift_operator.adapters.alerts import AlertReceiver
-from embedshift_operator.adapters.kube_jobs import ClusterError, KubeJobs
+from embedshift_operator.adapters.kube import (
+    ClusterError,
+    KubeJobs,
+    patch_status,
+    read_migration,
+    read_secret,
+)
 from embedshift_operator.adapters.operator_metrics import OperatorMetrics
 from embedshift_operator.adapters.postgres import ControlStore
 from embedshift_operator.core import (
@@ -56,7 +61,9 @@ from embedshift_operator.core import (
     decide,
 )
 from embedshift_operator.resource import (
-    API_VERSION,
+    GROUP,
+    PLURAL,
+    VERSION,
     ConditionType,
     EmbeddingMigration,
     EmbeddingMigrationStatus,
@@ -71,14 +78,13 @@ from embedshift_operator.ticking import (
     seconds_to_next_tick,
 )
 from rag_service.errors import ConfigError, EmbedshiftError
+from rag_service.schema import ROLLOUT_TABLE
 from rag_service.spec import SecretKeyRef
 
 __all__ = ["GROUP", "PLURAL", "VERSION", "OperatorConfig", "configure"]
 
 log = logging.getLogger("embedshift.operator")
 
-GROUP, VERSION = API_VERSION.split("/")
-PLURAL = "embeddingmigrations"
 ANNOTATION_PREFIX = "embedshift.io"
 # Backoff while the database Secret is missing or the database cannot be reached.
 _BACKOFF_FIRST = 1.0
@@ -94,6 +100,8 @@ class OperatorConfig:
     receiver: AlertReceiver | None = None
     metrics: OperatorMetrics | None = None
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    # Seconds a deletion waits for an unreachable database before it lets go (see _deleted).
+    deletion_timeout: float = 300.0
 
 
 @dataclass
@@ -183,25 +191,51 @@ async def _rollout_loop(
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
 async def _deleted(
-    body: kopf.Body, namespace: str | None, name: str | None, retry: int, **_: Any
+    body: kopf.Body,
+    namespace: str | None,
+    name: str | None,
+    retry: int,
+    runtime: timedelta,
+    **_: Any,
 ) -> None:
-    """Route 0 % to v2 before the resource goes. Data is kept (nothing is dropped)."""
+    """Route 0 % to v2 before the resource goes. Data is kept (nothing is dropped).
+
+    While the database cannot be reached the deletion waits and retries with backoff, for
+    ``OperatorConfig.deletion_timeout``; then it lets go with a Warning Event naming the row
+    to reset by hand, rather than hold the resource (and a namespace being deleted, whose
+    Secret may already be gone) in Terminating forever.
+    """
     resource = parse_migration(dict(body), where=f"{namespace}/{name}")
+    metrics = _runtime.config.metrics
     try:
         url = await read_secret(
             api=_api(), namespace=resource.metadata.namespace, ref=_db_ref(resource)
         )
         store = ControlStore(url=url, spec=resource.spec, migration=resource.key)
-        await store.set_percentage(
-            SetPercentage(percentage=0, reason="the EmbeddingMigration was deleted")
-        )
+        if await store.routing() is not None:  # None: setup never ran, nothing is routed
+            await store.set_percentage(
+                SetPercentage(percentage=0, reason="the EmbeddingMigration was deleted")
+            )
     except EmbedshiftError as exc:
-        raise kopf.TemporaryError(
-            f"cannot route 0 % before deletion: {exc}", delay=_backoff(retry)
-        ) from None
-    if _runtime.config.metrics is not None:
-        _runtime.config.metrics.forget(resource.key)
-    kopf.info(body, reason="RoutedToV1", message="deleted: 0 % to v2; the data is kept")
+        if metrics is not None:
+            metrics.count_error(resource.key, _error_kind(exc))
+        if runtime.total_seconds() < _runtime.config.deletion_timeout:
+            raise kopf.TemporaryError(
+                f"cannot route 0 % before deletion: {exc}", delay=_backoff(retry + 1)
+            ) from None
+        kopf.warn(
+            body,
+            reason="RoutingNotReset",
+            message=(
+                f"deleted without routing 0 % ({exc}); v2 may still be served: reset it with "
+                f"UPDATE {_rollout_table(resource)} SET percentage = 0 "
+                f"WHERE migration = '{resource.key}'"
+            ),
+        )
+    else:
+        kopf.info(body, reason="RoutedToV1", message="deleted: 0 % to v2; the data is kept")
+    if metrics is not None:
+        metrics.forget(resource.key)
 
 
 class _Loop:
@@ -405,6 +439,11 @@ def _held(
     return status.model_copy(update={"message": message, "conditions": [*ready, *others]})
 
 
+def _rollout_table(resource: EmbeddingMigration) -> str:
+    schema = resource.spec.database.table_name.schema
+    return f"{schema}.{ROLLOUT_TABLE}" if schema else ROLLOUT_TABLE
+
+
 def _db_ref(resource: EmbeddingMigration) -> SecretKeyRef:
     ref = resource.spec.database.url_secret_ref
     if ref is None:
@@ -425,54 +464,6 @@ async def _sleep(*, wakers: list[asyncio.Event], seconds: float) -> None:
             wait.cancel()
         for waker in wakers:
             waker.clear()
-
-
-async def read_migration(*, api: client.ApiClient, namespace: str, name: str) -> EmbeddingMigration:
-    """The resource as the API server has it now (status included)."""
-    objects = client.CustomObjectsApi(api)
-    raw = await asyncio.to_thread(
-        objects.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name
-    )
-    return parse_migration(raw, where=f"{PLURAL}/{namespace}/{name}")
-
-
-async def read_secret(*, api: client.ApiClient, namespace: str, ref: SecretKeyRef) -> str:
-    """One key of a Secret, decoded. ConfigError (never the value) when it cannot be read."""
-    core = client.CoreV1Api(api)
-    try:
-        secret = await asyncio.to_thread(core.read_namespaced_secret, ref.name, namespace)
-    except ApiException as exc:
-        what = "not found" if exc.status == 404 else f"cannot be read ({exc.status} {exc.reason})"
-        raise ConfigError(f"Secret {namespace}/{ref.name} {what}") from None
-    data = secret.data or {}
-    if ref.key not in data:
-        raise ConfigError(f"Secret {namespace}/{ref.name} has no key {ref.key!r}")
-    try:
-        return base64.b64decode(data[ref.key]).decode()
-    except (ValueError, UnicodeDecodeError):
-        raise ConfigError(f"Secret {namespace}/{ref.name}: key {ref.key!r} is not text") from None
-
-
-async def patch_status(
-    *, api: client.ApiClient, namespace: str, name: str, status: EmbeddingMigrationStatus
-) -> None:
-    """Write ``status`` through the status subresource (a merge patch: null removes a field)."""
-    body = {"status": status.model_dump(mode="json", by_alias=True)}
-    objects = client.CustomObjectsApi(api)
-    try:
-        await asyncio.to_thread(
-            objects.patch_namespaced_custom_object_status,
-            GROUP,
-            VERSION,
-            namespace,
-            PLURAL,
-            name,
-            body,
-        )
-    except ApiException as exc:
-        raise ClusterError(
-            f"kubernetes: patch status of {namespace}/{name}: {exc.status}"
-        ) from None
 
 
 def emit_event(*, resource: EmbeddingMigration, action: EmitEvent) -> None:

@@ -61,9 +61,16 @@ from rag_service.spec import (
     validation_message,
 )
 
+# The API the resource is served under (the CRD, the operator and the CLI all address it so).
+GROUP, _, VERSION = API_VERSION.partition("/")
+PLURAL = "embeddingmigrations"
+
 __all__ = [
     "API_VERSION",
+    "GROUP",
     "KIND",
+    "PLURAL",
+    "VERSION",
     "AnalysisSpec",
     "AnalysisStatus",
     "CleanupSpec",

@@ -51,9 +51,7 @@ async def operator(cluster: Cluster, database_url: str) -> AsyncIterator[Operato
     from tests.operator.kube.harness import Operator, call
 
     harness = Operator(cluster=cluster, database_url=database_url)
-    handlers.configure(
-        handlers.OperatorConfig(kube=cluster.api.configuration, metrics=harness.metrics)
-    )
+    handlers.configure(harness.config)
     runner = KopfRunner(
         ["run", "--standalone", "--all-namespaces", "-m", "embedshift_operator.handlers"],
         timeout=30,

@@ -19,7 +19,7 @@ from kubernetes import client
 from prometheus_client import CollectorRegistry, generate_latest
 
 from embedshift_operator import handlers
-from embedshift_operator.adapters.kube_jobs import LABEL_KIND
+from embedshift_operator.adapters.kube import LABEL_KIND
 from embedshift_operator.adapters.operator_metrics import OperatorMetrics
 from embedshift_operator.resource import parse_migration
 from rag_service.schema import setup
@@ -86,6 +86,10 @@ class Operator:
         self.batch = client.BatchV1Api(self.cluster.api)
         self.objects = client.CustomObjectsApi(self.cluster.api)
         self.metrics = OperatorMetrics(registry=self.registry)
+        # What the operator runs with; a test may change a field before the step it concerns.
+        self.config = handlers.OperatorConfig(
+            kube=self.cluster.api.configuration, metrics=self.metrics
+        )
 
     def exposition(self) -> str:
         return generate_latest(self.registry).decode()
@@ -116,6 +120,14 @@ class Operator:
 
     async def delete_migration(self) -> None:
         await call(self.objects.delete_namespaced_custom_object, GROUP, VERSION, NS, PLURAL, NAME)
+
+    async def deleted(self) -> bool:
+        """the resource deleted (404)"""
+        try:
+            await self.resource()
+        except client.ApiException as exc:
+            return exc.status == 404
+        return False
 
     async def resource(self) -> dict[str, Any]:
         raw: dict[str, Any] = await call(

@@ -57,15 +57,7 @@ async def test_the_operator_drives_a_migration_and_routes_zero_on_deletion(
     # Deletion: 0 % first, then the finalizer goes (and with it the resource).
     await operator.delete_migration()
 
-    async def gone() -> bool:
-        """the resource deleted"""
-        try:
-            await operator.resource()
-        except client.ApiException as exc:
-            return exc.status == 404
-        return False
-
-    await eventually(gone)
+    await eventually(operator.deleted)
     assert await operator.routing_percentage() == 0
     assert f'migration="{KEY}"' not in operator.exposition()  # forgotten
 
@@ -142,3 +134,23 @@ async def test_a_missing_secret_is_reported_and_recovered_from(operator: Operato
 
     await operator.create_secret()
     await operator.job("setup")  # within the backoff (at most the 1 s interval)
+
+
+@pytest.mark.asyncio
+async def test_a_deletion_waits_for_the_database_then_lets_go_with_a_warning(
+    operator: Operator,
+) -> None:
+    """No Secret, so 0 % cannot be written: the finalizer holds for the deletion timeout, then
+    the resource goes with a Warning naming the row to reset by hand."""
+    operator.config.deletion_timeout = 2.0
+    await operator.create_migration()
+    await asyncio.sleep(0.5)
+    await operator.delete_migration()
+    await asyncio.sleep(1.0)
+    assert (await operator.resource())["metadata"]["deletionTimestamp"]  # still held
+
+    await eventually(operator.deleted, within=10.0)
+    (event,) = [e for e in await operator.events() if e.reason == "RoutingNotReset"]
+    assert event.type == "Warning"
+    assert f"Secret {NS}/rag-db not found" in event.message
+    assert f"WHERE migration = '{KEY}'" in event.message

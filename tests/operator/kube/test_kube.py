@@ -13,7 +13,7 @@ import pytest
 import yaml
 from kubernetes import client
 
-from embedshift_operator.adapters.kube_jobs import (
+from embedshift_operator.adapters.kube import (
     CONFIG_PATH,
     ClusterError,
     KubeJobs,

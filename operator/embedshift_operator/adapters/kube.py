@@ -20,6 +20,7 @@ each call runs in :func:`asyncio.to_thread`).
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 from collections.abc import Callable, Mapping
@@ -32,7 +33,15 @@ from urllib3.exceptions import HTTPError
 
 from embedshift_operator.core.jobs import MAX_NAME, config_name
 from embedshift_operator.core.model import EnsureFollower, JobObservation, RunJob
-from embedshift_operator.resource import EmbeddingMigration, JobState
+from embedshift_operator.resource import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    EmbeddingMigration,
+    EmbeddingMigrationStatus,
+    JobState,
+    parse_migration,
+)
 from rag_service.errors import ConfigError, EmbedshiftError
 from rag_service.spec import SecretKeyRef
 
@@ -45,6 +54,10 @@ __all__ = [
     "follower_manifest",
     "job_manifest",
     "migration_labels",
+    "patch_spec",
+    "patch_status",
+    "read_migration",
+    "read_secret",
 ]
 
 CONFIG_DIR = "/etc/embedshift"
@@ -424,6 +437,69 @@ class KubeJobs:
             f"create ConfigMap {ns}/{manifest['metadata']['name']}",
             lambda: self._core.create_namespaced_config_map(namespace=ns, body=body),
         )
+
+
+# ---- the resource and its Secrets ---------------------------------------------------------------
+
+
+async def read_migration(*, api: client.ApiClient, namespace: str, name: str) -> EmbeddingMigration:
+    """The resource as the API server has it now (status included)."""
+    objects = client.CustomObjectsApi(api)
+    raw = await _call(
+        f"get {PLURAL} {namespace}/{name}",
+        lambda: objects.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name),
+    )
+    return parse_migration(raw, where=f"{PLURAL}/{namespace}/{name}")
+
+
+async def read_secret(*, api: client.ApiClient, namespace: str, ref: SecretKeyRef) -> str:
+    """One key of a Secret, decoded. ConfigError (never the value) when it cannot be read."""
+    core = client.CoreV1Api(api)
+    try:
+        secret = await asyncio.to_thread(core.read_namespaced_secret, ref.name, namespace)
+    except ApiException as exc:
+        what = "not found" if exc.status == 404 else f"cannot be read ({exc.status} {exc.reason})"
+        raise ConfigError(f"Secret {namespace}/{ref.name} {what}") from None
+    except (HTTPError, OSError) as exc:
+        raise ClusterError(
+            f"kubernetes: read Secret {namespace}/{ref.name}: cannot reach the API server "
+            f"({type(exc).__name__})"
+        ) from None
+    data = secret.data or {}
+    if ref.key not in data:
+        raise ConfigError(f"Secret {namespace}/{ref.name} has no key {ref.key!r}")
+    try:
+        return base64.b64decode(data[ref.key]).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise ConfigError(f"Secret {namespace}/{ref.name}: key {ref.key!r} is not text") from None
+
+
+async def patch_status(
+    *, api: client.ApiClient, namespace: str, name: str, status: EmbeddingMigrationStatus
+) -> None:
+    """Write ``status`` through the status subresource (a merge patch: null removes a field)."""
+    body = {"status": status.model_dump(mode="json", by_alias=True)}
+    objects = client.CustomObjectsApi(api)
+    await _call(
+        f"patch status of {PLURAL} {namespace}/{name}",
+        lambda: objects.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, PLURAL, name, body
+        ),
+    )
+
+
+async def patch_spec(
+    *, api: client.ApiClient, namespace: str, name: str, spec: Mapping[str, Any]
+) -> EmbeddingMigration:
+    """A merge patch of ``spec`` (what ``kubectl patch --type=merge`` sends); the result."""
+    objects = client.CustomObjectsApi(api)
+    raw = await _call(
+        f"patch {PLURAL} {namespace}/{name}",
+        lambda: objects.patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name, {"spec": dict(spec)}
+        ),
+    )
+    return parse_migration(raw, where=f"{PLURAL}/{namespace}/{name}")
 
 
 # ---- calls and errors ---------------------------------------------------------------------------
