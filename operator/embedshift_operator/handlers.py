@@ -256,7 +256,7 @@ class _Loop:
             wakers.append(receiver.subscribe(self._key))
         while not stopped:
             pause = await self._tick_safely()
-            await _sleep(wakers=wakers, seconds=pause)
+            await _sleep(wakers=wakers, seconds=pause, stopped=stopped)
 
     async def _tick_safely(self) -> float:
         """One tick; returns the seconds until the next. Nothing here ends the loop."""
@@ -454,9 +454,17 @@ def _db_ref(resource: EmbeddingMigration) -> SecretKeyRef:
     return ref
 
 
-async def _sleep(*, wakers: list[asyncio.Event], seconds: float) -> None:
-    """Sleep ``seconds``, or less when a waker is set (and clear it)."""
-    waits = [asyncio.ensure_future(w.wait()) for w in wakers]
+async def _sleep(
+    *, wakers: list[asyncio.Event], seconds: float, stopped: kopf.DaemonStopped
+) -> None:
+    """Sleep ``seconds``, or less when a waker is set (and clear it) or the daemon is stopped
+    (the operator is shutting down or the resource is deleted: exit now, not after a tick)."""
+
+    async def stopping() -> None:
+        await stopped.wait()
+
+    waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(w.wait()) for w in wakers]
+    waits.append(asyncio.ensure_future(stopping()))
     try:
         await asyncio.wait(waits, timeout=max(0.0, seconds), return_when=asyncio.FIRST_COMPLETED)
     finally:
