@@ -86,7 +86,15 @@ _M = TypeVar("_M", client.V1Job, client.V1Deployment, client.V1ConfigMap)
 
 
 class ClusterError(EmbedshiftError):
-    """The Kubernetes API refused a call or could not be reached (one line, no secrets)."""
+    """The Kubernetes API refused a call or could not be reached (one line, no secrets).
+
+    ``status`` is the HTTP status the API server answered (404, 403…), None when it was not
+    reached: callers that explain the fix (the CLI) tell "not found" from "forbidden" by it.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 # ---- pure builders ------------------------------------------------------------------------------
@@ -510,7 +518,7 @@ async def _call(what: str, call: Callable[[], _T]) -> _T:
     try:
         return await asyncio.to_thread(call)
     except ApiException as exc:
-        raise ClusterError(f"kubernetes: {what}: {_api_message(exc)}") from None
+        raise ClusterError(f"kubernetes: {what}: {_api_message(exc)}", status=exc.status) from None
     except (HTTPError, OSError) as exc:
         raise ClusterError(
             f"kubernetes: {what}: cannot reach the API server ({type(exc).__name__})"
@@ -526,7 +534,7 @@ async def _create(what: str, call: Callable[[], object]) -> bool:
     except ApiException as exc:
         if exc.status == 409:
             return False
-        raise ClusterError(f"kubernetes: {what}: {_api_message(exc)}") from None
+        raise ClusterError(f"kubernetes: {what}: {_api_message(exc)}", status=exc.status) from None
     except (HTTPError, OSError) as exc:
         raise ClusterError(
             f"kubernetes: {what}: cannot reach the API server ({type(exc).__name__})"
@@ -541,7 +549,7 @@ async def _delete(what: str, call: Callable[[], object]) -> None:
     except ApiException as exc:
         if exc.status == 404:
             return
-        raise ClusterError(f"kubernetes: {what}: {_api_message(exc)}") from None
+        raise ClusterError(f"kubernetes: {what}: {_api_message(exc)}", status=exc.status) from None
     except (HTTPError, OSError) as exc:
         raise ClusterError(
             f"kubernetes: {what}: cannot reach the API server ({type(exc).__name__})"

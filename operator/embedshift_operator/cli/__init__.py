@@ -7,7 +7,8 @@ Flags override the file.
 One module per command family registers its commands and wires them to library functions:
 :mod:`.migrate` (``migrate setup|run|verify|index|status|follow``), :mod:`.serve`,
 :mod:`.monitoring` (``compare``, ``baseline``, ``monitor``), :mod:`.rollout` (``rollout
-run|status|replay``); the flags they share are :mod:`.flags`. The library
+run|status|replay|pause|resume|abort``, the cluster side in :mod:`.cluster`); the flags they
+share are :mod:`.flags`. The library
 never imports this package. What a command needs beyond the data plane (kopf, the Kubernetes
 client) is imported inside its handler, so ``embedshift migrate …`` and ``embedshift serve``
 never load it.

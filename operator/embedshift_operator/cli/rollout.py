@@ -1,8 +1,10 @@
-"""``embedshift rollout run | status | replay``: the rollout on this machine, its state, a dry run.
+"""``embedshift rollout run | status | replay | pause | resume | abort``.
 
 The commands read the same EmbeddingMigration YAML the operator reads. ``run`` is the local
-driver (:mod:`embedshift_operator.local`); ``status`` reads the status it saved in the database;
-``replay`` runs the core over recorded metric values (:mod:`embedshift_operator.replay`).
+driver (:mod:`embedshift_operator.local`); ``status FILE`` reads the status it saved in the
+database, ``status NAME`` the status the operator wrote on the cluster (:mod:`.cluster`, as are
+``pause``, ``resume`` and ``abort``); ``replay`` runs the core over recorded metric values
+(:mod:`embedshift_operator.replay`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -21,12 +24,14 @@ from typing import Any
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
+from rich.markup import escape
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
 from embedshift_operator.adapters.postgres import ControlStore
 from embedshift_operator.adapters.prometheus import PrometheusSource
+from embedshift_operator.cli import cluster
 from embedshift_operator.cli.flags import interval, promql_range
 from embedshift_operator.core import MetricSourceError, plan_analysis
 from embedshift_operator.local import LocalDriver, prometheus_token, resolve_environment
@@ -56,6 +61,23 @@ the same command again and it resumes. Secret references resolve from the
 environment: {name: rag-db, key: url} is RAG_DB_URL (else DATABASE_URL).
 """
 
+STATUS_EPILOG = """\
+FILE or NAME: a FILE ends in .yaml, .yml or .json, holds a '/', or is a file here
+(and no cluster flag is given); anything else is the NAME of an EmbeddingMigration.
+The cluster is found as kubectl finds it: --kubeconfig, else KUBECONFIG, else
+~/.kube/config, else the Pod's service account; the namespace is -n, else the
+context's, else default. --json prints {"migration": "NS/NAME", "status": ...} for both.
+"""
+
+CHANGE_DETAILS = {
+    "pause": "Rollback thresholds still act while paused: safety never pauses. Pausing a "
+    "paused resource changes nothing.",
+    "resume": "Only unpauses: a spec.rollout.maxPercentage cap stays; edit maxPercentage to "
+    "lift it. Resuming a resource that is not paused changes nothing.",
+    "abort": "The manual rollback: the operator routes 0 % to v2 at once and records "
+    "RolledBack (ManualRollback); raising maxPercentage again retries from the first step.",
+}
+
 REPLAY_EPILOG = """\
 series format (one check per line):
   {"at": "2026-11-17T10:00:00Z", "p95-latency": 0.31, "error-rate": null,
@@ -78,9 +100,10 @@ _MARKS = {
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rollout = commands.add_parser(
         "rollout",
-        help="run a migration's rollout on this machine, show where it stands, replay a policy",
+        help="run a migration's rollout on this machine, show where it stands, replay a "
+        "policy, pause/resume/abort one on a cluster",
         description="Carry one EmbeddingMigration from re-embedding to 100 % on this machine, "
-        "gated by Prometheus, without a cluster.",
+        "gated by Prometheus, without a cluster; or read and steer one the operator runs.",
     )
     actions = rollout.add_subparsers(dest="action", metavar="ACTION", required=True)
 
@@ -122,11 +145,36 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p = actions.add_parser(
         "status",
         help="where a migration stands (phase, step, progress, last check, history)",
-        description="Read the status `rollout run` saved for FILE's migration.",
+        description="FILE: read the status `rollout run` saved for FILE's migration. NAME: read "
+        "the EmbeddingMigration NAME through the Kubernetes API (the status the operator wrote).",
+        epilog=STATUS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("file", type=Path, metavar="FILE", help="the EmbeddingMigration YAML")
+    p.add_argument(
+        "target",
+        metavar="FILE|NAME",
+        help="the EmbeddingMigration YAML, or the name of one on the cluster",
+    )
     p.add_argument("--json", action="store_true", help="the status as JSON")
+    cluster.add_cluster_flags(p)
     p.set_defaults(handler=_status)
+
+    for action, change, summary in (
+        ("pause", cluster.PAUSE, "hold the current step: set spec.rollout.paused: true"),
+        ("resume", cluster.RESUME, "let the steps go on: set spec.rollout.paused: false"),
+        ("abort", cluster.ABORT, "roll back to 0 % at once: set spec.rollout.maxPercentage: 0"),
+    ):
+        p = actions.add_parser(
+            action,
+            help=f"{summary} (on a cluster)",
+            description=f"{summary[0].upper()}{summary[1:]} on the EmbeddingMigration NAME "
+            f"(a merge patch through the Kubernetes API). {CHANGE_DETAILS[action]}",
+            epilog=cluster.GITOPS_NOTE,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument("name", metavar="NAME", help="the EmbeddingMigration's name")
+        cluster.add_cluster_flags(p, wait=True)
+        p.set_defaults(handler=functools.partial(cluster.change, wanted=change))
 
     p = actions.add_parser(
         "replay",
@@ -362,17 +410,43 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 async def _status(args: argparse.Namespace) -> int:
-    resource = load_migration(args.file)
+    if cluster.is_file(args):
+        return await _file_status(args, Path(args.target))
+    with cluster.connect(args) as conn:
+        resource = await cluster.read(conn, args.target)
+    # Only the operator writes status: an empty one means it has not acted on the resource yet.
+    status = None if resource.status == EmbeddingMigrationStatus() else resource.status
+    hint = "no status yet: the operator has not acted on it (is it running? its logs say why)"
+    return _show_status(
+        args, resource, status, not_started=hint, notes=cluster.spec_notes(resource)
+    )
+
+
+async def _file_status(args: argparse.Namespace, path: Path) -> int:
+    resource = load_migration(path)
     env = resolve_environment(resource, os.environ)
     store = ControlStore(url=env.database_url, spec=resource.spec, migration=resource.key)
     with contextlib.suppress(Exception):
         await store.ensure_tables()
     status = await store.load_status()
+    hint = f"not started (run `embedshift rollout run {path}`)"
+    return _show_status(args, resource, status, not_started=hint, notes=[])
+
+
+def _show_status(
+    args: argparse.Namespace,
+    resource: EmbeddingMigration,
+    status: EmbeddingMigrationStatus | None,
+    *,
+    not_started: str,
+    notes: list[str],
+) -> int:
+    """``rollout status``'s output, whichever driver wrote the status."""
     if status is None:
         if args.json:
             print(json.dumps({"migration": resource.key, "status": None}))
         else:
-            print(f"{resource.key}: not started (run `embedshift rollout run {args.file}`)")
+            print(f"{resource.key}: {not_started}")
         return 0
     if args.json:
         document = status.model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -384,7 +458,8 @@ async def _status(args: argparse.Namespace) -> int:
         f" {h.message}"
         for h in status.history[-10:]
     ]
-    console.print(render_status(resource, status, events=history))
+    shown = [f"[yellow]{escape(note)}[/]" for note in notes] + history
+    console.print(render_status(resource, status, events=shown))
     return 0
 
 
