@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -110,11 +111,14 @@ async def client(prom: PrometheusProcess) -> AsyncIterator[PrometheusClient]:
         yield client
 
 
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
+@contextmanager
+def closed_port() -> Iterator[int]:
+    """A loopback port that refuses connections and that no other process can take meanwhile
+    (bound, never listening: tests running in parallel must not turn it into a live target)."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        port: int = holder.getsockname()[1]
+        yield port
 
 
 async def test_rate_of_a_counter(client: PrometheusClient) -> None:
@@ -220,11 +224,12 @@ async def test_a_range_vector_is_refused(client: PrometheusClient) -> None:
 
 
 async def test_unreachable_prometheus() -> None:
-    url = f"http://scraper:s3cret@127.0.0.1:{closed_port()}"
-    async with PrometheusClient(url=url, timeout=2) as client:
-        assert not await client.ready()
-        with pytest.raises(PrometheusError) as raised:
-            await client.query("up")
+    with closed_port() as port:
+        url = f"http://scraper:s3cret@127.0.0.1:{port}"
+        async with PrometheusClient(url=url, timeout=2) as client:
+            assert not await client.ready()
+            with pytest.raises(PrometheusError) as raised:
+                await client.query("up")
 
     message = str(raised.value)
     assert "'up'" in message
@@ -267,11 +272,12 @@ async def test_added_targets_are_scraped(client: PrometheusClient, prom: Prometh
 
 
 def test_wait_for_scrape_names_a_down_target(prometheus: PrometheusFactory) -> None:
-    dead = f"127.0.0.1:{closed_port()}"
-    instance = prometheus(targets=[dead])
+    with closed_port() as port:
+        dead = f"127.0.0.1:{port}"
+        instance = prometheus(targets=[dead])
 
-    with pytest.raises(TimeoutError) as raised:
-        instance.wait_for_scrape(timeout=8)
+        with pytest.raises(TimeoutError) as raised:
+            instance.wait_for_scrape(timeout=8)
 
     assert f"{dead}: down" in str(raised.value)
     assert "connection refused" in str(raised.value)
