@@ -12,7 +12,12 @@ import pytest
 
 from rag_service.testing.postgres import create_database, drop_database, postgres_server
 
-pytest_plugins = ["tests.embedding_fixtures", "tests.prometheus_fixtures"]
+# tests.operator.e2e.target: the e2e suite's pytest header (which API server it runs against).
+pytest_plugins = [
+    "tests.embedding_fixtures",
+    "tests.prometheus_fixtures",
+    "tests.operator.e2e.target",
+]
 
 
 @pytest.fixture(scope="session")

@@ -161,7 +161,24 @@ async def _login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     configuration = _runtime.config.kube
     if configuration is None:
         return kopf.login_via_client(**kwargs)
-    return kopf.ConnectionInfo(server=configuration.host, insecure=not configuration.verify_ssl)
+    # kopf talks to the API server itself: hand it every credential the client's configuration
+    # holds (a kubeconfig's token, client certificate, CA), as kopf.login_via_client does with
+    # the default configuration; the host alone is anonymous, which a real cluster refuses.
+    header = configuration.get_api_key_with_prefix(
+        "BearerToken"
+    ) or configuration.get_api_key_with_prefix("authorization")
+    scheme, _, token = (header or "").rpartition(" ")
+    return kopf.ConnectionInfo(
+        server=configuration.host,
+        ca_path=configuration.ssl_ca_cert,
+        insecure=not configuration.verify_ssl,
+        username=configuration.username or None,
+        password=configuration.password or None,
+        scheme=scheme or None,
+        token=token or None,
+        certificate_path=configuration.cert_file,
+        private_key_path=configuration.key_file,
+    )
 
 
 # ---- the per-resource loop ----------------------------------------------------------------------
