@@ -28,6 +28,9 @@ from typing import Any, Literal
 SEVERITIES = ("info", "warning", "error", "critical")
 # An Alertmanager alert without a severity label (it is only a convention there).
 NO_SEVERITY = "none"
+# The environment variable holding the webhooks' bearer token: rag_service's and the operator's
+# receiver read the same one, so one Secret carries Alertmanager's token to both.
+WEBHOOK_SECRET_ENV = "ALERT_WEBHOOK_SECRET"  # noqa: S105 (a variable's name, not a secret)
 
 
 class AlertStatus(str, Enum):

@@ -29,7 +29,13 @@ from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, Field, field_validator
 
 from rag_service import alerts as alerts_module
-from rag_service.alerts import AlertLog, check_bearer, is_emergency, parse_alerts
+from rag_service.alerts import (
+    WEBHOOK_SECRET_ENV,
+    AlertLog,
+    check_bearer,
+    is_emergency,
+    parse_alerts,
+)
 from rag_service.breaker import BreakerState, CircuitBreaker
 from rag_service.criteria import PROMQL_RANGE
 from rag_service.errors import ConfigError, EmbedshiftError
@@ -124,7 +130,7 @@ class ServiceSettings:
             "shadow_enabled": _flag(env, "FF_USE_PARALLEL_RAG", False),
             "performance_logging": _flag(env, "FF_ENABLE_PERFORMANCE_LOGGING", False),
             "query_analytics": _flag(env, "FF_ENABLE_QUERY_ANALYTICS", False),
-            "webhook_secret": env.get("ALERT_WEBHOOK_SECRET") or None,
+            "webhook_secret": env.get(WEBHOOK_SECRET_ENV) or None,
             "source_api_key": api_key_from_env(spec.source, "source", env),
             "target_api_key": api_key_from_env(spec.target, "target", env),
         }

@@ -77,15 +77,19 @@ from embedshift_operator.ticking import (
     read_database,
     seconds_to_next_tick,
 )
+from rag_service import __version__
 from rag_service.errors import ConfigError, EmbedshiftError
 from rag_service.schema import ROLLOUT_TABLE
 from rag_service.spec import SecretKeyRef
 
-__all__ = ["GROUP", "PLURAL", "VERSION", "OperatorConfig", "configure"]
+__all__ = ["GROUP", "PLURAL", "USER_AGENT", "VERSION", "OperatorConfig", "configure"]
 
 log = logging.getLogger("embedshift.operator")
 
 ANNOTATION_PREFIX = "embedshift.io"
+# The User-Agent of the operator's own API calls (the handlers' client; kopf's are kopf's), so an
+# API server's audit log, or a test's recording, tells them from anyone else's.
+USER_AGENT = f"embedshift-operator/{__version__}"
 # Backoff while the database Secret is missing or the database cannot be reached.
 _BACKOFF_FIRST = 1.0
 _BACKOFF_MAX = 60.0
@@ -132,7 +136,9 @@ def _api() -> client.ApiClient:
             except kubeconfig.ConfigException:
                 kubeconfig.load_kube_config()  # type: ignore[no-untyped-call]
             configuration = client.Configuration.get_default_copy()
-        _runtime.api = client.ApiClient(configuration)
+        api = client.ApiClient(configuration)
+        api.user_agent = USER_AGENT
+        _runtime.api = api
     return _runtime.api
 
 
@@ -161,21 +167,27 @@ async def _login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     configuration = _runtime.config.kube
     if configuration is None:
         return kopf.login_via_client(**kwargs)
-    # kopf talks to the API server itself: hand it every credential the client's configuration
-    # holds (a kubeconfig's token, client certificate, CA), as kopf.login_via_client does with
-    # the default configuration; the host alone is anonymous, which a real cluster refuses.
+    return _connection_info(configuration)
+
+
+def _connection_info(configuration: client.Configuration) -> kopf.ConnectionInfo:
+    """kopf's credentials from the client's configuration, read as ``kopf.login_via_client``
+    reads the default one. The token is asked for on every login (kopf logs in again on a 401)
+    through the configuration's refresh hook, so a rotated service-account token or an exec
+    plugin's fresh one is used, not the one read at start-up."""
     header = configuration.get_api_key_with_prefix(
         "BearerToken"
     ) or configuration.get_api_key_with_prefix("authorization")
-    scheme, _, token = (header or "").rpartition(" ")
+    parts = header.split(" ", 1) if header else []
+    scheme, token = (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0] if parts else None)
     return kopf.ConnectionInfo(
         server=configuration.host,
         ca_path=configuration.ssl_ca_cert,
         insecure=not configuration.verify_ssl,
         username=configuration.username or None,
         password=configuration.password or None,
-        scheme=scheme or None,
-        token=token or None,
+        scheme=scheme,
+        token=token,
         certificate_path=configuration.cert_file,
         private_key_path=configuration.key_file,
     )

@@ -7,11 +7,11 @@ Flags override the file.
 One module per command family registers its commands and wires them to library functions:
 :mod:`.migrate` (``migrate setup|run|verify|index|status|follow``), :mod:`.serve`,
 :mod:`.monitoring` (``compare``, ``baseline``, ``monitor``), :mod:`.rollout` (``rollout
-run|status|replay|pause|resume|abort``, the cluster side in :mod:`.cluster`); the flags they
-share are :mod:`.flags`. The library
-never imports this package. What a command needs beyond the data plane (kopf, the Kubernetes
-client) is imported inside its handler, so ``embedshift migrate …`` and ``embedshift serve``
-never load it.
+run|status|replay|pause|resume|abort``, the cluster side in :mod:`.cluster`), :mod:`.operator`
+(``operator run``: the kopf operator); the flags they share are :mod:`.flags`. The library never
+imports this package. What a command needs beyond the data plane (kopf, the Kubernetes client)
+is imported inside its handler, so ``embedshift migrate …`` and ``embedshift serve`` never load
+it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 
 import psycopg
 
-from embedshift_operator.cli import migrate, monitoring, rollout, serve
+from embedshift_operator.cli import migrate, monitoring, operator, rollout, serve
 from rag_service import __version__
 from rag_service.errors import EmbedshiftError
 from rag_service.schema import first_line
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.register(commands)
     monitoring.register(commands)
     rollout.register(commands)
+    operator.register(commands)
     return parser
 
 

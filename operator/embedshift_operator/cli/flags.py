@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from embedshift_operator.resource import parse_duration
 from rag_service.criteria import PROMQL_RANGE
 from rag_service.errors import ConfigError
 from rag_service.migrate import Shard
@@ -22,8 +23,10 @@ from rag_service.spec import DataPlaneSpec, EmbeddingSpec, load_resource, valida
 
 __all__ = [
     "add_spec_flags",
+    "duration",
     "env",
     "interval",
+    "port",
     "positive",
     "promql_range",
     "resolve",
@@ -133,6 +136,28 @@ def interval(value: str) -> float:
     if not seconds > 0:
         raise argparse.ArgumentTypeError(f"{value} must be more than 0 seconds")
     return seconds
+
+
+def duration(value: str) -> float:
+    """A positive Go duration (``5m``, ``90s``, ``1h30m``), as the resource writes them; seconds."""
+    try:
+        seconds = parse_duration(value).total_seconds()
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r} must be longer than zero, e.g. 5m")
+    return seconds
+
+
+def port(value: str) -> int:
+    """A TCP port, 0-65535 (what 0 means is the flag's to say)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number") from None
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port number (0-65535)")
+    return number
 
 
 def resolve(args: argparse.Namespace) -> tuple[DataPlaneSpec, str, str, PriceTable]:

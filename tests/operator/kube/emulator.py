@@ -14,6 +14,12 @@ through, ``KubernetesEmulator._handle``, before kmock stores the object:
   (a list of operations, ``test`` included) is applied here and handed to kmock as the
   equivalent merge patch; a failed ``test`` is 422 Invalid, as on an API server.
 
+- Namespaces: ``/api/v1/namespaces[/NAME]`` are the cluster-scoped Namespace objects (kmock
+  0.8 reads the path as a namespace prefix with no resource and answers 500); kopf lists and
+  watches them to serve ``--namespace``, so a test creates its namespace as a cluster has it.
+- kopf's peering resources (``kopf.dev/v1`` ``kopfpeerings``, ``clusterkopfpeerings``) are
+  known, so an operator with peering finds them; a test creates the peering object.
+
 Still not emulated (see issue 8): label selectors, PUT, a separate ``/status``
 subresource (a patch of ``.../status`` is a patch of the object; here it is cut to its
 ``status``), validation, garbage collection and the Job
@@ -30,11 +36,14 @@ from typing import Any
 
 import jsonpatch
 import kmock
-from kmock._internal import rendering  # the Request type of the hook kmock itself overrides
+from kmock._internal import (
+    parsing,  # kmock's path parser, corrected below for the Namespace objects
+    rendering,  # the Request type of the hook kmock itself overrides
+)
 
 from embedshift_operator.resource import API_VERSION
 
-__all__ = ["CRD_RESOURCE", "ApiServerEmulator"]
+__all__ = ["CRD_RESOURCE", "PEERING_RESOURCES", "ApiServerEmulator"]
 
 # The EmbeddingMigration resource as discovery would show it (kmock's bundle holds builtins only).
 CRD_RESOURCE = f"{API_VERSION}/embeddingmigrations"
@@ -46,6 +55,36 @@ _CRD_INFO = kmock.ResourceInfo(
     verbs={"create", "delete", "get", "list", "patch", "update", "watch"},
     subresources={"status"},
 )
+
+# kopf's peering CRDs (kopf's docs ship them as peering.yaml), as discovery would show them.
+_PEERING_VERBS = {"create", "delete", "get", "list", "patch", "update", "watch"}
+PEERING_RESOURCES = {
+    "kopf.dev/v1/kopfpeerings": kmock.ResourceInfo(
+        namespaced=True, kind="KopfPeering", singular="kopfpeering", verbs=_PEERING_VERBS
+    ),
+    "kopf.dev/v1/clusterkopfpeerings": kmock.ResourceInfo(
+        namespaced=False,
+        kind="ClusterKopfPeering",
+        singular="clusterkopfpeering",
+        verbs=_PEERING_VERBS,
+    ),
+}
+
+_kmock_parse_path = parsing.parse_path
+
+
+def _parse_path(path: str) -> parsing.ParsedPath:
+    """kmock's parser, but ``/api/v1/namespaces[/NAME]`` is the Namespace resource itself."""
+    parts = path.strip("/").split("/")
+    if parts[:3] == ["api", "v1", "namespaces"] and len(parts) <= 4:
+        name = parts[3] if len(parts) == 4 else None
+        return parsing.ParsedPath(group="", version="v1", plural="namespaces", name=name)
+    return _kmock_parse_path(path)
+
+
+# kmock parses each request with the module's function (rendering.Request._parse), before any
+# hook of the emulator runs; for every other path this is kmock's parser unchanged.
+parsing.parse_path = _parse_path
 
 
 def _merge(base: Any, patch: Any) -> Any:
@@ -82,6 +121,8 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         self._revisions = itertools.count(1)
         self.resources.load_bundled()
         self.resources[CRD_RESOURCE] = _CRD_INFO
+        for resource, info in PEERING_RESOURCES.items():
+            self.resources[resource] = info
 
     async def _handle(self, request: rendering.Request) -> Any:
         if request.resource is not None and request.action is not None:
