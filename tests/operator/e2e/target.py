@@ -14,12 +14,10 @@ this deep is not loaded before the header is printed).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import secrets
 import threading
-import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,6 @@ from typing import Any
 
 import kmock
 import yaml
-from aiohttp import web
 from kmock._internal import rendering  # the Request type of the hook kmock itself overrides
 from kubernetes import config as kubeconfig
 
@@ -101,96 +98,20 @@ def pytest_report_header() -> str:
 
 
 class _StandInEmulator(ApiServerEmulator):
-    """The emulator asking for the kubeconfig's bearer token (401 without it), and serving
-    Namespaces, which kmock 0.8 cannot route (its path parser takes ``/api/v1/namespaces`` for
-    the prefix of a namespaced path)."""
+    """The emulator asking for the kubeconfig's bearer token (401 without it), as a cluster
+    does: a client that forgot its credentials fails here too."""
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self.token = ""  # set before serving
-        self._namespaces: dict[str, dict[str, Any]] = {}
-        self._watchers: list[asyncio.Queue[dict[str, Any]]] = []
-
-    def _refusal(self, headers: Mapping[str, str]) -> kmock.KubernetesError | None:
-        lowered = {k.lower(): v for k, v in headers.items()}
-        if lowered.get("authorization") == f"Bearer {self.token}":
-            return None
-        return kmock.KubernetesError(
-            status=401, reason="Unauthorized", message="no or a wrong bearer token"
-        )
 
     async def _handle(self, request: rendering.Request) -> Any:
-        refusal = self._refusal(request.headers)
-        if refusal is not None:
-            raise refusal
+        lowered = {k.lower(): v for k, v in request.headers.items()}
+        if lowered.get("authorization") != f"Bearer {self.token}":
+            raise kmock.KubernetesError(
+                status=401, reason="Unauthorized", message="no or a wrong bearer token"
+            )
         return await super()._handle(request)
-
-    async def __call__(self, raw_request: web.BaseRequest) -> web.StreamResponse:
-        parts = raw_request.path.strip("/").split("/")
-        if parts[:3] != ["api", "v1", "namespaces"] or len(parts) > 4:
-            return await super().__call__(raw_request)
-        refusal = self._refusal(raw_request.headers)
-        if refusal is not None:
-            return await self._render_error(refusal)
-        name = parts[3] if len(parts) == 4 else None
-        if name is None and raw_request.query.get("watch") == "true":
-            return await self._watch_namespaces(raw_request)
-        return self._namespace(raw_request.method, name, await raw_request.read())
-
-    async def _watch_namespaces(self, raw_request: web.BaseRequest) -> web.StreamResponse:
-        """Changes after the list, one JSON line each, as a watch from the list's
-        resourceVersion streams them; until ``timeoutSeconds`` or the server stops."""
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._watchers.append(queue)
-        response = web.StreamResponse(headers={"Content-Type": "application/json"})
-        await response.prepare(raw_request)
-        timeout = float(raw_request.query.get("timeoutSeconds") or 3600)
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    event = await queue.get()
-                    await response.write(json.dumps(event).encode() + b"\n")
-        except TimeoutError:
-            pass
-        finally:
-            self._watchers.remove(queue)
-        return response
-
-    def _notify(self, kind: str, namespace: dict[str, Any]) -> None:
-        for queue in self._watchers:
-            queue.put_nowait({"type": kind, "object": namespace})
-
-    def _namespace(self, method: str, name: str | None, body: bytes) -> web.StreamResponse:
-        namespaces = self._namespaces
-        if name is None and method == "POST":
-            created = json.loads(body)
-            name = created["metadata"]["name"]
-            if name in namespaces:
-                return _status(409, "AlreadyExists", f'namespaces "{name}" already exists')
-            created["metadata"].update(uid=str(uuid.uuid4()), resourceVersion="1")
-            created["status"] = {"phase": "Active"}
-            namespaces[name] = created
-            self._notify("ADDED", created)
-            return web.json_response(created, status=201)
-        if name is None and method == "GET":
-            items = list(namespaces.values())
-            listed = {"apiVersion": "v1", "kind": "NamespaceList", "items": items}
-            return web.json_response({**listed, "metadata": {"resourceVersion": "1"}})
-        if name not in namespaces:
-            return _status(404, "NotFound", f'namespaces "{name}" not found')
-        if method == "GET":
-            return web.json_response(namespaces[name])
-        if method == "DELETE":  # nothing in it is deleted: the stand-in collects no garbage
-            gone = namespaces.pop(name)
-            gone["status"] = {"phase": "Terminating"}
-            self._notify("DELETED", gone)
-            return web.json_response(gone)
-        return _status(405, "MethodNotAllowed", f"{method} of a namespace")
-
-
-def _status(code: int, reason: str, message: str) -> web.Response:
-    body = {"apiVersion": "v1", "kind": "Status", "status": "Failure", "code": code}
-    return web.json_response({**body, "reason": reason, "message": message}, status=code)
 
 
 def _kubeconfig(server: str, token: str) -> dict[str, Any]:
