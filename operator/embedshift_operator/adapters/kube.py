@@ -53,6 +53,7 @@ __all__ = [
     "config_map_manifest",
     "follower_manifest",
     "job_manifest",
+    "label_selector",
     "migration_labels",
     "patch_spec",
     "patch_status",
@@ -358,9 +359,9 @@ def _one_line(text: str, limit: int = 1000) -> str:
     return " ".join(text.split())[:limit]
 
 
-def _labelled(meta: client.V1ObjectMeta | None, wanted: Mapping[str, str]) -> bool:
-    labels = (meta.labels if meta else None) or {}
-    return all(labels.get(k) == v for k, v in wanted.items())
+def label_selector(labels: Mapping[str, str]) -> str:
+    """``k=v,k2=v2``: the objects carrying all of ``labels``. Pure."""
+    return ",".join(f"{key}={value}" for key, value in sorted(labels.items()))
 
 
 # ---- the runner ---------------------------------------------------------------------------------
@@ -382,16 +383,17 @@ class KubeJobs:
     async def observe(self, resource: EmbeddingMigration) -> dict[str, JobObservation]:
         """Every Job of this migration, by name: Running, Succeeded or Failed (with a message)."""
         ns = resource.metadata.namespace
+        # Filtered by the API server: a namespace with many migrations (or other Jobs) must not
+        # cost every tick a list, and a deserialisation, of all of them.
+        selector = label_selector(migration_labels(resource, COMPONENT_JOB))
         jobs = await _call(
-            f"list Jobs in {ns}", lambda: self._batch.list_namespaced_job(namespace=ns)
+            f"list Jobs in {ns}",
+            lambda: self._batch.list_namespaced_job(namespace=ns, label_selector=selector),
         )
-        wanted = migration_labels(resource, COMPONENT_JOB)
-        # Filtered here rather than with label_selector=: the same on a cluster, and the test
-        # emulator (kmock) has no label selectors. One list per tick per resource is cheap.
         return {
             job.metadata.name: job_observation(job)
             for job in jobs.items
-            if job.metadata is not None and job.metadata.name and _labelled(job.metadata, wanted)
+            if job.metadata is not None and job.metadata.name
         }
 
     async def run_job(self, resource: EmbeddingMigration, action: RunJob) -> bool:
@@ -410,17 +412,14 @@ class KubeJobs:
         names, create this one if missing. True when it was created."""
         manifest = follower_manifest(resource, action, operator_image=self._operator_image)
         ns = resource.metadata.namespace
+        selector = label_selector(migration_labels(resource, COMPONENT_FOLLOWER))
         listed = await _call(
             f"list Deployments in {ns}",
-            lambda: self._apps.list_namespaced_deployment(namespace=ns),
+            lambda: self._apps.list_namespaced_deployment(namespace=ns, label_selector=selector),
         )
-        wanted = migration_labels(resource, COMPONENT_FOLLOWER)
-        # Filtered in Python, as in observe().
         for deployment in listed.items:
             meta = deployment.metadata
-            if meta is None or not meta.name or meta.name == action.name:
-                continue
-            if _labelled(meta, wanted):
+            if meta is not None and meta.name and meta.name != action.name:
                 await self._delete_deployment(ns, meta.name)
         await self._ensure_config(resource)
         body = as_model(client.V1Deployment, manifest)

@@ -20,7 +20,11 @@ through, ``KubernetesEmulator._handle``, before kmock stores the object:
 - kopf's peering resources (``kopf.dev/v1`` ``kopfpeerings``, ``clusterkopfpeerings``) are
   known, so an operator with peering finds them; a test creates the peering object.
 
-Still not emulated (see issue 8): label selectors, PUT, a separate ``/status``
+- Label selectors on a list (``?labelSelector=``), equality-based (``k=v``, ``k==v``, ``k!=v``,
+  ``k``, ``!k``), as the operator sends them; set-based selectors (``k in (…)``) are refused
+  with 400 rather than ignored, so a test cannot pass on an unfiltered list.
+
+Still not emulated (see issue 8): PUT, a separate ``/status``
 subresource (a patch of ``.../status`` is a patch of the object; here it is cut to its
 ``status``), validation, garbage collection and the Job
 controller. Tests complete Jobs by patching their status.
@@ -87,6 +91,29 @@ def _parse_path(path: str) -> parsing.ParsedPath:
 parsing.parse_path = _parse_path
 
 
+def _selector_matches(selector: str, labels: dict[str, str]) -> bool:
+    """An equality-based label selector, as an API server reads it."""
+    for term in filter(None, (t.strip() for t in selector.split(","))):
+        if any(word in term for word in (" in ", " notin ", "(")):
+            raise kmock.KubernetesError(
+                status=400, reason="BadRequest", message=f"set-based selector {term!r}"
+            )
+        if "!=" in term:
+            key, value = (part.strip() for part in term.split("!=", 1))
+            if labels.get(key) == value:
+                return False
+        elif "=" in term:
+            key, value = (part.strip() for part in term.replace("==", "=").split("=", 1))
+            if labels.get(key) != value:
+                return False
+        elif term.startswith("!"):
+            if term[1:].strip() in labels:
+                return False
+        elif term not in labels:
+            return False
+    return True
+
+
 def _merge(base: Any, patch: Any) -> Any:
     """RFC 7386 merge patch (None removes a key), as kmock applies it."""
     if not isinstance(patch, dict):
@@ -129,6 +156,17 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             async with self._lock:
                 self._stamp(request)
         return await super()._handle(request)
+
+    async def _serve_list(self, request: rendering.Request) -> Any:
+        listed = await super()._serve_list(request)
+        selector = request.params.get("labelSelector")
+        if selector and isinstance(listed, dict):
+            listed["items"] = [
+                item
+                for item in listed["items"]
+                if _selector_matches(selector, item.get("metadata", {}).get("labels") or {})
+            ]
+        return listed
 
     def _stamp(self, request: rendering.Request) -> None:
         action = request.action
