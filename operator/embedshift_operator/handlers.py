@@ -77,6 +77,7 @@ from embedshift_operator.ticking import (
     read_database,
     seconds_to_next_tick,
 )
+from rag_service import __version__
 from rag_service.errors import ConfigError, EmbedshiftError
 from rag_service.schema import ROLLOUT_TABLE
 from rag_service.spec import SecretKeyRef
@@ -133,6 +134,7 @@ def _api() -> client.ApiClient:
                 kubeconfig.load_kube_config()  # type: ignore[no-untyped-call]
             configuration = client.Configuration.get_default_copy()
         _runtime.api = client.ApiClient(configuration)
+        _runtime.api.user_agent = f"embedshift-operator/{__version__}"
     return _runtime.api
 
 

@@ -14,6 +14,11 @@ through, ``KubernetesEmulator._handle``, before kmock stores the object:
   (a list of operations, ``test`` included) is applied here and handed to kmock as the
   equivalent merge patch; a failed ``test`` is 422 Invalid, as on an API server.
 
+Every request for a resource is also recorded as :class:`ApiCall` (its RBAC verb, group,
+resource and subresource, and the User-Agent that tells the operator from the tests' own
+client) in ``calls``, and every create the emulator accepted in ``created``: what least
+privilege is checked against (``api-calls.yaml``) and how a double create is counted.
+
 Still not emulated (see issue 8): label selectors, PUT, a separate ``/status``
 subresource (a patch of ``.../status`` is a patch of the object; here it is cut to its
 ``status``), validation, garbage collection and the Job
@@ -26,6 +31,7 @@ import copy
 import datetime
 import itertools
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import jsonpatch
@@ -34,7 +40,7 @@ from kmock._internal import rendering  # the Request type of the hook kmock itse
 
 from embedshift_operator.resource import API_VERSION
 
-__all__ = ["CRD_RESOURCE", "ApiServerEmulator"]
+__all__ = ["CRD_RESOURCE", "ApiCall", "ApiServerEmulator"]
 
 # The EmbeddingMigration resource as discovery would show it (kmock's bundle holds builtins only).
 CRD_RESOURCE = f"{API_VERSION}/embeddingmigrations"
@@ -46,6 +52,50 @@ _CRD_INFO = kmock.ResourceInfo(
     verbs={"create", "delete", "get", "list", "patch", "update", "watch"},
     subresources={"status"},
 )
+
+
+@dataclass(frozen=True)
+class ApiCall:
+    """One request for a resource, as RBAC names it (``verb`` is RBAC's, not HTTP's)."""
+
+    verb: str  # get list watch create patch update delete deletecollection
+    group: str  # "" for the core group
+    resource: str
+    subresource: str | None
+    namespace: str | None
+    name: str | None  # for a create, the new object's name
+    user_agent: str
+
+
+def _verb(request: rendering.Request) -> str:
+    method = str(request.method.value).upper()
+    if request.action == kmock.action.WATCH:
+        return "watch"
+    if method == "GET":
+        return "get" if request.name else "list"
+    if method == "DELETE":
+        return "delete" if request.name else "deletecollection"
+    return {"POST": "create", "PATCH": "patch", "PUT": "update"}.get(method, method.lower())
+
+
+def _api_call(request: rendering.Request) -> ApiCall | None:
+    """``request`` as RBAC sees it; None for discovery (``/api``, ``/apis/...``: no resource)."""
+    resource = request.resource
+    if resource is None or resource.plural is None:
+        return None
+    name = request.name
+    if name is None and isinstance(request.data, dict):
+        name = (request.data.get("metadata") or {}).get("name")
+    agent = next((v for k, v in request.headers.items() if k.lower() == "user-agent"), "")
+    return ApiCall(
+        verb=_verb(request),
+        group=resource.group or "",
+        resource=resource.plural,
+        subresource=request.subresource,
+        namespace=request.namespace,
+        name=name,
+        user_agent=agent,
+    )
 
 
 def _merge(base: Any, patch: Any) -> Any:
@@ -82,12 +132,21 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         self._revisions = itertools.count(1)
         self.resources.load_bundled()
         self.resources[CRD_RESOURCE] = _CRD_INFO
+        self.calls: list[ApiCall] = []
+        self.created: list[ApiCall] = []
 
     async def _handle(self, request: rendering.Request) -> Any:
         if request.resource is not None and request.action is not None:
             async with self._lock:
                 self._stamp(request)
-        return await super()._handle(request)
+        call = _api_call(request)  # after the stamp: a generated name is known
+        if call is not None:
+            self.calls.append(call)
+        response = await super()._handle(request)
+        # A create kmock refused (409 AlreadyExists) or a test's reaction failed raised above.
+        if call is not None and call.verb == "create":
+            self.created.append(call)
+        return response
 
     def _stamp(self, request: rendering.Request) -> None:
         action = request.action
