@@ -3,6 +3,8 @@ against the API-server emulator, with a real PostgreSQL behind a Secret created 
 
 No kubelet runs the Jobs: tests complete (or fail) each one by patching its status, and run the
 real ``migrate setup`` when they complete the setup Job, so the routing row's table exists.
+:meth:`Operator.restart` replaces the running operator with a new one; the emulator's record
+of requests tells when the operator ticked and how often each Job was created.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from embedshift_operator.resource import EmbeddingMigration, Phase, parse_migrat
 from rag_service.schema import setup
 from tests.operator.kube.api_calls import is_operator
 from tests.operator.kube.conftest import Cluster
-from tests.operator.kube.emulator import ApiCall
 
 NS = "rag"
 NAME = "docs"
@@ -164,10 +165,6 @@ class Operator:
         """Stop the operator and start a new one, as a rolled Deployment's new Pod would."""
         await self.stop()
         await self.start()
-
-    def operator_calls(self) -> list[ApiCall]:
-        """Every request the operator (kopf and its kubernetes client) made, in order."""
-        return [c for c in self.cluster.emulator.calls if is_operator(c)]
 
     def job_creations(self) -> dict[str, int]:
         """How many times each Job was created (accepted, not refused as existing)."""
