@@ -4,7 +4,8 @@
 
 Real parts throughout: ``embedshift operator run`` as shipped (a subprocess: the real kopf and
 the real ``kubernetes`` client) against the project's API-server emulator (kmock with the
-metadata an API server assigns; ``tests/operator/kube/emulator.py``), a private PostgreSQL +
+metadata an API server assigns; served as the e2e suite's stand-in cluster, with a kubeconfig
+and a bearer token: ``tests/operator/e2e/target.py``), a private PostgreSQL +
 pgvector holding the routing rows, and a real Prometheus scraping (every 0.5 s) an exporter of
 the metric contract with steady healthy traffic for every migration
 (:class:`rag_service.testing.traffic.ContractTraffic`). No kubelet runs the Jobs: this script
@@ -45,7 +46,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -54,10 +54,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
-import kmock
 import psycopg
-import yaml
 from kubernetes import client
+from kubernetes import config as kube_config
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -74,7 +73,7 @@ from rag_service.testing.prometheus import running_prometheus, serving_metrics  
 from rag_service.testing.rollout import manifest  # noqa: E402
 from rag_service.testing.service_process import free_port  # noqa: E402
 from rag_service.testing.traffic import ContractTraffic, VersionTraffic  # noqa: E402
-from tests.operator.kube.emulator import ApiServerEmulator  # noqa: E402
+from tests.operator.e2e.target import stand_in  # noqa: E402
 
 T = TypeVar("T")
 
@@ -117,54 +116,6 @@ def document(index: int, *, prometheus_url: str, interval: str) -> dict[str, Any
     doc["spec"]["migration"]["image"] = "ghcr.io/embedshift/embedshift:bench"  # never pulled
     doc["spec"]["database"]["urlSecretRef"] = {"name": "rag-db", "key": "url"}
     return doc
-
-
-# ---- the emulator, served from a thread ----------------------------------------------------------
-
-
-@contextmanager
-def serving_emulator() -> Iterator[str]:
-    """The API-server emulator on a loopback port (its own event loop in a thread); its URL."""
-    ready = threading.Event()
-    url: list[str] = []
-    loop = asyncio.new_event_loop()
-    stop = asyncio.Event()
-
-    async def serve() -> None:
-        async with ApiServerEmulator() as handler, kmock.Server(handler):
-            url.append(str(handler.url).rstrip("/"))
-            ready.set()
-            await stop.wait()
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
-    thread.start()
-    if not ready.wait(30):
-        raise SystemExit("the API-server emulator did not start")
-    try:
-        yield url[0]
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(10)
-
-
-def write_kubeconfig(path: Path, server: str) -> None:
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "emulator", "cluster": {"server": server}}],
-                "users": [{"name": "bench", "user": {}}],
-                "contexts": [
-                    {
-                        "name": "emulator",
-                        "context": {"cluster": "emulator", "user": "bench", "namespace": NS},
-                    }
-                ],
-                "current-context": "emulator",
-            }
-        )
-    )
 
 
 # ---- the operator as shipped ---------------------------------------------------------------------
@@ -290,12 +241,15 @@ def quantile(q: float, before: dict[str, Any], after: dict[str, Any]) -> float:
 
 
 class Cluster:
-    def __init__(self, server: str, database_url: str) -> None:
-        self.api = client.ApiClient(client.Configuration(host=server))
+    def __init__(self, kubeconfig: str, database_url: str) -> None:
+        self.api = kube_config.new_client_from_config(config_file=kubeconfig)
         self.core = client.CoreV1Api(self.api)
         self.batch = client.BatchV1Api(self.api)
         self.objects = client.CustomObjectsApi(self.api)
         self.database_url = database_url
+
+    def create_namespace(self) -> None:
+        self.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=NS)))
 
     def create_secret(self) -> None:
         body = client.V1Secret(
@@ -470,7 +424,7 @@ def run(args: argparse.Namespace) -> Results:
         ContractTraffic(registry, traffic_of) as traffic,
         serving_metrics(registry) as target,
         running_prometheus(targets=[target], scrape_interval=SCRAPE) as prometheus,
-        serving_emulator() as server,
+        stand_in(workdir) as target_cluster,
     ):
         name, url = create_database(admin_url, prefix="bench_operator")
         try:
@@ -481,9 +435,8 @@ def run(args: argparse.Namespace) -> Results:
             for key in [*keys, "bench/floor"]:
                 asyncio.run(setup(url, data_plane, migration=key))
             prometheus.wait_for_scrape(scrapes=2)
-            kubeconfig = workdir / "kubeconfig"
-            write_kubeconfig(kubeconfig, server)
-            cluster = Cluster(server, url)
+            kubeconfig = Path(target_cluster.kubeconfig)
+            cluster = Cluster(target_cluster.kubeconfig, url)
             rows = Rows(url)
             try:
                 with running_operator(kubeconfig, workdir) as operator:
@@ -510,6 +463,7 @@ def measure(
     results.rss_idle = operator.rss_mb()
     print(f"idle: RSS {results.rss_idle[0]:.1f} MB", flush=True)
 
+    cluster.create_namespace()
     cluster.create_secret()
     started = time.monotonic()
     for i in range(n):

@@ -12,17 +12,20 @@ through, ``KubernetesEmulator._handle``, before kmock stores the object:
 - patch: the next ``resourceVersion``; ``generation`` + 1 when ``spec`` changes (a patch of
   ``status`` or metadata leaves it), ``uid`` and ``creationTimestamp`` kept; a JSON-Patch
   (a list of operations, ``test`` included) is applied here and handed to kmock as the
-  equivalent merge patch; a failed ``test`` is 422 Invalid, as on an API server.
-
+  equivalent merge patch; a failed ``test`` is 422 Invalid, as on an API server;
 - Namespaces: ``/api/v1/namespaces[/NAME]`` are the cluster-scoped Namespace objects (kmock
   0.8 reads the path as a namespace prefix with no resource and answers 500); kopf lists and
   watches them to serve ``--namespace``, so a test creates its namespace as a cluster has it.
 - kopf's peering resources (``kopf.dev/v1`` ``kopfpeerings``, ``clusterkopfpeerings``) are
   known, so an operator with peering finds them; a test creates the peering object.
-
 - Label selectors on a list (``?labelSelector=``), equality-based (``k=v``, ``k==v``, ``k!=v``,
   ``k``, ``!k``), as the operator sends them; set-based selectors (``k in (…)``) are refused
   with 400 rather than ignored, so a test cannot pass on an unfiltered list.
+
+Every request for a resource is also recorded as :class:`ApiCall` (its RBAC verb, group,
+resource and subresource, and the User-Agent that tells the operator from the tests' own
+client) in ``calls``, and every create the emulator accepted in ``created``: what least
+privilege is checked against (``api-calls.yaml``) and how a double create is counted.
 
 Still not emulated (see issue 8): PUT, a separate ``/status``
 subresource (a patch of ``.../status`` is a patch of the object; here it is cut to its
@@ -36,6 +39,7 @@ import copy
 import datetime
 import itertools
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import jsonpatch
@@ -47,7 +51,7 @@ from kmock._internal import (
 
 from embedshift_operator.resource import API_VERSION
 
-__all__ = ["CRD_RESOURCE", "PEERING_RESOURCES", "ApiServerEmulator"]
+__all__ = ["CRD_RESOURCE", "PEERING_RESOURCES", "ApiCall", "ApiServerEmulator"]
 
 # The EmbeddingMigration resource as discovery would show it (kmock's bundle holds builtins only).
 CRD_RESOURCE = f"{API_VERSION}/embeddingmigrations"
@@ -114,6 +118,50 @@ def _selector_matches(selector: str, labels: dict[str, str]) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class ApiCall:
+    """One request for a resource, as RBAC names it (``verb`` is RBAC's, not HTTP's)."""
+
+    verb: str  # get list watch create patch update delete deletecollection
+    group: str  # "" for the core group
+    resource: str
+    subresource: str | None
+    namespace: str | None
+    name: str | None  # for a create, the new object's name
+    user_agent: str
+
+
+def _verb(request: rendering.Request) -> str:
+    method = str(request.method.value).upper()
+    if request.action == kmock.action.WATCH:
+        return "watch"
+    if method == "GET":
+        return "get" if request.name else "list"
+    if method == "DELETE":
+        return "delete" if request.name else "deletecollection"
+    return {"POST": "create", "PATCH": "patch", "PUT": "update"}.get(method, method.lower())
+
+
+def _api_call(request: rendering.Request) -> ApiCall | None:
+    """``request`` as RBAC sees it; None for discovery (``/api``, ``/apis/...``: no resource)."""
+    resource = request.resource
+    if resource is None or resource.plural is None:
+        return None
+    name = request.name
+    if name is None and isinstance(request.data, dict):
+        name = (request.data.get("metadata") or {}).get("name")
+    agent = next((v for k, v in request.headers.items() if k.lower() == "user-agent"), "")
+    return ApiCall(
+        verb=_verb(request),
+        group=resource.group or "",
+        resource=resource.plural,
+        subresource=request.subresource,
+        namespace=request.namespace,
+        name=name,
+        user_agent=agent,
+    )
+
+
 def _merge(base: Any, patch: Any) -> Any:
     """RFC 7386 merge patch (None removes a key), as kmock applies it."""
     if not isinstance(patch, dict):
@@ -150,12 +198,21 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         self.resources[CRD_RESOURCE] = _CRD_INFO
         for resource, info in PEERING_RESOURCES.items():
             self.resources[resource] = info
+        self.calls: list[ApiCall] = []
+        self.created: list[ApiCall] = []
 
     async def _handle(self, request: rendering.Request) -> Any:
         if request.resource is not None and request.action is not None:
             async with self._lock:
                 self._stamp(request)
-        return await super()._handle(request)
+        call = _api_call(request)  # after the stamp: a generated name is known
+        if call is not None:
+            self.calls.append(call)
+        response = await super()._handle(request)
+        # A create kmock refused (409 AlreadyExists) or a test's reaction failed raised above.
+        if call is not None and call.verb == "create":
+            self.created.append(call)
+        return response
 
     async def _serve_list(self, request: rendering.Request) -> Any:
         listed = await super()._serve_list(request)

@@ -10,7 +10,19 @@ import pytest
 from kubernetes import client
 
 from rag_service.testing.corpus import create_corpus
-from tests.operator.kube.harness import IMAGE, KEY, NAME, NS, TABLE, Operator, eventually
+from tests.operator.kube.harness import (
+    IMAGE,
+    KEY,
+    NAME,
+    NS,
+    TABLE,
+    Operator,
+    env_vars,
+    eventually,
+    job_container,
+    meta,
+    secret_key_ref,
+)
 
 
 @pytest.mark.asyncio
@@ -22,12 +34,12 @@ async def test_the_operator_drives_a_migration_and_routes_zero_on_deletion(
     await operator.create_migration()
 
     job = await operator.job("setup")
-    container = job.spec.template.spec.containers[0]
+    container = job_container(job)
     assert container.image == IMAGE
-    (owner,) = job.metadata.owner_references
+    (owner,) = meta(job).owner_references or []
     assert (owner.kind, owner.name, owner.controller) == ("EmbeddingMigration", NAME, True)
-    env = {e.name: e for e in container.env}
-    ref = env["DATABASE_URL"].value_from.secret_key_ref
+    env = env_vars(container)
+    ref = secret_key_ref(env["DATABASE_URL"])
     assert (ref.name, ref.key) == ("rag-db", "url")
     assert env["DATABASE_URL"].value is None  # the URL itself is never in a Job
 
@@ -153,5 +165,5 @@ async def test_a_deletion_waits_for_the_database_then_lets_go_with_a_warning(
     await eventually(operator.deleted, within=10.0)
     (event,) = [e for e in await operator.events() if e.reason == "RoutingNotReset"]
     assert event.type == "Warning"
-    assert f"Secret {NS}/rag-db not found" in event.message
-    assert f"WHERE migration = '{KEY}'" in event.message
+    assert f"Secret {NS}/rag-db not found" in str(event.message)
+    assert f"WHERE migration = '{KEY}'" in str(event.message)

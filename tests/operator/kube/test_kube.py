@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 import kmock
-import kubernetes_validate
+import kubernetes_validate  # type: ignore[import-untyped]  # ships no type information
 import pytest
 import yaml
 from kubernetes import client
@@ -27,6 +27,7 @@ from embedshift_operator.core.model import EnsureFollower, JobObservation, RunJo
 from embedshift_operator.resource import EmbeddingMigration, JobKind, JobState
 from rag_service.errors import ConfigError, EmbedshiftError
 from tests.operator.kube.conftest import Cluster
+from tests.operator.kube.harness import env_vars, job_container, meta, name_of, secret_key_ref
 
 NS = "rag"
 UID = "0f8e6b1a-4c1d-4e53-9d8e-2b7c1f7a9e11"
@@ -255,7 +256,7 @@ def test_image_is_the_specs_else_the_operators() -> None:
 
 def test_manifests_pass_the_real_client_and_the_openapi_schemas() -> None:
     resource = migration(resources={"requests": {"cpu": "1"}, "limits": {"memory": "1Gi"}})
-    pairs = [
+    pairs: list[tuple[type[Any], dict[str, Any]]] = [
         (
             client.V1Job,
             job_manifest(resource, migrate_action(resource), operator_image=OPERATOR_IMAGE),
@@ -270,7 +271,8 @@ def test_manifests_pass_the_real_client_and_the_openapi_schemas() -> None:
     for model, manifest in pairs:
         built = as_model(model, manifest)
         # The client's own round trip loses nothing (an unknown field would vanish here).
-        assert serializer.sanitize_for_serialization(built) == manifest
+        sanitized = serializer.sanitize_for_serialization(built)  # type: ignore[no-untyped-call]
+        assert sanitized == manifest
         kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
 
 
@@ -301,22 +303,21 @@ async def test_run_job_twice_creates_one_job(cluster: Cluster) -> None:
     assert await runner.run_job(resource, action) is True
     assert await runner.run_job(resource, action) is False  # a restarted operator asks again
     jobs = await list_jobs(cluster)
-    assert [j.metadata.name for j in jobs] == [action.name]
+    assert [name_of(j) for j in jobs] == [action.name]
     job = jobs[0]
-    assert job.metadata.uid and job.metadata.resource_version  # set by the emulator
-    assert job.metadata.owner_references[0].uid == UID
+    assert meta(job).uid and meta(job).resource_version  # set by the emulator
+    assert (meta(job).owner_references or [])[0].uid == UID
     cm = await asyncio.to_thread(
         client.CoreV1Api(cluster.api).list_namespaced_config_map, namespace=NS
     )
     assert len(cm.items) == 1  # one spec ConfigMap, shared by the Jobs
-    env = job.spec.template.spec.containers[0].env
-    secrets = {e.name: e for e in env if e.value_from is not None}
+    secrets = {n: e for n, e in env_vars(job_container(job)).items() if e.value_from is not None}
     assert set(secrets) == {
         "DATABASE_URL",
         "EMBEDSHIFT_TARGET_API_KEY",
         "EMBEDSHIFT_SOURCE_API_KEY",
     }
-    assert all(e.value is None and e.value_from.secret_key_ref for e in secrets.values())
+    assert all(e.value is None and secret_key_ref(e) for e in secrets.values())
 
 
 async def test_observe_follows_job_status(cluster: Cluster) -> None:
@@ -370,7 +371,7 @@ async def test_ensure_follower_creates_one_and_replaces_another(cluster: Cluster
 
     async def names() -> list[str]:
         listed = await asyncio.to_thread(apps.list_namespaced_deployment, namespace=NS)
-        return sorted(d.metadata.name for d in listed.items)
+        return sorted(name_of(d) for d in listed.items)
 
     assert await runner.ensure_follower(resource, first) is True
     assert await runner.ensure_follower(resource, first) is False
@@ -413,12 +414,12 @@ async def test_emulator_assigns_apiserver_metadata(cluster: Cluster) -> None:
     action = migrate_action(resource)
     await runner.run_job(resource, action)
     (job,) = await list_jobs(cluster)
-    version, generation = int(job.metadata.resource_version), job.metadata.generation
-    assert generation == 1 and job.metadata.creation_timestamp is not None
+    version, generation = int(str(meta(job).resource_version)), meta(job).generation
+    assert generation == 1 and meta(job).creation_timestamp is not None
     await patch_job_status(cluster, action.name, {"active": 1})
     (job,) = await list_jobs(cluster)
-    assert int(job.metadata.resource_version) > version
-    assert job.metadata.generation == 1  # a status change is no new generation
+    assert int(str(meta(job).resource_version)) > version
+    assert meta(job).generation == 1  # a status change is no new generation
     batch = client.BatchV1Api(cluster.api)
     await asyncio.to_thread(
         batch.patch_namespaced_job,
@@ -428,7 +429,7 @@ async def test_emulator_assigns_apiserver_metadata(cluster: Cluster) -> None:
         _content_type="application/merge-patch+json",
     )
     (job,) = await list_jobs(cluster)
-    assert job.metadata.generation == 2
+    assert meta(job).generation == 2
     # A JSON-Patch whose `test` fails is refused, as kopf's finalizer patch relies on.
     with pytest.raises(client.ApiException) as caught:
         await asyncio.to_thread(
