@@ -261,7 +261,10 @@ def _check_peering(
     from kubernetes.client.exceptions import ApiException
     from urllib3.exceptions import HTTPError
 
+    from embedshift_operator.handlers import USER_AGENT
+
     with client.ApiClient(configuration) as api:
+        api.user_agent = USER_AGENT  # the operator's call, as its audit trail should show
         objects = client.CustomObjectsApi(api)
         wanted: list[str | None] = (
             [None] if clusterwide else [ns for ns in namespaces if not _PATTERN.search(ns)]

@@ -55,7 +55,8 @@ _HEADER = f"""\
 #
 #   {RECORD_ENV}=1 .venv/bin/pytest tests/operator/kube
 #
-# The operator runs with --all-namespaces here, so its list and watch calls are cluster-wide.
+# The tests run the operator with --all-namespaces (list and watch cluster-wide) and, as
+# `embedshift operator run --namespace`, with kopf peering (namespaces and kopfpeerings).
 """
 
 
