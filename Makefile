@@ -57,6 +57,7 @@ bench: $(STAMP) prometheus
 	$(BIN)/python benchmarks/emergency.py
 	$(BIN)/python benchmarks/decisions.py
 	$(BIN)/python benchmarks/rollback.py
+	$(BIN)/python benchmarks/operator.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .demo

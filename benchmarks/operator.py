@@ -381,6 +381,16 @@ class Rows:
         return elapsed
 
 
+def rolled_back(cluster: Cluster, name: str) -> Callable[[], dict[str, Any] | None]:
+    """A probe: the last history entry once it is the rollback (the row is written first)."""
+
+    def probe() -> dict[str, Any] | None:
+        last = cluster.history(name)[-1:]
+        return last[0] if last and last[0]["phase"] == "RolledBack" else None
+
+    return probe
+
+
 def alert_payload(key: str) -> dict[str, Any]:
     """Alertmanager's webhook body (version 4) with one firing alert for ``key``."""
     labels = {
@@ -547,7 +557,12 @@ def measure(
                     break
                 time.sleep(PROMETHEUS_POLL)
             results.breach.append(rows.time_to_zero(key_of(i), t0, timeout=results.interval + 30))
-            last = cluster.history(name_of(i))[-1]
+            last = wait_until(
+                f"{key_of(i)}: RolledBack in status",
+                rolled_back(cluster, name_of(i)),
+                timeout=10,
+                alive=operator.check_alive,
+            )
             if last.get("reason") != "ThresholdBreached":
                 raise SystemExit(f"{key_of(i)}: rolled back for {last}, not the breach")
             print(

@@ -52,6 +52,7 @@ from rag_service.providers.pricing import PriceTable
 from rag_service.schema import (
     Layout,
     Query,
+    category_filter,
     check_target_compatible,
     connect,
     first_line,
@@ -168,18 +169,6 @@ def shard_filter(column: sql.Composable, shard: Shard) -> sql.Composable:
     return sql.SQL("mod(mod(hashtextextended({col}::text, 0), {n}) + {n}, {n}) = {i}").format(
         col=column, n=sql.Literal(shard.count), i=sql.Literal(shard.index)
     )
-
-
-def category_filter(layout: Layout, categories: Sequence[str]) -> sql.Composable:
-    """SQL true for source rows (aliased ``s``) in ``categories``, all rows if empty. Pure."""
-    if not categories:
-        return sql.SQL("true")
-    if layout.category_column is None:
-        raise ConfigError(
-            "--category: the spec has no categoryColumn, so rows cannot be chosen by category; "
-            "set spec.database.categoryColumn (or --category-column)"
-        )
-    return sql.SQL("{} = ANY({})").format(layout.s_category, sql.Literal(list(categories)))
 
 
 def pending_query(layout: Layout, options: RunOptions) -> Query:

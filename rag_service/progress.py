@@ -14,8 +14,14 @@ import psycopg
 from psycopg import sql
 
 from rag_service.errors import DatabaseError
-from rag_service.migrate import category_filter
-from rag_service.schema import Layout, connect, ident, inspect_source, table_exists
+from rag_service.schema import (
+    Layout,
+    category_filter,
+    connect,
+    ident,
+    inspect_source,
+    table_exists,
+)
 from rag_service.spec import DataPlaneSpec
 
 

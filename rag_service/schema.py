@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import sql
 
-from rag_service.errors import DatabaseError, DatabaseUnavailable, SchemaRefused
+from rag_service.errors import ConfigError, DatabaseError, DatabaseUnavailable, SchemaRefused
 from rag_service.identifiers import TableName, derived_identifier
 from rag_service.spec import DataPlaneSpec, EmbeddingSpec
 
@@ -542,3 +542,15 @@ async def run_with_lock_retry(
             await asyncio.sleep(delay)
         except psycopg.errors.InsufficientPrivilege as exc:
             raise DatabaseError(f"{what}: permission denied: {first_line(exc)}") from None
+
+
+def category_filter(layout: Layout, categories: Sequence[str]) -> sql.Composable:
+    """SQL true for source rows (aliased ``s``) in ``categories``, all rows if empty. Pure."""
+    if not categories:
+        return sql.SQL("true")
+    if layout.category_column is None:
+        raise ConfigError(
+            "--category: the spec has no categoryColumn, so rows cannot be chosen by category; "
+            "set spec.database.categoryColumn (or --category-column)"
+        )
+    return sql.SQL("{} = ANY({})").format(layout.s_category, sql.Literal(list(categories)))

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -113,6 +114,9 @@ class _Runtime:
     config: OperatorConfig = field(default_factory=OperatorConfig)
     api: client.ApiClient | None = None
     wakers: dict[str, asyncio.Event] = field(default_factory=dict)
+    # One SSL context for every resource's Prometheus client: each context holds its own copy
+    # of the CA bundle (about 1 MB), which with 50 resources was a third of the operator's RSS.
+    tls: ssl.SSLContext = field(default_factory=ssl.create_default_context)
 
 
 _runtime = _Runtime()
@@ -275,7 +279,7 @@ class _Loop:
         self._name = name
         self._key = f"{namespace}/{name}"
         self._jobs = KubeJobs(_api(), operator_image=_runtime.config.operator_image)
-        self._checker = AnalysisChecker(migration=self._key)
+        self._checker = AnalysisChecker(migration=self._key, tls=_runtime.tls)
         self._failures = 0
 
     async def run(self, *, stopped: kopf.DaemonStopped) -> None:

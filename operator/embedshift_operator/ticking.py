@@ -8,6 +8,7 @@ driver's state of their own beyond the metric source a checker keeps between tic
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -89,10 +90,13 @@ class NoPrometheus:
 
 
 class AnalysisChecker:
-    """One migration's analysis checks; keeps its Prometheus client while URL and token hold."""
+    """One migration's analysis checks; keeps its Prometheus client while URL and token hold.
 
-    def __init__(self, *, migration: str) -> None:
+    ``tls``: the SSL context its clients use (one per process when many checkers run)."""
+
+    def __init__(self, *, migration: str, tls: ssl.SSLContext | None = None) -> None:
         self._migration = migration
+        self._tls = tls
         self._source: MetricSource | None = None
         self._key: tuple[str | None, str | None] | None = None
 
@@ -108,7 +112,7 @@ class AnalysisChecker:
         if self._source is None or self._key != key:
             await self.aclose()
             self._source = (
-                PrometheusSource(url=prometheus.url, bearer_token=token)
+                PrometheusSource(url=prometheus.url, bearer_token=token, tls=self._tls)
                 if prometheus
                 else NoPrometheus()
             )

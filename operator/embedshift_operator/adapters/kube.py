@@ -417,10 +417,17 @@ class KubeJobs:
             f"list Deployments in {ns}",
             lambda: self._apps.list_namespaced_deployment(namespace=ns, label_selector=selector),
         )
+        present = False
         for deployment in listed.items:
             meta = deployment.metadata
-            if meta is not None and meta.name and meta.name != action.name:
+            if meta is None or not meta.name:
+                continue
+            if meta.name == action.name:
+                present = True
+            else:
                 await self._delete_deployment(ns, meta.name)
+        if present:  # every tick asks; only the first one writes
+            return False
         await self._ensure_config(resource)
         body = as_model(client.V1Deployment, manifest)
         return await _create(

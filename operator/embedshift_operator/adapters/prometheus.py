@@ -15,6 +15,7 @@ unreachable or slower than ``timeout``. The bearer token never appears in a mess
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -47,9 +48,10 @@ class PrometheusSource:
         bearer_token: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         headers: Mapping[str, str] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._client = PrometheusClient(
-            url=url, timeout=timeout, bearer_token=bearer_token, headers=headers
+            url=url, timeout=timeout, bearer_token=bearer_token, headers=headers, tls=tls
         )
 
     @property

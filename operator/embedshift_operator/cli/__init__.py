@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -25,7 +26,6 @@ from typing import Any
 
 import psycopg
 
-from embedshift_operator.cli import migrate, monitoring, operator, rollout, serve
 from rag_service import __version__
 from rag_service.errors import EmbedshiftError
 from rag_service.schema import first_line
@@ -33,23 +33,38 @@ from rag_service.schema import first_line
 __all__ = ["build_parser", "main"]
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Each top-level command and the module registering it. ``embedshift COMMAND …`` imports that
+# module only: the operator's process need not hold the data plane (numpy, the embedding SDKs,
+# rich), and every command starts sooner. ``embedshift --help`` (or an unknown word) loads all.
+FAMILIES = {
+    "migrate": "migrate",
+    "serve": "serve",
+    "compare": "monitoring",
+    "baseline": "monitoring",
+    "monitor": "monitoring",
+    "rollout": "rollout",
+    "operator": "operator",
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``command`` (a known first word), only that command's family."""
     parser = argparse.ArgumentParser(
         prog="embedshift",
         description="Move a pgvector RAG corpus to a new embedding model, step by step.",
     )
     parser.add_argument("--version", action="version", version=f"embedshift {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    migrate.register(commands)
-    serve.register(commands)
-    monitoring.register(commands)
-    rollout.register(commands)
-    operator.register(commands)
+    wanted = [FAMILIES[command]] if command in FAMILIES else list(dict.fromkeys(FAMILIES.values()))
+    for family in wanted:
+        module = importlib.import_module(f"embedshift_operator.cli.{family}")
+        module.register(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(words[0] if words else None).parse_args(words)
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -10,16 +10,18 @@ import argparse
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from embedshift_operator.resource import parse_duration
 from rag_service.criteria import PROMQL_RANGE
 from rag_service.errors import ConfigError
-from rag_service.migrate import Shard
-from rag_service.providers.pricing import PriceTable
 from rag_service.spec import DataPlaneSpec, EmbeddingSpec, load_resource, validation_message
+
+if TYPE_CHECKING:  # the data plane (numpy, the SDKs) is loaded by the commands that use it
+    from rag_service.migrate import Shard
+    from rag_service.providers.pricing import PriceTable
 
 __all__ = [
     "add_spec_flags",
@@ -114,6 +116,8 @@ def positive(value: str) -> int:
 
 
 def shard(value: str) -> Shard:
+    from rag_service.migrate import Shard
+
     try:
         return Shard.parse(value)
     except ConfigError as exc:
@@ -162,6 +166,8 @@ def port(value: str) -> int:
 
 def resolve(args: argparse.Namespace) -> tuple[DataPlaneSpec, str, str, PriceTable]:
     """(spec, migration key, database url, prices) from --config, flags and environment."""
+    from rag_service.providers.pricing import PriceTable
+
     migration: str | None = None
     raw: dict[str, Any] = {}
     if args.config:
