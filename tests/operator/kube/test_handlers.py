@@ -20,6 +20,7 @@ from tests.operator.kube.harness import (
     env_vars,
     eventually,
     job_container,
+    manifest,
     meta,
     secret_key_ref,
 )
@@ -167,3 +168,24 @@ async def test_a_deletion_waits_for_the_database_then_lets_go_with_a_warning(
     assert event.type == "Warning"
     assert f"Secret {NS}/rag-db not found" in str(event.message)
     assert f"WHERE migration = '{KEY}'" in str(event.message)
+
+
+@pytest.mark.asyncio
+async def test_a_finished_job_starts_the_next_step_without_waiting_an_interval(
+    operator: Operator,
+) -> None:
+    """An hour between checks: only the Job's completion can have woken the loop."""
+    create_corpus(operator.database_url, table=TABLE, count=5)
+    await operator.create_secret()
+    await operator.create_migration(manifest(interval="1h"))
+    setup_job = await operator.job("setup")  # the first tick, at the loop's start
+    await operator.set_up()
+    await operator.complete(setup_job)
+    started = time.monotonic()
+
+    async def shard_jobs() -> list[client.V1Job]:
+        """shard Jobs after the setup Job completed"""
+        return await operator.jobs("migrate")
+
+    await eventually(shard_jobs, within=5.0)
+    assert time.monotonic() - started < 5.0
