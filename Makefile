@@ -26,6 +26,7 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict $(PACKAGES)
+	$(BIN)/mypy --strict tests/operator/kube tests/operator/e2e
 
 imports: $(STAMP)
 	$(BIN)/lint-imports

@@ -69,7 +69,7 @@ def table_name(request: pytest.FixtureRequest, prefix: str = "docs") -> str:
 
 def spec_for(table: str, target: str = "local:hash@768", **database: Any) -> DataPlaneSpec:
     return DataPlaneSpec(
-        database={"table": table, "category_column": "category", **database},  # type: ignore[arg-type]
+        database={"table": table, "category_column": "category", **database},
         target=EmbeddingSpec.parse(target),
     )
 

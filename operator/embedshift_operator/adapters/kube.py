@@ -24,7 +24,7 @@ import base64
 import hashlib
 import json
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Protocol, Self, TypeVar
 
 import yaml
 from kubernetes import client
@@ -83,7 +83,16 @@ TTL_SECONDS_AFTER_FINISHED = 7 * 24 * 3600
 RUN_AS_USER = 65532  # the distroless "nonroot" uid; the image need not define a user by name
 
 _T = TypeVar("_T")
-_M = TypeVar("_M", client.V1Job, client.V1Deployment, client.V1ConfigMap)
+
+
+class _Model(Protocol):
+    """A model of the client (``V1Job``, ...): each builds itself from its manifest's dict."""
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any] | None) -> Self | None: ...
+
+
+_M = TypeVar("_M", bound=_Model)
 
 
 class ClusterError(EmbedshiftError):

@@ -62,12 +62,12 @@ from kubernetes import client
 from kubernetes import config as kubeconfig
 
 from embedshift_operator import handlers
-from embedshift_operator.adapters.kube import LABEL_KIND
+from embedshift_operator.adapters.kube import LABEL_KIND, as_model
 from embedshift_operator.resource import GROUP, PLURAL, VERSION, parse_migration
 from rag_service.schema import setup
 from rag_service.testing.corpus import create_corpus
 from tests.operator.e2e.target import Target, TargetRefused, stand_in, target_from_environment
-from tests.operator.kube.harness import IMAGE, call, eventually
+from tests.operator.kube.harness import IMAGE, call, eventually, json_object, meta, name_of
 
 REPO = Path(__file__).resolve().parents[3]
 CRD_PATH = REPO / "crds" / "embeddingmigrations.embedshift.io.yaml"
@@ -141,17 +141,24 @@ def crd(target: Target, kube_api: client.ApiClient) -> dict[str, Any]:
     extensions = client.ApiextensionsV1Api(kube_api)
     name = manifest["metadata"]["name"]
     try:
-        extensions.create_custom_resource_definition(manifest)
+        # The client validates a dict body into this model anyway; built here, it is typed.
+        extensions.create_custom_resource_definition(
+            as_model(client.V1CustomResourceDefinition, manifest)
+        )
     except client.ApiException as exc:
         if exc.status != 409:
             raise
         current = extensions.read_custom_resource_definition(name)
-        manifest["metadata"]["resourceVersion"] = current.metadata.resource_version
-        extensions.replace_custom_resource_definition(name, manifest)
+        manifest["metadata"]["resourceVersion"] = meta(current).resource_version
+        extensions.replace_custom_resource_definition(
+            name, as_model(client.V1CustomResourceDefinition, manifest)
+        )
     if target.real:  # kubectl wait --for=condition=Established, before anything uses it
         deadline = time.monotonic() + WITHIN
         while not condition_true(
-            kube_api.sanitize_for_serialization(extensions.read_custom_resource_definition(name)),
+            kube_api.sanitize_for_serialization(  # type: ignore[no-untyped-call]
+                extensions.read_custom_resource_definition(name)
+            ),
             "Established",
         ):
             assert time.monotonic() < deadline, f"CRD {name} not Established within {WITHIN} s"
@@ -185,7 +192,8 @@ def namespace(kube_api: client.ApiClient, crd: dict[str, Any], database_url: str
         # A test that failed half-way may leave a resource whose finalizer no operator will
         # remove any more; let it go, or the namespace would stay Terminating.
         objects = client.CustomObjectsApi(kube_api)
-        left = objects.list_namespaced_custom_object(GROUP, VERSION, name, PLURAL)["items"]
+        listed = objects.list_namespaced_custom_object(GROUP, VERSION, name, PLURAL)
+        left = json_object(listed)["items"]
         for item in left:
             body = {"metadata": {"finalizers": None}}
             objects.patch_namespaced_custom_object(
@@ -270,7 +278,7 @@ class Migration:
         )
 
     async def resource(self) -> dict[str, Any]:
-        raw: dict[str, Any] = await call(
+        raw = await call(
             self.objects.get_namespaced_custom_object,
             GROUP,
             VERSION,
@@ -278,7 +286,7 @@ class Migration:
             PLURAL,
             self.name,
         )
-        return raw
+        return json_object(raw)
 
     async def status(self) -> dict[str, Any]:
         status: dict[str, Any] = (await self.resource()).get("status") or {}
@@ -314,7 +322,7 @@ class Migration:
         try:
             await self.resource()
         except client.ApiException as exc:
-            return exc.status == 404
+            return bool(exc.status == 404)
         return False
 
     async def jobs(self, kind: str) -> list[client.V1Job]:
@@ -323,8 +331,8 @@ class Migration:
         return [
             job
             for job in listed.items
-            if (job.metadata.labels or {}).get(LABEL_KIND) == kind
-            and any(o.name == self.name for o in job.metadata.owner_references or [])
+            if (meta(job).labels or {}).get(LABEL_KIND) == kind
+            and any(o.name == self.name for o in meta(job).owner_references or [])
         ]
 
     async def job(self, kind: str) -> client.V1Job:
@@ -335,6 +343,7 @@ class Migration:
 
         created.__doc__ = f"the {kind} Job of {self.key}"
         (job,) = await eventually(created, within=WITHIN)
+        assert isinstance(job, client.V1Job)
         return job
 
     async def complete(self, job: client.V1Job) -> None:
@@ -344,7 +353,7 @@ class Migration:
         when it first syncs the Job; not before: we set it), a completionTime not before it,
         no active Pods, and SuccessCriteriaMet beside Complete.
         """
-        name = job.metadata.name
+        name = name_of(job)
         for _ in range(5):
             current = await call(self.batch.read_namespaced_job_status, name, self.namespace)
             started = current.status.start_time if current.status else None

@@ -25,7 +25,7 @@ from kubernetes import client
 from embedshift_operator.resource import GROUP, PLURAL, VERSION
 from tests.operator.e2e.conftest import WITHIN, Migration, example_manifest
 from tests.operator.e2e.target import Target
-from tests.operator.kube.harness import call, eventually
+from tests.operator.kube.harness import call, eventually, job_container, json_object, meta
 
 NewMigration = Callable[[str], Migration]
 
@@ -39,11 +39,12 @@ async def test_the_crd_is_served_with_its_printer_columns(
     served = await call(extensions.read_custom_resource_definition, crd["metadata"]["name"])
     assert served.spec.names.short_names == ["em"]
     (version,) = served.spec.versions
+    assert version.additional_printer_columns is not None
     columns = [c.name for c in version.additional_printer_columns]
     assert columns[:5] == ["Phase", "Percentage", "Step", "Migrated", "Age"]
     objects = client.CustomObjectsApi(kube_api)
     listed = await call(objects.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL)
-    assert listed["items"] == []
+    assert json_object(listed)["items"] == []
 
 
 @pytest.mark.asyncio
@@ -55,11 +56,8 @@ async def test_a_migration_runs_its_jobs_to_the_first_step_and_deletion_routes_z
 
     # The setup Job: the spec's image, owned by the resource (it goes when the resource goes).
     setup_job = await migration.job("setup")
-    assert (
-        setup_job.spec.template.spec.containers[0].image
-        == migration.manifest["spec"]["migration"]["image"]
-    )
-    (owner,) = setup_job.metadata.owner_references
+    assert job_container(setup_job).image == migration.manifest["spec"]["migration"]["image"]
+    (owner,) = meta(setup_job).owner_references or []
     assert (owner.kind, owner.name, owner.controller) == ("EmbeddingMigration", "docs", True)
 
     async def preparing() -> bool:
@@ -76,7 +74,7 @@ async def test_a_migration_runs_its_jobs_to_the_first_step_and_deletion_routes_z
 
     async def first_shards() -> bool:
         """`parallelism` shard Jobs"""
-        return len(await migration.jobs("migrate")) == spec["parallelism"]
+        return bool(len(await migration.jobs("migrate")) == spec["parallelism"])
 
     await eventually(first_shards, within=WITHIN)
     await asyncio.sleep(2.0)  # two more ticks (1 s interval): still no more than parallelism

@@ -100,6 +100,12 @@ def secret_key_ref(var: client.V1EnvVar) -> client.V1SecretKeySelector:
     return ref
 
 
+def json_object(raw: object) -> dict[str, Any]:
+    """A JSON object the client hands back untyped (``CustomObjectsApi`` returns ``object``)."""
+    assert isinstance(raw, dict)
+    return raw
+
+
 async def call(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
     """A blocking client call off the loop the emulator serves on."""
     return await asyncio.to_thread(fn, *args, **kwargs)
@@ -236,8 +242,7 @@ class Operator:
         raw = await call(
             self.objects.get_namespaced_custom_object, GROUP, VERSION, NS, PLURAL, NAME
         )
-        assert isinstance(raw, dict)
-        return raw
+        return json_object(raw)
 
     async def migration(self) -> EmbeddingMigration:
         """The resource as the operator's typed model (times as datetimes, phases as enums)."""

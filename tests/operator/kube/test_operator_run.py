@@ -37,7 +37,9 @@ from tests.operator.kube.harness import (
     Operator,
     call,
     eventually,
+    json_object,
     manifest,
+    name_of,
 )
 
 PEERING = "embedshift"
@@ -192,7 +194,7 @@ async def peers(kube: Operator) -> dict[str, Any]:
     body = await call(
         kube.objects.get_namespaced_custom_object, "kopf.dev", "v1", NS, "kopfpeerings", PEERING
     )
-    return dict(body.get("status") or {})
+    return dict(json_object(body).get("status") or {})
 
 
 @pytest.mark.asyncio
@@ -248,8 +250,10 @@ async def test_operator_run_serves_its_namespace_and_stops_on_sigterm(
 
     # The other namespace is not served: a few ticks later, no Job, no status, no finalizer.
     await asyncio.sleep(2.0)
-    other = await call(
-        kube.objects.get_namespaced_custom_object, GROUP, VERSION, "elsewhere", PLURAL, NAME
+    other = json_object(
+        await call(
+            kube.objects.get_namespaced_custom_object, GROUP, VERSION, "elsewhere", PLURAL, NAME
+        )
     )
     assert "status" not in other
     assert not other["metadata"].get("finalizers")
@@ -373,7 +377,7 @@ async def test_a_second_replica_stands_by_until_the_first_stops(
     await kube.create_migration()
     job = await kube.job("setup")
     await asyncio.sleep(1.5)  # ticks of the first; the second still does nothing
-    assert f"{KEY}: created Job {job.metadata.name}" in first.log()
+    assert f"{KEY}: created Job {name_of(job)}" in first.log()
     # kopf.objects: kopf's log of handling a resource; the second handled none.
     assert "kopf.objects" in first.log()
     assert "kopf.objects" not in second.log() and KEY not in second.log()

@@ -35,6 +35,7 @@ from tests.operator.kube.harness import (
     Operator,
     call,
     eventually,
+    json_object,
     manifest,
 )
 
@@ -98,10 +99,10 @@ async def create_migration(cluster: Cluster) -> None:
 
 
 async def raw_resource(cluster: Cluster) -> dict[str, Any]:
-    raw: dict[str, Any] = await call(
+    raw = await call(
         objects(cluster).get_namespaced_custom_object, GROUP, VERSION, NS, PLURAL, NAME
     )
-    return raw
+    return json_object(raw)
 
 
 def progressing_status() -> EmbeddingMigrationStatus:
