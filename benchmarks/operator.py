@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import multiprocessing
 import os
 import random
 import signal
@@ -116,6 +117,31 @@ def document(index: int, *, prometheus_url: str, interval: str) -> dict[str, Any
     doc["spec"]["migration"]["image"] = "ghcr.io/embedshift/embedshift:bench"  # never pulled
     doc["spec"]["database"]["urlSecretRef"] = {"name": "rag-db", "key": "url"}
     return doc
+
+
+# ---- the cluster: the emulator in a process of its own -------------------------------------------
+
+
+def _serve_cluster(directory: str, ready: Any, stop: Any) -> None:
+    with stand_in(Path(directory)) as target:
+        ready.put(target.kubeconfig)
+        stop.wait()
+
+
+@contextmanager
+def cluster_process(workdir: Path) -> Iterator[str]:
+    """The e2e suite's stand-in API server in its own process (as an API server runs apart from
+    its clients: in a thread here it shared the GIL with the exporter Prometheus scrapes); the
+    path of its kubeconfig."""
+    context = multiprocessing.get_context("spawn")
+    ready, stop = context.Queue(), context.Event()
+    process = context.Process(target=_serve_cluster, args=(str(workdir), ready, stop), daemon=True)
+    process.start()
+    try:
+        yield str(ready.get(timeout=60))
+    finally:
+        stop.set()
+        process.join(timeout=30)
 
 
 # ---- the operator as shipped ---------------------------------------------------------------------
@@ -440,7 +466,7 @@ def run(args: argparse.Namespace) -> Results:
         ContractTraffic(registry, traffic_of) as traffic,
         serving_metrics(registry) as target,
         running_prometheus(targets=[target], scrape_interval=SCRAPE) as prometheus,
-        stand_in(workdir) as target_cluster,
+        cluster_process(workdir) as kubeconfig_path,
     ):
         name, url = create_database(admin_url, prefix="bench_operator")
         try:
@@ -451,8 +477,8 @@ def run(args: argparse.Namespace) -> Results:
             for key in [*keys, "bench/floor"]:
                 asyncio.run(setup(url, data_plane, migration=key))
             prometheus.wait_for_scrape(scrapes=2)
-            kubeconfig = Path(target_cluster.kubeconfig)
-            cluster = Cluster(target_cluster.kubeconfig, url)
+            kubeconfig = Path(kubeconfig_path)
+            cluster = Cluster(kubeconfig_path, url)
             rows = Rows(url)
             try:
                 with running_operator(kubeconfig, workdir) as operator:
