@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PACKAGES := rag_service operator/embedshift_operator
 
-.PHONY: all venv test lint typecheck imports pytest prometheus crd demo bench clean
+.PHONY: all venv test lint typecheck imports pytest prometheus crd demo bench clean image image-tools image-test
 
 all: test
 
@@ -59,6 +59,23 @@ bench: $(STAMP) prometheus
 	$(BIN)/python benchmarks/decisions.py
 	$(BIN)/python benchmarks/rollback.py
 	$(BIN)/python benchmarks/operator.py
+
+# The one image (Dockerfile) built here without a Docker engine or a registry: buildah on a
+# Debian bookworm base made by debootstrap (cached as $(BASE_IMAGE) in containers-storage, vfs).
+IMAGE ?= localhost/embedshift:latest
+BASE_IMAGE ?= localhost/embedshift-base:bookworm-python3.11
+
+image-tools:
+	scripts/install-image-tools.sh
+
+image: image-tools
+	BASE_IMAGE=$(BASE_IMAGE) scripts/image-base.sh
+	IMAGE=$(IMAGE) BASE_IMAGE=$(BASE_IMAGE) scripts/build-image.sh
+
+# Runs the built image with podman: --help, `serve` healthy against a real PostgreSQL, not root,
+# read-only root filesystem.
+image-test: $(STAMP) image
+	EMBEDSHIFT_REQUIRE_REAL=1 EMBEDSHIFT_IMAGE_UNDER_TEST=$(IMAGE) $(BIN)/python -m pytest tests/image $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .demo
