@@ -29,7 +29,7 @@ RUN python3 -m venv /tmp/build-venv \
     && /opt/embedshift/bin/pip uninstall --yes pip \
     && rm -rf /tmp/build-venv
 
-# ---- runtime: the venv, a non-root user, labels ---------------------------------------------------------------
+# ---- runtime: the venv, a non-root user, labels ---------------------------------------
 FROM ${BASE}
 # HOME and the XDG dirs under /tmp: the only writable place with a read-only root filesystem.
 # No .pyc written at run time (pip compiled them once, into the venv).
