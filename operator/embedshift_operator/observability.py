@@ -40,6 +40,7 @@ __all__ = [
     "DASHBOARD_PATH",
     "FOLLOWER_LAG_SECONDS",
     "RULES_PATH",
+    "alerts_table",
     "dashboard",
     "dashboard_queries",
     "main",
@@ -253,6 +254,31 @@ def rules() -> dict[str, Any]:
             }
         ]
     }
+
+
+def alerts_table() -> str:
+    """The rules as a Markdown table (docs/alerts.md holds it; a test keeps it current)."""
+    lines = ["| alert | severity | fires when | for |", "|---|---|---|---|"]
+    for alert in _ALERTS:
+        c = alert.criterion
+        breach = "<" if c.bound.min is not None else ">"
+        metric = METRICS[c.metric]
+        unit = " s" if metric.unit == "seconds" else ""
+        lines.append(
+            f"| `{alert.name}` | {alert.severity} | v2 {metric.description} "
+            f"{breach} {c.bound.limit():g}{unit} over {WINDOW} (`{c.name}`), ≥ {MIN_REQUESTS} v2 "
+            f"requests | {alert.duration} |"
+        )
+    lag, rollback = _lag_rule(), _rollback_rule()
+    lines.append(
+        f"| `{lag['alert']}` | warning | the follower's oldest queued change is older than "
+        f"{FOLLOWER_LAG_SECONDS} s | {lag['for']} |"
+    )
+    lines.append(
+        f"| `{rollback['alert']}` | warning | the operator rolled back by itself "
+        f"({', '.join(AUTOMATIC_ROLLBACK_REASONS)}) in the last {WINDOW} | – |"
+    )
+    return "\n".join(lines) + "\n"
 
 
 class _Dumper(yaml.SafeDumper):

@@ -139,3 +139,10 @@ def test_example_alertmanager_route_reaches_the_operators_receiver() -> None:
 def _seconds(duration: str) -> float:
     number, unit = re.fullmatch(r"(\d+)([smh])", duration).groups()  # type: ignore[union-attr]
     return float(number) * {"s": 1, "m": 60, "h": 3600}[unit]
+
+
+def test_docs_list_the_alerts_as_generated() -> None:
+    docs = (REPO / "docs" / "alerts.md").read_text(encoding="utf-8")
+    assert observability.alerts_table() in docs, "docs/alerts.md: paste alerts_table() again"
+    for name in _rules():
+        assert f"`{name}`" in docs
