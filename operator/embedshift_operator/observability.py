@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from embedshift_operator.adapters.kube import COMPONENT_FOLLOWER, LABEL_COMPONENT, LABEL_MIGRATION
 from embedshift_operator.adapters.operator_metrics import AUTOMATIC_ROLLBACK_REASONS
 from embedshift_operator.resource import AnalysisSpec
 from rag_service.criteria import (
@@ -195,7 +196,11 @@ def _threshold_rule(alert: _Alert) -> dict[str, Any]:
 def _lag_rule() -> dict[str, Any]:
     return {
         "alert": "EmbeddingFollowerLagging",
-        "expr": f"embedshift_operator_follower_lag_seconds > {FOLLOWER_LAG_SECONDS}",
+        # max by migration: one alert per migration, whichever operator replica reported it
+        "expr": (
+            "max by (migration) (embedshift_operator_follower_lag_seconds) "
+            f"> {FOLLOWER_LAG_SECONDS}"
+        ),
         "for": "5m",
         "labels": {"severity": "warning"},
         "annotations": {
@@ -205,10 +210,10 @@ def _lag_rule() -> dict[str, Any]:
                 "v2's searches do not see recent edits."
             ),
             "runbook": (
-                "Check the follower Deployment (`kubectl get deploy -l "
-                "app.kubernetes.io/component=follower`) and its log; `embedshift migrate "
-                "status` shows the queue (pending rows, oldest change); the embedding API's "
-                "rate limits and errors slow it down."
+                "Check the follower Deployment and its log (`kubectl -n NAMESPACE get deploy "
+                f"-l {LABEL_COMPONENT}={COMPONENT_FOLLOWER},{LABEL_MIGRATION}=NAME`); "
+                "`embedshift migrate status` shows the queue (pending rows, oldest change); "
+                "the embedding API's rate limits and errors slow it down."
             ),
         },
     }
