@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PACKAGES := rag_service operator/embedshift_operator
 
-.PHONY: all venv test lint typecheck imports pytest prometheus crd demo bench clean
+.PHONY: all venv test lint typecheck imports pytest prometheus crd observability demo bench clean
 
 all: test
 
@@ -45,6 +45,11 @@ test: lint typecheck imports pytest
 # fails when the checked-in CRD is stale, so a model change without this is caught, not hidden.
 crd: $(STAMP)
 	$(BIN)/python -m embedshift_operator.crd
+
+# Regenerate the chart's alert rules and Grafana dashboard from rag_service/criteria.py and the
+# operator's metrics. Like crd: not part of `test`, a test fails when the checked-in files are stale.
+observability: $(STAMP)
+	$(BIN)/python -m embedshift_operator.observability
 
 # The whole mission on this machine in about 3 minutes: re-embed, verify, 10 → 100 % gated by a
 # real Prometheus, an automatic rollback when v2 breaks, a retry by editing the manifest.
