@@ -374,3 +374,68 @@ def test_install_helm_is_pinned() -> None:
     version = helm("version", "--short")
     assert version.returncode == 0 and version.stdout.startswith("v4.1.4"), version.stdout
     assert Path(ROOT / "scripts" / "install-helm.sh").read_text().count("SHA256=") == 1
+
+
+def _matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(key) == value for key, value in selector.items())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_services_monitors_and_policies_reach_the_pods_and_ports(mode: str) -> None:
+    objects = render(MODES[mode])
+    pods = [
+        (d["spec"]["template"]["metadata"]["labels"], d["spec"]["template"]["spec"])
+        for d in of_kind(objects, "Deployment")
+    ]
+
+    def port_names(selector: dict[str, str]) -> set[str]:
+        selected = [spec for labels, spec in pods if _matches(selector, labels)]
+        assert selected, f"{selector} selects no pod"
+        return {p["name"] for spec in selected for c in spec["containers"] for p in c["ports"]}
+
+    services = of_kind(objects, "Service")
+    for service in services:
+        names = port_names(service["spec"]["selector"])
+        assert {p["targetPort"] for p in service["spec"]["ports"]} <= names
+    for monitor in of_kind(objects, "ServiceMonitor"):
+        selected = [
+            s
+            for s in services
+            if _matches(monitor["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])
+        ]
+        assert selected, monitor["metadata"]["name"]
+        for endpoint in monitor["spec"]["endpoints"]:
+            assert all(
+                endpoint["port"] in {p["name"] for p in s["spec"]["ports"]} for s in selected
+            )
+    for policy in of_kind(objects, "NetworkPolicy"):
+        names = port_names(policy["spec"]["podSelector"]["matchLabels"])
+        for rule in policy["spec"]["ingress"]:
+            assert {p["port"] for p in rule["ports"]} <= names
+    for deployment in of_kind(objects, "Deployment"):
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert _matches(deployment["spec"]["selector"]["matchLabels"], labels)
+
+
+def test_search_probes_do_not_depend_on_v2() -> None:
+    (search,) = [
+        d for d in of_kind(render(), "Deployment") if d["metadata"]["name"].endswith("-search")
+    ]
+    (container,) = search["spec"]["template"]["spec"]["containers"]
+    # v2's health is 503 until its index exists: probing it would take the service down before
+    # the migration starts. Liveness must not depend on the database at all.
+    assert container["livenessProbe"]["httpGet"]["path"] == "/metrics"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/api/rag/v1/health"
+    assert "--host=0.0.0.0" in container["args"]
+
+
+def test_notes_tell_alertmanager_every_receiver() -> None:
+    result = helm(
+        "install", "es", str(CHART), "--namespace", NAMESPACE, "--dry-run=client",
+        *_set({"operator.standby.enabled": "true"}),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    notes = result.stdout.split("NOTES:", 1)[1]
+    assert "http://es-embedshift-operator.rag.svc:8081/alerts" in notes
+    assert "http://es-embedshift-operator-standby.rag.svc:8081/alerts" in notes
+    assert "create secret generic embedshift-alert-webhook" in notes
