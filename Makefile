@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PACKAGES := rag_service operator/embedshift_operator
 
-.PHONY: all venv test lint typecheck imports pytest prometheus crd observability demo bench clean
+.PHONY: all venv test lint typecheck imports pytest prometheus helm crd observability demo bench clean
 
 all: test
 
@@ -35,8 +35,12 @@ imports: $(STAMP)
 prometheus:
 	scripts/install-prometheus.sh
 
+# A pinned helm (and kubectl) in .venv/tools for the chart tests; a no-op once installed.
+helm: $(STAMP)
+	scripts/install-helm.sh
+
 # EMBEDSHIFT_REQUIRE_REAL=1: a missing real part (PostgreSQL, Prometheus, ...) fails, never skips.
-pytest: $(STAMP) prometheus
+pytest: $(STAMP) prometheus helm
 	EMBEDSHIFT_REQUIRE_REAL=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck imports pytest
