@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PACKAGES := rag_service operator/embedshift_operator
 
-.PHONY: all venv test lint typecheck imports pytest prometheus helm crd observability demo bench clean
+.PHONY: all venv test lint typecheck imports pytest prometheus helm chromium crd observability demo \
+	bench dashboard-screenshot clean
 
 all: test
 
@@ -39,8 +40,12 @@ prometheus:
 helm: $(STAMP)
 	scripts/install-helm.sh
 
+# Debian's chromium, headless, for the dashboard page's browser test; a no-op once installed.
+chromium:
+	scripts/install-chromium.sh
+
 # EMBEDSHIFT_REQUIRE_REAL=1: a missing real part (PostgreSQL, Prometheus, ...) fails, never skips.
-pytest: $(STAMP) prometheus helm
+pytest: $(STAMP) prometheus helm chromium
 	EMBEDSHIFT_REQUIRE_REAL=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck imports pytest
@@ -68,6 +73,11 @@ bench: $(STAMP) prometheus
 	$(BIN)/python benchmarks/decisions.py
 	$(BIN)/python benchmarks/rollback.py
 	$(BIN)/python benchmarks/operator.py
+
+# Refresh docs/dashboard.png from the browser test (a real service, real traffic, headless Chromium).
+dashboard-screenshot: $(STAMP) chromium
+	EMBEDSHIFT_REQUIRE_REAL=1 EMBEDSHIFT_DASHBOARD_SCREENSHOT=docs/dashboard.png \
+		$(BIN)/python -m pytest -q tests/rag_service/test_dashboard_page.py -k apis_report
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .demo
