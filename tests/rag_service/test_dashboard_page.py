@@ -10,16 +10,20 @@ refresh the screenshot in the docs; otherwise it goes to a temporary directory.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
+import websockets
 
 from embedshift_operator.adapters.postgres import ControlStore
 from embedshift_operator.resource import (
@@ -89,6 +93,72 @@ async def browse(url: str, *, tmp: Path, screenshot: Path | None = None) -> str:
     out, err = await asyncio.wait_for(process.communicate(), 120)
     assert process.returncode == 0, err.decode(errors="replace")[-2000:]
     return out.decode()
+
+
+class LivePage:
+    """A page left open in headless Chromium, read through the DevTools protocol (a websocket):
+    for what happens after the first load, which ``--dump-dom`` cannot see."""
+
+    def __init__(self, ws: websockets.ClientConnection) -> None:
+        self._ws = ws
+        self._next = 0
+
+    async def text_of(self, element_id: str) -> str:
+        self._next += 1
+        expression = f"document.getElementById({json.dumps(element_id)}).textContent"
+        await self._ws.send(
+            json.dumps(
+                {
+                    "id": self._next,
+                    "method": "Runtime.evaluate",
+                    "params": {"expression": expression, "returnByValue": True},
+                }
+            )
+        )
+        while True:
+            message = json.loads(await self._ws.recv())
+            if message.get("id") == self._next:
+                result = message["result"]
+                # Before the page has loaded there is no such element yet: nothing shown.
+                if "exceptionDetails" in result:
+                    return ""
+                return str(result["result"]["value"])
+
+
+@asynccontextmanager
+async def live_page(url: str, *, tmp: Path) -> AsyncIterator[LivePage]:
+    profile = tmp / "live-profile"
+    process = await asyncio.create_subprocess_exec(
+        chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--remote-debugging-port=0",  # Chromium picks one and writes it to DevToolsActivePort
+        f"--user-data-dir={profile}",
+        url,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        port_file = profile / "DevToolsActivePort"
+        for _ in range(300):
+            if await asyncio.to_thread(port_file.exists):
+                lines = (await asyncio.to_thread(port_file.read_text)).split()
+                if lines:
+                    break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("chromium did not open its DevTools port")
+        async with httpx.AsyncClient() as client:
+            targets = (await client.get(f"http://127.0.0.1:{lines[0]}/json/list")).json()
+        ws_url = next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page")
+        async with websockets.connect(ws_url, max_size=None) as ws:
+            yield LivePage(ws)
+    finally:
+        if process.returncode is None:
+            process.terminate()
+        await asyncio.wait_for(process.wait(), 30)
 
 
 class Dom(HTMLParser):
@@ -406,3 +476,40 @@ async def test_the_page_reports_an_unreachable_api(tmp_path: Path) -> None:
     dom = Dom(await browse(page.as_uri(), tmp=tmp_path))
     assert dom.by_id["error"].startswith("Could not refresh:")
     assert dom.by_id["percentage"] == "—"
+
+
+async def test_the_page_refreshes_itself_and_shows_an_emergency(
+    database_url: str, spec: DataPlaneSpec, tmp_path: Path
+) -> None:
+    """Left open, the page follows the service: a critical alert switches everything to v1 and
+    the open page shows it at its next refresh, without anyone reloading it."""
+    async with serving(settings_for(database_url, spec)) as svc:
+        set_percentage(database_url, 25)
+        async with live_page(f"{svc.url}/dashboard", tmp=tmp_path) as page:
+
+            async def shows(element_id: str, text: str) -> None:
+                for _ in range(200):  # a refresh is every 5 s; allow three
+                    if await page.text_of(element_id) == text:
+                        return
+                    await asyncio.sleep(0.075)
+                raise AssertionError(f"#{element_id} never showed {text!r}")
+
+            await shows("percentage", "25")
+            assert await page.text_of("emergency") == "no"
+            alert = await svc.client.post(
+                "/api/alerts/webhook",
+                headers={"Authorization": f"Bearer {SECRET}"},
+                json={
+                    "alerts": [
+                        {
+                            "status": "firing",
+                            "labels": {"alertname": "V2ErrorRate", "severity": "critical"},
+                            "annotations": {"summary": "v2 errors above 5 %"},
+                        }
+                    ]
+                },
+            )
+            assert alert.json()["emergency"] is True
+            await shows("percentage", "0")
+            assert await page.text_of("emergency") == "YES: every request goes to v1"
+            assert "V2ErrorRate" in await page.text_of("events")
