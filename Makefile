@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PACKAGES := rag_service operator/embedshift_operator
 
-.PHONY: all venv test lint typecheck imports pytest prometheus crd demo bench clean image image-tools image-test
+.PHONY: all venv test lint typecheck imports pytest prometheus helm chromium crd observability demo \
+	bench dashboard-screenshot clean image image-tools image-test
 
 all: test
 
@@ -35,10 +36,18 @@ imports: $(STAMP)
 prometheus:
 	scripts/install-prometheus.sh
 
+# A pinned helm (and kubectl) in .venv/tools for the chart tests; a no-op once installed.
+helm: $(STAMP)
+	scripts/install-helm.sh
+
+# Debian's chromium, headless, for the dashboard page's browser test; a no-op once installed.
+chromium:
+	scripts/install-chromium.sh
+
 # EMBEDSHIFT_REQUIRE_REAL=1: a missing real part (PostgreSQL, Prometheus, ...) fails, never skips.
 # `image` first: tests/image runs the built image (a no-op when the sources did not change;
-# about 4 minutes from nothing, Debian's base included).
-pytest: $(STAMP) prometheus image
+# about 3 minutes from nothing, Debian's base included).
+pytest: $(STAMP) prometheus helm chromium image
 	EMBEDSHIFT_REQUIRE_REAL=1 EMBEDSHIFT_IMAGE_UNDER_TEST=$(IMAGE) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck imports pytest
@@ -47,6 +56,11 @@ test: lint typecheck imports pytest
 # fails when the checked-in CRD is stale, so a model change without this is caught, not hidden.
 crd: $(STAMP)
 	$(BIN)/python -m embedshift_operator.crd
+
+# Regenerate the chart's alert rules and Grafana dashboard from rag_service/criteria.py and the
+# operator's metrics. Like crd: not part of `test`, a test fails when the checked-in files are stale.
+observability: $(STAMP)
+	$(BIN)/python -m embedshift_operator.observability
 
 # The whole mission on this machine in about 3 minutes: re-embed, verify, 10 → 100 % gated by a
 # real Prometheus, an automatic rollback when v2 breaks, a retry by editing the manifest.
@@ -61,6 +75,11 @@ bench: $(STAMP) prometheus
 	$(BIN)/python benchmarks/decisions.py
 	$(BIN)/python benchmarks/rollback.py
 	$(BIN)/python benchmarks/operator.py
+
+# Refresh docs/dashboard.png from the browser test (a real service, real traffic, headless Chromium).
+dashboard-screenshot: $(STAMP) chromium
+	EMBEDSHIFT_REQUIRE_REAL=1 EMBEDSHIFT_DASHBOARD_SCREENSHOT=docs/dashboard.png \
+		$(BIN)/python -m pytest -q tests/rag_service/test_dashboard_page.py -k apis_report
 
 # The one image (Dockerfile) built here without a Docker engine or a registry: buildah on a
 # Debian bookworm base made by debootstrap (cached as $(BASE_IMAGE) in containers-storage, vfs).

@@ -39,6 +39,9 @@ STATUS_TABLE = "embedding_migration_status"
 CHECKPOINT_TABLE = "embedshift_backfill_checkpoint"
 ROLLOUT_TABLE = "embedshift_rollout"
 ROLLOUT_CHANNEL = "embedshift_rollout"
+# The local rollout driver's status (``embedshift rollout run``), one JSON row per migration next
+# to the routing row: written by the operator package, read by the service's dashboard page.
+ROLLOUT_STATUS_TABLE = "embedshift_rollout_status"
 # One channel for every target's queue; the payload is the side table's name (``str(target)``, as
 # in the status rows), so one LISTEN serves a process that follows many targets.
 FOLLOW_CHANNEL = "embedshift_pending"

@@ -23,7 +23,7 @@ from typing import Annotated, Any
 
 import psycopg
 from fastapi import FastAPI, Header, HTTPException, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CollectorRegistry
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, Field, field_validator
@@ -38,6 +38,7 @@ from rag_service.alerts import (
 )
 from rag_service.breaker import BreakerState, CircuitBreaker
 from rag_service.criteria import PROMQL_RANGE
+from rag_service.dashboard_page import page_html, read_rollout_status
 from rag_service.errors import ConfigError, EmbedshiftError
 from rag_service.indexes import index_state
 from rag_service.metrics import Outcome, ServiceMetrics
@@ -46,7 +47,14 @@ from rag_service.providers.pricing import PriceTable
 from rag_service.query_cache import QueryCache, normalise_query
 from rag_service.rollout_row import RoutingFollower, declare_emergency
 from rag_service.routing import Version, choose, parse_forced, request_bucket
-from rag_service.schema import Layout, first_line, ident, inspect_source, layout_for
+from rag_service.schema import (
+    ROLLOUT_STATUS_TABLE,
+    Layout,
+    first_line,
+    ident,
+    inspect_source,
+    layout_for,
+)
 from rag_service.search import Hit, configure_connection, ef_search_for, search
 from rag_service.shadow import ShadowComparer, ShadowJob, ShadowResult
 from rag_service.spec import DataPlaneSpec
@@ -574,6 +582,55 @@ def _routes(app: FastAPI, settings: ServiceSettings) -> None:
             "reason": row.reason,
             "versions": summary,
         }
+
+    @app.get("/api/monitoring/rollout")
+    async def rollout_view(request: Request) -> dict[str, Any]:
+        """The routing row this replica follows and, when the local driver runs the rollout,
+        its phase, verdicts and recent transitions; recent alerts too. ``status`` is null when
+        the kopf operator runs it (the status is on the resource) or nothing has run yet."""
+        service = service_of(request)
+        row = service.follower.current
+        status: dict[str, Any] | None = None
+        status_error: str | None = None
+        try:
+            async with service.pool.connection(timeout=5) as conn:
+                status = await read_rollout_status(
+                    conn,
+                    table=service.layout.rollout.sibling(ROLLOUT_STATUS_TABLE),
+                    migration=settings.migration,
+                )
+        except (psycopg.Error, OSError, TimeoutError) as exc:
+            status_error = f"database: {first_line(exc)}"
+        return {
+            "migration": settings.migration,
+            "routing": {
+                "percentage": 0 if row.emergency else row.percentage,
+                "emergency": row.emergency,
+                "reason": row.reason,
+                "updatedAt": row.updated_at.isoformat() if row.updated_at else None,
+                "source": row.source,
+            },
+            "status": status,
+            "statusError": status_error,
+            "alerts": [a.as_dict() for a in service.alert_log.recent()[:10]],
+        }
+
+    page = page_html()
+
+    @app.get("/dashboard", response_class=HTMLResponse)
+    async def dashboard_page() -> HTMLResponse:
+        # The CSP is the promise of "no external assets": the browser may load nothing but
+        # this page's inline code and fetch nothing but this service.
+        return HTMLResponse(
+            page,
+            headers={
+                "Cache-Control": "no-store",
+                "Content-Security-Policy": (
+                    "default-src 'none'; script-src 'unsafe-inline'; "
+                    "style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:"
+                ),
+            },
+        )
 
     @app.post("/api/alerts/webhook")
     async def alert_webhook(

@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# Install Debian's `prometheus` package (the server and promtool) for the test suite.
+# Install Debian's `prometheus` package (the server and promtool) and `prometheus-alertmanager`
+# (amtool, which checks the example Alertmanager route) for the test suite.
 #
-# Idempotent: exits at once when /usr/bin/prometheus is already there. The tests start their own
+# Idempotent: exits at once when /usr/bin/prometheus and /usr/bin/amtool are already there. The tests start their own
 # Prometheus on a free loopback port, so the packaged daemon must not start: machines without
 # systemd (containers, CI) would fail the maintainer scripts, and a running daemon would hold
 # port 9090 and the package's TSDB for nothing.
 set -euo pipefail
 
 BINARY=/usr/bin/prometheus
+AMTOOL=/usr/bin/amtool
 POLICY=/usr/sbin/policy-rc.d
 
-if [[ -x "$BINARY" ]]; then
+if [[ -x "$BINARY" && -x "$AMTOOL" ]]; then
     exit 0
 fi
 
@@ -51,14 +53,16 @@ if ! "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q; then
     exit 1
 fi
 if ! "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-    --no-install-recommends prometheus; then
-    echo "install-prometheus: 'apt-get install prometheus' failed; the tests need Debian's" \
-        "'prometheus' package" >&2
+    --no-install-recommends prometheus prometheus-alertmanager; then
+    echo "install-prometheus: 'apt-get install prometheus prometheus-alertmanager' failed; the" \
+        "tests need Debian's 'prometheus' and 'prometheus-alertmanager' packages" >&2
     exit 1
 fi
 
-if [[ ! -x "$BINARY" ]]; then
-    echo "install-prometheus: the 'prometheus' package installed but $BINARY is missing" >&2
-    exit 1
-fi
+for installed in "$BINARY" "$AMTOOL"; do
+    if [[ ! -x "$installed" ]]; then
+        echo "install-prometheus: the packages installed but $installed is missing" >&2
+        exit 1
+    fi
+done
 "$BINARY" --version

@@ -11,7 +11,9 @@ Everything lives on the registry passed in, never on prometheus_client's global 
 but the tick histogram carries ``migration`` ("namespace/name"). A migration's rollback counters
 for the reasons the core knows, and its percentage, exist from its first tick, so
 ``increase(embedshift_operator_rollbacks_total[1h])`` is 0 rather than no data; verdict counters
-exist for all four verdicts of a criterion from its first check.
+exist for all four verdicts of a criterion from its first check. The re-embedding's progress
+(rows by state) and the follower's lag are gauges of the status each tick leaves behind, so the
+alert rules and the dashboard can see what otherwise only the database and the status show.
 """
 
 from __future__ import annotations
@@ -29,11 +31,21 @@ from embedshift_operator.resource import (
 )
 from rag_service.criteria import Verdict
 
-__all__ = ["ROLLBACK_REASONS", "TICK_BUCKETS", "OperatorMetrics", "added_history"]
+__all__ = [
+    "AUTOMATIC_ROLLBACK_REASONS",
+    "ROLLBACK_REASONS",
+    "ROW_STATES",
+    "TICK_BUCKETS",
+    "OperatorMetrics",
+    "added_history",
+]
 
 # The reasons the core records when it enters RolledBack: automatic (an alert, the routing row's
 # emergency flag, a breached threshold) and manual (maxPercentage: 0).
 ROLLBACK_REASONS = ("AlertFiring", "EmergencyFlag", "ThresholdBreached", "ManualRollback")
+AUTOMATIC_ROLLBACK_REASONS = ROLLBACK_REASONS[:3]
+# The states of embedshift_operator_migration_rows: status.migration's counts.
+ROW_STATES = ("total", "migrated", "pending")
 # A tick reads the database and runs a check (queries time out after 5 s): milliseconds to
 # seconds; 1 s is a bound, the alert → 0 % goal.
 TICK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -80,6 +92,18 @@ class OperatorMetrics:
             ["migration", "kind"],
             registry=registry,
         )
+        self._rows = Gauge(
+            "embedshift_operator_migration_rows",
+            "Source rows to re-embed by state (total, migrated, pending), as last read.",
+            ["migration", "state"],
+            registry=registry,
+        )
+        self._lag = Gauge(
+            "embedshift_operator_follower_lag_seconds",
+            "Age of the oldest change the follower has not re-embedded yet (0: queue empty).",
+            ["migration"],
+            registry=registry,
+        )
         self._known: set[str] = set()
         self._criteria: set[tuple[str, str]] = set()
 
@@ -106,6 +130,12 @@ class OperatorMetrics:
                 self._track_criterion(migration, result.name)
                 self._verdicts.labels(migration, result.name, result.verdict.value).inc()
         self._percentage.labels(migration).set(after.percentage)
+        progress = after.migration
+        for state, rows in zip(
+            ROW_STATES, (progress.total, progress.migrated, progress.pending), strict=True
+        ):
+            self._rows.labels(migration, state).set(rows)
+        self._lag.labels(migration).set(progress.oldest_pending_seconds or 0.0)
         self._tick.observe(seconds)
 
     def count_error(self, migration: str, kind: str) -> None:
@@ -118,11 +148,18 @@ class OperatorMetrics:
         if migration not in self._known:
             return
         self._known.discard(migration)
-        for metric in (self._transitions, self._verdicts, self._rollbacks, self._errors):
+        for metric in (
+            self._transitions,
+            self._verdicts,
+            self._rollbacks,
+            self._errors,
+            self._rows,
+        ):
             for labels in _label_sets(metric):
                 if labels[0] == migration:
                     metric.remove(*labels)
         self._percentage.remove(migration)
+        self._lag.remove(migration)
         self._criteria = {c for c in self._criteria if c[0] != migration}
 
     def _track(self, migration: str) -> None:
@@ -132,6 +169,9 @@ class OperatorMetrics:
             return
         self._known.add(migration)
         self._percentage.labels(migration)
+        self._lag.labels(migration)
+        for state in ROW_STATES:
+            self._rows.labels(migration, state)
         for reason in ROLLBACK_REASONS:
             self._rollbacks.labels(migration, reason)
 
@@ -163,7 +203,7 @@ def added_history(
     return list(after)
 
 
-def _label_sets(metric: Counter) -> set[tuple[str, ...]]:
+def _label_sets(metric: Counter | Gauge) -> set[tuple[str, ...]]:
     """The label values of ``metric``'s children, in its label names' order."""
     found = set()
     for family in metric.collect():

@@ -26,9 +26,15 @@ from rag_service.errors import DatabaseError
 from rag_service.identifiers import TableName
 from rag_service.progress import migration_progress
 from rag_service.rollout_row import read_row, write_percentage
-from rag_service.schema import ROLLOUT_TABLE, first_line, ident, with_connection
+from rag_service.schema import (
+    ROLLOUT_STATUS_TABLE,
+    ROLLOUT_TABLE,
+    first_line,
+    ident,
+    with_connection,
+)
 
-STATUS_TABLE = "embedshift_rollout_status"
+STATUS_TABLE = ROLLOUT_STATUS_TABLE
 
 __all__ = ["STATUS_TABLE", "ControlStore"]
 

@@ -37,6 +37,8 @@ __all__ = [
     "change",
     "connect",
     "is_file",
+    "load_configuration",
+    "one_line",
     "read",
     "state_line",
 ]
@@ -136,65 +138,88 @@ class Connection:
         return f"{self.namespace}/{name}"
 
 
-@contextmanager
-def connect(args: argparse.Namespace) -> Iterator[Connection]:
-    """A client configured as kubectl would be: --kubeconfig, else KUBECONFIG (a list is
-    merged), else ~/.kube/config, else the Pod's service account. ConfigError when none."""
+def load_configuration(
+    kubeconfig: str | Path | None, context: str | None, *, in_cluster_first: bool = False
+) -> tuple[client.Configuration, str | None]:
+    """The client's configuration and the namespace it implies (the context's, or the Pod's).
+
+    As kubectl: ``kubeconfig``, else KUBECONFIG (a list is merged), else ~/.kube/config, else
+    the Pod's service account. ``in_cluster_first`` (the operator, when given neither flag):
+    the Pod's service account before any kubeconfig. ConfigError when there is none."""
     from kubernetes import client
-    from kubernetes import config as kubeconfig
+    from kubernetes import config as loader
 
     configuration = client.Configuration()
-    path = args.kubeconfig or os.environ.get("KUBECONFIG") or None
+    if in_cluster_first and kubeconfig is None and context is None:
+        try:
+            loader.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+        except loader.ConfigException:
+            pass  # not in a Pod: a kubeconfig, as below
+        else:
+            return configuration, _pod_namespace()
+    given = str(kubeconfig) if kubeconfig is not None else None
+    path = given or os.environ.get("KUBECONFIG") or None
     if path is None and Path(DEFAULT_KUBECONFIG).expanduser().exists():
         path = DEFAULT_KUBECONFIG
-    namespace: str | None = None
-    if path is not None:
-        if args.kubeconfig and not Path(args.kubeconfig).expanduser().exists():
-            raise ConfigError(f"--kubeconfig {args.kubeconfig}: no such file")
-        if not any(Path(p).expanduser().exists() for p in path.split(os.pathsep) if p):
+    if path is None:
+        if context:
             raise ConfigError(
-                f"KUBECONFIG={path}: no such file; point it at your kubeconfig, or pass "
-                "--kubeconfig FILE"
-            )
-        try:
-            contexts, current = kubeconfig.list_kube_config_contexts(  # type: ignore[no-untyped-call]
-                config_file=path
-            )
-            chosen = current
-            if args.context:
-                chosen = next((c for c in contexts if c.get("name") == args.context), None)
-                if chosen is None:
-                    names = ", ".join(str(c.get("name")) for c in contexts) or "none"
-                    raise ConfigError(
-                        f"--context {args.context}: not in kubeconfig {path} (contexts: {names})"
-                    )
-            kubeconfig.load_kube_config(  # type: ignore[no-untyped-call]
-                config_file=path,
-                context=args.context,
-                client_configuration=configuration,
-                persist_config=False,  # reading a status never rewrites the user's kubeconfig
-            )
-        except kubeconfig.ConfigException as exc:
-            raise ConfigError(
-                f"kubeconfig {path}: {_one_line(str(exc)).rstrip('.')}; fix it, or pass "
-                "--kubeconfig FILE or --context NAME"
-            ) from None
-        namespace = ((chosen or {}).get("context") or {}).get("namespace")
-    else:
-        if args.context:
-            raise ConfigError(
-                f"--context {args.context}: no kubeconfig (--kubeconfig, KUBECONFIG or "
+                f"--context {context}: no kubeconfig (--kubeconfig, KUBECONFIG or "
                 f"{DEFAULT_KUBECONFIG}) to find it in"
             )
         try:
-            kubeconfig.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-        except kubeconfig.ConfigException:
+            loader.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+        except loader.ConfigException:
             raise ConfigError(
                 "no cluster to talk to: no kubeconfig (--kubeconfig, KUBECONFIG or "
                 f"{DEFAULT_KUBECONFIG}) and not running in a Pod"
             ) from None
-        if SERVICE_ACCOUNT_NAMESPACE.exists():
-            namespace = SERVICE_ACCOUNT_NAMESPACE.read_text(encoding="utf-8").strip() or None
+        return configuration, _pod_namespace()
+    if given and not Path(given).expanduser().exists():
+        raise ConfigError(f"--kubeconfig {given}: no such file")
+    if not any(Path(p).expanduser().exists() for p in path.split(os.pathsep) if p):
+        raise ConfigError(
+            f"KUBECONFIG={path}: no such file; point it at your kubeconfig, or pass "
+            "--kubeconfig FILE"
+        )
+    try:
+        contexts, current = loader.list_kube_config_contexts(  # type: ignore[no-untyped-call]
+            config_file=path
+        )
+        chosen = current
+        if context:
+            chosen = next((c for c in contexts if c.get("name") == context), None)
+            if chosen is None:
+                names = ", ".join(str(c.get("name")) for c in contexts) or "none"
+                raise ConfigError(
+                    f"--context {context}: not in kubeconfig {path} (contexts: {names})"
+                )
+        loader.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=path,
+            context=context,
+            client_configuration=configuration,
+            persist_config=False,  # never rewrite the user's kubeconfig
+        )
+    except loader.ConfigException as exc:
+        raise ConfigError(
+            f"kubeconfig {path}: {one_line(str(exc)).rstrip('.')}; fix it, or pass "
+            "--kubeconfig FILE or --context NAME"
+        ) from None
+    return configuration, ((chosen or {}).get("context") or {}).get("namespace")
+
+
+def _pod_namespace() -> str | None:
+    if SERVICE_ACCOUNT_NAMESPACE.exists():
+        return SERVICE_ACCOUNT_NAMESPACE.read_text(encoding="utf-8").strip() or None
+    return None
+
+
+@contextmanager
+def connect(args: argparse.Namespace) -> Iterator[Connection]:
+    """A client configured as kubectl would be (see :func:`load_configuration`)."""
+    from kubernetes import client
+
+    configuration, namespace = load_configuration(args.kubeconfig, args.context)
     with client.ApiClient(configuration) as api:
         yield Connection(
             api=api,
@@ -203,7 +228,8 @@ def connect(args: argparse.Namespace) -> Iterator[Connection]:
         )
 
 
-def _one_line(text: str, limit: int = 300) -> str:
+def one_line(text: str, limit: int = 300) -> str:
+    """``text`` on one line, at most ``limit`` characters (for messages)."""
     return " ".join(text.split())[:limit]
 
 

@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from embedshift_operator.cli import cluster
 from embedshift_operator.cli.flags import duration, env, port
 from rag_service.alerts import WEBHOOK_SECRET_ENV as TOKEN_ENV
 from rag_service.errors import ConfigError
@@ -166,7 +167,9 @@ async def _run(args: argparse.Namespace) -> int:
     namespaces: list[str] = args.namespace or []
     clusterwide = bool(args.all_namespaces)
     peering = None if args.standalone else (args.peering or DEFAULT_PEERING)
-    kube = await asyncio.to_thread(_kube_configuration, args.kubeconfig, args.context)
+    kube, _ = await asyncio.to_thread(
+        cluster.load_configuration, args.kubeconfig, args.context, in_cluster_first=True
+    )
     if peering is not None:
         await asyncio.to_thread(
             _check_peering, kube, name=peering, namespaces=namespaces, clusterwide=clusterwide
@@ -220,34 +223,6 @@ async def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _kube_configuration(kubeconfig: Path | None, context: str | None) -> client.Configuration:
-    """The client's configuration: the flags' kubeconfig, else in-cluster, else the default
-    kubeconfig. The handlers and kopf both log in with it (see ``handlers._connection_info``)."""
-    from kubernetes import client
-    from kubernetes import config as kubeconfig_loader
-
-    configuration = client.Configuration()
-    if kubeconfig is None and context is None:
-        try:
-            kubeconfig_loader.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-        except kubeconfig_loader.ConfigException:
-            pass
-        else:
-            return configuration
-    try:
-        kubeconfig_loader.load_kube_config(  # type: ignore[no-untyped-call]
-            config_file=str(kubeconfig) if kubeconfig is not None else None,
-            context=context,
-            client_configuration=configuration,
-        )
-    except (kubeconfig_loader.ConfigException, OSError) as exc:
-        where = f"--kubeconfig {kubeconfig}" if kubeconfig is not None else "the kubeconfig"
-        raise ConfigError(
-            f"cannot log in to Kubernetes: not in a cluster, and {where}: {_one_line(exc)}"
-        ) from None
-    return configuration
-
-
 def _check_peering(
     configuration: client.Configuration,
     *,
@@ -295,10 +270,7 @@ def _check_peering(
                     continue
                 raise ConfigError(f"reading {what}: {exc.status} {exc.reason}") from None
             except HTTPError as exc:
+                detail = cluster.one_line(str(exc))
                 raise ConfigError(
-                    f"cannot reach the Kubernetes API at {configuration.host}: {_one_line(exc)}"
+                    f"cannot reach the Kubernetes API at {configuration.host}: {detail}"
                 ) from None
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())

@@ -3,6 +3,7 @@ the rendered exposition text, as Prometheus would scrape it."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
@@ -15,7 +16,7 @@ from embedshift_operator.adapters.operator_metrics import (
     added_history,
 )
 from embedshift_operator.core import Observations
-from embedshift_operator.resource import HISTORY_LIMIT, HistoryEntry, Phase
+from embedshift_operator.resource import HISTORY_LIMIT, HistoryEntry, MigrationProgress, Phase
 from tests.operator.core.builders import (
     MIGRATION,
     T0,
@@ -252,3 +253,29 @@ def test_added_history_in_a_full_bounded_history() -> None:
     assert added_history([], [_entry(1)]) == [_entry(1)]
     # Not a continuation of before (a status written elsewhere): all of it is new.
     assert added_history(before[:3], [_entry(7), _entry(8)]) == [_entry(7), _entry(8)]
+
+
+def test_progress_and_the_followers_lag_are_the_status_a_tick_leaves(
+    registry: CollectorRegistry, metrics: OperatorMetrics
+) -> None:
+    spec = make_spec()
+    status = status_at(spec, Phase.PROGRESSING, step=1)
+    decision = tick(spec, status)
+    progress = MigrationProgress(total=4000, migrated=3900, pending=100, oldest_pending_seconds=42)
+    behind = replace(decision, status=decision.status.model_copy(update={"migration": progress}))
+
+    metrics.record(MIGRATION, status, behind, seconds=0.1)
+
+    rows = "embedshift_operator_migration_rows"
+    assert value(registry, rows, migration=MIGRATION, state="total") == 4000.0
+    assert value(registry, rows, migration=MIGRATION, state="migrated") == 3900.0
+    assert value(registry, rows, migration=MIGRATION, state="pending") == 100.0
+    lag = "embedshift_operator_follower_lag_seconds"
+    assert value(registry, lag, migration=MIGRATION) == 42.0
+
+    # The follower drained the queue: no oldest change is a lag of 0, not a stale 42 s.
+    caught_up = progress.model_copy(update={"pending": 0, "oldest_pending_seconds": None})
+    drained = replace(decision, status=decision.status.model_copy(update={"migration": caught_up}))
+    metrics.record(MIGRATION, behind.status, drained, seconds=0.1)
+    assert value(registry, lag, migration=MIGRATION) == 0.0
+    assert value(registry, rows, migration=MIGRATION, state="pending") == 0.0

@@ -5,8 +5,9 @@ Which API server
     without it, against the stand-in (:mod:`tests.operator.e2e.target`): the project's API-server
     emulator on a local port with a kubeconfig written for it, so the suite's code runs in every
     ``make test``. The pytest header says which one ran. A real cluster is the real proof; the
-    stand-in keeps the suite from rotting. Only the CEL test needs a real API server (kmock
-    validates nothing), and only it is skipped on the stand-in.
+    stand-in keeps the suite from rotting. The stand-in refuses a bad spec with the CRD's CEL rules
+    evaluated by cel-python; only a real API server proves Kubernetes' own CEL (its functions and
+    cost limits).
 
 Running it against a kind or k3d cluster
     ::

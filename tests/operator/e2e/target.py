@@ -64,7 +64,7 @@ class Target:
             return f"the cluster KUBECONFIG names (context {self.context!r}, {self.kubeconfig})"
         return (
             "the stand-in: tests/operator/kube/emulator.py on a local port, a kubeconfig "
-            "written for it (KUBECONFIG is not set); the CEL test needs a real API server"
+            "written for it (KUBECONFIG is not set); its CEL is cel-python's, not Kubernetes'"
         )
 
 

@@ -18,6 +18,10 @@ through, ``KubernetesEmulator._handle``, before kmock stores the object:
   watches them to serve ``--namespace``, so a test creates its namespace as a cluster has it.
 - kopf's peering resources (``kopf.dev/v1`` ``kopfpeerings``, ``clusterkopfpeerings``) are
   known, so an operator with peering finds them; a test creates the peering object.
+- Validation of EmbeddingMigrations as the CRD declares it: a create, or a patch that changes
+  ``spec``, whose object (with the schema's defaults) breaks one of the CRD's CEL rules is 422
+  Invalid with the rule's message, as an API server answers (evaluated with cel-python by
+  :mod:`tests.operator.resource.apiserver`; the rest of the OpenAPI schema is not checked);
 - Label selectors on a list (``?labelSelector=``), equality-based (``k=v``, ``k==v``, ``k!=v``,
   ``k``, ``!k``), as the operator sends them; set-based selectors (``k in (…)``) are refused
   with 400 rather than ignored, so a test cannot pass on an unfiltered list.
@@ -27,7 +31,7 @@ resource and subresource, and the User-Agent that tells the operator from the te
 client) in ``calls``, and every create the emulator accepted in ``created``: what least
 privilege is checked against (``api-calls.yaml``) and how a double create is counted.
 
-Still not emulated (see issue 8): PUT, a separate ``/status``
+Still not emulated (see issue 8): PUT, OpenAPI type checks, a separate ``/status``
 subresource (a patch of ``.../status`` is a patch of the object; here it is cut to its
 ``status``), validation, garbage collection and the Job
 controller. Tests complete Jobs by patching their status.
@@ -44,12 +48,15 @@ from typing import Any
 
 import jsonpatch
 import kmock
+import yaml
 from kmock._internal import (
     parsing,  # kmock's path parser, corrected below for the Namespace objects
     rendering,  # the Request type of the hook kmock itself overrides
 )
 
-from embedshift_operator.resource import API_VERSION
+from embedshift_operator.crd import DEFAULT_PATH as CRD_PATH
+from embedshift_operator.resource import API_VERSION, KIND
+from tests.operator.resource import apiserver
 
 __all__ = ["CRD_RESOURCE", "PEERING_RESOURCES", "ApiCall", "ApiServerEmulator"]
 
@@ -93,6 +100,25 @@ def _parse_path(path: str) -> parsing.ParsedPath:
 # kmock parses each request with the module's function (rendering.Request._parse), before any
 # hook of the emulator runs; for every other path this is kmock's parser unchanged.
 parsing.parse_path = _parse_path
+
+
+def _crd_schema() -> dict[str, Any]:
+    (version,) = yaml.safe_load(CRD_PATH.read_text())["spec"]["versions"]
+    schema: dict[str, Any] = version["schema"]["openAPIV3Schema"]
+    return schema
+
+
+def _validate(obj: dict[str, Any], *, schema: dict[str, Any]) -> None:
+    """422 Invalid when the CRD's CEL rules refuse ``obj``, in the API server's words."""
+    found = apiserver.refusals(schema, apiserver.default(schema, obj))
+    if found:
+        name = obj.get("metadata", {}).get("name", "")
+        causes = "; ".join(f"{r.path}: Invalid value: {r.message}" for r in found)
+        raise kmock.KubernetesError(
+            status=422,
+            reason="Invalid",
+            message=f'{KIND}.{API_VERSION.split("/")[0]} "{name}" is invalid: {causes}',
+        )
 
 
 # kmock's request log is cut back to half of this whenever it grows past it.
@@ -204,6 +230,8 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             self.resources[resource] = info
         self.calls: list[ApiCall] = []
         self.created: list[ApiCall] = []
+        self._crd_schema = _crd_schema()
+        self._crd_resource = next(r for r in self.resources if r == CRD_RESOURCE)
 
     async def _handle(self, request: rendering.Request) -> Any:
         self._forget_old_requests()
@@ -253,6 +281,8 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
                 "%Y-%m-%dT%H:%M:%SZ"
             )
             meta.pop("deletionTimestamp", None)
+            if request.resource == self._crd_resource:
+                _validate(request.data, schema=self._crd_schema)
             return
         if action != kmock.action.UPDATE or request.name is None or request.resource is None:
             return
@@ -286,4 +316,6 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         meta["creationTimestamp"] = old.get("metadata", {}).get("creationTimestamp")
         generation = old.get("metadata", {}).get("generation") or 1
         changed = old.get("spec") != new.get("spec")
+        if changed and request.resource == self._crd_resource:
+            _validate(new, schema=self._crd_schema)
         meta["generation"] = generation + 1 if changed else generation
