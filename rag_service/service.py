@@ -677,9 +677,17 @@ def _routes(app: FastAPI, settings: ServiceSettings) -> None:
 
     @app.get("/api/alerts/webhook")
     async def recent_alerts(
-        request: Request, severity: Annotated[str | None, Query()] = None
+        request: Request,
+        severity: Annotated[str | None, Query()] = None,
+        authorization: Annotated[str | None, Header()] = None,
     ) -> dict[str, Any]:
         service = service_of(request)
+        if settings.webhook_secret:  # the history is as private as what may post to it
+            verdict = check_bearer(authorization, settings.webhook_secret)
+            if verdict == "missing":
+                raise HTTPException(401, "missing Authorization: Bearer token")
+            if verdict == "wrong":
+                raise HTTPException(403, "wrong token")
         if severity is not None and severity not in alerts_module.SEVERITIES:
             raise _unprocessable(
                 ["query", "severity"],

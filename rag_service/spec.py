@@ -378,6 +378,7 @@ class MigrationSpec(_Model):
         default=None,
         alias="budgetUSD",
         ge=0,
+        allow_inf_nan=False,  # nan compares false with any spend; inf never stops
         description="Stop the backfill before its estimated embedding cost exceeds this many "
         "US dollars.",
     )

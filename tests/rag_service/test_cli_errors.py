@@ -227,3 +227,41 @@ def test_refusals_change_nothing(
     cli(capsys, "migrate", "setup", *flags(database_url, "parted"))
     with psycopg.connect(database_url) as conn:
         assert conn.execute("SELECT count(*) FROM pg_class").fetchone() == before
+
+
+@pytest.mark.parametrize("budget", ["nan", "inf", "-inf", "-1", "ten"])
+def test_a_budget_that_could_never_stop_the_backfill_is_refused(
+    capsys: pytest.CaptureFixture[str], database_url: str, docs: str, budget: str
+) -> None:
+    """nan compares false with any spend, inf never stops, a negative is meaningless (issue 10,
+    defect 1): refused before anything is embedded or spent."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli(capsys, "migrate", "run", *flags(database_url, docs), f"--budget-usd={budget}")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--budget-usd" in err and "Traceback" not in err
+    with psycopg.connect(database_url) as conn:
+        found = conn.execute("SELECT to_regclass('embedding_migration_status')").fetchone()
+        assert found is not None
+        if found[0] is not None:
+            batches = conn.execute("SELECT count(*) FROM embedding_migration_status").fetchone()
+            assert batches == (0,)
+
+
+@pytest.mark.parametrize("budget", [".nan", ".inf", "-1"])
+def test_a_budget_in_the_spec_that_could_never_stop_is_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, database_url: str, docs: str, budget: str
+) -> None:
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(
+        "apiVersion: embedshift.io/v1alpha1\nkind: EmbeddingMigration\n"
+        "metadata: {name: m, namespace: default}\n"
+        f"spec:\n  database: {{table: {docs}}}\n"
+        "  source: {provider: local, model: hash, dimensions: 32}\n"
+        "  target: {provider: local, model: hash, dimensions: 16}\n"
+        f"  migration: {{budgetUSD: {budget}}}\n"
+    )
+    result = cli(
+        capsys, "migrate", "run", "--config", str(manifest), "--database-url", database_url
+    )
+    one_clear_line(result, "spec.migration.budgetUSD", code=2)

@@ -241,8 +241,13 @@ async def test_webhook_auth_and_the_guides_emergency(world: World) -> None:
                 [MIGRATION],
             ).fetchone()
         assert row is not None and row[0] is True and "error_rate" in row[1]
-        listed = (await svc.client.get("/api/alerts/webhook", params={"severity": "error"})).json()
+        url, query = "/api/alerts/webhook", {"severity": "error"}
+        listed = (await svc.client.get(url, params=query, headers=auth)).json()
         assert [a["type"] for a in listed["alerts"]] == ["error_rate"]  # the warning is below
+        # The history needs the token as posting does (issue 10, defect 4).
+        assert (await svc.client.get(url, params=query)).status_code == 401
+        wrong = {"Authorization": "Bearer not-the-secret"}
+        assert (await svc.client.get(url, params=query, headers=wrong)).status_code == 403
 
 
 async def _at(svc: object, percentage: int) -> bool:

@@ -7,6 +7,7 @@ line (``embedshift <command>: error: argument --flag: ...``) with exit code 2.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 from pathlib import Path
@@ -112,6 +113,18 @@ def positive(value: str) -> int:
         raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
     if number < 1:
         raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return number
+
+
+def usd(value: str) -> float:
+    """A finite amount of US dollars, zero or more (``nan`` would compare false with any spend
+    and ``inf`` would never stop it: both are refused)."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an amount of US dollars") from None
+    if not math.isfinite(number) or number < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be a finite amount, zero or more")
     return number
 
 

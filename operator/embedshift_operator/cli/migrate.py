@@ -10,7 +10,14 @@ from dataclasses import asdict
 from rich.console import Console
 from rich.table import Table
 
-from embedshift_operator.cli.flags import add_spec_flags, interval, positive, resolve, shard
+from embedshift_operator.cli.flags import (
+    add_spec_flags,
+    interval,
+    positive,
+    resolve,
+    shard,
+    usd,
+)
 from rag_service.errors import ConfigError
 from rag_service.follow import DEFAULT_SWEEP_SECONDS, follow_command
 from rag_service.indexes import build_index
@@ -77,7 +84,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--shard", type=shard, default=Shard(), metavar="I/N", help="run shard I of N")
     p.add_argument("--batch-size", type=positive, help="rows per transaction (default 100)")
     p.add_argument("--concurrency", type=positive, help="batches embedding at once (default 4)")
-    p.add_argument("--budget-usd", type=float, help="stop before spending more than this in total")
+    p.add_argument(
+        "--budget-usd",
+        type=usd,
+        help="stop before spending more than this many US dollars in total (default: "
+        "spec.migration.budgetUSD, else no limit)",
+    )
     p.add_argument(
         "--rescan", action="store_true", help="rescan the whole table, not just the queue"
     )
