@@ -126,6 +126,18 @@ def migration_labels(resource: EmbeddingMigration, component: str) -> dict[str, 
     }
 
 
+def owned_metadata(
+    resource: EmbeddingMigration, name: str, labels: Mapping[str, str]
+) -> dict[str, Any]:
+    """An object's metadata in the resource's namespace, owned by it (deleted with it). Pure."""
+    return {
+        "name": name,
+        "namespace": resource.metadata.namespace,
+        "labels": dict(labels),
+        "ownerReferences": [owner_reference(resource)],
+    }
+
+
 def owner_reference(resource: EmbeddingMigration) -> dict[str, Any]:
     """The resource as the controller owner: its objects go when it goes."""
     uid = resource.metadata.uid
@@ -164,12 +176,9 @@ def config_map_manifest(resource: EmbeddingMigration) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": {
-            "name": _config_map_name(resource),
-            "namespace": resource.metadata.namespace,
-            "labels": migration_labels(resource, COMPONENT_CONFIG),
-            "ownerReferences": [owner_reference(resource)],
-        },
+        "metadata": owned_metadata(
+            resource, _config_map_name(resource), migration_labels(resource, COMPONENT_CONFIG)
+        ),
         "data": {CONFIG_FILE: _config_document(resource)},
     }
 
@@ -272,12 +281,7 @@ def job_manifest(
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {
-            "name": action.name,
-            "namespace": resource.metadata.namespace,
-            "labels": labels,
-            "ownerReferences": [owner_reference(resource)],
-        },
+        "metadata": owned_metadata(resource, action.name, labels),
         "spec": {
             "backoffLimit": BACKOFF_LIMIT,
             "activeDeadlineSeconds": active_deadline_seconds,
@@ -311,12 +315,7 @@ def follower_manifest(
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {
-            "name": action.name,
-            "namespace": resource.metadata.namespace,
-            "labels": labels,
-            "ownerReferences": [owner_reference(resource)],
-        },
+        "metadata": owned_metadata(resource, action.name, labels),
         "spec": {
             "replicas": 1,
             "strategy": {"type": "Recreate"},
