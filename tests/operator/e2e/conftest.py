@@ -68,7 +68,15 @@ from embedshift_operator.resource import GROUP, PLURAL, VERSION, parse_migration
 from rag_service.schema import setup
 from rag_service.testing.corpus import create_corpus
 from tests.operator.e2e.target import Target, TargetRefused, stand_in, target_from_environment
-from tests.operator.kube.harness import IMAGE, call, eventually, json_object, meta, name_of
+from tests.operator.kube.harness import (
+    IMAGE,
+    call,
+    eventually,
+    gone,
+    json_object,
+    meta,
+    name_of,
+)
 
 REPO = Path(__file__).resolve().parents[3]
 CRD_PATH = REPO / "crds" / "embeddingmigrations.embedshift.io.yaml"
@@ -320,11 +328,7 @@ class Migration:
 
     async def deleted(self) -> bool:
         """the resource gone (404)"""
-        try:
-            await self.resource()
-        except client.ApiException as exc:
-            return bool(exc.status == 404)
-        return False
+        return await gone(self.resource)
 
     async def jobs(self, kind: str) -> list[client.V1Job]:
         """This migration's Jobs of ``kind`` (setup, migrate, index, verify)."""

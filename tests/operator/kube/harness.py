@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -109,6 +109,15 @@ def json_object(raw: object) -> dict[str, Any]:
 async def call(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
     """A blocking client call off the loop the emulator serves on."""
     return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+async def gone(read: Callable[[], Awaitable[object]]) -> bool:
+    """Whether ``read`` of an object answers 404 (it was deleted, finalizers and all)."""
+    try:
+        await read()
+    except client.ApiException as exc:
+        return bool(exc.status == 404)
+    return False
 
 
 async def eventually(check: Callable[[], Any], *, within: float = 15.0) -> Any:
@@ -232,11 +241,7 @@ class Operator:
 
     async def deleted(self) -> bool:
         """the resource deleted (404)"""
-        try:
-            await self.resource()
-        except client.ApiException as exc:
-            return bool(exc.status == 404)
-        return False
+        return await gone(self.resource)
 
     async def resource(self) -> dict[str, Any]:
         raw = await call(
