@@ -52,10 +52,11 @@ pytest: $(STAMP) prometheus helm chromium image
 
 test: lint typecheck imports pytest
 
-# Regenerate crds/ from the models in embedshift_operator.resource. Not part of `test`: a test
+# Regenerate crds/ (and the chart's copy) from the models in embedshift_operator.resource. Not part of `test`: a test
 # fails when the checked-in CRD is stale, so a model change without this is caught, not hidden.
 crd: $(STAMP)
 	$(BIN)/python -m embedshift_operator.crd
+	$(BIN)/python -m embedshift_operator.crd charts/embedshift/crds/embeddingmigrations.embedshift.io.yaml
 
 # Regenerate the chart's alert rules and Grafana dashboard from rag_service/criteria.py and the
 # operator's metrics. Like crd: not part of `test`, a test fails when the checked-in files are stale.

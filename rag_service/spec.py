@@ -196,6 +196,20 @@ class EmbeddingSpec(_Model):
         default_factory=IndexSpec,
         description="The vector index (read for the target only).",
     )
+    # Google's API sends no rate-limit headers, so its pacer can only keep to limits it is told;
+    # OpenAI's headers are learned, and a limit given here is the starting point until they come.
+    requests_per_minute: int | None = Field(
+        default=None,
+        ge=1,
+        description="The account's requests-per-minute limit for this model, paced to from the "
+        "first request (Google sends no rate-limit headers; OpenAI's are learned and win).",
+    )
+    tokens_per_minute: int | None = Field(
+        default=None,
+        ge=1,
+        description="The account's tokens-per-minute limit for this model, paced to from the "
+        "first request (Google sends no rate-limit headers; OpenAI's are learned and win).",
+    )
 
     @model_validator(mode="after")
     def _known_model_dimensions(self) -> EmbeddingSpec:

@@ -93,6 +93,8 @@ def make_provider(
             base_url=spec.base_url,
             prices=prices,
             concurrency=concurrency,
+            requests_per_minute=spec.requests_per_minute,
+            tokens_per_minute=spec.tokens_per_minute,
             **patience,
         )
     from rag_service.providers.google import GoogleProvider
@@ -104,5 +106,7 @@ def make_provider(
         base_url=spec.base_url,
         prices=prices,
         concurrency=concurrency,
+        requests_per_minute=spec.requests_per_minute,
+        tokens_per_minute=spec.tokens_per_minute,
         **patience,
     )

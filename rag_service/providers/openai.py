@@ -61,6 +61,8 @@ class OpenAIProvider:
         concurrency: int = 4,
         encoding_format: EncodingFormat = "base64",
         timeout: float = 60.0,
+        requests_per_minute: int | None = None,
+        tokens_per_minute: int | None = None,
         retry_policy: RetryPolicy | None = None,
         pacer: RateLimitPacer | None = None,
         rng: random.Random | None = None,
@@ -71,7 +73,11 @@ class OpenAIProvider:
         self._prices = prices or PriceTable()
         self._encoding_format: EncodingFormat = encoding_format
         self._policy = retry_policy or RetryPolicy()
-        self._pacer = pacer or RateLimitPacer(max_concurrency=max(1, concurrency))
+        self._pacer = pacer or RateLimitPacer(
+            max_concurrency=max(1, concurrency),
+            requests_per_minute=requests_per_minute,
+            tokens_per_minute=tokens_per_minute,
+        )
         self._workers = max(1, concurrency)
         self._rng = rng or random.Random()
         self._client = AsyncOpenAI(

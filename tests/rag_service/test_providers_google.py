@@ -11,10 +11,12 @@ from google.genai import errors as genai_errors
 from google.genai import types as genai_types
 
 from rag_service.errors import AuthenticationFailed, DimensionMismatch, QuotaExceeded
+from rag_service.providers import make_provider
 from rag_service.providers.base import Purpose, Vectors
-from rag_service.providers.google import task_type
+from rag_service.providers.google import GoogleProvider, task_type
 from rag_service.providers.local import HashEmbedder
 from rag_service.providers.pricing import PriceTable
+from rag_service.spec import EmbeddingSpec
 from rag_service.testing import EmbeddingServer
 from tests.embedding_fixtures import EMBEDDING_API_KEY, GoogleFactory
 
@@ -107,6 +109,31 @@ async def test_configured_limits_pace_without_headers(
     assert time.monotonic() - started >= 1.5  # the last two waited for the bucket
     assert [r.status for r in embedding_server.requests].count(429) == 0
     assert provider.pacer.requests_per_minute == 60
+
+
+async def test_the_specs_limits_reach_the_pacer(embedding_server: EmbeddingServer) -> None:
+    """``requestsPerMinute`` / ``tokensPerMinute`` in a spec pace a provider built by
+    ``make_provider`` (the path the CLI and the operator's Jobs take), not only a hand-made one."""
+    embedding_server.rpm = 60
+    spec = EmbeddingSpec.model_validate(
+        {
+            "provider": "google",
+            "model": MODEL,
+            "dimensions": 128,
+            "baseURL": embedding_server.google_base_url,
+            "requestsPerMinute": 60,
+            "tokensPerMinute": 1_000_000,
+        }
+    )
+    provider = make_provider(spec, api_key=EMBEDDING_API_KEY, concurrency=8)
+    try:
+        await provider.embed(corpus(6200), Purpose.DOCUMENT)  # 62 requests
+        assert [r.status for r in embedding_server.requests].count(429) == 0
+        assert isinstance(provider, GoogleProvider)
+        assert provider.pacer.requests_per_minute == 60
+        assert provider.pacer.tokens_per_minute == 1_000_000
+    finally:
+        await provider.aclose()
 
 
 async def test_spent_daily_quota_fails_at_once(
