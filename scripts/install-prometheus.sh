@@ -2,7 +2,7 @@
 # Install Debian's `prometheus` package (the server and promtool) and `prometheus-alertmanager`
 # (amtool, which checks the example Alertmanager route) for the test suite.
 #
-# Idempotent: exits at once when /usr/bin/prometheus and /usr/bin/amtool are already there. The tests start their own
+# Idempotent: exits at once when prometheus, promtool and amtool are on PATH, or Debian's are installed. The tests start their own
 # Prometheus on a free loopback port, so the packaged daemon must not start: machines without
 # systemd (containers, CI) would fail the maintainer scripts, and a running daemon would hold
 # port 9090 and the package's TSDB for nothing.
@@ -12,6 +12,12 @@ BINARY=/usr/bin/prometheus
 AMTOOL=/usr/bin/amtool
 POLICY=/usr/sbin/policy-rc.d
 
+# Tools already on PATH win (the tests look there first): a Prometheus you installed yourself,
+# e.g. `PATH=/opt/prometheus:/opt/alertmanager:$PATH make test`, is used and apt is not run.
+if command -v prometheus >/dev/null && command -v promtool >/dev/null \
+    && command -v amtool >/dev/null; then
+    exit 0
+fi
 if [[ -x "$BINARY" && -x "$AMTOOL" ]]; then
     exit 0
 fi
