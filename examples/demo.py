@@ -32,7 +32,7 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -149,8 +149,23 @@ def elapsed() -> float:
     return time.monotonic() - STARTED
 
 
+# The driver's events and the checks are printed by background threads as they happen. A block
+# of the story (a command and what it did, a diff, the timeline) holds this lock, so their lines
+# wait until it ends instead of landing inside it; each keeps the time it happened.
+_OUTPUT = threading.RLock()
+
+
 def say(text: str = "") -> None:
-    print(text, flush=True)
+    with _OUTPUT:  # one write per line: print() writes the text and the newline separately
+        sys.stdout.write(f"{text}\n")
+        sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def story() -> Iterator[None]:
+    """Print a block of the story without the background lines interleaving."""
+    with _OUTPUT:
+        yield
 
 
 def step(title: str) -> None:
@@ -609,6 +624,22 @@ class CheckLog:
         return key
 
 
+def latency_note(*, v2: float, v1: float) -> str:
+    """Why v2 answers faster than v1 here: a reader would otherwise credit the new model."""
+    return (
+        f"  v2's p95 is {v2 * 1000:.0f} ms against v1's {v1 * 1000:.0f} ms because the two are "
+        "searched differently, not because\n"
+        f"  one model is faster: v1's {DOCUMENTS:,} 1536-d vectors have no index here, so each "
+        "v1 search is an exact scan\n"
+        "  of all of them (exact, slower as the corpus grows); v2's 768-d vectors are searched "
+        "through the HNSW index\n"
+        "  the index step built (approximate: a few hundred distances instead of every one, "
+        "with recall checked by\n"
+        "  verify). Give v1 an index too and the gap closes; docs/benchmarks.md, "
+        '"Search latency", compares the index with an exact scan.'
+    )
+
+
 # ---- the demo ---------------------------------------------------------------------------------
 
 
@@ -726,29 +757,31 @@ class Demo:
             "--prometheus-url", str(self.prometheus.url if self.prometheus else ""),
             "--breaker-cooldown", "5",
         )  # fmt: skip
-        say("")
-        show(
-            shown("embedshift", *argv[3:]) + f" &> {rel(self.serve_log)} &",
-            "follows the routing row; breaker cooldown on demo time",
-        )
-        with self.serve_log.open("wb") as log:
-            process = subprocess.Popen(argv, env=self.env, stdout=log, stderr=log)  # noqa: S603
-        self.stack.callback(Background("serve", process).stop)
-        base = f"http://127.0.0.1:{port}"
-        wait_healthy(process, base, self.serve_log, version="v1", timeout=60)
-        traffic = self.traffic = Traffic(base)
-        traffic.start()
-        self.stack.callback(traffic.stop)
-        say(
-            f"  {USERS} users search at {RATE:.0f}/s with X-User-Id "
-            f"({len(POPULAR)} popular questions, {FRESH_SHARE:.0%} new ones)\n"
-        )
+        with story():
+            say("")
+            show(
+                shown("embedshift", *argv[3:]) + f" &> {rel(self.serve_log)} &",
+                "follows the routing row; breaker cooldown on demo time",
+            )
+            with self.serve_log.open("wb") as log:
+                process = subprocess.Popen(argv, env=self.env, stdout=log, stderr=log)  # noqa: S603
+            self.stack.callback(Background("serve", process).stop)
+            base = f"http://127.0.0.1:{port}"
+            wait_healthy(process, base, self.serve_log, version="v1", timeout=60)
+            traffic = self.traffic = Traffic(base)
+            traffic.start()
+            self.stack.callback(traffic.stop)
+            say(
+                f"  {USERS} users search at {RATE:.0f}/s with X-User-Id "
+                f"({len(POPULAR)} popular questions, {FRESH_SHARE:.0%} new ones)\n"
+            )
         return traffic
 
     def degrade(self, v2_api: str, traffic: Traffic) -> None:
-        step("v2's API breaks: every call fails; v2's users fall back to v1")
         assert self.driver is not None and self.prometheus is not None
-        control(v2_api, error_rate=1.0)
+        with story():
+            step("v2's API breaks: every call fails; v2's users fall back to v1")
+            control(v2_api, error_rate=1.0)
         traffic.mark("v2's API failing")
         broke = elapsed()
         error_rate = metric_query(
@@ -782,13 +815,14 @@ class Demo:
 
     def retry(self, v2_api: str, text: str) -> None:
         assert self.driver is not None and self.prometheus is not None
-        step("the fix ships: v2's API recovers; the retry is an edit of the manifest")
-        control(v2_api, error_rate=0.0)
+        with story():
+            step("the fix ships: v2's API recovers; the retry is an edit of the manifest")
+            control(v2_api, error_rate=0.0)
+            say(
+                f"  waiting for the {self._window()} window to hold no v2 traffic "
+                "(RolledBack holds 0 %)"
+            )
         quiet = requests_query(version="v2", migration=MIGRATION, window=self._window())
-        say(
-            f"  waiting for the {self._window()} window to hold no v2 traffic "
-            "(RolledBack holds 0 %)"
-        )
         wait_for(
             "the analysis window to clear",
             lambda: (
@@ -801,20 +835,27 @@ class Demo:
         edited = text.replace(*RETRY_EDIT)
         if text.count(RETRY_EDIT[0]) != 1:
             raise DemoFailed(f"{rel(TEMPLATE)}: no line {RETRY_EDIT[0].strip()!r} to edit")
-        say(f"$ $EDITOR {rel(MANIFEST)}   \033[2m# in a cluster: a Git commit\033[0m")
-        for line in difflib.unified_diff(
-            text.splitlines(), edited.splitlines(), rel(MANIFEST), rel(MANIFEST), n=1, lineterm=""
-        ):
-            say(f"  {line}")
-        replace_atomically(MANIFEST, edited)
-        saved = time.monotonic()
-        wait_for(
-            "the retry at 10 %",
-            lambda: routing(self.url) == (10, False),
-            timeout=15,
-            driver=self.driver,
-        )
-        say(f"  the driver restarted the rollout {time.monotonic() - saved:.1f}s after the edit")
+        with story():
+            say(f"$ $EDITOR {rel(MANIFEST)}   \033[2m# in a cluster: a Git commit\033[0m")
+            for line in difflib.unified_diff(
+                text.splitlines(),
+                edited.splitlines(),
+                rel(MANIFEST),
+                rel(MANIFEST),
+                n=1,
+                lineterm="",
+            ):
+                say(f"  {line}")
+            replace_atomically(MANIFEST, edited)
+            saved = time.monotonic()
+            wait_for(
+                "the retry at 10 %",
+                lambda: routing(self.url) == (10, False),
+                timeout=15,
+                driver=self.driver,
+            )
+            restarted = time.monotonic() - saved
+            say(f"  the driver restarted the rollout {restarted:.1f}s after the edit")
         if elapsed() + RETRY_SECONDS > BUDGET_SECONDS:
             say("  (stopping the retry at its first step to stay under 5 minutes)")
             time.sleep(6)
@@ -836,6 +877,10 @@ class Demo:
         return analysis().window
 
     def timeline(self) -> None:
+        with story():
+            self._timeline()
+
+    def _timeline(self) -> None:
         step("the timeline")
         argv = embedshift_argv("rollout", "status", str(MANIFEST), "--json")
         show(shown("embedshift", *argv[3:]), "the status the driver saved; its history, formatted")
@@ -902,6 +947,11 @@ class Demo:
                 f"    {result['kind']:<8} {result['name']:<21} {shown_value:>9}  "
                 f"{result['bound']:<10} {result['verdict']:<6} {result.get('message', '')}"
             )
+        latency = next((r for r in check["results"] if r["name"] == "p95-latency-vs-v1"), None)
+        # A relative criterion's message is "v1 <value>" (core/analysis.py): v1's own p95.
+        v1 = re.fullmatch(r"v1 (\S+)", latency.get("message", "")) if latency else None
+        if latency and v1 and latency.get("value") is not None:
+            say(latency_note(v2=latency["value"], v1=float(v1[1])))
 
     def tails(self) -> None:
         say("\n\033[1m== logs\033[0m")
