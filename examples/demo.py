@@ -28,6 +28,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import warnings
@@ -626,18 +627,16 @@ class CheckLog:
 
 def latency_note(*, v2: float, v1: float) -> str:
     """Why v2 answers faster than v1 here: a reader would otherwise credit the new model."""
-    return (
-        f"  v2's p95 is {v2 * 1000:.0f} ms against v1's {v1 * 1000:.0f} ms because the two are "
-        "searched differently, not because\n"
-        f"  one model is faster: v1's {DOCUMENTS:,} 1536-d vectors have no index here, so each "
-        "v1 search is an exact scan\n"
-        "  of all of them (exact, slower as the corpus grows); v2's 768-d vectors are searched "
-        "through the HNSW index\n"
-        "  the index step built (approximate: a few hundred distances instead of every one, "
-        "with recall checked by\n"
-        "  verify). Give v1 an index too and the gap closes; docs/benchmarks.md, "
+    text = (
+        f"v2's p95 is {v2 * 1000:.0f} ms against v1's {v1 * 1000:.0f} ms because the two are "
+        f"searched differently, not because one model is faster: v1's {DOCUMENTS:,} 1536-d "
+        "vectors have no index here, so each v1 search is an exact scan of all of them (exact, "
+        "and slower as the corpus grows); v2's 768-d vectors are searched through the HNSW index "
+        "the index step built (approximate: a few hundred distances instead of every one, with "
+        "recall checked by verify). Give v1 an index too and the gap closes; docs/benchmarks.md, "
         '"Search latency", compares the index with an exact scan.'
     )
+    return textwrap.fill(text, width=96, initial_indent="  ", subsequent_indent="  ")
 
 
 # ---- the demo ---------------------------------------------------------------------------------
