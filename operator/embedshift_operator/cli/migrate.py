@@ -26,7 +26,7 @@ from rag_service.progress import migration_progress
 from rag_service.providers import PriceTable, api_key_from_env, make_provider
 from rag_service.rollout_row import read_routing
 from rag_service.schema import setup
-from rag_service.spec import DataPlaneSpec
+from rag_service.spec import DataPlaneSpec, EmbeddingSpec
 from rag_service.terminal import JsonLinesProgress, RichProgress
 from rag_service.verify import verify
 
@@ -180,18 +180,17 @@ async def _setup(args: argparse.Namespace) -> int:
     return 0
 
 
-# Shown instead of a cost when the target model's price is unknown: "$0" would be a lie, and a
-# budget could not be enforced (``PriceTable.price``).
-PRICE_UNKNOWN = "price unknown (pass --price provider:model=USD_PER_MILLION_TOKENS)"
-
-
 def _known_cost(amount: float, spec: DataPlaneSpec, prices: PriceTable) -> float | None:
     """``amount``, or None when it was counted at an unknown price (so it says nothing)."""
     return None if prices.price(spec.target.provider.value, spec.target.model) is None else amount
 
 
-def _usd(amount: float | None) -> str:
-    return PRICE_UNKNOWN if amount is None else f"${amount:.4f}"
+def _usd(amount: float | None, target: EmbeddingSpec) -> str:
+    """A cost as printed. Unknown is said so: "$0" would be a lie (``PriceTable.price``)."""
+    if amount is not None:
+        return f"${amount:.4f}"
+    key = PriceTable.key(target.provider.value, target.model)
+    return f"price unknown (--price {key}=USD_PER_MILLION_TOKENS sets it)"
 
 
 def _options(args: argparse.Namespace, spec: DataPlaneSpec, prices: PriceTable) -> RunOptions:
@@ -223,7 +222,7 @@ async def _run(args: argparse.Namespace) -> int:
     options = _options(args, spec, prices)
     if args.dry_run:
         plan = await plan_run(url, spec, options=options, prices=prices)
-        _print_dry_run(plan, as_json=args.json)
+        _print_dry_run(plan, spec.target, as_json=args.json)
         return 0
     provider = make_provider(
         spec.target,
@@ -246,11 +245,11 @@ async def _run(args: argparse.Namespace) -> int:
     finally:
         await provider.aclose()
     if not args.json:
-        _print_run(report, cost=_known_cost(report.cost_usd, spec, prices))
+        _print_run(report, cost=_usd(_known_cost(report.cost_usd, spec, prices), spec.target))
     return 0
 
 
-def _print_dry_run(plan: DryRun, *, as_json: bool) -> None:
+def _print_dry_run(plan: DryRun, target: EmbeddingSpec, *, as_json: bool) -> None:
     if as_json:
         print(json.dumps({"event": "dry-run", **asdict(plan)}))
         return
@@ -259,8 +258,13 @@ def _print_dry_run(plan: DryRun, *, as_json: bool) -> None:
     for category, rows in plan.by_category.items():
         _out.print(f"  {category or '(no category)'}: {rows} rows")
     _out.print(
-        f"estimated ≈{plan.estimated_tokens:,} tokens ≈ {_usd(plan.estimated_cost_usd)} "
-        "(tokens estimated as characters / 3); nothing was written"
+        f"estimated ≈{plan.estimated_tokens:,} tokens (characters / 3)"
+        + (
+            f", {_usd(None, target)}"
+            if plan.estimated_cost_usd is None
+            else f" ≈ {_usd(plan.estimated_cost_usd, target)}"
+        )
+        + "; nothing was written"
     )
     if plan.sample:
         table = Table("id", "category", "text", title="first rows")
@@ -269,11 +273,11 @@ def _print_dry_run(plan: DryRun, *, as_json: bool) -> None:
         _out.print(table)
 
 
-def _print_run(report: RunReport, *, cost: float | None) -> None:
+def _print_run(report: RunReport, *, cost: str) -> None:
     _out.print(
         f"embedded {report.embedded} rows in {report.seconds:.1f}s "
         f"({report.rows_per_second:.0f} rows/s) with {report.target}; "
-        f"{report.tokens:,} tokens, {_usd(cost)}; {report.pending} pending"
+        f"{report.tokens:,} tokens, {cost}; {report.pending} pending"
         + ("; stopped at --limit" if report.stopped_by == "limit" else "")
         + (
             f"; {report.changed_while_embedding} rows changed while embedding and stay queued"
@@ -349,7 +353,7 @@ async def _status(args: argparse.Namespace) -> int:
     _out.print(table)
     _out.print(
         f"{progress.batches} batches, {progress.failed_batches} failed; "
-        f"{progress.tokens:,} tokens, {_usd(cost)}; {progress.queued} queued changes"
+        f"{progress.tokens:,} tokens, {_usd(cost, spec.target)}; {progress.queued} queued changes"
     )
     for error in progress.recent_errors:
         _out.print(
