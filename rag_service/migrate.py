@@ -53,6 +53,7 @@ from rag_service.schema import (
     Layout,
     Query,
     category_filter,
+    check_categories,
     check_target_compatible,
     connect,
     first_line,
@@ -100,6 +101,10 @@ class RunOptions:
     budget_usd: float | None = None
     rescan: bool = False
     max_catchup_passes: int = 20
+    # Where ``categories`` and ``budget_usd`` came from, named when they are refused: the spec,
+    # unless the command line's flags set them.
+    categories_from: str = "spec.migration.categories"
+    budget_from: str = "spec.migration.budgetUSD"
 
 
 @dataclass(frozen=True)
@@ -811,6 +816,18 @@ def lock_key(layout: Layout, role: LockRole, shard: Shard) -> str:
     return f"embedshift:{layout.target}:{shard if role == 'shard' else 'follow'}"
 
 
+async def check_options(
+    conn: psycopg.AsyncConnection[Any], layout: Layout, options: RunOptions, prices: PriceTable
+) -> None:
+    """Refuse what would run but do the wrong thing, before anything is embedded or spent: a
+    budget on a model whose price is unknown (it would count $0 and never stop), and a category
+    no row has (a misspelling would embed nothing and succeed)."""
+    if options.budget_usd is not None:
+        spec = layout.target_spec
+        prices.require_price(spec.provider.value, spec.model, field=options.budget_from)
+    await check_categories(conn, layout, options.categories, field=options.categories_from)
+
+
 @asynccontextmanager
 async def worker_session(
     url: str,
@@ -845,6 +862,7 @@ async def worker_session(
                 )
         await check_target_compatible(reader, layout)
         options = replace(options, categories=tuple(dict.fromkeys(options.categories)))
+        await check_options(reader, layout, options, prices or PriceTable())
         locked = await _scalar(
             reader,
             sql.SQL("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"),
@@ -915,7 +933,7 @@ class DryRun:
     target: str
     rows: int
     estimated_tokens: int
-    estimated_cost_usd: float
+    estimated_cost_usd: float | None  # None: the target model's price is unknown
     by_category: dict[str, int]
     sample: list[dict[str, Any]]
     setup_done: bool
@@ -937,6 +955,7 @@ async def plan_run(
     conn = await connect(url, autocommit=True)
     async with conn:
         layout = await inspect_source(conn, spec)
+        await check_options(conn, layout, options, prices)
         setup_done = await table_exists(conn, layout.target)
         stale = (
             sql.SQL(
@@ -984,11 +1003,14 @@ async def plan_run(
         )
         sample = [{"id": str(r[0]), "category": r[1], "text": r[2]} for r in await cur.fetchall()]
     tokens = sum(int(t) for _, _, t in counts)
+    price_key = (spec.target.provider.value, spec.target.model)
     return DryRun(
         target=spec.target.descriptor,
         rows=sum(int(n) for _, n, _ in counts),
         estimated_tokens=tokens,
-        estimated_cost_usd=prices.cost(spec.target.provider.value, spec.target.model, tokens),
+        estimated_cost_usd=(
+            None if prices.price(*price_key) is None else prices.cost(*price_key, tokens)
+        ),
         by_category={c: int(n) for c, n, _ in counts},
         sample=sample,
         setup_done=setup_done,

@@ -20,7 +20,15 @@ import psycopg
 from psycopg import sql
 
 from rag_service.identifiers import TableName
-from rag_service.schema import ROLLOUT_CHANNEL, ROLLOUT_TABLE, ident
+from rag_service.schema import (
+    ROLLOUT_CHANNEL,
+    ROLLOUT_TABLE,
+    connect,
+    ident,
+    rollout_table,
+    table_exists,
+)
+from rag_service.spec import DataPlaneSpec
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +42,8 @@ class RoutingRow:
     reason: str = ""
     updated_at: datetime | None = None
     source: str = "default"  # default | database | local-emergency
+    # The side table v2 reads (the target descriptor ``migrate setup`` wrote); None before that.
+    target: str | None = None
 
 
 async def read_row(
@@ -41,7 +51,8 @@ async def read_row(
 ) -> RoutingRow | None:
     cur = await conn.execute(
         sql.SQL(
-            "SELECT percentage, emergency, reason, updated_at FROM {} WHERE migration = %s"
+            "SELECT percentage, emergency, reason, updated_at, target->>'table' FROM {} "
+            "WHERE migration = %s"
         ).format(ident(table)),
         [migration],
     )
@@ -54,7 +65,19 @@ async def read_row(
         reason=str(row[2]),
         updated_at=row[3],
         source="database",
+        target=row[4],
     )
+
+
+async def read_routing(url: str, spec: DataPlaneSpec, *, migration: str) -> RoutingRow | None:
+    """``migration``'s row next to ``spec``'s source table, on a short connection; None when
+    there is none (or no routing table yet)."""
+    table = rollout_table(spec)
+    conn = await connect(url, autocommit=True)
+    async with conn:
+        if not await table_exists(conn, table):
+            return None
+        return await read_row(conn, table=table, migration=migration)
 
 
 async def declare_emergency(

@@ -219,6 +219,11 @@ async def inspect_source(conn: psycopg.AsyncConnection[Any], spec: DataPlaneSpec
     return layout_for(spec, id_type=facts.columns[db.id_column])
 
 
+def rollout_table(spec: DataPlaneSpec) -> TableName:
+    """The routing row table, in the source table's schema. Pure."""
+    return spec.database.table_name.sibling(ROLLOUT_TABLE)
+
+
 def layout_for(spec: DataPlaneSpec, *, id_type: str) -> Layout:
     """Every name embedshift uses for ``spec``. Pure."""
     source = spec.database.table_name
@@ -233,7 +238,7 @@ def layout_for(spec: DataPlaneSpec, *, id_type: str) -> Layout:
         index_name=derived_identifier(target.name, spec.target.index.type),
         status=source.sibling(STATUS_TABLE),
         checkpoint=source.sibling(CHECKPOINT_TABLE),
-        rollout=source.sibling(ROLLOUT_TABLE),
+        rollout=rollout_table(spec),
         id_column=spec.database.id_column,
         text_column=spec.database.text_column,
         category_column=spec.database.category_column,
@@ -395,10 +400,16 @@ def setup_statements(layout: Layout, *, migration: str) -> list[Query]:
             ")"
         ).format(ident(layout.rollout)),
         query_cache_table(layout.source.schema),
+        # A new row routes 0 %. An existing row keeps its percentage, and its target too while
+        # it routes traffic (percentage > 0) to another side table: ``check_routing_row`` refuses
+        # that case with a message first; the WHERE keeps a row raised meanwhile as it is.
         sql.SQL(
-            "INSERT INTO {} (migration, percentage, source, target) VALUES ({}, 0, {}, {})\n"
+            "INSERT INTO {} AS r (migration, percentage, source, target) "
+            "VALUES ({}, 0, {}, {})\n"
             "    ON CONFLICT (migration) DO UPDATE\n"
-            "    SET source = EXCLUDED.source, target = EXCLUDED.target, updated_at = now()"
+            "    SET source = EXCLUDED.source, target = EXCLUDED.target, updated_at = now()\n"
+            "    WHERE r.percentage = 0 OR r.target IS NULL\n"
+            "       OR r.target->>'table' = EXCLUDED.target->>'table'"
         ).format(
             ident(layout.rollout),
             sql.Literal(migration),
@@ -494,6 +505,31 @@ async def check_target_compatible(conn: psycopg.AsyncConnection[Any], layout: La
         )
 
 
+async def check_routing_row(
+    conn: psycopg.AsyncConnection[Any], layout: Layout, *, migration: str
+) -> None:
+    """Refuse to re-point a routing row that routes traffic at another side table.
+
+    "Routes traffic" means a percentage above 0, emergency flag or not: the flag only holds v1
+    until a retry clears it, and the percentage then applies again, to whatever the row names.
+    """
+    if not await table_exists(conn, layout.rollout):
+        return
+    # Imported here: rollout_row builds on this module.
+    from rag_service.rollout_row import read_row
+
+    row = await read_row(conn, table=layout.rollout, migration=migration)
+    if row is None or row.percentage == 0 or row.target in (None, str(layout.target)):
+        return
+    held = " (its emergency flag holds v1 until a retry clears it)" if row.emergency else ""
+    raise SchemaRefused(
+        f"routing row {migration!r} routes {row.percentage} % of searches to {row.target}"
+        f"{held}; setup for {layout.target} would point them at an empty side table. Roll it "
+        "back to 0 % first (spec.rollout.maxPercentage: 0, `embedshift rollout abort`), or set "
+        "up this target under another --migration name (nothing was changed)"
+    )
+
+
 async def setup(
     url: str, spec: DataPlaneSpec, *, migration: str, dry_run: bool = False
 ) -> list[str]:
@@ -507,6 +543,7 @@ async def setup(
     async with conn:
         layout = await inspect_source(conn, spec)
         await check_target_compatible(conn, layout)
+        await check_routing_row(conn, layout, migration=migration)
         statements = setup_statements(layout, migration=migration)
         rendered = [s.as_string(conn) + ";" for s in statements]
         if dry_run:
@@ -557,3 +594,46 @@ def category_filter(layout: Layout, categories: Sequence[str]) -> sql.Composable
             "set spec.database.categoryColumn (or --category-column)"
         )
     return sql.SQL("{} = ANY({})").format(layout.s_category, sql.Literal(list(categories)))
+
+
+_KNOWN_CATEGORIES_SHOWN = 20
+
+
+async def check_categories(
+    conn: psycopg.AsyncConnection[Any], layout: Layout, categories: Sequence[str], *, field: str
+) -> None:
+    """Refuse categories no source row has, naming the ones it does (a misspelt category would
+    embed nothing and succeed). Cheap when they exist: one probe per category, each ending at
+    its first row; only a refusal reads the column's distinct values."""
+    if not categories:
+        return
+    category_filter(layout, categories)  # no category column: that refusal first
+    cur = await conn.execute(
+        sql.SQL(
+            "SELECT c FROM unnest(CAST(%s AS text[])) WITH ORDINALITY AS w(c, n)\n"
+            "WHERE NOT EXISTS (SELECT 1 FROM {src} s WHERE {cat} = w.c) ORDER BY n"
+        ).format(src=ident(layout.source), cat=layout.s_category),
+        [list(categories)],
+    )
+    unknown = [str(r[0]) for r in await cur.fetchall()]
+    if not unknown:
+        return
+    cur = await conn.execute(
+        sql.SQL(
+            "SELECT DISTINCT {cat} FROM {src} s WHERE {cat} IS NOT NULL ORDER BY 1 LIMIT {n}"
+        ).format(
+            cat=layout.s_category,
+            src=ident(layout.source),
+            n=sql.Literal(_KNOWN_CATEGORIES_SHOWN + 1),
+        )
+    )
+    known = [str(r[0]) for r in await cur.fetchall()]
+    listed = ", ".join(known[:_KNOWN_CATEGORIES_SHOWN]) + (
+        ", …" if len(known) > _KNOWN_CATEGORIES_SHOWN else ""
+    )
+    raise ConfigError(
+        f"{field}: no row of {layout.source} has {layout.category_column} "
+        f"{', '.join(map(repr, unknown))}; "
+        + (f"its categories are {listed}" if known else "it has no categories yet")
+        + " (nothing was changed)"
+    )

@@ -582,6 +582,28 @@ def _unwrap(annotation: Any) -> Any:
             return annotation
 
 
+def yaml_error_message(exc: yaml.YAMLError) -> str:
+    """`` at line L, column C: problem (context at line …)`` for a YAML error, to follow "is not
+    valid YAML"; lines and columns count from 1, as editors do. Pure."""
+    mark = getattr(exc, "problem_mark", None)
+    if not isinstance(exc, yaml.MarkedYAMLError) or mark is None:
+        return f": {_one_line(exc)}"
+    text = f" at line {mark.line + 1}, column {mark.column + 1}: {exc.problem or _one_line(exc)}"
+    context = exc.context_mark
+    if (
+        exc.context
+        and context is not None
+        and (context.line, context.column)
+        != (
+            mark.line,
+            mark.column,
+        )
+    ):
+        # Where the unclosed bracket or block began: often the line to fix.
+        text += f" ({exc.context} at line {context.line + 1}, column {context.column + 1})"
+    return text
+
+
 def load_resource(path: Path) -> EmbeddingMigrationResource:
     """Read an EmbeddingMigration manifest; every problem becomes one ConfigError line."""
     try:
@@ -589,7 +611,7 @@ def load_resource(path: Path) -> EmbeddingMigrationResource:
     except OSError as exc:
         raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--config: {path} is not valid YAML: {_one_line(exc)}") from None
+        raise ConfigError(f"--config: {path} is not valid YAML{yaml_error_message(exc)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"--config: {path} must hold one EmbeddingMigration mapping")
     if raw.get("apiVersion") != API_VERSION or raw.get("kind") != KIND:

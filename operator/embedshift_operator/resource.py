@@ -59,6 +59,7 @@ from rag_service.spec import (
     cel_rule,
     cel_rules,
     validation_message,
+    yaml_error_message,
 )
 
 # The API the resource is served under (the CRD, the operator and the CLI all address it so).
@@ -888,8 +889,5 @@ def load_migration(path: Path) -> EmbeddingMigration:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path} is not valid YAML{where}: {problem}") from None
+        raise ConfigError(f"{path} is not valid YAML{yaml_error_message(exc)}") from None
     return parse_migration(raw, where=str(path))

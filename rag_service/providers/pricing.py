@@ -15,18 +15,47 @@ DEFAULT_USD_PER_MILLION_TOKENS: Mapping[str, float] = {
 }
 
 
+# Computed on this machine: free by design, whatever the model is called.
+FREE_PROVIDERS = frozenset({"local"})
+
+
 @dataclass(frozen=True)
 class PriceTable:
-    """Prices keyed ``provider:model``; unknown models cost 0 (``local`` always does)."""
+    """Prices keyed ``provider:model``. ``local`` is free; any other model not in the table (or
+    given with ``--price``) has no known price: :meth:`price` says None, and whatever shows or
+    limits a cost must say so rather than show $0 (a budget could never stop it)."""
 
     usd_per_million: Mapping[str, float] = field(
         default_factory=lambda: dict(DEFAULT_USD_PER_MILLION_TOKENS)
     )
 
+    @staticmethod
+    def key(provider: str, model: str) -> str:
+        """``provider:model`` as ``--price`` spells it (Google also says "models/…"). Pure."""
+        return f"{provider}:{model.removeprefix('models/')}"
+
+    def price(self, provider: str, model: str) -> float | None:
+        """USD per million tokens; None when nobody told us."""
+        if provider in FREE_PROVIDERS:
+            return self.usd_per_million.get(self.key(provider, model), 0.0)
+        return self.usd_per_million.get(self.key(provider, model))
+
     def cost(self, provider: str, model: str, tokens: int) -> float:
-        # Google also names models "models/gemini-embedding-001".
-        key = f"{provider}:{model.removeprefix('models/')}"
-        return self.usd_per_million.get(key, 0.0) * tokens / 1_000_000
+        """What ``tokens`` cost; 0 for a model of unknown price (counted, not known: ask
+        :meth:`price` before showing it or limiting by it)."""
+        return (self.price(provider, model) or 0.0) * tokens / 1_000_000
+
+    def require_price(self, provider: str, model: str, *, field: str) -> float:
+        """The price, or a ConfigError naming ``field`` (the budget that could not stop)."""
+        usd = self.price(provider, model)
+        if usd is None:
+            key = self.key(provider, model)
+            raise ConfigError(
+                f"{field}: no price is known for {key}, so the budget could never stop the run "
+                f"(its spend would count as $0); pass --price {key}=USD_PER_MILLION_TOKENS, "
+                "or drop the budget (nothing was changed)"
+            )
+        return usd
 
     def with_overrides(self, overrides: Mapping[str, float]) -> PriceTable:
         return PriceTable({**self.usd_per_million, **overrides})

@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # the data plane (numpy, the SDKs) is loaded by the commands 
 
 __all__ = [
     "add_spec_flags",
+    "config_file",
     "duration",
     "env",
     "interval",
@@ -47,7 +48,7 @@ def add_spec_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("what to migrate (flags override --config)")
     g.add_argument(
         "--config",
-        type=Path,
+        type=config_file,
         default=env("EMBEDSHIFT_CONFIG"),
         help="an EmbeddingMigration manifest (env EMBEDSHIFT_CONFIG)",
     )
@@ -104,6 +105,13 @@ def add_spec_flags(parser: argparse.ArgumentParser) -> None:
         help="store target vectors as halfvec (indexable up to 4000 dims; same on every command)",
     )
     g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def config_file(value: str) -> Path:
+    """``--config``: an empty path is refused (``Path('')`` would read as the current directory)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty: name the manifest, or leave it out")
+    return Path(value)
 
 
 def positive(value: str) -> int:
@@ -177,10 +185,34 @@ def port(value: str) -> int:
     return number
 
 
+# add_spec_flags' string flags, by dest (``--price`` and ``--config`` refuse an empty value
+# themselves: ``PriceTable.parse_override``, ``config_file``).
+_SPEC_STRING_FLAGS = (
+    "database_url",
+    "table",
+    "id_column",
+    "text_column",
+    "category_column",
+    "source_column",
+    "target",
+    "target_base_url",
+    "source",
+    "migration",
+)
+
+
 def resolve(args: argparse.Namespace) -> tuple[DataPlaneSpec, str, str, PriceTable]:
     """(spec, migration key, database url, prices) from --config, flags and environment."""
     from rag_service.providers.pricing import PriceTable
 
+    for flag in _SPEC_STRING_FLAGS:
+        value = getattr(args, flag, None)
+        if value is not None and not value.strip():
+            # Read as "not given", the config or a default would silently win over it.
+            raise ConfigError(
+                f"--{flag.replace('_', '-')}: empty; give a value, or leave the flag out to use "
+                "the config"
+            )
     migration: str | None = None
     raw: dict[str, Any] = {}
     if args.config:

@@ -23,9 +23,10 @@ from rag_service.follow import DEFAULT_SWEEP_SECONDS, follow_command
 from rag_service.indexes import build_index
 from rag_service.migrate import DryRun, RunOptions, RunReport, Shard, plan_run, run_migration
 from rag_service.progress import migration_progress
-from rag_service.providers import api_key_from_env, make_provider
+from rag_service.providers import PriceTable, api_key_from_env, make_provider
+from rag_service.rollout_row import read_routing
 from rag_service.schema import setup
-from rag_service.spec import DataPlaneSpec
+from rag_service.spec import DataPlaneSpec, EmbeddingSpec
 from rag_service.terminal import JsonLinesProgress, RichProgress
 from rag_service.verify import verify
 
@@ -164,19 +165,41 @@ async def _setup(args: argparse.Namespace) -> int:
     if args.dry_run:
         print("\n\n".join(statements))
         return 0
+    # What the row says now, read back: setup never changes an existing row's percentage.
+    row = await read_routing(url, spec, migration=migration)
+    routing = (
+        "no routing row"
+        if row is None
+        else f"routing row {migration!r} at {row.percentage} % to {row.target or '(no target)'}"
+        + (f", EMERGENCY ({row.reason})" if row.emergency else "")
+    )
     _out.print(
         f"setup done: {spec.target_table} ({spec.target.vector_type}({spec.target.dimensions})) "
-        f"next to {spec.database.table_name}; routing row {migration!r} at 0 %"
+        f"next to {spec.database.table_name}; {routing}"
     )
     return 0
 
 
-def _options(args: argparse.Namespace, spec: DataPlaneSpec) -> RunOptions:
+def _known_cost(amount: float, spec: DataPlaneSpec, prices: PriceTable) -> float | None:
+    """``amount``, or None when it was counted at an unknown price (so it says nothing)."""
+    return None if prices.price(spec.target.provider.value, spec.target.model) is None else amount
+
+
+def _usd(amount: float | None, target: EmbeddingSpec) -> str:
+    """A cost as printed. Unknown is said so: "$0" would be a lie (``PriceTable.price``)."""
+    if amount is not None:
+        return f"${amount:.4f}"
+    key = PriceTable.key(target.provider.value, target.model)
+    return f"price unknown (--price {key}=USD_PER_MILLION_TOKENS sets it)"
+
+
+def _options(args: argparse.Namespace, spec: DataPlaneSpec, prices: PriceTable) -> RunOptions:
     m = spec.migration
     budget = args.budget_usd if args.budget_usd is not None else m.budget_usd
     if budget is not None and budget < 0:
         raise ConfigError("--budget-usd: must be zero or more")
-    return RunOptions(
+    defaults = RunOptions()
+    options = RunOptions(
         limit=args.limit,
         categories=tuple(args.category if args.category is not None else m.categories),
         shard=args.shard,
@@ -184,15 +207,22 @@ def _options(args: argparse.Namespace, spec: DataPlaneSpec) -> RunOptions:
         concurrency=args.concurrency or m.concurrency,
         budget_usd=budget,
         rescan=args.rescan,
+        categories_from="--category" if args.category is not None else defaults.categories_from,
+        budget_from="--budget-usd" if args.budget_usd is not None else defaults.budget_from,
     )
+    if options.budget_usd is not None:  # before the provider asks for an API key
+        prices.require_price(
+            spec.target.provider.value, spec.target.model, field=options.budget_from
+        )
+    return options
 
 
 async def _run(args: argparse.Namespace) -> int:
     spec, migration, url, prices = resolve(args)
-    options = _options(args, spec)
+    options = _options(args, spec, prices)
     if args.dry_run:
         plan = await plan_run(url, spec, options=options, prices=prices)
-        _print_dry_run(plan, as_json=args.json)
+        _print_dry_run(plan, spec.target, as_json=args.json)
         return 0
     provider = make_provider(
         spec.target,
@@ -215,11 +245,11 @@ async def _run(args: argparse.Namespace) -> int:
     finally:
         await provider.aclose()
     if not args.json:
-        _print_run(report)
+        _print_run(report, cost=_usd(_known_cost(report.cost_usd, spec, prices), spec.target))
     return 0
 
 
-def _print_dry_run(plan: DryRun, *, as_json: bool) -> None:
+def _print_dry_run(plan: DryRun, target: EmbeddingSpec, *, as_json: bool) -> None:
     if as_json:
         print(json.dumps({"event": "dry-run", **asdict(plan)}))
         return
@@ -228,8 +258,13 @@ def _print_dry_run(plan: DryRun, *, as_json: bool) -> None:
     for category, rows in plan.by_category.items():
         _out.print(f"  {category or '(no category)'}: {rows} rows")
     _out.print(
-        f"estimated ≈{plan.estimated_tokens:,} tokens ≈ ${plan.estimated_cost_usd:.4f} "
-        "(tokens estimated as characters / 3); nothing was written"
+        f"estimated ≈{plan.estimated_tokens:,} tokens (characters / 3)"
+        + (
+            f", {_usd(None, target)}"
+            if plan.estimated_cost_usd is None
+            else f" ≈ {_usd(plan.estimated_cost_usd, target)}"
+        )
+        + "; nothing was written"
     )
     if plan.sample:
         table = Table("id", "category", "text", title="first rows")
@@ -238,11 +273,11 @@ def _print_dry_run(plan: DryRun, *, as_json: bool) -> None:
         _out.print(table)
 
 
-def _print_run(report: RunReport) -> None:
+def _print_run(report: RunReport, *, cost: str) -> None:
     _out.print(
         f"embedded {report.embedded} rows in {report.seconds:.1f}s "
         f"({report.rows_per_second:.0f} rows/s) with {report.target}; "
-        f"{report.tokens:,} tokens, ${report.cost_usd:.4f}; {report.pending} pending"
+        f"{report.tokens:,} tokens, {cost}; {report.pending} pending"
         + ("; stopped at --limit" if report.stopped_by == "limit" else "")
         + (
             f"; {report.changed_while_embedding} rows changed while embedding and stay queued"
@@ -293,10 +328,14 @@ async def _index(args: argparse.Namespace) -> int:
 
 
 async def _status(args: argparse.Namespace) -> int:
-    spec, _, url, _ = resolve(args)
+    spec, _, url, prices = resolve(args)
     progress = await migration_progress(url, spec)
+    cost = _known_cost(progress.cost_usd, spec, prices)
     if args.json:
-        print(json.dumps(progress.as_dict()))
+        document = progress.as_dict()
+        if cost is None:
+            document["costUSD"] = None  # counted at an unknown price: not $0
+        print(json.dumps(document))
         return 0
     table = Table(
         "category", "source", "migrated", "pending", "stale", "%", title=f"status {progress.target}"
@@ -314,7 +353,7 @@ async def _status(args: argparse.Namespace) -> int:
     _out.print(table)
     _out.print(
         f"{progress.batches} batches, {progress.failed_batches} failed; "
-        f"{progress.tokens:,} tokens, ${progress.cost_usd:.4f}; {progress.queued} queued changes"
+        f"{progress.tokens:,} tokens, {_usd(cost, spec.target)}; {progress.queued} queued changes"
     )
     for error in progress.recent_errors:
         _out.print(
