@@ -16,10 +16,12 @@ from rich.console import Console
 
 from embedshift_operator.cli.flags import (
     add_spec_flags,
+    ef_search,
     interval,
     positive,
     promql_range,
     resolve,
+    whole,
 )
 from rag_service.compare import (
     BASELINE_FILE,
@@ -92,6 +94,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--range",
         dest="range_",
         type=promql_range,
+        metavar="RANGE",
         help="Prometheus window, e.g. 24h (default 24h, or the baseline's)",
     )
     _add_query_flags(p)
@@ -124,6 +127,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         dest="range_",
         type=promql_range,
         default="24h",
+        metavar="RANGE",
         help="the dashboard's window (default 24h)",
     )
     p.add_argument("--json", action="store_true", help="one JSON object per line and refresh")
@@ -147,9 +151,9 @@ def _add_query_flags(parser: argparse.ArgumentParser) -> None:
         help=f"sample N queries: the first sentence of N random documents "
         f"(default {DEFAULT_SAMPLE})",
     )
-    g.add_argument("--seed", type=int, help="seed of --sample (default 0)")
+    g.add_argument("--seed", type=whole, help="seed of --sample (default 0)")
     g.add_argument("-k", "--k", dest="k", type=positive, help="results per query (default 10)")
-    g.add_argument("--ef-search", type=positive, help="hnsw.ef_search, as the service would set")
+    g.add_argument("--ef-search", type=ef_search, help="hnsw.ef_search, as the service would set")
 
 
 def _print(renderable: Any) -> None:
