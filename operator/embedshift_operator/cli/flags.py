@@ -258,8 +258,13 @@ def port_or_off(value: str) -> int:
     return _port(value, 0)
 
 
-def resolve(args: argparse.Namespace) -> tuple[DataPlaneSpec, str, str, PriceTable]:
-    """(spec, migration key, database url, prices) from --config, flags and environment."""
+def resolve(
+    args: argparse.Namespace, *, needs_database: bool = True
+) -> tuple[DataPlaneSpec, str, str, PriceTable]:
+    """(spec, migration key, database url, prices) from --config, flags and environment.
+
+    ``needs_database=False``: the command reads no database this time (Prometheus alone), so a
+    missing URL is returned as ``""`` instead of refused."""
     from rag_service.providers.pricing import PriceTable
 
     migration: str | None = None
@@ -306,8 +311,8 @@ def resolve(args: argparse.Namespace) -> tuple[DataPlaneSpec, str, str, PriceTab
     except ValidationError as exc:
         raise ConfigError(validation_message(exc, prefix="spec", model=DataPlaneSpec)) from None
     spec.target.check_indexable()
-    url = args.database_url
-    if not url:
+    url = args.database_url or ""
+    if needs_database and not url:
         raise ConfigError(
             "DATABASE_URL is not set: export DATABASE_URL=postgresql://user@host/db "
             "(or pass --database-url)"

@@ -182,8 +182,14 @@ async def _compare_command(args: argparse.Namespace) -> int:
 
 
 async def _baseline_command(args: argparse.Namespace) -> int:
-    spec, migration, url, prices = resolve(args)
     path: Path = args.output
+    recorded = load_baseline(path) if args.compare else None
+    # From Prometheus (given, or the one the baseline was recorded from) nothing reads the
+    # database, so DATABASE_URL is not needed.
+    from_prometheus = bool(args.prometheus_url) or (
+        recorded is not None and recorded.source == "prometheus"
+    )
+    spec, migration, url, prices = resolve(args, needs_database=not from_prometheus)
 
     async def measured_now(version: Version, like: Baseline | None) -> Measured:
         return await measure(
@@ -227,7 +233,8 @@ async def _baseline_command(args: argparse.Namespace) -> int:
         )
         _print(f"recorded from {where}; compare v2 later with `embedshift baseline --compare`")
         return 0
-    baseline = load_baseline(path)
+    assert recorded is not None  # loaded above with --compare
+    baseline = recorded
     measured = await measured_now(Version.V2, baseline)
     judgement = judge_baseline(baseline.metrics, measured.metrics, unmeasured=measured.unmeasured)
     if args.json:
