@@ -4,7 +4,11 @@ to v1), no usable index (v2 searches scan the whole table); and nothing once bot
 from __future__ import annotations
 
 import logging
+import os
+import signal
+from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 
@@ -14,6 +18,7 @@ from rag_service.providers import make_provider
 from rag_service.schema import layout_for, setup
 from rag_service.service import ServiceSettings
 from rag_service.testing.corpus import corpus_spec, create_corpus
+from rag_service.testing.service_process import start_serve, wait_healthy
 from tests.service_harness import serving
 
 TABLE = "svc_startup"
@@ -89,3 +94,31 @@ async def test_serve_warns_about_an_invalid_index(
         pass
     (warning,) = v2_warnings(caplog)
     assert f"v2 index {layout.index_name} is invalid" in warning
+
+
+def test_embedshift_serve_binds_serves_and_logs_the_warning(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The real command in a process: the socket it binds before starting serves requests,
+    the warning is in its log, and SIGTERM shuts it down gracefully."""
+    table = f"{TABLE}_process"
+    create_corpus(database_url, table=table, count=50, source_dimensions=32)
+    log = tmp_path / "serve.log"
+    flags = [
+        "--database-url", database_url, "--table", table, "--category-column", "category",
+        "--source-column", "embedding", "--source", "local:hash@32", "--target", "local:hash@64",
+    ]  # fmt: skip
+    process, base = start_serve(flags, env=dict(os.environ), log=log)
+    try:
+        wait_healthy(process, base, log, version="v1", timeout=60)
+        found = httpx.post(f"{base}/api/rag/search", json={"query": "pool hours"}, timeout=10)
+        assert found.status_code == 200, found.text
+        assert found.json()["version"] == "v1"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)  # uvicorn re-raises SIGTERM once shut down: exit code -15
+    text = log.read_text()
+    assert "Application shutdown complete" in text
+    assert f"listening on {base}" in text
+    assert "WARNING embedshift.service: v2 side table" in text and "does not exist" in text
+    assert "Traceback" not in text
