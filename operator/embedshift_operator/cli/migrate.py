@@ -78,7 +78,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument(
         "--dry-run", action="store_true", help="show what would be embedded and the cost"
     )
-    p.add_argument("--limit", type=positive, help="embed at most N rows in this run")
+    p.add_argument("--limit", type=positive, metavar="N", help="embed at most N rows in this run")
     p.add_argument(
         "--category", action="append", default=None, help="only this category (repeatable)"
     )
