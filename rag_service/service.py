@@ -54,6 +54,7 @@ from rag_service.schema import (
     ident,
     inspect_source,
     layout_for,
+    table_exists,
 )
 from rag_service.search import Hit, configure_connection, ef_search_for, search
 from rag_service.shadow import ShadowComparer, ShadowJob, ShadowResult
@@ -365,10 +366,31 @@ async def _layout(settings: ServiceSettings) -> Layout:
             settings.database_url, autocommit=True, connect_timeout=10
         )
         async with conn:
-            return await inspect_source(conn, settings.spec)
+            layout = await inspect_source(conn, settings.spec)
+            await _warn_unless_v2_ready(conn, layout)
+            return layout
     except psycopg.OperationalError as exc:
         log.warning("database unreachable at start (%s); serving will retry", first_line(exc))
         return layout_for(settings.spec, id_type="text")
+
+
+async def _warn_unless_v2_ready(conn: psycopg.AsyncConnection[Any], layout: Layout) -> None:
+    """Say at start-up what would otherwise show only as failing or slow v2 searches."""
+    if not await table_exists(conn, layout.target):
+        log.warning(
+            "v2 side table %s does not exist: v2 searches fail (and fall back to v1) until "
+            "`embedshift migrate setup` and `embedshift migrate run` have run for this target",
+            layout.target,
+        )
+        return
+    state = await index_state(conn, layout)
+    if not (state.exists and state.valid):
+        log.warning(
+            "v2 index %s %s: v2 searches scan the whole side table (slow) until "
+            "`embedshift migrate index` builds it",
+            state.name,
+            "is invalid (an interrupted build)" if state.exists else "does not exist",
+        )
 
 
 async def _stop(service: Service) -> None:

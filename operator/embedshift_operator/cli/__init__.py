@@ -22,7 +22,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import psycopg
 
@@ -30,7 +30,57 @@ from rag_service import __version__
 from rag_service.errors import EmbedshiftError
 from rag_service.schema import first_line
 
-__all__ = ["build_parser", "main"]
+__all__ = ["HelpFormatter", "Parser", "build_parser", "main"]
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """How every ``--help`` reads. Each flag shows its default: appended as "(default: …)"
+    where the help does not already say it, never where the value comes from the environment
+    (the help names the variable instead, and the value may be a secret such as DATABASE_URL).
+    Text with line breaks of its own (examples, epilogs) is kept as written; one-line text is
+    wrapped to the terminal."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or (isinstance(default, str | list | tuple | set | frozenset) and not default)
+            or "default" in text.lower()
+            or "(env " in text
+        ):
+            return text
+        shown = f"{default:g}" if isinstance(default, float) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+class Parser(argparse.ArgumentParser):
+    """Every parser of the command line (subcommands inherit it): one :class:`HelpFormatter`,
+    and a usage error is one line and exit code 2, as every other error a user can cause."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras and not any(isinstance(a, argparse._SubParsersAction) for a in self._actions):
+            # A command's own parser names a word it does not know, so the hint is its --help
+            # (argparse would leave it to the top level: "see embedshift --help").
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 # Each top-level command and the module registering it. ``embedshift COMMAND …`` imports that
@@ -49,7 +99,7 @@ FAMILIES = {
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; with ``command`` (a known first word), only that command's family."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="embedshift",
         description="Move a pgvector RAG corpus to a new embedding model, step by step.",
     )

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from embedshift_operator.cli.flags import seconds_or_zero
 from embedshift_operator.resource import GROUP, PLURAL, EmbeddingMigration, Phase
 from rag_service.errors import ConfigError, EmbedshiftError
 
@@ -82,22 +83,12 @@ def add_cluster_flags(parser: argparse.ArgumentParser, *, wait: bool = False) ->
     if wait:
         g.add_argument(
             "--wait",
-            type=_seconds,
+            type=seconds_or_zero,
             default=10.0,
             metavar="SECONDS",
             help="how long to wait for the operator to act on the change before printing the "
             "phase and percentage (default 10; 0: print at once)",
         )
-
-
-def _seconds(value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
-    if seconds < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or more seconds")
-    return seconds
 
 
 def _cluster_flags(args: argparse.Namespace) -> list[str]:

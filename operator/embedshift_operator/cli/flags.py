@@ -25,17 +25,36 @@ if TYPE_CHECKING:  # the data plane (numpy, the SDKs) is loaded by the commands 
     from rag_service.providers.pricing import PriceTable
 
 __all__ = [
+    "MAX_COUNT",
+    "MAX_SECONDS",
     "add_spec_flags",
     "config_file",
     "duration",
+    "ef_search",
     "env",
+    "fraction",
     "interval",
     "port",
+    "port_or_off",
     "positive",
     "promql_range",
     "resolve",
+    "seconds_or_zero",
     "shard",
+    "usd",
+    "whole",
 ]
+
+# The largest count a flag can mean: PostgreSQL's integer, where batch sizes, limits and sample
+# sizes end up. A larger number is a typo, refused here rather than as an overflow later.
+MAX_COUNT = 2**31 - 1
+# The longest wait between two checks, refreshes or sweeps: a week. Longer is a typo (and
+# ``inf`` or 1e300 would overflow the timers they feed).
+MAX_SECONDS = 7 * 24 * 3600.0
+# pgvector's range for hnsw.ef_search.
+EF_SEARCH_RANGE = (1, 1000)
+# Seeds and priorities are stored as 64-bit integers (PostgreSQL bigint, Kubernetes int64).
+_INT64 = (-(2**63), 2**63 - 1)
 
 
 def env(name: str) -> str | None:
@@ -114,13 +133,49 @@ def config_file(value: str) -> Path:
     return Path(value)
 
 
-def positive(value: str) -> int:
+def _whole(value: str) -> int:
     try:
-        number = int(value)
+        return int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+
+
+def positive(value: str) -> int:
+    """A count: a whole number from 1 to :data:`MAX_COUNT`."""
+    number = _whole(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    if number > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"{value} is too large (at most {MAX_COUNT})")
+    return number
+
+
+def whole(value: str) -> int:
+    """Any whole number a 64-bit integer holds (a seed, a priority)."""
+    number = _whole(value)
+    low, high = _INT64
+    if not low <= number <= high:
+        raise argparse.ArgumentTypeError(f"{value} is out of range ({low} to {high})")
+    return number
+
+
+def ef_search(value: str) -> int:
+    """hnsw.ef_search, within pgvector's range (else PostgreSQL refuses it mid-run)."""
+    number = _whole(value)
+    low, high = EF_SEARCH_RANGE
+    if not low <= number <= high:
+        raise argparse.ArgumentTypeError(f"{value} is outside pgvector's range {low}-{high}")
+    return number
+
+
+def fraction(value: str) -> float:
+    """A share from 0 to 1 (a rate, a recall)."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number from 0 to 1") from None
+    if not 0 <= number <= 1:  # also refuses nan, which compares false with everything
+        raise argparse.ArgumentTypeError(f"{value} must be from 0 to 1, e.g. 0.9")
     return number
 
 
@@ -152,14 +207,29 @@ def promql_range(value: str) -> str:
     return value
 
 
-def interval(value: str) -> float:
-    """A positive number of seconds."""
+def _seconds(value: str) -> float:
     try:
         seconds = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
-    if not seconds > 0:
+    if seconds > MAX_SECONDS:  # inf too; nan is left to the caller's lower bound
+        raise argparse.ArgumentTypeError(f"{value} is too long (at most {MAX_SECONDS:.0f} s)")
+    return seconds
+
+
+def interval(value: str) -> float:
+    """A positive number of seconds, at most :data:`MAX_SECONDS`."""
+    seconds = _seconds(value)
+    if not seconds > 0:  # also refuses nan
         raise argparse.ArgumentTypeError(f"{value} must be more than 0 seconds")
+    return seconds
+
+
+def seconds_or_zero(value: str) -> float:
+    """A number of seconds from 0 (at once) to :data:`MAX_SECONDS`."""
+    seconds = _seconds(value)
+    if not seconds >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more seconds")
     return seconds
 
 
@@ -169,20 +239,31 @@ def duration(value: str) -> float:
         seconds = parse_duration(value).total_seconds()
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    except OverflowError:  # longer than a timedelta holds (about 2.7 million years)
+        raise argparse.ArgumentTypeError(f"{value!r} is too long") from None
     if seconds <= 0:
         raise argparse.ArgumentTypeError(f"{value!r} must be longer than zero, e.g. 5m")
     return seconds
 
 
-def port(value: str) -> int:
-    """A TCP port, 0-65535 (what 0 means is the flag's to say)."""
+def _port(value: str, low: int) -> int:
     try:
         number = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a port number") from None
-    if not 0 <= number <= 65535:
-        raise argparse.ArgumentTypeError(f"{value} is not a port number (0-65535)")
+    if not low <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port number ({low}-65535)")
     return number
+
+
+def port(value: str) -> int:
+    """A TCP port to listen on, 1-65535."""
+    return _port(value, 1)
+
+
+def port_or_off(value: str) -> int:
+    """A TCP port, or 0: the flag's server is turned off."""
+    return _port(value, 0)
 
 
 # add_spec_flags' string flags, by dest (``--price`` and ``--config`` refuse an empty value
@@ -201,8 +282,13 @@ _SPEC_STRING_FLAGS = (
 )
 
 
-def resolve(args: argparse.Namespace) -> tuple[DataPlaneSpec, str, str, PriceTable]:
-    """(spec, migration key, database url, prices) from --config, flags and environment."""
+def resolve(
+    args: argparse.Namespace, *, needs_database: bool = True
+) -> tuple[DataPlaneSpec, str, str, PriceTable]:
+    """(spec, migration key, database url, prices) from --config, flags and environment.
+
+    ``needs_database=False``: the command reads no database this time (Prometheus alone), so a
+    missing URL is returned as ``""`` instead of refused."""
     from rag_service.providers.pricing import PriceTable
 
     for flag in _SPEC_STRING_FLAGS:
@@ -257,8 +343,8 @@ def resolve(args: argparse.Namespace) -> tuple[DataPlaneSpec, str, str, PriceTab
     except ValidationError as exc:
         raise ConfigError(validation_message(exc, prefix="spec", model=DataPlaneSpec)) from None
     spec.target.check_indexable()
-    url = args.database_url
-    if not url:
+    url = args.database_url or ""
+    if needs_database and not url:
         raise ConfigError(
             "DATABASE_URL is not set: export DATABASE_URL=postgresql://user@host/db "
             "(or pass --database-url)"

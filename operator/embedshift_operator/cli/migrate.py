@@ -12,6 +12,8 @@ from rich.table import Table
 
 from embedshift_operator.cli.flags import (
     add_spec_flags,
+    ef_search,
+    fraction,
     interval,
     positive,
     resolve,
@@ -54,7 +56,6 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="set up, run, index, verify and inspect the re-embedding",
         description="Re-embed the corpus into a side table next to the source table.",
         epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     steps = migrate.add_subparsers(dest="step", metavar="STEP", required=True)
 
@@ -78,7 +79,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument(
         "--dry-run", action="store_true", help="show what would be embedded and the cost"
     )
-    p.add_argument("--limit", type=positive, help="embed at most N rows in this run")
+    p.add_argument("--limit", type=positive, metavar="N", help="embed at most N rows in this run")
     p.add_argument(
         "--category", action="append", default=None, help="only this category (repeatable)"
     )
@@ -99,10 +100,20 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
     p = steps.add_parser("verify", help="check counts, dims, norms, staleness and index recall")
     add_spec_flags(p)
-    p.add_argument("--sample", type=positive, default=50, help="queries for the recall check")
-    p.add_argument("--k", type=positive, default=10, help="neighbours compared per query")
-    p.add_argument("--min-recall", type=float, default=0.9, help="fail below this recall@k")
-    p.add_argument("--ef-search", type=positive, help="hnsw.ef_search for the recall check")
+    p.add_argument(
+        "--sample", type=positive, default=50, metavar="N", help="queries for the recall check"
+    )
+    p.add_argument(
+        "--k", type=positive, default=10, metavar="K", help="neighbours compared per query"
+    )
+    p.add_argument(
+        "--min-recall",
+        type=fraction,
+        default=0.9,
+        metavar="RECALL",
+        help="fail below this recall@k of the index against exact search, 0-1",
+    )
+    p.add_argument("--ef-search", type=ef_search, help="hnsw.ef_search for the recall check")
     p.add_argument("--json", action="store_true", help="machine-readable result")
     p.set_defaults(handler=_verify)
 

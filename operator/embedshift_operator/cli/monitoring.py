@@ -16,10 +16,12 @@ from rich.console import Console
 
 from embedshift_operator.cli.flags import (
     add_spec_flags,
+    ef_search,
     interval,
     positive,
     promql_range,
     resolve,
+    whole,
 )
 from rag_service.compare import (
     BASELINE_FILE,
@@ -92,6 +94,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--range",
         dest="range_",
         type=promql_range,
+        metavar="RANGE",
         help="Prometheus window, e.g. 24h (default 24h, or the baseline's)",
     )
     _add_query_flags(p)
@@ -124,6 +127,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         dest="range_",
         type=promql_range,
         default="24h",
+        metavar="RANGE",
         help="the dashboard's window (default 24h)",
     )
     p.add_argument("--json", action="store_true", help="one JSON object per line and refresh")
@@ -147,9 +151,9 @@ def _add_query_flags(parser: argparse.ArgumentParser) -> None:
         help=f"sample N queries: the first sentence of N random documents "
         f"(default {DEFAULT_SAMPLE})",
     )
-    g.add_argument("--seed", type=int, help="seed of --sample (default 0)")
+    g.add_argument("--seed", type=whole, help="seed of --sample (default 0)")
     g.add_argument("-k", "--k", dest="k", type=positive, help="results per query (default 10)")
-    g.add_argument("--ef-search", type=positive, help="hnsw.ef_search, as the service would set")
+    g.add_argument("--ef-search", type=ef_search, help="hnsw.ef_search, as the service would set")
 
 
 def _print(renderable: Any) -> None:
@@ -178,8 +182,14 @@ async def _compare_command(args: argparse.Namespace) -> int:
 
 
 async def _baseline_command(args: argparse.Namespace) -> int:
-    spec, migration, url, prices = resolve(args)
     path: Path = args.output
+    recorded = load_baseline(path) if args.compare else None
+    # From Prometheus (given, or the one the baseline was recorded from) nothing reads the
+    # database, so DATABASE_URL is not needed.
+    from_prometheus = bool(args.prometheus_url) or (
+        recorded is not None and recorded.source == "prometheus"
+    )
+    spec, migration, url, prices = resolve(args, needs_database=not from_prometheus)
 
     async def measured_now(version: Version, like: Baseline | None) -> Measured:
         return await measure(
@@ -223,7 +233,8 @@ async def _baseline_command(args: argparse.Namespace) -> int:
         )
         _print(f"recorded from {where}; compare v2 later with `embedshift baseline --compare`")
         return 0
-    baseline = load_baseline(path)
+    assert recorded is not None  # loaded above with --compare
+    baseline = recorded
     measured = await measured_now(Version.V2, baseline)
     judgement = judge_baseline(baseline.metrics, measured.metrics, unmeasured=measured.unmeasured)
     if args.json:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from embedshift_operator.cli import cluster
-from embedshift_operator.cli.flags import duration, env, port
+from embedshift_operator.cli.flags import duration, env, port_or_off, whole
 from rag_service.alerts import WEBHOOK_SECRET_ENV as TOKEN_ENV
 from rag_service.errors import ConfigError
 
@@ -84,7 +84,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     peers.add_argument(
         "--priority",
-        type=int,
+        type=whole,
         metavar="N",
         default=0,
         help="peering priority: a replica stands by while a live peer has a higher one; peers "
@@ -93,21 +93,21 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     ports = run.add_argument_group("servers (0 turns one off)")
     ports.add_argument(
         "--liveness-port",
-        type=port,
+        type=port_or_off,
         metavar="PORT",
         default=8080,
         help="kopf's liveness endpoint http://0.0.0.0:PORT/healthz (default 8080)",
     )
     ports.add_argument(
         "--metrics-port",
-        type=port,
+        type=port_or_off,
         metavar="PORT",
         default=9100,
         help="the operator's Prometheus metrics at http://0.0.0.0:PORT/metrics (default 9100)",
     )
     ports.add_argument(
         "--receiver-port",
-        type=port,
+        type=port_or_off,
         metavar="PORT",
         default=8081,
         help=f"Alertmanager's webhook, POST http://0.0.0.0:PORT/alerts, with the bearer token "

@@ -114,7 +114,6 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "traffic step by step while the success criteria hold; roll back to 0 % when a "
         "threshold breaks.",
         epilog=RUN_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("file", type=Path, metavar="FILE", help="the EmbeddingMigration YAML")
     p.add_argument(
@@ -148,7 +147,6 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         description="FILE: read the status `rollout run` saved for FILE's migration. NAME: read "
         "the EmbeddingMigration NAME through the Kubernetes API (the status the operator wrote).",
         epilog=STATUS_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "target",
@@ -170,7 +168,6 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
             description=f"{summary[0].upper()}{summary[1:]} on the EmbeddingMigration NAME "
             f"(a merge patch through the Kubernetes API). {CHANGE_DETAILS[action]}",
             epilog=cluster.GITOPS_NOTE,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         p.add_argument("name", metavar="NAME", help="the EmbeddingMigration's name")
         cluster.add_cluster_flags(p, wait=True)
@@ -183,7 +180,6 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "been verified, over recorded metric values, and print every decision: time, phase, "
         "percentage, reason. Tune a policy on last week's metrics before trusting it.",
         epilog=REPLAY_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("file", type=Path, metavar="FILE", help="the EmbeddingMigration YAML")
     source = p.add_mutually_exclusive_group(required=True)
@@ -203,6 +199,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         dest="range_",
         type=promql_range,
         default="7d",
+        metavar="RANGE",
         help="with --prometheus-url: how far back (default 7d)",
     )
     p.add_argument(

@@ -3,8 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import socket
 
-from embedshift_operator.cli.flags import add_spec_flags, env, positive, resolve
+from embedshift_operator.cli.flags import (
+    add_spec_flags,
+    ef_search,
+    env,
+    fraction,
+    interval,
+    port,
+    positive,
+    resolve,
+)
+from rag_service.errors import ConfigError
+
+log = logging.getLogger("embedshift.serve")
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -19,22 +33,62 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "FF_ENABLE_QUERY_ANALYTICS. ALERT_WEBHOOK_SECRET enables POST /api/alerts/webhook.",
     )
     add_spec_flags(serve)
-    serve.add_argument("--host", default=env("EMBEDSHIFT_HOST") or "127.0.0.1")
-    serve.add_argument("--port", type=int, default=int(env("EMBEDSHIFT_PORT") or 8080))
+    serve.add_argument(
+        "--host",
+        default=env("EMBEDSHIFT_HOST") or "127.0.0.1",
+        help="address to listen on; 0.0.0.0 for every interface (env EMBEDSHIFT_HOST, "
+        "default 127.0.0.1)",
+    )
+    serve.add_argument(
+        "--port",
+        type=port,
+        default=env("EMBEDSHIFT_PORT") or "8080",  # a string: argparse checks it like a flag
+        help="TCP port to listen on (env EMBEDSHIFT_PORT, default 8080)",
+    )
     serve.add_argument("--sticky-header", default="X-User-Id", help="header used for bucketing")
     serve.add_argument(
         "--prometheus-url",
         default=env("EMBEDSHIFT_PROMETHEUS_URL"),
-        help="the dashboard reads Prometheus instead of the service's own counters",
+        help="the dashboard reads Prometheus instead of the service's own counters "
+        "(env EMBEDSHIFT_PROMETHEUS_URL)",
     )
     serve.add_argument(
-        "--reread-seconds", type=float, default=5.0, help="re-read the routing row this often"
+        "--reread-seconds",
+        type=interval,
+        default=5.0,
+        metavar="SECONDS",
+        help="re-read the routing row this often (a NOTIFY wakes it sooner)",
     )
-    serve.add_argument("--ef-search", type=positive, help="hnsw.ef_search (recall vs latency)")
-    serve.add_argument("--max-query-chars", type=positive, default=2000)
-    serve.add_argument("--breaker-failures", type=positive, default=5)
-    serve.add_argument("--breaker-cooldown", type=float, default=30.0, help="seconds")
-    serve.add_argument("--shadow-sample-rate", type=float, default=0.1)
+    serve.add_argument("--ef-search", type=ef_search, help="hnsw.ef_search (recall vs latency)")
+    serve.add_argument(
+        "--max-query-chars",
+        type=positive,
+        default=2000,
+        metavar="N",
+        help="refuse longer queries with 422 (bounds embedding cost per request)",
+    )
+    serve.add_argument(
+        "--breaker-failures",
+        type=positive,
+        default=5,
+        metavar="N",
+        help="failures of one version within the breaker window that open its circuit breaker",
+    )
+    serve.add_argument(
+        "--breaker-cooldown",
+        type=interval,
+        default=30.0,
+        metavar="SECONDS",
+        help="seconds an open breaker waits before letting a trial request through",
+    )
+    serve.add_argument(
+        "--shadow-sample-rate",
+        type=fraction,
+        default=0.1,
+        metavar="RATE",
+        help="share of requests, 0-1, also run on the other version for comparison "
+        "(with FF_USE_PARALLEL_RAG=true)",
+    )
     serve.set_defaults(handler=_serve)
 
 
@@ -58,8 +112,27 @@ async def _serve(args: argparse.Namespace) -> int:
         shadow_sample_rate=args.shadow_sample_rate,
         prices=prices,
     )
+    listener = _listen(args.host, args.port)
     config = uvicorn.Config(
         create_app(settings), host=args.host, port=args.port, log_config=None, access_log=False
     )
-    await uvicorn.Server(config).serve()
+    log.info("listening on http://%s:%d", args.host, args.port)
+    await uvicorn.Server(config).serve(sockets=[listener])
     return 0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The bound socket. Bound here, before the service starts, so a port in use, a port
+    that needs privileges or an unknown host is one line and nothing else: uvicorn would bind
+    only after connecting to the database, then log the error and exit with its own code."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn sets it
+    try:
+        sock.bind((host, port))
+    except OSError as exc:  # socket.gaierror (an unknown host) is one too
+        sock.close()
+        raise ConfigError(
+            f"--host {host} --port {port}: cannot serve: {exc.strerror or exc}"
+        ) from None
+    return sock

@@ -1,0 +1,124 @@
+"""`serve` says at start-up when v2 is not ready: no side table (v2 searches fail and fall back
+to v1), no usable index (v2 searches scan the whole table); and nothing once both exist."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+
+from rag_service.indexes import build_index
+from rag_service.migrate import RunOptions, run_migration
+from rag_service.providers import make_provider
+from rag_service.schema import layout_for, setup
+from rag_service.service import ServiceSettings
+from rag_service.testing.corpus import corpus_spec, create_corpus
+from rag_service.testing.service_process import start_serve, wait_healthy
+from tests.service_harness import serving
+
+TABLE = "svc_startup"
+MIGRATION = "rag/startup"
+
+
+def v2_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and r.name == "embedshift.service"
+    ]
+
+
+async def test_serve_warns_while_v2_is_not_ready(
+    caplog: pytest.LogCaptureFixture, database_url: str
+) -> None:
+    caplog.set_level(logging.INFO, logger="embedshift.service")
+    create_corpus(database_url, table=TABLE, count=200, source_dimensions=32)
+    spec = corpus_spec(TABLE, source_dimensions=32, target="local:hash@64")
+    layout = layout_for(spec, id_type="bigint")
+    settings = ServiceSettings(database_url=database_url, spec=spec, migration=MIGRATION)
+
+    async with serving(settings) as running:  # before `migrate setup`
+        assert (await running.client.get("/api/rag/v1/health")).status_code == 200  # v1 serves
+    (warning,) = v2_warnings(caplog)
+    assert f"v2 side table {layout.target} does not exist" in warning
+    assert "`embedshift migrate setup` and `embedshift migrate run`" in warning
+
+    caplog.clear()
+    await setup(database_url, spec, migration=MIGRATION)
+    async with serving(settings):  # set up, not indexed
+        pass
+    (warning,) = v2_warnings(caplog)
+    assert f"v2 index {layout.index_name} does not exist" in warning
+    assert "`embedshift migrate index`" in warning
+
+    caplog.clear()
+    provider = make_provider(spec.target, api_key=None)
+    try:
+        await run_migration(
+            database_url, spec, provider=provider, options=RunOptions(), migration=MIGRATION
+        )
+    finally:
+        await provider.aclose()
+    await build_index(database_url, spec)
+    async with serving(settings):  # ready
+        pass
+    assert v2_warnings(caplog) == []
+    assert any("serving rag/startup" in r.getMessage() for r in caplog.records)
+
+
+async def test_serve_warns_about_an_invalid_index(
+    caplog: pytest.LogCaptureFixture, database_url: str
+) -> None:
+    """An interrupted CREATE INDEX CONCURRENTLY leaves an invalid index PostgreSQL never uses."""
+    caplog.set_level(logging.INFO, logger="embedshift.service")
+    table = f"{TABLE}_invalid"
+    create_corpus(database_url, table=table, count=50, source_dimensions=32)
+    spec = corpus_spec(table, source_dimensions=32, target="local:hash@64")
+    layout = layout_for(spec, id_type="bigint")
+    await setup(database_url, spec, migration=f"{MIGRATION}-invalid")
+    await build_index(database_url, spec)
+    with psycopg.connect(database_url, autocommit=True) as conn:  # what an interruption leaves
+        conn.execute(
+            "UPDATE pg_index SET indisvalid = false WHERE indexrelid = %s::regclass",
+            [layout.target.sibling(layout.index_name).regclass_text],
+        )
+    settings = ServiceSettings(
+        database_url=database_url, spec=spec, migration=f"{MIGRATION}-invalid"
+    )
+    async with serving(settings):
+        pass
+    (warning,) = v2_warnings(caplog)
+    assert f"v2 index {layout.index_name} is invalid" in warning
+
+
+def test_embedshift_serve_binds_serves_and_logs_the_warning(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The real command in a process: the socket it binds before starting serves requests,
+    the warning is in its log, and SIGTERM shuts it down gracefully."""
+    table = f"{TABLE}_process"
+    create_corpus(database_url, table=table, count=50, source_dimensions=32)
+    log = tmp_path / "serve.log"
+    flags = [
+        "--database-url", database_url, "--table", table, "--category-column", "category",
+        "--source-column", "embedding", "--source", "local:hash@32", "--target", "local:hash@64",
+    ]  # fmt: skip
+    process, base = start_serve(flags, env=dict(os.environ), log=log)
+    try:
+        wait_healthy(process, base, log, version="v1", timeout=60)
+        found = httpx.post(f"{base}/api/rag/search", json={"query": "pool hours"}, timeout=10)
+        assert found.status_code == 200, found.text
+        assert found.json()["version"] == "v1"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)  # uvicorn re-raises SIGTERM once shut down: exit code -15
+    text = log.read_text()
+    assert "Application shutdown complete" in text
+    assert f"listening on {base}" in text
+    assert "WARNING embedshift.service: v2 side table" in text and "does not exist" in text
+    assert "Traceback" not in text
