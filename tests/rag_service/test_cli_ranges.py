@@ -37,7 +37,7 @@ BAD: dict[Callable[[str], Any], tuple[str, ...]] = {
     flags.shard: ("2/2", "-1/2", "0/0", "1/-2", "1.5/2", "nan/2", "3"),
 }
 # Types that take no number: files, phase names.
-NOT_NUMERIC: set[Any] = {Path, rollout._phases}
+NOT_NUMERIC: set[Any] = {Path, flags.config_file, rollout._phases}
 
 
 def typed_flags() -> list[tuple[Command, argparse.Action]]:
