@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # the data plane (numpy, the SDKs) is loaded by the commands 
     from rag_service.providers.pricing import PriceTable
 
 __all__ = [
+    "EF_SEARCH_HELP",
     "MAX_COUNT",
     "MAX_SECONDS",
     "add_spec_flags",
@@ -53,6 +54,12 @@ MAX_COUNT = 2**31 - 1
 MAX_SECONDS = 7 * 24 * 3600.0
 # pgvector's range for hnsw.ef_search.
 EF_SEARCH_RANGE = (1, 1000)
+# One help text for every command's --ef-search (serve, verify, compare/baseline).
+EF_SEARCH_HELP = (
+    "hnsw.ef_search: how many candidates an HNSW search examines, recall against latency "
+    f"({EF_SEARCH_RANGE[0]}-{EF_SEARCH_RANGE[1]}; default: the manifest's target.index.efSearch, "
+    "100 if unset)"
+)
 # Seeds and priorities are stored as 64-bit integers (PostgreSQL bigint, Kubernetes int64).
 _INT64 = (-(2**63), 2**63 - 1)
 

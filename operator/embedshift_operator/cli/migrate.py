@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from embedshift_operator.cli.flags import (
+    EF_SEARCH_HELP,
     add_spec_flags,
     ef_search,
     fraction,
@@ -113,7 +114,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         metavar="RECALL",
         help="fail below this recall@k of the index against exact search, 0-1",
     )
-    p.add_argument("--ef-search", type=ef_search, help="hnsw.ef_search for the recall check")
+    p.add_argument("--ef-search", type=ef_search, metavar="N", help=EF_SEARCH_HELP)
     p.add_argument("--json", action="store_true", help="machine-readable result")
     p.set_defaults(handler=_verify)
 

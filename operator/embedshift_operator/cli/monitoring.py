@@ -15,6 +15,7 @@ import httpx
 from rich.console import Console
 
 from embedshift_operator.cli.flags import (
+    EF_SEARCH_HELP,
     add_spec_flags,
     ef_search,
     interval,
@@ -153,7 +154,7 @@ def _add_query_flags(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--seed", type=whole, help="seed of --sample (default 0)")
     g.add_argument("-k", "--k", dest="k", type=positive, help="results per query (default 10)")
-    g.add_argument("--ef-search", type=ef_search, help="hnsw.ef_search, as the service would set")
+    g.add_argument("--ef-search", type=ef_search, metavar="N", help=EF_SEARCH_HELP)
 
 
 def _print(renderable: Any) -> None:

@@ -7,6 +7,7 @@ import logging
 import socket
 
 from embedshift_operator.cli.flags import (
+    EF_SEARCH_HELP,
     add_spec_flags,
     ef_search,
     env,
@@ -59,7 +60,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         metavar="SECONDS",
         help="re-read the routing row this often (a NOTIFY wakes it sooner)",
     )
-    serve.add_argument("--ef-search", type=ef_search, help="hnsw.ef_search (recall vs latency)")
+    serve.add_argument("--ef-search", type=ef_search, metavar="N", help=EF_SEARCH_HELP)
     serve.add_argument(
         "--max-query-chars",
         type=positive,
