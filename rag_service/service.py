@@ -348,6 +348,17 @@ async def _start(settings: ServiceSettings, registry: CollectorRegistry) -> Serv
             rng=random.Random(),
         )
         await service.shadow.start()
+    for version, model in ((Version.V1, spec.source), (Version.V2, spec.target)):
+        if settings.prices.price(model.provider.value, model.model) is None:
+            # Its spend counts as $0: a cost criterion comparing v2 with v1 would judge nothing.
+            log.warning(
+                "%s %s has no known price: its cost counts as $0 in the metrics and the cost "
+                "criteria; set usdPerMillionTokens on the model in the manifest or pass --price "
+                "%s=USD_PER_MILLION_TOKENS",
+                version.value,
+                model.descriptor,
+                PriceTable.key(model.provider.value, model.model),
+            )
     log.info(
         "serving %s: v1 %s, v2 %s (sticky key %s, start-up default %d%%)",
         settings.migration,

@@ -196,6 +196,17 @@ class EmbeddingSpec(_Model):
         default_factory=IndexSpec,
         description="The vector index (read for the target only).",
     )
+    # Known models are priced from the providers' lists (providers/pricing.py); a fine-tune or a
+    # compatible server is not, and a budget cannot stop what it cannot price.
+    usd_per_million_tokens: float | None = Field(
+        default=None,
+        ge=0,
+        allow_inf_nan=False,
+        alias="usdPerMillionTokens",
+        description="The model's price in USD per million tokens, for models embedshift has no "
+        "list price for (needed for migration.budgetUSD and the cost criteria); overrides the "
+        "list price. --price on the command line overrides this.",
+    )
     # Google's API sends no rate-limit headers, so its pacer can only keep to limits it is told;
     # OpenAI's headers are learned, and a limit given here is the starting point until they come.
     requests_per_minute: int | None = Field(

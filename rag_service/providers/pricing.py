@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from rag_service.errors import ConfigError
+from rag_service.spec import EmbeddingSpec
 
 DEFAULT_USD_PER_MILLION_TOKENS: Mapping[str, float] = {
     "openai:text-embedding-3-small": 0.02,
@@ -52,13 +53,24 @@ class PriceTable:
             key = self.key(provider, model)
             raise ConfigError(
                 f"{field}: no price is known for {key}, so the budget could never stop the run "
-                f"(its spend would count as $0); pass --price {key}=USD_PER_MILLION_TOKENS, "
-                "or drop the budget (nothing was changed)"
+                f"(its spend would count as $0); pass --price {key}=USD_PER_MILLION_TOKENS "
+                "or set the model's usdPerMillionTokens in the manifest, or drop the budget "
+                "(nothing was changed)"
             )
         return usd
 
     def with_overrides(self, overrides: Mapping[str, float]) -> PriceTable:
         return PriceTable({**self.usd_per_million, **overrides})
+
+    def with_spec_prices(self, *specs: EmbeddingSpec | None) -> PriceTable:
+        """The prices the specs' ``usdPerMillionTokens`` give, over the list prices."""
+        return self.with_overrides(
+            {
+                self.key(spec.provider.value, spec.model): spec.usd_per_million_tokens
+                for spec in specs
+                if spec is not None and spec.usd_per_million_tokens is not None
+            }
+        )
 
     @staticmethod
     def parse_override(value: str) -> tuple[str, float]:

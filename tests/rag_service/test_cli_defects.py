@@ -118,6 +118,26 @@ def test_a_budget_in_the_spec_on_a_model_of_unknown_price_is_refused(
         refused(result, "spec.migration.budgetUSD", "no price is known for openai:my-finetune")
 
 
+def test_a_price_in_the_manifest_lets_the_budget_stop_the_run(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, database_url: str, docs: str
+) -> None:
+    """In a cluster the Jobs take no --price: the model's usdPerMillionTokens is the way."""
+    path = manifest(tmp_path, docs, target=UNPRICED, budgetUSD=5)
+    text = path.read_text().replace(
+        "dimensions: 64}", "dimensions: 64, usdPerMillionTokens: 1500000}"
+    )
+    path.write_text(text)
+    base = ["migrate", "run", "--config", str(path), "--database-url", database_url, "--dry-run"]
+    plan = json.loads(run(capsys, *base, "--json").out)
+    assert plan["estimated_cost_usd"] == pytest.approx(plan["estimated_tokens"] * 1.5)
+    shown = run(capsys, *base)
+    assert shown.code == 0, shown.err
+    assert "price unknown" not in shown.out
+    # A --price on the command line still wins over the manifest.
+    flag = json.loads(run(capsys, *base, "--json", "--price", "openai:my-finetune=0").out)
+    assert flag["estimated_cost_usd"] == 0
+
+
 def test_with_a_price_the_budget_is_accepted_and_the_dry_run_shows_the_cost(
     capsys: pytest.CaptureFixture[str], database_url: str, docs: str
 ) -> None:

@@ -15,6 +15,7 @@ import pytest
 from rag_service.indexes import build_index
 from rag_service.migrate import RunOptions, run_migration
 from rag_service.providers import make_provider
+from rag_service.providers.pricing import PriceTable
 from rag_service.schema import layout_for, setup
 from rag_service.service import ServiceSettings
 from rag_service.testing.corpus import corpus_spec, create_corpus
@@ -122,3 +123,37 @@ def test_embedshift_serve_binds_serves_and_logs_the_warning(
     assert f"listening on {base}" in text
     assert "WARNING embedshift.service: v2 side table" in text and "does not exist" in text
     assert "Traceback" not in text
+
+
+async def test_serve_warns_when_a_models_price_is_unknown(
+    caplog: pytest.LogCaptureFixture, database_url: str
+) -> None:
+    """An unpriced v2 counts $0: the cost-vs-v1 criterion would pass it whatever it costs."""
+    caplog.set_level(logging.INFO, logger="embedshift.service")
+    table = f"{TABLE}_price"
+    create_corpus(database_url, table=table, count=20, source_dimensions=32)
+    unpriced = corpus_spec(table, source_dimensions=32, target="openai:my-finetune@64")
+    async with serving(
+        ServiceSettings(
+            database_url=database_url, spec=unpriced, migration=MIGRATION, target_api_key="unused"
+        )
+    ):
+        pass
+    (warning,) = [w for w in v2_warnings(caplog) if "no known price" in w]
+    assert warning.startswith("v2 openai:my-finetune@64 has no known price")
+    assert "usdPerMillionTokens" in warning and "--price openai:my-finetune=" in warning
+
+    caplog.clear()
+    priced = unpriced.model_copy(
+        update={"target": unpriced.target.model_copy(update={"usd_per_million_tokens": 0.5})}
+    )
+    settings = ServiceSettings(
+        database_url=database_url,
+        spec=priced,
+        migration=MIGRATION,
+        target_api_key="unused",
+        prices=PriceTable().with_spec_prices(priced.source, priced.target),
+    )
+    async with serving(settings):
+        pass
+    assert [w for w in v2_warnings(caplog) if "no known price" in w] == []

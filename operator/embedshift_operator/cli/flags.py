@@ -357,5 +357,9 @@ def resolve(
             "(or pass --database-url)"
         )
     migration = args.migration or migration or f"default/{spec.database.table_name.name}"
-    prices = PriceTable().with_overrides(dict(PriceTable.parse_override(p) for p in args.price))
+    prices = (
+        PriceTable()
+        .with_spec_prices(spec.source, spec.target)
+        .with_overrides(dict(PriceTable.parse_override(p) for p in args.price))
+    )
     return spec, migration, url, prices
