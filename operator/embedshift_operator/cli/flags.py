@@ -157,22 +157,22 @@ def positive(value: str) -> int:
     return number
 
 
+def _whole_within(value: str, bounds: tuple[int, int], *, what: str) -> int:
+    number = _whole(value)
+    low, high = bounds
+    if not low <= number <= high:
+        raise argparse.ArgumentTypeError(f"{value} is outside {what} {low} to {high}")
+    return number
+
+
 def whole(value: str) -> int:
     """Any whole number a 64-bit integer holds (a seed, a priority)."""
-    number = _whole(value)
-    low, high = _INT64
-    if not low <= number <= high:
-        raise argparse.ArgumentTypeError(f"{value} is out of range ({low} to {high})")
-    return number
+    return _whole_within(value, _INT64, what="the range")
 
 
 def ef_search(value: str) -> int:
     """hnsw.ef_search, within pgvector's range (else PostgreSQL refuses it mid-run)."""
-    number = _whole(value)
-    low, high = EF_SEARCH_RANGE
-    if not low <= number <= high:
-        raise argparse.ArgumentTypeError(f"{value} is outside pgvector's range {low}-{high}")
-    return number
+    return _whole_within(value, EF_SEARCH_RANGE, what="pgvector's range")
 
 
 def fraction(value: str) -> float:
