@@ -167,6 +167,23 @@ class Limiter:
         """Use all the room, as if another client had just spent it."""
         self.take(self.room(now), now)
 
+    def headers(self, name: str, now: float) -> dict[str, str]:
+        """``x-ratelimit-{limit,remaining,reset}-{name}`` as OpenAI words them."""
+        return {
+            f"x-ratelimit-limit-{name}": str(self.limit),
+            f"x-ratelimit-remaining-{name}": str(max(0, math.floor(self.room(now)))),
+            f"x-ratelimit-reset-{name}": format_duration(self.reset_seconds(now)),
+        }
+
+    def budget(self, start: float, end: float) -> tuple[float, float, float]:
+        """The most this limiter, fresh (full room) at ``start``, can admit over a run that
+        ends at ``end``: ``(from, to, tokens)``, counting admissions in ``[from, to)`` (to
+        included for the bucket). Bucket: the initial allowance plus the refill, over the whole
+        run. Windows: LIMIT per whole window only, a partial window's room being unknowable
+        in advance: sliding, the whole windows from ``start``; fixed, the whole aligned windows
+        after it."""
+        return start, end, self.limit + self.limit / self.window * (end - start)
+
 
 class BucketLimiter(Limiter):
     """A continuous token bucket: capacity ``limit``, refilled ``limit/window`` a second (with a
@@ -230,9 +247,9 @@ class SlidingLimiter(Limiter):
     def wait_for(self, amount: float, now: float) -> float:
         self._expire(now)
         excess = self.used + amount - self.limit
+        if excess <= 1e-9:
+            return 0.0
         for admitted, taken in self.log:
-            if excess <= 1e-9:
-                break
             excess -= taken
             if excess <= 1e-9:
                 return admitted + self.window - now
@@ -249,6 +266,10 @@ class SlidingLimiter(Limiter):
             return 0.0
         admitted = self.log[0][0] if self.reset_report == "first" else self.log[-1][0]
         return admitted + self.window - now
+
+    def budget(self, start: float, end: float) -> tuple[float, float, float]:
+        windows = _whole_windows(end - start, self.window)
+        return start, start + windows * self.window, windows * self.limit
 
 
 class FixedLimiter(Limiter):
@@ -287,6 +308,18 @@ class FixedLimiter(Limiter):
         if self.used <= 0:
             return 0.0
         return self.origin + (self.current + 1) * self.window - now
+
+    def budget(self, start: float, end: float) -> tuple[float, float, float]:
+        first = self.origin + math.ceil((start - self.origin) / self.window) * self.window
+        windows = _whole_windows(end - first, self.window)
+        return first, first + windows * self.window, windows * self.limit
+
+
+def _whole_windows(span: float, window: float) -> int:
+    windows = math.floor(span / window + 1e-9)
+    if windows < 1:
+        raise ValueError(f"a run of {span:.1f} s holds no whole {window:g}-s window")
+    return windows
 
 
 def make_limiter(
@@ -650,10 +683,7 @@ class EmbeddingServer:
         headers: dict[str, str] = {}
         for name, limiter in (("requests", self._requests), ("tokens", self._tokens)):
             if limiter:
-                room = max(0, math.floor(limiter.room(now)))
-                headers[f"x-ratelimit-limit-{name}"] = str(limiter.limit)
-                headers[f"x-ratelimit-remaining-{name}"] = str(room)
-                headers[f"x-ratelimit-reset-{name}"] = format_duration(limiter.reset_seconds(now))
+                headers.update(limiter.headers(name, now))
         return headers
 
 
