@@ -412,8 +412,9 @@ class LimiterStyle(str, Enum):
 # in whole milliseconds) stays well inside it on the answers compared.
 _RATE_TOLERANCE = 0.1
 # Our clock says when we sent, the server's when it admitted: a window is waited out this much
-# longer (plus 1 % of it) so that a request never arrives a hair before the one it replaces left.
-_WINDOW_MARGIN = 0.05
+# longer (plus 0.5 % of it) so that a request never arrives a hair before the one it replaced
+# left. A 429 that came a moment too early adds to it.
+_WINDOW_MARGIN = 0.03
 # Requests against a window are a twentieth of the limit (times our share of the key): the room
 # too small for one more request is left unused until the window moves, so it must be small.
 _WINDOW_REQUEST_SHARE = 0.05
@@ -449,7 +450,7 @@ class _Limit:
         # (remaining, implied rate) of recent answers, to tell a bucket from a window.
         self.rates: deque[tuple[float, float]] = deque(maxlen=8)
         self.window = 0.0
-        # Our own use by permit: seq -> [sent at, amount]; sends are in seq order.
+        # Our own use by permit: seq -> [sent at, amount, answered at]; sends are in seq order.
         self.sent: dict[int, list[float]] = {}
         self.base_room: float | None = None  # the newest answer's room less our unseen use
         self.base_at = now  # when that answer's request was sent (≈ admitted)
@@ -457,12 +458,13 @@ class _Limit:
         self.counted_from = 0  # the oldest of our requests (seq) the newest answer counted
         self.fixed = False  # a window whose room comes back all at once, at period boundaries
         self.period_end: float | None = None
+        self.late = 0.0  # added to the margin after a 429 that our own requests' timing caused
         self.share = 1.0
         self.samples: deque[tuple[float, float, float]] = deque()  # (at, ours, all use)
 
     @property
     def margin(self) -> float:
-        return _WINDOW_MARGIN + 0.01 * self.window
+        return _WINDOW_MARGIN + 0.005 * self.window + self.late
 
     @property
     def implied_rate(self) -> float | None:
@@ -480,13 +482,18 @@ class _Limit:
         self.bucket.take(amount, now)
         entry = self.sent.get(seq)
         if entry is None:
-            self.sent[seq] = [now, amount]
+            self.sent[seq] = [now, amount, math.inf]
         else:
             entry[1] += amount
         if self.base_room is not None:
             self.base_room -= amount
         if amount > 0 and self.reset_at is not None and now >= self.reset_at:
             self.reset_at = None  # the one request after the reset: the next waits for its answer
+
+    def answered(self, seq: int, now: float) -> None:
+        entry = self.sent.get(seq)
+        if entry is not None:
+            entry[2] = now
 
     def learn(
         self,
@@ -511,10 +518,13 @@ class _Limit:
         # reported use can hold. Only those give room back when they leave the window.
         used = self.limit - remaining
         seen = [k for k in self.sent if k <= seq and k not in unseen]
-        in_window = sum(
-            self.sent[k][1] for k in seen if self.sent[k][0] > sent_at - self.window + self.margin
+        # Only requests answered before this one was sent were surely admitted before it.
+        surely_counted = sum(
+            amount
+            for at, amount, answered in self.sent.values()
+            if answered <= sent_at and at > sent_at - self.window + self.margin
         )
-        if self.style is not LimiterStyle.BUCKET and in_window > used + 0.01 * self.limit:
+        if self.style is not LimiterStyle.BUCKET and surely_counted > used + 0.01 * self.limit:
             # A sliding window would still count all our use of the last W: this one forgot
             # some at a period boundary. A fixed window frees everything at once, at the reset.
             self.style, self.fixed = LimiterStyle.WINDOW, True
@@ -527,7 +537,7 @@ class _Limit:
         if self.fixed and self.period_end is not None:
             since = self.period_end - self.window - self.margin
         for key in sorted(seen, reverse=True):
-            at, amount = self.sent[key]
+            at, amount, _ = self.sent[key]
             if at <= since or ours + amount > used + 1e-6:
                 break
             ours += amount
@@ -550,6 +560,10 @@ class _Limit:
             return
         if self.style is LimiterStyle.WINDOW:
             self.window = max(self.window, retry_after)
+            if not self.fixed and retry_after < 0.1 * self.window:
+                # Refused a moment before room came back: our clock runs ahead of the server's
+                # by more than the margin allows for. Allow for more, up to half a second.
+                self.late = min(0.5, self.late + 0.02)
         self.reset_at = now + retry_after
 
     def _classify(self, remaining: float, reset: float | None) -> None:
@@ -574,7 +588,7 @@ class _Limit:
     def _forget(self, now: float) -> None:
         oldest = min(self.base_at, now) - self.window - self.margin - 1.0
         while self.sent:
-            seq, (at, _) = next(iter(self.sent.items()))
+            seq, (at, *_) = next(iter(self.sent.items()))
             if at >= oldest:
                 break
             del self.sent[seq]
@@ -586,7 +600,7 @@ class _Limit:
         high = now - self.window - self.margin
         return sum(
             amount
-            for key, (at, amount) in self.sent.items()
+            for key, (at, amount, _) in self.sent.items()
             if key >= self.counted_from and at <= high
         )
 
@@ -606,7 +620,7 @@ class _Limit:
         since = now - self.window - self.margin
         if self.fixed and self.period_end is not None:
             since = self.period_end - self.window if now < self.period_end else self.period_end
-        return sum(amount for at, amount in self.sent.values() if at > since)
+        return sum(amount for at, amount, _ in self.sent.values() if at > since)
 
     def wait_for(self, amount: float, *, floor_seconds: float, now: float, busy: bool) -> float:
         """Seconds until ``amount`` fits; 0 now, ``math.inf`` at the next answer (``busy``: a
@@ -627,7 +641,7 @@ class _Limit:
         waits: list[float] = []
         if self.style is LimiterStyle.WINDOW and self.window > 0 and not self.fixed:
             # Our requests leave the window one by one: the first moment both checks pass.
-            for key, (at, taken) in self.sent.items():
+            for key, (at, taken, _) in self.sent.items():
                 leaves = at + self.window + self.margin
                 if leaves <= now:
                     continue
@@ -849,6 +863,7 @@ class RateLimitPacer:
     ) -> None:
         """The request succeeded: book what it really used and learn from the headers."""
         self._in_flight.pop(permit.seq, None)
+        self._answered(permit)
         if actual_tokens is not None:
             if self._tokens:
                 self._tokens.take(actual_tokens - permit.reserved, self._clock(), permit.seq)
@@ -864,6 +879,7 @@ class RateLimitPacer:
     def release(self, permit: Permit, failure: Failure | None = None) -> None:
         """The request failed: give its room back, and on a 429 slow everyone down."""
         self._in_flight.pop(permit.seq, None)
+        self._answered(permit)
         now = self._clock()
         if self._tokens:
             self._tokens.take(-permit.reserved, now, permit.seq)
@@ -877,7 +893,10 @@ class RateLimitPacer:
                 for limit in (self._tokens, self._requests):
                     if limit:
                         limit.failed(failure.retry_after, now)
-                self._window = max(1.0, self._window / 2)
+                if self.style is not LimiterStyle.WINDOW:
+                    # Against a window a 429 is a matter of timing, which the margin learns;
+                    # fewer requests in flight would only leave its room unused.
+                    self._window = max(1.0, self._window / 2)
                 if failure.retry_after is not None:
                     self._paused_until = max(
                         self._paused_until, self._clock() + failure.retry_after
@@ -885,6 +904,12 @@ class RateLimitPacer:
         self._finish(permit)
 
     # -- internals
+
+    def _answered(self, permit: Permit) -> None:
+        now = self._clock()
+        for limit in (self._tokens, self._requests):
+            if limit:
+                limit.answered(permit.seq, now)
 
     def _learn_ratio(self, observed: float) -> None:
         low, high = _RATIO_BOUNDS
@@ -952,7 +977,7 @@ class RateLimitPacer:
         if limit_state is None:
             limit_state = _Limit(limit, now, style=LimiterStyle.UNKNOWN)
             # The request that brought the first answer was sent before we knew of the limit.
-            limit_state.sent[permit.seq] = [permit.issued_at, own_use]
+            limit_state.sent[permit.seq] = [permit.issued_at, own_use, now]
         else:
             limit_state.set_limit(limit, now)
         bucket = limit_state.bucket

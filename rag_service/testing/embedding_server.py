@@ -150,6 +150,7 @@ class Limiter:
     def __init__(self, limit: int, window: float, now: float) -> None:
         self.limit = limit
         self.window = window
+        self.started = now
 
     def room(self, now: float) -> float:
         raise NotImplementedError
@@ -183,6 +184,17 @@ class Limiter:
         in advance: sliding, the whole windows from ``start``; fixed, the whole aligned windows
         after it."""
         return start, end, self.limit + self.limit / self.window * (end - start)
+
+    def share_of_budget(self, admitted: Sequence[tuple[float, float]], end: float) -> float:
+        """Tokens admitted (``(time, amount)`` pairs, the first at the run's start) ÷ the most
+        this limiter could admit over the run ending at ``end`` (see :meth:`budget`)."""
+        start, stop, most = self.budget(admitted[0][0], end)
+        counted = sum(
+            amount
+            for at, amount in admitted
+            if start <= at < stop or (at == stop and self.style == "bucket")
+        )
+        return counted / most
 
 
 class BucketLimiter(Limiter):
@@ -280,7 +292,7 @@ class FixedLimiter(Limiter):
 
     def __init__(self, limit: int, window: float, now: float) -> None:
         super().__init__(limit, window, now)
-        self.origin = now
+        self.origin = now  # period boundaries are counted from here
         self.current = 0
         self.used = 0.0
 
@@ -564,9 +576,13 @@ class EmbeddingServer:
         for record in records:
             by_status[str(record.status)] = by_status.get(str(record.status), 0) + 1
         ok = [r for r in records if r.status == 200]
+        limiter = self._tokens
         return {
             "requests": len(records),
             "by_status": by_status,
+            # When the token limiter started (full), on the records' clock: a benchmark rebuilds
+            # it with make_limiter to compute the run's budget (fixed windows count from here).
+            "tokens_limiter_started": limiter.started if limiter else None,
             "ok_tokens": sum(r.tokens for r in ok),
             "ok_inputs": sum(r.inputs for r in ok),
             "max_inputs": max((r.inputs for r in records), default=0),

@@ -34,7 +34,6 @@ from rag_service.providers.retry import (
     send_with_retries,
 )
 from rag_service.testing.embedding_server import (
-    BucketLimiter,
     Limiter,
     format_duration,
     make_limiter,
@@ -679,12 +678,7 @@ class Simulated:
     @property
     def budget_share(self) -> float:
         """Tokens admitted ÷ the most the limiter could admit over the run (Limiter.budget)."""
-        start, end, most = self.limiter.budget(self.admitted[0][0], self.admitted[-1][0])
-        inclusive = isinstance(self.limiter, BucketLimiter)
-        counted = sum(
-            tokens for at, tokens in self.admitted if start <= at < end or (inclusive and at == end)
-        )
-        return counted / most
+        return self.limiter.share_of_budget(self.admitted, self.admitted[-1][0])
 
     @property
     def refused_share(self) -> float:
