@@ -522,12 +522,13 @@ class _Limit:
         surely_counted = sum(
             amount
             for at, amount, answered in self.sent.values()
-            if answered <= sent_at and at > sent_at - self.window + self.margin
+            if answered < sent_at and at > sent_at - self.window + self.margin
         )
-        if self.style is not LimiterStyle.BUCKET and surely_counted > used + 0.01 * self.limit:
+        # Only once known to be a window: a bucket's count of use also falls, as it refills.
+        if self.style is LimiterStyle.WINDOW and surely_counted > used + 0.01 * self.limit:
             # A sliding window would still count all our use of the last W: this one forgot
             # some at a period boundary. A fixed window frees everything at once, at the reset.
-            self.style, self.fixed = LimiterStyle.WINDOW, True
+            self.fixed = True
         if self.fixed and reset:
             self.period_end = sent_at + reset
         ours = 0.0
@@ -562,8 +563,9 @@ class _Limit:
             self.window = max(self.window, retry_after)
             if not self.fixed and retry_after < 0.1 * self.window:
                 # Refused a moment before room came back: our clock runs ahead of the server's
-                # by more than the margin allows for. Allow for more, up to half a second.
-                self.late = min(0.5, self.late + 0.02)
+                # by more than the margin allows for (or another client took the room). Allow
+                # for a little more, within bounds: each 10 ms costs 0.25 % of a 4-s window.
+                self.late = min(0.1, self.late + 0.01)
         self.reset_at = now + retry_after
 
     def _classify(self, remaining: float, reset: float | None) -> None:
