@@ -446,6 +446,9 @@ class _Limit:
     def __init__(self, limit: float, now: float, *, style: LimiterStyle) -> None:
         self.limit = limit
         self.style = style
+        # A bucket passed in (a per-minute limit from the spec) is believed until the server's
+        # answers, if any, show otherwise; one learned from them is settled.
+        self.settled = False
         self.bucket = _Bucket(limit, now)
         # (remaining, implied rate) of recent answers, to tell a bucket from a window.
         self.rates: deque[tuple[float, float]] = deque(maxlen=8)
@@ -507,7 +510,7 @@ class _Limit:
         now: float,
     ) -> None:
         """One answer (success or 429) to the request ``seq`` sent at ``sent_at``."""
-        if reset is not None and self.style is not LimiterStyle.BUCKET:
+        if reset is not None:
             self.window = max(self.window, reset)
         self._classify(remaining, reset)
         self.base_room = remaining - unseen_use
@@ -572,18 +575,18 @@ class _Limit:
         if reset is None or reset < 0.05 or self.limit - remaining < 0.01 * self.limit:
             return  # too close to full (or no reset) for the rounding to leave a usable rate
         rate = (self.limit - remaining) / reset
-        if self.style is LimiterStyle.UNKNOWN:
+        if not self.settled:
             agreeing = 0
             for earlier, earlier_rate in self.rates:
                 if abs(earlier - remaining) < 0.01 * self.limit:
                     continue  # the same room says nothing about the refill model
                 if abs(rate - earlier_rate) > _RATE_TOLERANCE * max(rate, earlier_rate):
-                    self.style = LimiterStyle.WINDOW
+                    self.style, self.settled = LimiterStyle.WINDOW, True
                     break
                 agreeing += 1
             else:
                 if agreeing >= 2:
-                    self.style = LimiterStyle.BUCKET
+                    self.style, self.settled = LimiterStyle.BUCKET, True
                     self.bucket.period = self.limit / rate
         self.rates.append((remaining, rate))
 

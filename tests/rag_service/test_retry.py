@@ -809,3 +809,19 @@ async def test_a_window_is_learned_as_a_window_and_a_bucket_as_a_bucket() -> Non
         "sliding-first-4s": LimiterStyle.WINDOW,
         "fixed-10s": LimiterStyle.WINDOW,
     }
+
+
+async def test_a_limit_passed_in_gives_way_to_what_the_answers_show() -> None:
+    """A per-minute limit from the spec is paced as a bucket until the server's headers show
+    a 4-s window with a fifteenth of it."""
+    time = FakeTime()
+    limiter = LIMITERS["sliding-first-4s"]()
+    pacer = RateLimitPacer(tokens_per_minute=60_000, clock=time.clock, sleep=time.sleep)
+    assert pacer.style is LimiterStyle.BUCKET
+    for _ in range(10):
+        permit = await pacer.acquire(300)
+        limiter.take(300, time.now)
+        pacer.settle(permit, headers=limiter.headers("tokens", time.now), actual_tokens=300)
+        time.now += 0.1
+    assert pacer.style is LimiterStyle.WINDOW
+    assert pacer.tokens_per_minute == 4000  # the header's limit, per its window
