@@ -7,7 +7,9 @@ separate Jobs) as a backfill does (several workers embedding batch after batch),
 server's own record of every request:
 
 - the budget used: tokens admitted ÷ the most the limiter could admit over the run
-  (target ≥ 0.95). The run starts at the first admission and ends at the last record. Bucket
+  (target ≥ 0.95). The run starts at the first admission and ends when the backfill stops
+  taking new batches (``--duration``; the batches under way then finish, with less and less
+  demand, and are not counted). Bucket
   (capacity = LIMIT, refilled LIMIT per window, full at the start): LIMIT + LIMIT/window × the
   run's length, admissions over the whole run. Sliding window: LIMIT per whole window, over the
   whole windows from the first admission (``[t0, t0 + k·W)``), which is exactly the most a
@@ -131,6 +133,7 @@ async def backfill(args: argparse.Namespace, url: str) -> dict[str, Any]:
         for provider in providers:
             await provider.aclose()
     return {
+        "deadline": deadline,
         "elapsed": time.monotonic() - started,
         "embedded": embedded,
         "ratio": providers[0].pacer.ratio,
@@ -187,7 +190,8 @@ def run_cell(args: argparse.Namespace) -> dict[str, Any]:
     )
     admitted = [(r["time"], r["tokens"]) for r in records if r["status"] == 200]
     refused = sum(1 for r in records if r["status"] == 429)
-    budget = limiter.share_of_budget(admitted, records[-1]["time"])
+    end = run["deadline"] - stats["monotonic_origin"]  # on the records' clock
+    budget = limiter.share_of_budget(admitted, end)
     steady = steady_state(records, limiter.limit, args.warmup) if args.limiter == "bucket" else None
     return {
         "limiter": args.limiter,

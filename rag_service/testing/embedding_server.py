@@ -583,6 +583,9 @@ class EmbeddingServer:
             # When the token limiter started (full), on the records' clock: a benchmark rebuilds
             # it with make_limiter to compute the run's budget (fixed windows count from here).
             "tokens_limiter_started": limiter.started if limiter else None,
+            # time.monotonic() when the records' clock read 0: another process on this machine
+            # can place its own moments (a deadline) on the records' clock.
+            "monotonic_origin": self._started_at,
             "ok_tokens": sum(r.tokens for r in ok),
             "ok_inputs": sum(r.inputs for r in ok),
             "max_inputs": max((r.inputs for r in records), default=0),
