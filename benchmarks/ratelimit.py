@@ -1,14 +1,27 @@
-"""How close to a tokens-per-minute limit does a long backfill run, and how often is it refused?
+"""How close to a rate limit does a long backfill run, and how often is it refused, on any limiter?
 
-Starts the local embedding API as a subprocess with a TPM limit and latency, drives one
-``OpenAIProvider`` as a backfill does (several workers embedding batch after batch, sharing the
-provider and its pacer, concurrency > 1), then reads the server's own record of every request:
+Starts the local embedding API as a subprocess with a tokens-per-minute limit enforced as a token
+bucket, a sliding window or a fixed window (``--limiter``, ``--window``, ``--reset-report``),
+drives one or more ``OpenAIProvider`` (``--providers``: independent pacers on one key, like
+separate Jobs) as a backfill does (several workers embedding batch after batch), then reads the
+server's own record of every request:
 
-- steady-state throughput ÷ limit, measured after the initial full bucket has been spent
-  (target ≥ 0.95; 1.0 is the ceiling a token bucket allows);
+- the budget used: tokens admitted ÷ the most the limiter could admit over the run
+  (target ≥ 0.95). The run starts at the first admission and ends when the backfill stops
+  taking new batches (``--duration``; the batches under way then finish, with less and less
+  demand, and are not counted). Bucket
+  (capacity = LIMIT, refilled LIMIT per window, full at the start): LIMIT + LIMIT/window × the
+  run's length, admissions over the whole run. Sliding window: LIMIT per whole window, over the
+  whole windows from the first admission (``[t0, t0 + k·W)``), which is exactly the most a
+  sliding window admits there. Fixed window: LIMIT per whole period, over the whole periods after
+  the first admission (the server's own boundaries). A window's LIMIT is TPM × W / 60, so every
+  style has the same per-minute budget; partial windows are left out on both sides of the ratio
+  (``Limiter.budget`` in ``rag_service.testing.embedding_server`` is the definition);
 - the share of requests answered 429 over the whole run (target < 1 %).
 
     .venv/bin/python benchmarks/ratelimit.py [--tpm 1000000 --duration 70 --providers 1 ...]
+    .venv/bin/python benchmarks/ratelimit.py --limiter sliding --window 10 --reset-report empty
+    .venv/bin/python benchmarks/ratelimit.py --matrix [--jobs 3]   # every cell, one table
 """
 
 from __future__ import annotations
@@ -22,6 +35,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rag_service.providers.base import Purpose
 from rag_service.providers.openai import OpenAIProvider
+from rag_service.testing.embedding_server import make_limiter
 
 API_KEY = "benchmark-key"
+ROOT = Path(__file__).resolve().parents[1]
 # fmt: off
 WORDS = [
     "vector", "index", "query", "document", "embedding", "model", "migration", "postgres",
@@ -62,10 +78,16 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[str], str]:
             str(args.tpm),
             "--latency",
             str(args.latency),
+            "--limiter",
+            args.limiter,
+            "--window",
+            str(args.window),
+            "--reset-report",
+            args.reset_report,
         ],
         stdout=subprocess.PIPE,
         text=True,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=ROOT,
         env={**os.environ, "EMBEDDING_SERVER_API_KEY": API_KEY},
     )
     assert process.stdout is not None
@@ -106,26 +128,27 @@ async def backfill(args: argparse.Namespace, url: str) -> dict[str, Any]:
 
     started = time.monotonic()
     try:
-        await asyncio.gather(*(worker(shard) for shard in range(args.workers)))
+        await asyncio.gather(*(worker(shard) for shard in range(max(args.workers, args.providers))))
     finally:
         for provider in providers:
             await provider.aclose()
     return {
+        "deadline": deadline,
         "elapsed": time.monotonic() - started,
         "embedded": embedded,
         "ratio": providers[0].pacer.ratio,
+        "styles": sorted({provider.pacer.style.value for provider in providers}),
     }
 
 
 def steady_state(
     records: list[dict[str, Any]], limit: int, warmup: float, empty: float = 0.02
-) -> dict[str, float]:
-    """Tokens admitted per minute once the initial full bucket is spent.
+) -> dict[str, float] | None:
+    """A bucket's tokens admitted per minute once the initial full bucket is spent.
 
-    The server's bucket holds a minute of tokens, so a window that starts with some banked and
-    ends with none would credit the client with the bank. The window therefore runs between
-    two admissions that left the bucket nearly empty (``empty`` × limit), and counts what was
-    admitted in (t0, t1]: the refill in between paid for exactly that.
+    The window runs between two admissions that left the bucket nearly empty (``empty`` ×
+    limit) and counts what was admitted in (t0, t1]: the refill in between paid for exactly
+    that. None when the run has no such window of 20 s or more.
     """
     ok = [r for r in records if r["status"] == 200]
     spent, drained_at = 0, None
@@ -135,41 +158,21 @@ def steady_state(
             drained_at = record["time"]
             break
     if drained_at is None:
-        raise SystemExit("the run never spent the initial bucket: raise --duration")
+        return None
     low = [
         r
         for r in ok
         if r["time"] >= drained_at + warmup and (r["tokens_left"] or 0.0) <= empty * limit
     ]
     if len(low) < 2 or low[-1]["time"] - low[0]["time"] < 20:
-        raise SystemExit("no steady state of 20 s or more: raise --duration")
+        return None
     t0, t1 = low[0]["time"], low[-1]["time"]
     tokens = sum(r["tokens"] for r in ok if t0 < r["time"] <= t1)
-    return {
-        "start": t0,
-        "end": t1,
-        "tokens": tokens,
-        "per_minute": tokens / (t1 - t0) * 60,
-        "left_start": low[0]["tokens_left"],
-        "left_end": low[-1]["tokens_left"],
-    }
+    return {"start": t0, "end": t1, "per_minute": tokens / (t1 - t0) * 60}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tpm", type=int, default=1_000_000, help="server tokens-per-minute limit")
-    parser.add_argument("--duration", type=float, default=70.0, help="seconds of backfill")
-    parser.add_argument("--warmup", type=float, default=5.0, help="seconds skipped after drain")
-    parser.add_argument("--workers", type=int, default=4, help="backfill loops sharing a provider")
-    parser.add_argument("--batch", type=int, default=250, help="texts per embed() call")
-    parser.add_argument("--concurrency", type=int, default=4, help="provider concurrency")
-    parser.add_argument(
-        "--providers", type=int, default=1, help="independent providers (pacers) on one key"
-    )
-    parser.add_argument("--latency", type=float, default=0.2, help="server seconds per request")
-    parser.add_argument("--dimensions", type=int, default=256)
-    args = parser.parse_args()
-
+def run_cell(args: argparse.Namespace) -> dict[str, Any]:
+    """One run: start the server, backfill, measure from the server's record."""
     process, url = start_server(args)
     try:
         run = asyncio.run(backfill(args, url))
@@ -177,35 +180,181 @@ def main() -> int:
     finally:
         process.terminate()
         process.wait(timeout=10)
-
     records: list[dict[str, Any]] = stats["records"]
-    steady = steady_state(records, args.tpm, args.warmup)
+    limiter = make_limiter(
+        args.tpm,
+        stats["tokens_limiter_started"],
+        style=args.limiter,
+        window=args.window,
+        reset_report=args.reset_report,
+    )
+    admitted = [(r["time"], r["tokens"]) for r in records if r["status"] == 200]
     refused = sum(1 for r in records if r["status"] == 429)
-    share_429 = refused / len(records)
-    in_window = [r for r in records if steady["start"] <= r["time"] <= steady["end"]]
-    refused_steady = sum(1 for r in in_window if r["status"] == 429)
-    achieved = steady["per_minute"] / args.tpm
+    end = run["deadline"] - stats["monotonic_origin"]  # on the records' clock
+    budget = limiter.share_of_budget(admitted, end)
+    steady = steady_state(records, limiter.limit, args.warmup) if args.limiter == "bucket" else None
+    return {
+        "limiter": args.limiter,
+        "window": args.window,
+        "reset_report": args.reset_report,
+        "providers": args.providers,
+        "tpm": args.tpm,
+        "limit": limiter.limit,
+        "elapsed": run["elapsed"],
+        "embedded": run["embedded"],
+        "ratio": run["ratio"],
+        "learned": run["styles"],
+        "requests": len(records),
+        "refused": refused,
+        "ok_tokens": stats["ok_tokens"],
+        "budget": budget,
+        "refused_share": refused / len(records),
+        "steady_per_minute": steady["per_minute"] if steady else None,
+    }
+
+
+def cell_name(cell: dict[str, Any]) -> str:
+    if cell["limiter"] == "bucket":
+        return f"bucket {cell['window']:g} s"
+    report = f" (reset={cell['reset_report']})" if cell["limiter"] == "sliding" else ""
+    return f"{cell['limiter']} {cell['window']:g} s{report}"
+
+
+def met(cell: dict[str, Any]) -> bool:
+    return bool(cell["budget"] >= 0.95 and cell["refused_share"] < 0.01)
+
+
+def print_cell(cell: dict[str, Any]) -> None:
     print(
-        f"limit {args.tpm:,} TPM, {args.workers} workers × batch {args.batch} on "
-        f"{args.providers} provider(s), concurrency {args.concurrency}, "
-        f"latency {args.latency * 1000:.0f} ms"
+        f"{cell_name(cell)}, limit {cell['limit']:,} tokens per {cell['window']:g} s "
+        f"({cell['tpm']:,} TPM), {cell['providers']} provider(s); learned {cell['learned']}"
     )
     print(
-        f"run {run['elapsed']:.1f} s: {run['embedded']:,} texts, {len(records)} requests, "
-        f"{stats['ok_tokens']:,} tokens; estimate ratio learned {run['ratio']:.2f}"
+        f"run {cell['elapsed']:.1f} s: {cell['embedded']:,} texts, {cell['requests']} requests, "
+        f"{cell['ok_tokens']:,} tokens; estimate ratio learned {cell['ratio']:.2f}"
     )
+    if cell["steady_per_minute"] is not None:
+        print(
+            f"bucket steady state: {cell['steady_per_minute']:,.0f} tokens/min = "
+            f"{cell['steady_per_minute'] / cell['tpm']:.3f} of the limit"
+        )
+    print(f"budget used over the run: {cell['budget']:.3f} (target >= 0.95)")
     print(
-        f"steady state {steady['end'] - steady['start']:.1f} s "
-        f"(t={steady['start']:.1f}–{steady['end']:.1f} s, bucket at "
-        f"{steady['left_start']:,.0f} and {steady['left_end']:,.0f} tokens): "
-        f"{steady['per_minute']:,.0f} tokens/min"
+        f"429 share: {cell['refused_share']:.2%} ({cell['refused']} of {cell['requests']}) "
+        "(target < 1 %)"
     )
-    print(f"achieved / limit: {achieved:.3f} (target >= 0.95)")
+
+
+def matrix_cells(args: argparse.Namespace) -> list[list[str]]:
+    """Every cell as command-line flags: the bucket, then each window style × 4, 10, 60 s, each
+    with 1, 2 and 4 providers. A cell lasts long enough for whole windows to dominate."""
+    shapes: list[tuple[str, float, str]] = [("bucket", 60.0, "first")]
+    for window in (4.0, 10.0, 60.0):
+        shapes += [
+            ("sliding", window, "first"),
+            ("sliding", window, "empty"),
+            ("fixed", window, "first"),
+        ]
+    cells = []
+    for limiter, window, report in shapes:
+        duration = 70.0 if limiter == "bucket" else max(45.0, 3 * window + 10)
+        for providers in (1, 2, 4):
+            cells.append(
+                [
+                    f"--limiter={limiter}",
+                    f"--window={window:g}",
+                    f"--reset-report={report}",
+                    f"--providers={providers}",
+                    f"--duration={duration:g}",
+                    f"--tpm={args.tpm}",
+                    f"--latency={args.latency}",
+                    f"--batch={args.batch}",
+                    f"--dimensions={args.dimensions}",
+                    f"--concurrency={args.concurrency}",
+                    f"--workers={args.workers}",
+                ]
+            )
+    return cells
+
+
+def run_matrix(args: argparse.Namespace) -> int:
+    cells = matrix_cells(args)
+
+    def one(flags: list[str]) -> dict[str, Any]:
+        done = subprocess.run(
+            [sys.executable, __file__, "--json", *flags],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            check=False,
+        )
+        if done.returncode not in (0, 1):
+            raise SystemExit(f"cell {' '.join(flags)} failed:\n{done.stderr}")
+        result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"  {cell_name(result)}, {result['providers']} provider(s): done", flush=True)
+        return result
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        results = list(pool.map(one, cells))
     print(
-        f"429 share: {share_429:.2%} ({refused} of {len(records)}) (target < 1 %); "
-        f"in the steady state {refused_steady} of {len(in_window)}"
+        f"\n{len(results)} cells in {(time.monotonic() - started) / 60:.1f} min; "
+        f"{args.tpm:,} TPM, latency {args.latency * 1000:.0f} ms, {args.jobs} cell(s) at once\n"
     )
-    return 0 if achieved >= 0.95 and share_429 < 0.01 else 1
+    print("| limiter | providers | run | requests | budget used | 429s | met |")
+    print("|---|---|---|---|---|---|---|")
+    for cell in results:
+        print(
+            f"| {cell_name(cell)} | {cell['providers']} | {cell['elapsed']:.0f} s | "
+            f"{cell['requests']} | {cell['budget']:.3f} | {cell['refused']} "
+            f"({cell['refused_share']:.2%}) | {'yes' if met(cell) else '**no**'} |"
+        )
+    missed = [cell for cell in results if not met(cell)]
+    print(f"\n{len(results) - len(missed)} of {len(results)} cells met both targets")
+    return 0 if not missed else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tpm", type=int, default=1_000_000, help="server tokens-per-minute limit")
+    parser.add_argument(
+        "--limiter",
+        choices=("bucket", "sliding", "fixed"),
+        default="bucket",
+        help="how the server enforces the limit (default: bucket)",
+    )
+    parser.add_argument(
+        "--window", type=float, default=60.0, help="seconds per window; LIMIT = TPM × window / 60"
+    )
+    parser.add_argument(
+        "--reset-report",
+        choices=("first", "empty"),
+        default="first",
+        help="a sliding window's reset header: until the first room frees, or until empty",
+    )
+    parser.add_argument("--duration", type=float, default=70.0, help="seconds of backfill")
+    parser.add_argument("--warmup", type=float, default=5.0, help="bucket: seconds after drain")
+    parser.add_argument("--workers", type=int, default=4, help="backfill loops (at least one each)")
+    parser.add_argument("--batch", type=int, default=250, help="texts per embed() call")
+    parser.add_argument("--concurrency", type=int, default=4, help="provider concurrency")
+    parser.add_argument(
+        "--providers", type=int, default=1, help="independent providers (pacers) on one key"
+    )
+    parser.add_argument("--latency", type=float, default=0.2, help="server seconds per request")
+    parser.add_argument("--dimensions", type=int, default=256)
+    parser.add_argument("--matrix", action="store_true", help="run every cell and print a table")
+    parser.add_argument("--jobs", type=int, default=1, help="--matrix: cells run at once")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    args = parser.parse_args()
+
+    if args.matrix:
+        return run_matrix(args)
+    cell = run_cell(args)
+    if args.json:
+        print(json.dumps(cell))
+    else:
+        print_cell(cell)
+    return 0 if met(cell) else 1
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from rag_service.providers.base import Embeddings, Usage, Vectors, estimate_toke
 __all__ = [
     "Failure",
     "FailureKind",
+    "LimiterStyle",
     "Outcome",
     "Permit",
     "RateLimitHeaders",
@@ -302,7 +303,8 @@ class RetryPolicy:
 
 class _Bucket:
     """A continuous token bucket, as OpenAI describes its limits: ``limit`` per minute,
-    refilled at ``limit / 60`` per second, at most ``limit`` banked. The level may go negative:
+    refilled at ``limit / 60`` per second (``period`` 60 s, or as learned), at most ``limit``
+    banked. The level may go negative:
     that is debt the next request waits out.
 
     Other clients on the same key (another Job of the same migration) draw on the server's
@@ -315,6 +317,9 @@ class _Bucket:
 
     def __init__(self, limit: float, now: float) -> None:
         self.limit = limit
+        # Seconds a drained bucket takes to refill: OpenAI's minute unless the server's own
+        # answers show another rate (see _Limit).
+        self.period = 60.0
         self.level = limit
         self.updated = now
         self.shadow: float | None = None  # the server's level as of our last header, projected
@@ -324,7 +329,7 @@ class _Bucket:
 
     @property
     def rate(self) -> float:
-        return self.limit / 60.0
+        return self.limit / self.period
 
     @property
     def own_rate(self) -> float:
@@ -353,8 +358,10 @@ class _Bucket:
             self.history.append((now, 0.0, self.shadow - server_now))
         self.shadow = server_now
         self._update_share(now)
-        if server_now <= self.level:
-            self.level = server_now
+        if server_now * self.share <= self.level:
+            # Every client on the key sees the same level: each may count on its share of it
+            # (alone, all of it), or together they would spend it several times over.
+            self.level = server_now * self.share if server_now > 0 else server_now
         else:
             # Raise too, or every cautious error stays banked for good. But only by our share
             # of the surplus: every client on the key sees the same surplus in its headers,
@@ -373,7 +380,9 @@ class _Bucket:
         if others <= 0 or ours + others <= 0:
             self.share = 1.0
         else:
-            self.share = max(_MIN_SHARE, max(ours, 0.0) / (ours + others))
+            # A little under our measured share: measured from each client's side, the shares
+            # can sum to a few percent over one, which a bucket repays with 429s.
+            self.share = max(_MIN_SHARE, _SHARE_SLACK * max(ours, 0.0) / (ours + others))
 
     def wait_for(self, amount: float, *, floor_seconds: float = 0.0) -> float:
         """Seconds until ``amount`` can be taken leaving ``floor_seconds`` of refill banked.
@@ -389,6 +398,280 @@ class _Bucket:
         if self.level >= needed - 1e-6:
             return 0.0
         return (needed - self.level) / self.own_rate
+
+
+class LimiterStyle(str, Enum):
+    """How the server's limit behaves, as the pacer has learned it from the server's answers."""
+
+    UNKNOWN = "unknown"  # not enough answers yet: the room they report, refilled as reset implies
+    BUCKET = "bucket"  # continuous refill: every answer's (limit - remaining) / reset agrees
+    WINDOW = "window"  # room frees in steps (a sliding or fixed window): it does not
+
+
+# Implied refill rates that agree within this are one bucket; rounding (remaining floored, reset
+# in whole milliseconds) stays well inside it on the answers compared.
+_RATE_TOLERANCE = 0.1
+# Our clock says when we sent, the server's when it admitted: a window is waited out this much
+# longer (plus 0.5 % of it) so that a request never arrives a hair before the one it replaced
+# left. A 429 that came a moment too early adds to it.
+_WINDOW_MARGIN = 0.03
+# Requests against a window are a twentieth of the limit (times our share of the key): the room
+# too small for one more request is left unused until the window moves, so it must be small.
+_WINDOW_REQUEST_SHARE = 0.05
+
+
+class _Limit:
+    """One of the server's limits (tokens or requests), learned from its answers.
+
+    Servers enforce "LIMIT" in different ways behind the same headers: a token bucket refilled
+    continuously (OpenAI's description), a sliding window (at most LIMIT in any W seconds) or a
+    fixed window (LIMIT per W-second period), with ``reset`` meaning time until full, until the
+    first room frees, until the window is empty, or until the next period. A bucket is recognised
+    by its answers alone: ``(limit - remaining) / reset`` is its refill rate, the same in every
+    answer; a window's is not. Until two pairs of answers agree or one disagrees the style is
+    UNKNOWN, and the room an answer reports is all that is spent (refilled at that implied rate).
+
+    - BUCKET: the :class:`_Bucket` mirror, refilled at the learned rate, shares and all.
+    - WINDOW: no refill is projected. The room the newest answer reported, less our use it did
+      not see, grows only as our own requests leave the window: W is learned as the longest
+      reset or retry hint seen (a request sent into an empty window reports W itself; for a fixed
+      window, aging by W is never earlier than the period boundary). A request only waits for
+      that, for an answer, or (nothing in flight) for the reported reset, when one request goes
+      to find out. This is exact for a sliding window and safe for a fixed one and a bucket.
+      Other clients on the key show as use in the answers that is not ours: our share of the key
+      is ours ÷ all the use in the window, and with others about we keep our use within our
+      share of the limit, so pacers that each keep to their share never collide.
+    """
+
+    def __init__(self, limit: float, now: float, *, style: LimiterStyle) -> None:
+        self.limit = limit
+        self.style = style
+        # A bucket passed in (a per-minute limit from the spec) is believed until the server's
+        # answers, if any, show otherwise; one learned from them is settled.
+        self.settled = False
+        self.bucket = _Bucket(limit, now)
+        # (remaining, implied rate) of recent answers, to tell a bucket from a window.
+        self.rates: deque[tuple[float, float]] = deque(maxlen=8)
+        self.window = 0.0
+        # Our own use by permit: seq -> [sent at, amount, answered at]; sends are in seq order.
+        self.sent: dict[int, list[float]] = {}
+        self.base_room: float | None = None  # the newest answer's room less our unseen use
+        self.base_at = now  # when that answer's request was sent (≈ admitted)
+        self.reset_at: float | None = None
+        self.counted_from = 0  # the oldest of our requests (seq) the newest answer counted
+        self.fixed = False  # a window whose room comes back all at once, at period boundaries
+        self.period_end: float | None = None
+        self.late = 0.0  # added to the margin after a 429 that our own requests' timing caused
+        self.share = 1.0
+        self.samples: deque[tuple[float, float, float]] = deque()  # (at, ours, all use)
+
+    @property
+    def margin(self) -> float:
+        return _WINDOW_MARGIN + 0.005 * self.window + self.late
+
+    @property
+    def implied_rate(self) -> float | None:
+        return self.rates[-1][1] if self.rates else None
+
+    def set_limit(self, limit: float, now: float) -> None:
+        if limit != self.limit:
+            self.limit = limit
+            self.bucket.refill(now)
+            self.bucket.limit = limit
+            self.bucket.level = min(self.bucket.level, limit)
+
+    def take(self, amount: float, now: float, seq: int) -> None:
+        """Book our own use of the permit ``seq`` (negative: a refund)."""
+        self.bucket.take(amount, now)
+        entry = self.sent.get(seq)
+        if entry is None:
+            self.sent[seq] = [now, amount, math.inf]
+        else:
+            entry[1] += amount
+        if self.base_room is not None:
+            self.base_room -= amount
+        if amount > 0 and self.reset_at is not None and now >= self.reset_at:
+            self.reset_at = None  # the one request after the reset: the next waits for its answer
+
+    def answered(self, seq: int, now: float) -> None:
+        entry = self.sent.get(seq)
+        if entry is not None:
+            entry[2] = now
+
+    def learn(
+        self,
+        *,
+        remaining: float,
+        reset: float | None,
+        unseen_use: float,
+        unseen: set[int],
+        seq: int,
+        sent_at: float,
+        now: float,
+    ) -> None:
+        """One answer (success or 429) to the request ``seq`` sent at ``sent_at``."""
+        if reset is not None:
+            self.window = max(self.window, reset)
+        self._classify(remaining, reset)
+        self.base_room = remaining - unseen_use
+        self.base_at = sent_at
+        self.reset_at = sent_at + reset + self.margin if reset else None
+        # Which of our requests this answer counted: a sliding window counts all of them in the
+        # last W, a fixed one only those since its period began, so the newest ones that the
+        # reported use can hold. Only those give room back when they leave the window.
+        used = self.limit - remaining
+        seen = [k for k in self.sent if k <= seq and k not in unseen]
+        # Only requests answered before this one was sent were surely admitted before it.
+        surely_counted = sum(
+            amount
+            for at, amount, answered in self.sent.values()
+            if answered < sent_at and at > sent_at - self.window + self.margin
+        )
+        # Only once known to be a window: a bucket's count of use also falls, as it refills.
+        if self.style is LimiterStyle.WINDOW and surely_counted > used + 0.01 * self.limit:
+            # A sliding window would still count all our use of the last W: this one forgot
+            # some at a period boundary. A fixed window frees everything at once, at the reset.
+            self.fixed = True
+        if self.fixed and reset:
+            self.period_end = sent_at + reset
+        ours = 0.0
+        self.counted_from = seq + 1
+        # A fixed window's period began W before its reset; a sliding one counts the last W.
+        since = sent_at - self.window
+        if self.fixed and self.period_end is not None:
+            since = self.period_end - self.window - self.margin
+        for key in sorted(seen, reverse=True):
+            at, amount, _ = self.sent[key]
+            if at <= since or ours + amount > used + 1e-6:
+                break
+            ours += amount
+            self.counted_from = key
+        self.samples.append((now, ours, used))
+        horizon = now - max(2 * self.window, 10.0)
+        while self.samples and self.samples[0][0] < horizon:
+            self.samples.popleft()
+        mine = sum(sample[1] for sample in self.samples)
+        used_all = sum(max(sample[1], sample[2]) for sample in self.samples)
+        others = used_all - mine
+        self.share = (
+            1.0 if others <= 0.02 * used_all else max(_MIN_SHARE, _SHARE_SLACK * mine / used_all)
+        )
+        self._forget(now)
+
+    def failed(self, retry_after: float | None, now: float) -> None:
+        """A 429: it says when the request would have fitted."""
+        if retry_after is None or self.style is LimiterStyle.BUCKET:
+            return
+        if self.style is LimiterStyle.WINDOW:
+            self.window = max(self.window, retry_after)
+            if not self.fixed and retry_after < 0.1 * self.window:
+                # Refused a moment before room came back: our clock runs ahead of the server's
+                # by more than the margin allows for (or another client took the room). Allow
+                # for a little more, within bounds: each 10 ms costs 0.25 % of a 4-s window.
+                self.late = min(0.1, self.late + 0.01)
+        self.reset_at = now + retry_after
+
+    def _classify(self, remaining: float, reset: float | None) -> None:
+        if reset is None or reset < 0.05 or self.limit - remaining < 0.01 * self.limit:
+            return  # too close to full (or no reset) for the rounding to leave a usable rate
+        rate = (self.limit - remaining) / reset
+        if not self.settled:
+            agreeing = 0
+            for earlier, earlier_rate in self.rates:
+                if abs(earlier - remaining) < 0.01 * self.limit:
+                    continue  # the same room says nothing about the refill model
+                if abs(rate - earlier_rate) > _RATE_TOLERANCE * max(rate, earlier_rate):
+                    self.style, self.settled = LimiterStyle.WINDOW, True
+                    break
+                agreeing += 1
+            else:
+                if agreeing >= 2:
+                    self.style, self.settled = LimiterStyle.BUCKET, True
+                    self.bucket.period = self.limit / rate
+        self.rates.append((remaining, rate))
+
+    def _forget(self, now: float) -> None:
+        oldest = min(self.base_at, now) - self.window - self.margin - 1.0
+        while self.sent:
+            seq, (at, *_) = next(iter(self.sent.items()))
+            if at >= oldest:
+                break
+            del self.sent[seq]
+
+    def _aged(self, now: float) -> float:
+        """Our use that has left the window since the newest answer."""
+        if self.style is not LimiterStyle.WINDOW or self.window <= 0 or self.fixed:
+            return 0.0
+        high = now - self.window - self.margin
+        return sum(
+            amount
+            for key, (at, amount, _) in self.sent.items()
+            if key >= self.counted_from and at <= high
+        )
+
+    def room(self, now: float) -> float:
+        """The server's room now, as far as we can tell (a bucket's level for a bucket)."""
+        if self.style is LimiterStyle.BUCKET or self.base_room is None:
+            self.bucket.refill(now)
+            return self.bucket.level
+        room = self.base_room + self._aged(now)
+        rate = self.implied_rate if self.style is LimiterStyle.UNKNOWN else None
+        if rate:
+            room = min(self.limit, room + rate * max(0.0, now - self.base_at))
+        return room
+
+    def _recent(self, now: float) -> float:
+        """Our use the server counts now: in the last W, or in a fixed window's period."""
+        since = now - self.window - self.margin
+        if self.fixed and self.period_end is not None:
+            since = self.period_end - self.window if now < self.period_end else self.period_end
+        return sum(amount for at, amount, _ in self.sent.values() if at > since)
+
+    def wait_for(self, amount: float, *, floor_seconds: float, now: float, busy: bool) -> float:
+        """Seconds until ``amount`` fits; 0 now, ``math.inf`` at the next answer (``busy``: a
+        request of ours is in flight)."""
+        if self.style is LimiterStyle.BUCKET or self.base_room is None:
+            self.bucket.refill(now)
+            return self.bucket.wait_for(amount, floor_seconds=floor_seconds)
+        amount = min(amount, self.limit)
+        room = self.room(now)
+        rate = self.implied_rate if self.style is LimiterStyle.UNKNOWN else None
+        # Our own use is held to our share of the limit only once the style is known: before,
+        # the answers are too few to tell others' use from the refill model.
+        capped = self.style is LimiterStyle.WINDOW and self.share < 1.0
+        recent = self._recent(now) if capped else 0.0
+        cap = self.share * self.limit
+        if room >= amount - 1e-6 and (not capped or recent + amount <= cap + 1e-6):
+            return 0.0
+        waits: list[float] = []
+        if self.style is LimiterStyle.WINDOW and self.window > 0 and not self.fixed:
+            # Our requests leave the window one by one: the first moment both checks pass.
+            for key, (at, taken, _) in self.sent.items():
+                leaves = at + self.window + self.margin
+                if leaves <= now:
+                    continue
+                if key >= self.counted_from:
+                    room += taken
+                recent -= taken
+                if room >= amount - 1e-6 and (not capped or recent + amount <= cap + 1e-6):
+                    waits.append(leaves - now)
+                    break
+        if rate and room < amount:
+            waits.append((amount - room) / rate)
+        if self.reset_at is not None and not waits:
+            # Only when our own requests will not make room: a sliding window's reset may free
+            # less than we need, or free another client's room.
+            if self.reset_at > now:
+                waits.append(self.reset_at - now)
+            elif not busy:
+                return 0.0  # the reset has passed and nothing will answer: one request goes
+        if waits:
+            return max(min(waits), _MIN_SLEEP)
+        if busy:
+            return math.inf
+        # No answer to come and no hint: look again after a window (or a second).
+        self.reset_at = now + max(self.window, 1.0)
+        return self.reset_at - now
 
 
 @dataclass(frozen=True)
@@ -408,6 +691,7 @@ _EWMA_WEIGHT = 0.3
 _SHARE_WINDOW = 30.0
 # Our share never drops below this, so a pacer cannot starve itself.
 _MIN_SHARE = 0.05
+_SHARE_SLACK = 0.97
 _MIN_SLEEP = 0.001
 _RATIO_BOUNDS = (0.05, 20.0)
 
@@ -458,8 +742,15 @@ class RateLimitPacer:
         self._margin = margin
         self._safety = safety_seconds
         now = clock()
-        self._tokens = _Bucket(tokens_per_minute, now) if tokens_per_minute else None
-        self._requests = _Bucket(requests_per_minute, now) if requests_per_minute else None
+        # Limits passed in are per minute, as OpenAI and Google state them: buckets.
+        self._tokens = (
+            _Limit(tokens_per_minute, now, style=LimiterStyle.BUCKET) if tokens_per_minute else None
+        )
+        self._requests = (
+            _Limit(requests_per_minute, now, style=LimiterStyle.BUCKET)
+            if requests_per_minute
+            else None
+        )
         # None: not known yet whether the server sends x-ratelimit headers.
         self._headers_seen: bool | None = (
             False if (tokens_per_minute or requests_per_minute) else None
@@ -490,11 +781,18 @@ class RateLimitPacer:
 
     @property
     def tokens_per_minute(self) -> float | None:
+        """The token limit as passed in or as the headers state it (per their window)."""
         return self._tokens.limit if self._tokens else None
 
     @property
     def requests_per_minute(self) -> float | None:
         return self._requests.limit if self._requests else None
+
+    @property
+    def style(self) -> LimiterStyle:
+        """How the server's token limit behaves, as learned (the request limit's if no tokens)."""
+        limit = self._tokens or self._requests
+        return limit.style if limit else LimiterStyle.UNKNOWN
 
     def calibrated(self, estimate: int) -> int:
         """``estimate`` corrected by the measured ratio: the tokens the API will probably count."""
@@ -506,7 +804,13 @@ class RateLimitPacer:
         no token limit is known."""
         if self._tokens is None:
             return None
-        return max(1, int(self._tokens.limit * self._request_share))
+        if self._tokens.style is LimiterStyle.BUCKET:
+            return max(1, int(self._tokens.limit * self._request_share))
+        usual = max(1, int(self._tokens.limit * _WINDOW_REQUEST_SHARE * self._tokens.share))
+        # The last room in a window takes a smaller request (down to a quarter of the usual),
+        # or it stays unused until the window moves on.
+        fits = int(self._tokens.room(self._clock()) / self._margin)
+        return min(usual, max(usual // 4, fits))
 
     async def ready(self) -> None:
         """Wait while the first request is still finding out the limits (size requests after)."""
@@ -526,21 +830,29 @@ class RateLimitPacer:
                 now = self._clock()
                 reserve = math.ceil(estimate * self._ratio * self._margin)
                 wait = self._paused_until - now
-                if self._tokens:
-                    self._tokens.refill(now)
-                    wait = max(wait, self._tokens.wait_for(reserve, floor_seconds=self._safety))
-                if self._requests:
-                    self._requests.refill(now)
-                    wait = max(wait, self._requests.wait_for(1, floor_seconds=self._safety))
+                busy = bool(self._in_flight)
+                for limit, amount in ((self._tokens, reserve), (self._requests, 1)):
+                    if limit:
+                        wait = max(
+                            wait,
+                            limit.wait_for(amount, floor_seconds=self._safety, now=now, busy=busy),
+                        )
+                if wait == math.inf:
+                    await self._wait_for_change()
+                    continue
                 if wait > 0:
-                    await self._sleep(max(wait, _MIN_SLEEP))
+                    if busy and self.style is not LimiterStyle.BUCKET:
+                        # An answer may show room sooner than our own requests leave the window.
+                        await self._sleep_or_change(max(wait, _MIN_SLEEP))
+                    else:
+                        await self._sleep(max(wait, _MIN_SLEEP))
                     continue
                 break
-            if self._tokens:
-                self._tokens.take(reserve, now)
-            if self._requests:
-                self._requests.take(1, now)
             self._seq += 1
+            if self._tokens:
+                self._tokens.take(reserve, now, self._seq)
+            if self._requests:
+                self._requests.take(1, now, self._seq)
             probe = self._headers_seen is None
             permit = Permit(
                 seq=self._seq, estimate=estimate, reserved=reserve, issued_at=now, probe=probe
@@ -556,9 +868,10 @@ class RateLimitPacer:
     ) -> None:
         """The request succeeded: book what it really used and learn from the headers."""
         self._in_flight.pop(permit.seq, None)
+        self._answered(permit)
         if actual_tokens is not None:
             if self._tokens:
-                self._tokens.take(actual_tokens - permit.reserved, self._clock())
+                self._tokens.take(actual_tokens - permit.reserved, self._clock(), permit.seq)
             self._ledger[permit.seq] = (float(actual_tokens), 1)
             if permit.estimate > 0:
                 self._learn_ratio(actual_tokens / permit.estimate)
@@ -571,17 +884,24 @@ class RateLimitPacer:
     def release(self, permit: Permit, failure: Failure | None = None) -> None:
         """The request failed: give its room back, and on a 429 slow everyone down."""
         self._in_flight.pop(permit.seq, None)
+        self._answered(permit)
         now = self._clock()
         if self._tokens:
-            self._tokens.take(-permit.reserved, now)
+            self._tokens.take(-permit.reserved, now, permit.seq)
         if self._requests:
-            self._requests.take(-1, now)
+            self._requests.take(-1, now, permit.seq)
         self._ledger[permit.seq] = (0.0, 0)
         if failure is not None:
             if failure.headers:
                 self._observe(permit, failure.headers)
             if failure.kind is FailureKind.RATE_LIMITED:
-                self._window = max(1.0, self._window / 2)
+                for limit in (self._tokens, self._requests):
+                    if limit:
+                        limit.failed(failure.retry_after, now)
+                if self.style is not LimiterStyle.WINDOW:
+                    # Against a window a 429 is a matter of timing, which the margin learns;
+                    # fewer requests in flight would only leave its room unused.
+                    self._window = max(1.0, self._window / 2)
                 if failure.retry_after is not None:
                     self._paused_until = max(
                         self._paused_until, self._clock() + failure.retry_after
@@ -589,6 +909,12 @@ class RateLimitPacer:
         self._finish(permit)
 
     # -- internals
+
+    def _answered(self, permit: Permit) -> None:
+        now = self._clock()
+        for limit in (self._tokens, self._requests):
+            if limit:
+                limit.answered(permit.seq, now)
 
     def _learn_ratio(self, observed: float) -> None:
         low, high = _RATIO_BOUNDS
@@ -610,18 +936,20 @@ class RateLimitPacer:
         # Use the header has not seen: requests sent after this one, and requests sent before
         # it that are still in flight (the server may have admitted them after this one; if it
         # did not, we are cautious until the next answer).
-        unseen = [
-            entry
+        unseen = {
+            seq: entry
             for seq, entry in self._ledger.items()
             if seq > permit.seq or (seq < permit.seq and seq in self._in_flight)
-        ]
+        }
         self._tokens = self._synced(
             self._tokens,
             limit=parsed.limit_tokens,
             remaining=parsed.remaining_tokens,
             reset=parsed.reset_tokens,
-            unseen_use=sum(tokens for tokens, _ in unseen),
-            since=now - permit.issued_at,
+            unseen_use=sum(tokens for tokens, _ in unseen.values()),
+            unseen=set(unseen),
+            own_use=self._ledger.get(permit.seq, (0.0, 0))[0],
+            permit=permit,
             now=now,
         )
         self._requests = self._synced(
@@ -629,42 +957,57 @@ class RateLimitPacer:
             limit=parsed.limit_requests,
             remaining=parsed.remaining_requests,
             reset=parsed.reset_requests,
-            unseen_use=sum(requests for _, requests in unseen),
-            since=now - permit.issued_at,
+            unseen_use=sum(requests for _, requests in unseen.values()),
+            unseen=set(unseen),
+            own_use=self._ledger.get(permit.seq, (0.0, 0))[1],
+            permit=permit,
             now=now,
         )
 
     @staticmethod
     def _synced(
-        bucket: _Bucket | None,
+        limit_state: _Limit | None,
         *,
         limit: int | None,
         remaining: int | None,
         reset: float | None,
         unseen_use: float,
-        since: float,
+        unseen: set[int],
+        own_use: float,
+        permit: Permit,
         now: float,
-    ) -> _Bucket | None:
+    ) -> _Limit | None:
         if limit is None or limit <= 0:
-            return bucket
-        if bucket is None:
-            bucket = _Bucket(limit, now)
+            return limit_state
+        if limit_state is None:
+            limit_state = _Limit(limit, now, style=LimiterStyle.UNKNOWN)
+            # The request that brought the first answer was sent before we knew of the limit.
+            limit_state.sent[permit.seq] = [permit.issued_at, own_use, now]
         else:
-            bucket.refill(now)
-            if bucket.limit != limit:
-                bucket.limit = limit
-                bucket.level = min(bucket.level, limit)
+            limit_state.set_limit(limit, now)
+        bucket = limit_state.bucket
+        bucket.refill(now)
         if remaining is None and reset is not None:
-            # reset = time until the bucket is full again, so it also says how empty it is.
-            remaining = int(limit - reset * limit / 60.0)
+            # A bucket's reset = time until full, so it also says how empty it is.
+            remaining = int(limit - reset * bucket.rate)
         if remaining is None:
-            return bucket
+            return limit_state
+        limit_state.learn(
+            remaining=remaining,
+            reset=reset,
+            unseen_use=unseen_use,
+            unseen=unseen,
+            seq=permit.seq,
+            sent_at=permit.issued_at,
+            now=now,
+        )
         # The header is the server's level when it admitted this request. Since then it has
         # refilled, and our other requests have drawn on it. Refill is counted from when we
         # sent it: a little early, so a little optimistic, which the safety floor absorbs.
+        since = now - permit.issued_at
         server_now = min(bucket.limit, remaining + since * bucket.rate) - unseen_use
         bucket.sync(server_now, now)
-        return bucket
+        return limit_state
 
     def _finish(self, permit: Permit) -> None:
         if self._probe_seq == permit.seq:
@@ -680,6 +1023,16 @@ class RateLimitPacer:
     async def _wait_for_change(self) -> None:
         self._changed.clear()
         await self._changed.wait()
+
+    async def _sleep_or_change(self, seconds: float) -> None:
+        self._changed.clear()
+        sleeping = asyncio.ensure_future(self._sleep(seconds))
+        changed = asyncio.ensure_future(self._changed.wait())
+        try:
+            await asyncio.wait((sleeping, changed), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sleeping, changed):
+                task.cancel()
 
 
 # --------------------------------------------------------------------------- the loop

@@ -2,8 +2,9 @@
 
 It speaks both wire protocols well enough that the real SDKs cannot tell the difference, so the
 providers are tested as they run in production: base64 float32 answers (what the OpenAI SDK asks
-for by default), OpenAI's and Google's error bodies, the ``x-ratelimit-*`` headers, a
-tokens-per-minute limit enforced with 429s, and injected latency, 5xx errors, exhausted quota and
+for by default), OpenAI's and Google's error bodies, the ``x-ratelimit-*`` headers,
+tokens- and requests-per-minute limits enforced with 429s by a token bucket, a sliding window or
+a fixed window (:func:`make_limiter`), and injected latency, 5xx errors, exhausted quota and
 wrong dimensions. Vectors come from the local provider's :class:`HashEmbedder`, seeded with the
 model name, so they are deterministic and mean something (shared words → close vectors).
 
@@ -37,6 +38,7 @@ import sys
 import threading
 import time
 import zlib
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -48,14 +50,23 @@ import numpy as np
 from rag_service.providers.local import HashEmbedder
 
 __all__ = [
+    "LIMITER_STYLES",
     "MAX_GOOGLE_BATCH",
     "MAX_OPENAI_INPUTS",
     "MAX_OPENAI_REQUEST_TOKENS",
+    "RESET_REPORTS",
+    "BucketLimiter",
     "EmbeddingServer",
+    "FixedLimiter",
+    "Limiter",
+    "LimiterStyle",
     "RecordedRequest",
+    "ResetReport",
+    "SlidingLimiter",
     "count_tokens",
     "format_duration",
     "main",
+    "make_limiter",
 ]
 
 MAX_OPENAI_INPUTS = 2048
@@ -115,29 +126,232 @@ class RecordedRequest:
     encoding_format: str | None
     status: int
     error: str | None
-    # The token bucket's level right after the decision (None without a TPM limit): lets a
-    # benchmark measure throughput between two moments the bucket was equally empty.
+    # The token limiter's room right after the decision (None without a TPM limit): lets a
+    # benchmark measure throughput between two moments the limiter was equally empty.
     tokens_left: float | None = None
 
 
-class _Bucket:
-    """The server's continuous token bucket: capacity ``limit``, refilled ``limit/60`` a second
-    (how OpenAI describes its per-minute limits)."""
+LimiterStyle = Literal["bucket", "sliding", "fixed"]
+ResetReport = Literal["first", "empty"]
+LIMITER_STYLES: tuple[LimiterStyle, ...] = ("bucket", "sliding", "fixed")
+RESET_REPORTS: tuple[ResetReport, ...] = ("first", "empty")
 
-    def __init__(self, limit: int, now: float) -> None:
+
+class Limiter:
+    """One rate limit as a server enforces it; pure, driven by the caller's clock.
+
+    ``limit`` is what ``x-ratelimit-limit-*`` reports: the most admitted per ``window`` seconds.
+    ``room(now)`` is ``remaining``, ``reset_seconds(now)`` is ``reset``, ``wait_for`` is how long
+    until ``amount`` fits (a 429's ``retry-after``), ``take`` admits it.
+    """
+
+    style: LimiterStyle = "bucket"
+
+    def __init__(self, limit: int, window: float, now: float) -> None:
         self.limit = limit
+        self.window = window
+        self.started = now
+
+    def room(self, now: float) -> float:
+        raise NotImplementedError
+
+    def wait_for(self, amount: float, now: float) -> float:
+        raise NotImplementedError
+
+    def take(self, amount: float, now: float) -> None:
+        raise NotImplementedError
+
+    def reset_seconds(self, now: float) -> float:
+        raise NotImplementedError
+
+    def drain(self, now: float) -> None:
+        """Use all the room, as if another client had just spent it."""
+        self.take(self.room(now), now)
+
+    def headers(self, name: str, now: float) -> dict[str, str]:
+        """``x-ratelimit-{limit,remaining,reset}-{name}`` as OpenAI words them."""
+        return {
+            f"x-ratelimit-limit-{name}": str(self.limit),
+            f"x-ratelimit-remaining-{name}": str(max(0, math.floor(self.room(now)))),
+            f"x-ratelimit-reset-{name}": format_duration(self.reset_seconds(now)),
+        }
+
+    def budget(self, start: float, end: float) -> tuple[float, float, float]:
+        """The most this limiter, fresh (full room) at ``start``, can admit over a run that
+        ends at ``end``: ``(from, to, tokens)``, counting admissions in ``[from, to)`` (to
+        included for the bucket). Bucket: the initial allowance plus the refill, over the whole
+        run. Windows: LIMIT per whole window only, a partial window's room being unknowable
+        in advance: sliding, the whole windows from ``start``; fixed, the whole aligned windows
+        after it."""
+        return start, end, self.limit + self.limit / self.window * (end - start)
+
+    def share_of_budget(self, admitted: Sequence[tuple[float, float]], end: float) -> float:
+        """Tokens admitted (``(time, amount)`` pairs, the first at the run's start) ÷ the most
+        this limiter could admit over the run ending at ``end`` (see :meth:`budget`)."""
+        start, stop, most = self.budget(admitted[0][0], end)
+        counted = sum(
+            amount
+            for at, amount in admitted
+            if start <= at < stop or (at == stop and self.style == "bucket")
+        )
+        return counted / most
+
+
+class BucketLimiter(Limiter):
+    """A continuous token bucket: capacity ``limit``, refilled ``limit/window`` a second (with a
+    60-s window, how OpenAI describes its per-minute limits). ``reset`` = until full."""
+
+    style: LimiterStyle = "bucket"
+
+    def __init__(self, limit: int, window: float, now: float) -> None:
+        super().__init__(limit, window, now)
         self.level = float(limit)
         self.updated = now
 
-    def refill(self, now: float) -> None:
-        self.level = min(self.limit, self.level + (now - self.updated) * self.limit / 60.0)
-        self.updated = now
+    def _refill(self, now: float) -> None:
+        if now > self.updated:
+            rate = self.limit / self.window
+            self.level = min(self.limit, self.level + (now - self.updated) * rate)
+            self.updated = now
 
-    def wait_for(self, amount: float) -> float:
-        return max(0.0, (amount - self.level) * 60.0 / self.limit)
+    def room(self, now: float) -> float:
+        self._refill(now)
+        return self.level
 
-    def reset_seconds(self) -> float:
-        return (self.limit - self.level) * 60.0 / self.limit
+    def wait_for(self, amount: float, now: float) -> float:
+        self._refill(now)
+        return max(0.0, (amount - self.level) * self.window / self.limit)
+
+    def take(self, amount: float, now: float) -> None:
+        self._refill(now)
+        self.level -= amount
+
+    def reset_seconds(self, now: float) -> float:
+        self._refill(now)
+        return (self.limit - self.level) * self.window / self.limit
+
+
+class SlidingLimiter(Limiter):
+    """At most ``limit`` admitted in any ``window`` seconds (a sliding log). ``reset`` is either
+    the time until the first room frees (the oldest admission leaves the window) or until the
+    window is empty (the newest leaves): servers report both, so both are modelled."""
+
+    style: LimiterStyle = "sliding"
+
+    def __init__(
+        self, limit: int, window: float, now: float, reset_report: ResetReport = "first"
+    ) -> None:
+        super().__init__(limit, window, now)
+        self.reset_report = reset_report
+        self.log: deque[tuple[float, float]] = deque()  # (admitted at, amount)
+        self.used = 0.0
+
+    def _expire(self, now: float) -> None:
+        while self.log and self.log[0][0] <= now - self.window:
+            self.used -= self.log.popleft()[1]
+        if not self.log:
+            self.used = 0.0  # no float residue once empty
+
+    def room(self, now: float) -> float:
+        self._expire(now)
+        return self.limit - self.used
+
+    def wait_for(self, amount: float, now: float) -> float:
+        self._expire(now)
+        excess = self.used + amount - self.limit
+        if excess <= 1e-9:
+            return 0.0
+        for admitted, taken in self.log:
+            excess -= taken
+            if excess <= 1e-9:
+                return admitted + self.window - now
+        return self.window  # larger than the limit: refused as too large before this
+
+    def take(self, amount: float, now: float) -> None:
+        self._expire(now)
+        self.log.append((now, amount))
+        self.used += amount
+
+    def reset_seconds(self, now: float) -> float:
+        self._expire(now)
+        if not self.log:
+            return 0.0
+        admitted = self.log[0][0] if self.reset_report == "first" else self.log[-1][0]
+        return admitted + self.window - now
+
+    def budget(self, start: float, end: float) -> tuple[float, float, float]:
+        windows = _whole_windows(end - start, self.window)
+        return start, start + windows * self.window, windows * self.limit
+
+
+class FixedLimiter(Limiter):
+    """At most ``limit`` admitted per window ``[k·window, (k+1)·window)`` from the limiter's
+    start; the count starts again at each boundary. ``reset`` = until the next boundary."""
+
+    style: LimiterStyle = "fixed"
+
+    def __init__(self, limit: int, window: float, now: float) -> None:
+        super().__init__(limit, window, now)
+        self.origin = now  # period boundaries are counted from here
+        self.current = 0
+        self.used = 0.0
+
+    def _roll(self, now: float) -> None:
+        index = math.floor((now - self.origin) / self.window)
+        if index != self.current:
+            self.current, self.used = index, 0.0
+
+    def room(self, now: float) -> float:
+        self._roll(now)
+        return self.limit - self.used
+
+    def wait_for(self, amount: float, now: float) -> float:
+        self._roll(now)
+        if self.used + amount <= self.limit:
+            return 0.0
+        return self.origin + (self.current + 1) * self.window - now
+
+    def take(self, amount: float, now: float) -> None:
+        self._roll(now)
+        self.used += amount
+
+    def reset_seconds(self, now: float) -> float:
+        self._roll(now)
+        if self.used <= 0:
+            return 0.0
+        return self.origin + (self.current + 1) * self.window - now
+
+    def budget(self, start: float, end: float) -> tuple[float, float, float]:
+        first = self.origin + math.ceil((start - self.origin) / self.window) * self.window
+        windows = _whole_windows(end - first, self.window)
+        return first, first + windows * self.window, windows * self.limit
+
+
+def _whole_windows(span: float, window: float) -> int:
+    windows = math.floor(span / window + 1e-9)
+    if windows < 1:
+        raise ValueError(f"a run of {span:.1f} s holds no whole {window:g}-s window")
+    return windows
+
+
+def make_limiter(
+    per_minute: int,
+    now: float,
+    *,
+    style: LimiterStyle = "bucket",
+    window: float = 60.0,
+    reset_report: ResetReport = "first",
+) -> Limiter:
+    """A limiter with the same per-minute budget whatever its style: LIMIT = per_minute ×
+    window / 60 per window (at least 1), so a 60-s window's limit is the per-minute figure and a
+    4-s window's is a fifteenth of it. The bucket keeps OpenAI's model (capacity = the
+    per-minute limit, refilled over 60 s) unless a window is given."""
+    limit = max(1, round(per_minute * window / 60.0))
+    if style == "sliding":
+        return SlidingLimiter(limit, window, now, reset_report)
+    if style == "fixed":
+        return FixedLimiter(limit, window, now)
+    return BucketLimiter(limit, window, now)
 
 
 @dataclass(frozen=True)
@@ -163,7 +377,8 @@ class EmbeddingServer:
     """The server: bound on construction (so ``url`` is known), serving after ``start()``.
 
     Knobs are plain attributes, read on every request, so a test can change them mid-run:
-    ``tpm``/``rpm`` (limits, None = unlimited), ``latency`` (seconds added per request),
+    ``tpm``/``rpm`` (per-minute limits, None = unlimited), ``limiter``/``window``/``reset_report``
+    (how they are enforced, see :func:`make_limiter`), ``latency`` (seconds added per request),
     ``error_rate`` (share answered 500/503, from a seeded RNG), ``insufficient_quota``,
     ``wrong_dimensions``, ``quota_after`` (out of quota after that many successful requests),
     ``api_key`` (None accepts any key).
@@ -183,11 +398,19 @@ class EmbeddingServer:
         wrong_dimensions: bool = False,
         quota_after: int | None = None,
         seed: int = 0,
+        limiter: LimiterStyle = "bucket",
+        window: float = 60.0,
+        reset_report: ResetReport = "first",
     ) -> None:
         self._lock = threading.Lock()
         self._started_at = time.monotonic()
-        self._tokens: _Bucket | None = None
-        self._requests: _Bucket | None = None
+        self._tpm: int | None = None
+        self._rpm: int | None = None
+        self._limiter: LimiterStyle = "bucket"
+        self._window = 60.0
+        self._reset_report: ResetReport = "first"
+        self._tokens: Limiter | None = None
+        self._requests: Limiter | None = None
         self._records: list[RecordedRequest] = []
         self._embedders: dict[tuple[str, int], tuple[threading.Lock, HashEmbedder]] = {}
         self._rng = random.Random(seed)
@@ -199,6 +422,9 @@ class EmbeddingServer:
         self.wrong_dimensions = wrong_dimensions
         self.quota_after = quota_after
         self._succeeded = 0
+        self.limiter = limiter
+        self.window = window
+        self.reset_report = reset_report
         self.tpm = tpm
         self.rpm = rpm
         self._httpd = _HTTPServer((host, port), _Handler)
@@ -228,40 +454,93 @@ class EmbeddingServer:
 
     # -- knobs that need the lock
 
+    # The per-minute figures are the budget; the limiter style and window only say how it is
+    # enforced. Changing any of them starts fresh limiters (full room).
+
     @property
     def tpm(self) -> int | None:
-        return self._tokens.limit if self._tokens else None
+        return self._tpm
 
     @tpm.setter
     def tpm(self, value: int | None) -> None:
-        with self._lock:
-            self._tokens = _Bucket(value, self._now()) if value else None
+        self._tpm = value or None
+        self._rebuild()
 
     @property
     def rpm(self) -> int | None:
-        return self._requests.limit if self._requests else None
+        return self._rpm
 
     @rpm.setter
     def rpm(self, value: int | None) -> None:
+        self._rpm = value or None
+        self._rebuild()
+
+    @property
+    def limiter(self) -> LimiterStyle:
+        """How the limits are enforced: ``bucket`` (continuous refill), ``sliding`` (at most
+        LIMIT in any ``window`` seconds) or ``fixed`` (LIMIT per window from the start)."""
+        return self._limiter
+
+    @limiter.setter
+    def limiter(self, value: LimiterStyle) -> None:
+        if value not in LIMITER_STYLES:
+            raise ValueError(f"limiter must be one of {', '.join(LIMITER_STYLES)}, not {value!r}")
+        self._limiter = value
+        self._rebuild()
+
+    @property
+    def window(self) -> float:
+        """Seconds per window; LIMIT per window = the per-minute figure × window / 60."""
+        return self._window
+
+    @window.setter
+    def window(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise ValueError(f"window must be a number of seconds above 0, not {value!r}")
+        self._window = float(value)
+        self._rebuild()
+
+    @property
+    def reset_report(self) -> ResetReport:
+        """What a sliding window's ``x-ratelimit-reset-*`` says: ``first`` = until the first
+        room frees, ``empty`` = until the window is empty."""
+        return self._reset_report
+
+    @reset_report.setter
+    def reset_report(self, value: ResetReport) -> None:
+        if value not in RESET_REPORTS:
+            raise ValueError(f"reset_report must be one of {', '.join(RESET_REPORTS)}")
+        self._reset_report = value
+        self._rebuild()
+
+    def _make(self, per_minute: int | None) -> Limiter | None:
+        if not per_minute:
+            return None
+        return make_limiter(
+            per_minute,
+            self._now(),
+            style=self._limiter,
+            window=self._window,
+            reset_report=self._reset_report,
+        )
+
+    def _rebuild(self) -> None:
         with self._lock:
-            self._requests = _Bucket(value, self._now()) if value else None
+            self._tokens = self._make(self._tpm)
+            self._requests = self._make(self._rpm)
 
     def drain(self) -> None:
-        """Empty the buckets, as if another client had just used the whole minute's budget."""
+        """Use all the room, as if another client had just spent the whole budget."""
         with self._lock:
-            for bucket in (self._tokens, self._requests):
-                if bucket:
-                    bucket.level = 0.0
-                    bucket.updated = self._now()
+            for limiter in (self._tokens, self._requests):
+                if limiter:
+                    limiter.drain(self._now())
 
     def reset(self) -> None:
-        """Forget the requests received and refill the buckets."""
+        """Forget the requests received and start the limiters afresh (full room)."""
         with self._lock:
             self._records.clear()
-            for bucket in (self._tokens, self._requests):
-                if bucket:
-                    bucket.level = float(bucket.limit)
-                    bucket.updated = self._now()
+        self._rebuild()
 
     def configure(self, knobs: Mapping[str, Any]) -> None:
         """Set knobs from a JSON object (``POST /_control``); ``reset``/``drain`` are actions."""
@@ -297,9 +576,16 @@ class EmbeddingServer:
         for record in records:
             by_status[str(record.status)] = by_status.get(str(record.status), 0) + 1
         ok = [r for r in records if r.status == 200]
+        limiter = self._tokens
         return {
             "requests": len(records),
             "by_status": by_status,
+            # When the token limiter started (full), on the records' clock: a benchmark rebuilds
+            # it with make_limiter to compute the run's budget (fixed windows count from here).
+            "tokens_limiter_started": limiter.started if limiter else None,
+            # time.monotonic() when the records' clock read 0: another process on this machine
+            # can place its own moments (a deadline) on the records' clock.
+            "monotonic_origin": self._started_at,
             "ok_tokens": sum(r.tokens for r in ok),
             "ok_inputs": sum(r.inputs for r in ok),
             "max_inputs": max((r.inputs for r in records), default=0),
@@ -364,15 +650,12 @@ class EmbeddingServer:
         and the token bucket's level after it."""
         with self._lock:
             now = self._now()
-            buckets = [b for b in (self._tokens, self._requests) if b]
-            for bucket in buckets:
-                bucket.refill(now)
-            verdict = self._decide(tokens)
-            headers = self._rate_headers()
-            left = self._tokens.level if self._tokens else None
+            verdict = self._decide(tokens, now)
+            headers = self._rate_headers(now)
+            left = self._tokens.room(now) if self._tokens else None
         return verdict, headers, now, left
 
-    def _decide(self, tokens: int) -> _Verdict:
+    def _decide(self, tokens: int, now: float) -> _Verdict:
         if self.insufficient_quota or (
             self.quota_after is not None and self._succeeded >= self.quota_after
         ):
@@ -387,44 +670,47 @@ class EmbeddingServer:
                 f"Limit {self._tokens.limit}, Requested {tokens}. "
                 "The input or output tokens must be reduced in order to run successfully.",
             )
-        waits: list[tuple[float, str, _Bucket, float]] = []
+        waits: list[tuple[float, str, Limiter, float]] = []
         if self._tokens:
             waits.append(
-                (self._tokens.wait_for(tokens), "tokens per min (TPM)", self._tokens, tokens)
+                (self._tokens.wait_for(tokens, now), "tokens per min (TPM)", self._tokens, tokens)
             )
         if self._requests:
-            waits.append((self._requests.wait_for(1), "requests per min (RPM)", self._requests, 1))
-        wait, what, bucket, amount = max(waits, default=(0.0, "", None, 0), key=lambda w: w[0])
-        if wait > 0 and bucket is not None:
-            used = int(bucket.limit - bucket.level)
+            waits.append(
+                (self._requests.wait_for(1, now), "requests per min (RPM)", self._requests, 1)
+            )
+        wait, what, limiter, amount = max(waits, default=(0.0, "", None, 0), key=lambda w: w[0])
+        if wait > 0 and limiter is not None:
+            used = int(limiter.limit - limiter.room(now))
             return _Verdict(
                 429,
                 "rate_limit_exceeded",
-                f"Rate limit reached for embeddings on {what}: Limit {bucket.limit}, "
+                f"Rate limit reached for embeddings on {what}: Limit {limiter.limit}, "
                 f"Used {used}, Requested {int(amount)}. Please try again in "
                 f"{format_duration(wait)}. Visit https://platform.openai.com/account/rate-limits "
                 "to learn more.",
                 retry_after=wait,
             )
         if self._tokens:
-            self._tokens.level -= tokens
+            self._tokens.take(tokens, now)
         if self._requests:
-            self._requests.level -= 1
+            self._requests.take(1, now)
         self._succeeded += 1
         return _Verdict(200)
 
-    def _rate_headers(self) -> dict[str, str]:
+    def _rate_headers(self, now: float) -> dict[str, str]:
         headers: dict[str, str] = {}
-        for name, bucket in (("requests", self._requests), ("tokens", self._tokens)):
-            if bucket:
-                headers[f"x-ratelimit-limit-{name}"] = str(bucket.limit)
-                headers[f"x-ratelimit-remaining-{name}"] = str(max(0, math.floor(bucket.level)))
-                headers[f"x-ratelimit-reset-{name}"] = format_duration(bucket.reset_seconds())
+        for name, limiter in (("requests", self._requests), ("tokens", self._tokens)):
+            if limiter:
+                headers.update(limiter.headers(name, now))
         return headers
 
 
 _KNOBS = (
     "api_key",
+    "limiter",
+    "window",
+    "reset_report",
     "tpm",
     "rpm",
     "latency",
@@ -919,6 +1205,27 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--tpm", type=int, default=None, help="tokens per minute limit")
     parser.add_argument("--rpm", type=int, default=None, help="requests per minute limit")
+    parser.add_argument(
+        "--limiter",
+        choices=LIMITER_STYLES,
+        default="bucket",
+        help="how the limits are enforced: a continuous token bucket, a sliding window (at most "
+        "LIMIT in any --window seconds) or a fixed window (default: bucket)",
+    )
+    parser.add_argument(
+        "--window",
+        type=float,
+        default=60.0,
+        help="seconds per window; the headers' LIMIT is the per-minute figure × window / 60, so "
+        "every style has the same per-minute budget (default: 60)",
+    )
+    parser.add_argument(
+        "--reset-report",
+        choices=RESET_REPORTS,
+        default="first",
+        help="what a sliding window's x-ratelimit-reset-* says: time until the first room frees "
+        "(first) or until the window is empty (empty) (default: first)",
+    )
     parser.add_argument("--latency", type=float, default=0.0, help="seconds added per request")
     parser.add_argument("--error-rate", type=float, default=0.0, help="share answered 500/503")
     parser.add_argument("--insufficient-quota", action="store_true")
@@ -941,6 +1248,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         api_key=args.api_key,
         tpm=args.tpm,
         rpm=args.rpm,
+        limiter=args.limiter,
+        window=args.window,
+        reset_report=args.reset_report,
         latency=args.latency,
         error_rate=args.error_rate,
         insufficient_quota=args.insufficient_quota,

@@ -7,7 +7,10 @@ it was answered. Vectors are checked against the local HashEmbedder, which the s
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
+import urllib.error
 
 import numpy as np
 import openai
@@ -17,6 +20,7 @@ from rag_service.errors import AuthenticationFailed, DimensionMismatch, Provider
 from rag_service.providers.base import Purpose, Vectors
 from rag_service.providers.local import HashEmbedder
 from rag_service.providers.pricing import PriceTable
+from rag_service.providers.retry import LimiterStyle, parse_duration
 from rag_service.testing import EmbeddingServer
 from tests.embedding_fixtures import EMBEDDING_API_KEY, OpenAIFactory, ServerProcess
 
@@ -305,3 +309,144 @@ async def test_server_subprocess_is_driven_by_control_and_stats(
     assert stats["ok_tokens"] == result.usage.tokens
     assert embedding_server_process.control(reset=True)["tpm"] == 1_000_000
     assert embedding_server_process.stats()["requests"] == 0
+
+
+# --------------------------------------------------------------------------- limiter styles
+
+
+def server_client(server: EmbeddingServer) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(
+        api_key=EMBEDDING_API_KEY, base_url=server.openai_base_url, max_retries=0
+    )
+
+
+@pytest.mark.parametrize("report", ["first", "empty"])
+async def test_a_sliding_window_frees_room_as_each_request_leaves_it(
+    embedding_server: EmbeddingServer, report: str
+) -> None:
+    """30,000 TPM as a 2-s sliding window: 1,000 tokens in any 2 s, and the reset header says
+    either when the first room frees or when the window is empty."""
+    embedding_server.configure(
+        {"limiter": "sliding", "window": 2, "reset_report": report, "tpm": 30_000}
+    )
+    client = server_client(embedding_server)
+    try:
+        first = await client.embeddings.with_raw_response.create(input=["a " * 600], model=MODEL)
+        assert first.headers["x-ratelimit-limit-tokens"] == "1000"
+        assert first.headers["x-ratelimit-remaining-tokens"] == "400"
+        await asyncio.sleep(0.5)
+        second = await client.embeddings.with_raw_response.create(input=["a " * 300], model=MODEL)
+        assert second.headers["x-ratelimit-remaining-tokens"] == "100"
+        reset = parse_duration(second.headers["x-ratelimit-reset-tokens"])
+        assert reset is not None
+        if report == "first":
+            assert reset <= 1.501  # the first request leaves 2 s after it came, ≥ 0.5 s ago
+        else:
+            assert reset == 2.0  # the second just came: the window is empty 2 s from now
+        with pytest.raises(openai.RateLimitError) as caught:
+            await client.embeddings.create(input=["a " * 300], model=MODEL)
+        retry_after = int(caught.value.response.headers["retry-after-ms"]) / 1000
+        assert retry_after <= 1.501  # room for 300 comes when the first 600 leave
+        await asyncio.sleep(retry_after)
+        third = await client.embeddings.with_raw_response.create(input=["a " * 300], model=MODEL)
+        # Only the first request left: the second still counts.
+        assert third.headers["x-ratelimit-remaining-tokens"] == "400"
+    finally:
+        await client.close()
+
+
+async def test_a_fixed_window_gives_the_whole_limit_back_at_its_boundary(
+    embedding_server: EmbeddingServer,
+) -> None:
+    embedding_server.configure({"limiter": "fixed", "window": 2, "tpm": 30_000})
+    client = server_client(embedding_server)
+    try:
+        first = await client.embeddings.with_raw_response.create(input=["a " * 600], model=MODEL)
+        assert first.headers["x-ratelimit-remaining-tokens"] == "400"
+        reset = parse_duration(first.headers["x-ratelimit-reset-tokens"])
+        assert reset is not None and 0 < reset <= 2.0  # the next boundary
+        with pytest.raises(openai.RateLimitError) as caught:
+            await client.embeddings.create(input=["a " * 600], model=MODEL)
+        retry_after = int(caught.value.response.headers["retry-after-ms"]) / 1000
+        assert retry_after <= reset
+        await asyncio.sleep(retry_after)
+        whole = await client.embeddings.with_raw_response.create(input=["a " * 1000], model=MODEL)
+        assert whole.headers["x-ratelimit-remaining-tokens"] == "0"
+    finally:
+        await client.close()
+
+
+def test_limiter_knobs_refuse_what_they_cannot_enforce(embedding_server: EmbeddingServer) -> None:
+    with pytest.raises(ValueError, match="limiter must be one of bucket, sliding, fixed"):
+        embedding_server.configure({"limiter": "leaky"})
+    with pytest.raises(ValueError, match="window must be a number of seconds above 0"):
+        embedding_server.configure({"window": 0})
+    with pytest.raises(ValueError, match="reset_report must be one of first, empty"):
+        embedding_server.configure({"reset_report": "never"})
+    assert embedding_server.knobs()["limiter"] == "bucket"
+
+
+def test_limiter_flags_on_the_command_line_and_control_knobs() -> None:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rag_service.testing.embedding_server",
+            "--tpm=60000",
+            "--limiter=sliding",
+            "--window=3",
+            "--reset-report=empty",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        server = ServerProcess(url=process.stdout.readline().strip(), process=process)
+        knobs = server.stats()["knobs"]
+        assert (knobs["limiter"], knobs["window"], knobs["reset_report"]) == (
+            "sliding",
+            3.0,
+            "empty",
+        )
+        assert server.control(limiter="fixed", window=4)["limiter"] == "fixed"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            server.control(limiter="leaky")
+        assert refused.value.code == 400
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("limiter", "report", "tpm", "learned"),
+    [
+        ("bucket", "first", 20_000, LimiterStyle.BUCKET),
+        ("sliding", "first", 120_000, LimiterStyle.WINDOW),
+        ("sliding", "empty", 120_000, LimiterStyle.WINDOW),
+        ("fixed", "first", 120_000, LimiterStyle.WINDOW),
+    ],
+)
+async def test_the_pacer_learns_each_limiter_and_keeps_within_it(
+    openai_provider: OpenAIFactory,
+    embedding_server: EmbeddingServer,
+    limiter: str,
+    report: str,
+    tpm: int,
+    learned: LimiterStyle,
+) -> None:
+    """600 texts (about 7,000 tokens) against a bucket, or 2,000 tokens per 1-s window: all
+    arrive in order, the pacer tells the style from the headers, 429s stay rare."""
+    window = 60 if limiter == "bucket" else 1
+    embedding_server.configure(
+        {"limiter": limiter, "window": window, "reset_report": report, "tpm": tpm}
+    )
+    provider = openai_provider(concurrency=4)
+    await provider.embed(corpus(1, offset=600), Purpose.DOCUMENT)  # the probe
+    texts = corpus(600)
+    result = await provider.embed(texts, Purpose.DOCUMENT)
+    assert_same_direction(result.vectors, texts, dimensions=64)
+    assert provider.pacer.style is learned
+    records = embedding_server.requests
+    refused = sum(1 for r in records if r.status == 429)
+    assert refused <= 0.1 * len(records)

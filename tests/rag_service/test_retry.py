@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import heapq
 import itertools
 import random
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import pytest
 
@@ -18,6 +20,7 @@ from rag_service.errors import AuthenticationFailed, ProviderError, QuotaExceede
 from rag_service.providers.retry import (
     Failure,
     FailureKind,
+    LimiterStyle,
     Outcome,
     RateLimitHeaders,
     RateLimitPacer,
@@ -31,7 +34,11 @@ from rag_service.providers.retry import (
     send_in_requests,
     send_with_retries,
 )
-from rag_service.testing.embedding_server import format_duration
+from rag_service.testing.embedding_server import (
+    Limiter,
+    format_duration,
+    make_limiter,
+)
 
 
 class FakeTime:
@@ -610,3 +617,211 @@ async def test_one_text_too_large_on_its_own_is_named() -> None:
             send_range=send_range,
             what="x",
         )
+
+
+# --------------------------------------------------------------------------- any limiter
+
+
+class VirtualTime:
+    """Time shared by many tasks, as a discrete-event simulation: a sleeper wakes at its
+    deadline, and time moves only once every task is waiting (on a sleep or on the pacer)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._sleepers, (self.now + max(0.0, seconds), next(self._order), future))
+        await future
+
+    async def run_until(self, end: float) -> None:
+        while True:
+            for _ in range(200):  # every runnable task runs until it waits
+                await asyncio.sleep(0)
+            if not self._sleepers or self._sleepers[0][0] > end:
+                return
+            wake, _, future = heapq.heappop(self._sleepers)
+            self.now = max(self.now, wake)
+            if not future.done():
+                future.set_result(None)
+
+
+class RateLimited(Exception):
+    def __init__(self, headers: dict[str, str], retry_after: float) -> None:
+        super().__init__("429")
+        self.headers = headers
+        self.retry_after = retry_after
+
+
+def classify_429(exc: Exception) -> Failure | None:
+    if not isinstance(exc, RateLimited):
+        return None
+    return Failure(
+        kind=FailureKind.RATE_LIMITED,
+        detail="HTTP 429",
+        status=429,
+        retry_after=exc.retry_after,
+        headers=exc.headers,
+    )
+
+
+@dataclass
+class Simulated:
+    admitted: list[tuple[float, int]]
+    refused: int
+    limiter: Limiter
+
+    @property
+    def budget_share(self) -> float:
+        """Tokens admitted ÷ the most the limiter could admit over the run (Limiter.budget)."""
+        return self.limiter.share_of_budget(self.admitted, self.admitted[-1][0])
+
+    @property
+    def refused_share(self) -> float:
+        return self.refused / (self.refused + len(self.admitted))
+
+
+async def simulate(
+    limiter: Limiter,
+    *,
+    clients: int = 1,
+    seconds: float = 600.0,
+    latency: float = 0.2,
+    workers: int = 4,
+    largest: int = 2_000,
+) -> Simulated:
+    """Independent pacers (one per client, ``workers`` requests each at once) on one key,
+    against a server limiter on virtual time. The server decides when a request arrives and
+    answers ``latency`` later, with the headers as they stood after its decision."""
+    time = VirtualTime()
+    admitted: list[tuple[float, int]] = []
+    refused = 0
+
+    def pacer() -> RateLimitPacer:
+        return RateLimitPacer(max_concurrency=workers, clock=time.clock, sleep=time.sleep)
+
+    pacers = [pacer() for _ in range(clients)]
+
+    async def worker(pacer: RateLimitPacer) -> None:
+        nonlocal refused
+        while True:
+            await pacer.ready()
+            size = min(largest, pacer.max_request_tokens() or largest)
+
+            async def send(size: int = size) -> Outcome[None]:
+                nonlocal refused
+                arrived = time.now
+                wait = limiter.wait_for(size, arrived)
+                if wait <= 0:
+                    limiter.take(size, arrived)
+                    admitted.append((arrived, size))
+                headers = limiter.headers("tokens", arrived)
+                await time.sleep(latency)
+                if wait > 0:
+                    refused += 1
+                    raise RateLimited(headers, wait)
+                return Outcome(value=None, headers=headers, actual_tokens=size)
+
+            await send_with_retries(
+                send,
+                estimated_tokens=size,
+                classify=classify_429,
+                pacer=pacer,
+                policy=RetryPolicy(max_rate_limited=1000),
+                rng=random.Random(0),
+                what="sim",
+                sleep=time.sleep,
+            )
+
+    tasks = [asyncio.create_task(worker(p)) for p in pacers for _ in range(workers)]
+    try:
+        await time.run_until(seconds)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return Simulated(admitted=admitted, refused=refused, limiter=limiter)
+
+
+# 60,000 tokens a minute however enforced; sliding windows reporting either reset.
+LIMITERS = {
+    "bucket": lambda: make_limiter(60_000, 0.0),
+    "sliding-first-4s": lambda: make_limiter(60_000, 0.0, style="sliding", window=4),
+    "sliding-empty-10s": lambda: make_limiter(
+        60_000, 0.0, style="sliding", window=10, reset_report="empty"
+    ),
+    "sliding-first-60s": lambda: make_limiter(60_000, 0.0, style="sliding", window=60),
+    "fixed-10s": lambda: make_limiter(60_000, 0.0, style="fixed", window=10),
+    "fixed-60s": lambda: make_limiter(60_000, 0.0, style="fixed", window=60),
+}
+
+
+@pytest.mark.parametrize(
+    ("style", "clients"),
+    [
+        ("bucket", 1),
+        ("sliding-first-4s", 1),
+        ("sliding-empty-10s", 1),
+        ("sliding-empty-10s", 2),
+        ("sliding-empty-10s", 4),
+        ("sliding-first-60s", 1),
+        ("sliding-first-60s", 2),
+        ("sliding-first-60s", 4),
+        ("fixed-10s", 1),
+        ("fixed-10s", 2),
+        ("fixed-10s", 4),
+        ("fixed-60s", 1),
+        ("fixed-60s", 2),
+    ],
+)
+async def test_ten_minutes_on_any_limiter_use_the_budget_with_few_429s(
+    style: str, clients: int
+) -> None:
+    """Independent pacers (one per client) on one key for 10 simulated minutes: ≥ 0.95 of the
+    most the limiter could admit (``Limiter.budget``), < 1 % of requests refused. The cells
+    this simulation still misses are listed in docs/benchmarks.md ("Pacing on any limiter")."""
+    run = await simulate(LIMITERS[style](), clients=clients)
+    assert run.budget_share >= 0.95
+    assert run.refused_share < 0.01
+
+
+async def test_a_window_is_learned_as_a_window_and_a_bucket_as_a_bucket() -> None:
+    """The answers alone tell the styles apart: a bucket's (limit − remaining) / reset is the
+    same in every answer, a window's is not; a fixed window forgets use at its boundary."""
+    styles = {}
+    for name in ("bucket", "sliding-first-4s", "fixed-10s"):
+        time = FakeTime()
+        limiter = LIMITERS[name]()
+        pacer = RateLimitPacer(clock=time.clock, sleep=time.sleep)
+        for _ in range(40):
+            permit = await pacer.acquire(1000)
+            limiter.take(1000, time.now)
+            pacer.settle(permit, headers=limiter.headers("tokens", time.now), actual_tokens=1000)
+            time.now += 0.5
+        styles[name] = pacer.style
+    assert styles == {
+        "bucket": LimiterStyle.BUCKET,
+        "sliding-first-4s": LimiterStyle.WINDOW,
+        "fixed-10s": LimiterStyle.WINDOW,
+    }
+
+
+async def test_a_limit_passed_in_gives_way_to_what_the_answers_show() -> None:
+    """A per-minute limit from the spec is paced as a bucket until the server's headers show
+    a 4-s window with a fifteenth of it."""
+    time = FakeTime()
+    limiter = LIMITERS["sliding-first-4s"]()
+    pacer = RateLimitPacer(tokens_per_minute=60_000, clock=time.clock, sleep=time.sleep)
+    assert pacer.style is LimiterStyle.BUCKET
+    for _ in range(10):
+        permit = await pacer.acquire(300)
+        limiter.take(300, time.now)
+        pacer.settle(permit, headers=limiter.headers("tokens", time.now), actual_tokens=300)
+        time.now += 0.1
+    assert pacer.style is LimiterStyle.WINDOW
+    assert pacer.tokens_per_minute == 4000  # the header's limit, per its window
