@@ -272,16 +272,7 @@ async def _start(settings: ServiceSettings, registry: CollectorRegistry) -> Serv
     async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
         await configure_connection(conn, ef_search=ef_search_for(spec.target, settings.ef_search))
 
-    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-        settings.database_url,
-        min_size=1,
-        max_size=settings.pool_size,
-        configure=configure,
-        open=False,
-        kwargs={"autocommit": True},
-    )
-    await pool.open(wait=False)
-    layout = await _layout(settings)
+    # Before anything is opened: a missing key fails start-up with nothing to clean up.
     providers: dict[Version, EmbeddingProvider] = {
         Version.V1: make_provider(
             spec.source,
@@ -298,6 +289,16 @@ async def _start(settings: ServiceSettings, registry: CollectorRegistry) -> Serv
             interactive=True,
         ),
     }
+    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+        settings.database_url,
+        min_size=1,
+        max_size=settings.pool_size,
+        configure=configure,
+        open=False,
+        kwargs={"autocommit": True},
+    )
+    await pool.open(wait=False)
+    layout = await _layout(settings)
     follower = RoutingFollower(
         url=settings.database_url,
         migration=settings.migration,

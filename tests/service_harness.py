@@ -26,7 +26,18 @@ async def serving(settings: ServiceSettings) -> AsyncIterator[Running]:
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, access_log=False)
     )
-    task = asyncio.create_task(server.serve())
+
+    async def serve() -> None:
+        # uvicorn ends a failed start-up with sys.exit(); a SystemExit escaping a task stops the
+        # event loop itself, and the test would hang instead of failing with the reason.
+        try:
+            await server.serve()
+        except SystemExit as exc:
+            raise RuntimeError(
+                f"the service did not start (uvicorn exit {exc.code}); the log above says why"
+            ) from None
+
+    task = asyncio.create_task(serve())
     for _ in range(500):
         if server.started or task.done():
             break

@@ -157,3 +157,16 @@ async def test_serve_warns_when_a_models_price_is_unknown(
     async with serving(settings):
         pass
     assert [w for w in v2_warnings(caplog) if "no known price" in w] == []
+
+
+async def test_a_missing_api_key_fails_start_up_at_once(
+    caplog: pytest.LogCaptureFixture, database_url: str
+) -> None:
+    """Checked before the pool opens, so nothing is left connecting (it once hung the loop)."""
+    spec = corpus_spec(f"{TABLE}_nokey", source_dimensions=32, target="openai:my-finetune@64")
+    with pytest.raises(RuntimeError, match="did not start"):
+        async with serving(ServiceSettings(database_url=database_url, spec=spec, migration="a/b")):
+            pass
+    assert any(
+        "no API key for target openai:my-finetune@64" in r.getMessage() for r in caplog.records
+    )
