@@ -127,7 +127,12 @@ def parse_duration(value: str) -> timedelta:
             "(units h, m, s, ms; no days: 168h is a week)"
         )
     seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(value))
-    return timedelta(seconds=seconds)
+    try:
+        return timedelta(seconds=seconds)
+    except OverflowError:  # timedelta holds about 2.7 million years
+        raise ValueError(
+            f"{value!r} is too long a duration; nothing needs more than years"
+        ) from None
 
 
 def _duration_shape(value: Any) -> Any:

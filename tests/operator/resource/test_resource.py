@@ -243,6 +243,12 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str, str]] = [
         "write e.g. 500m, 512Mi",
     ),
     (
+        "interval-beyond-timedelta",
+        {"analysis": {"interval": "99999999999999h"}},
+        "spec.analysis.interval",
+        "too long a duration",
+    ),
+    (
         "dimensions-in-words",
         {"target": {"dimensions": "many"}},
         "spec.target.dimensions",
