@@ -117,7 +117,8 @@ def test_embedshift_serve_binds_serves_and_logs_the_warning(
         assert found.json()["version"] == "v1"
     finally:
         process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)  # uvicorn re-raises SIGTERM once shut down: exit code -15
+        code = process.wait(timeout=30)
+    assert code == 0  # a graceful stop, not death by the signal (uvicorn raises it again)
     text = log.read_text()
     assert "Application shutdown complete" in text
     assert f"listening on {base}" in text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import socket
 
 from embedshift_operator.cli.flags import (
@@ -118,6 +119,11 @@ async def _serve(args: argparse.Namespace) -> int:
         create_app(settings), host=args.host, port=args.port, log_config=None, access_log=False
     )
     log.info("listening on http://%s:%d", args.host, args.port)
+    # uvicorn shuts down gracefully on SIGTERM, then restores the handler it found and raises
+    # the signal again: with the default one the process would die by it (exit -15) after a
+    # clean stop. A handler that does nothing makes that second delivery a no-op: exit 0, as
+    # Kubernetes expects of a graceful stop.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     await uvicorn.Server(config).serve(sockets=[listener])
     return 0
 
