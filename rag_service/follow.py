@@ -191,7 +191,15 @@ async def follow_command(
                 sweep_seconds=sweep_seconds,
                 batch_size=batch_size,
                 concurrency=concurrency,
-                progress=JsonLinesProgress(stdout or sys.stdout) if json_lines else None,
+                progress=(
+                    JsonLinesProgress(
+                        stdout or sys.stdout,
+                        priced=prices.price(spec.target.provider.value, spec.target.model)
+                        is not None,
+                    )
+                    if json_lines
+                    else None
+                ),
             )
         finally:
             await provider.aclose()

@@ -41,7 +41,7 @@ class ProgressState:
     total: int
     elapsed: float
     tokens: int
-    cost_usd: float
+    cost_usd: float | None  # None: the model's price is unknown, so the spend is too
 
     @property
     def rate(self) -> float:
@@ -61,7 +61,8 @@ class ProgressState:
         )
 
     def _spend(self) -> tuple[str, str]:
-        return f"{self.tokens:,} tokens", f"${self.cost_usd:.4f}"
+        spend = "price unknown" if self.cost_usd is None else f"${self.cost_usd:.4f}"
+        return f"{self.tokens:,} tokens", spend
 
     @property
     def numbers(self) -> str:
@@ -106,8 +107,16 @@ class RichProgress:
     Piped: plain lines with everything, at the start, after the first batch (the first real
     rate and ETA), every :data:`PIPED_EVERY_SECONDS` and at the end."""
 
-    def __init__(self, console: Console, *, now: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        console: Console,
+        *,
+        priced: bool = True,
+        now: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``priced=False``: the model's price is unknown; the spend says so instead of $0."""
         self._console = console
+        self._priced = priced
         self._now = now
         self._live: Live | None = None
         self._description = ""
@@ -127,7 +136,7 @@ class RichProgress:
             total=max(self._total, self._done),  # rows written during the run raise it
             elapsed=max(self._now() - self._started, 0.0),
             tokens=self._tokens,
-            cost_usd=self._cost,
+            cost_usd=self._cost if self._priced else None,
         )
 
     def started(self, *, total: int, target: str, phase: Phase) -> None:
@@ -174,8 +183,10 @@ class RichProgress:
 class JsonLinesProgress:
     """One JSON object per line: ``started``, one ``batch`` per committed batch, ``finished``."""
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO, *, priced: bool = True) -> None:
+        """``priced=False``: the model's price is unknown; ``costUSD`` is null, not 0."""
         self._stream = stream
+        self._priced = priced
         self._started = 0.0
         self._done = 0
         self._total = 0
@@ -207,9 +218,12 @@ class JsonLinesProgress:
                 "rowsPerSecond": round(rate, 1),
                 "etaSeconds": round(remaining / rate, 1) if rate > 0 else None,
                 "tokens": self._tokens,
-                "costUSD": round(self._cost, 6),
+                "costUSD": round(self._cost, 6) if self._priced else None,
             }
         )
 
     def finished(self, report: RunReport) -> None:
-        self._emit({"event": "finished", **asdict(report)})
+        event: dict[str, object] = {"event": "finished", **asdict(report)}
+        if not self._priced:
+            event["cost_usd"] = None
+        self._emit(event)

@@ -184,6 +184,11 @@ def test_status_and_run_say_price_unknown_not_zero(
     assert embedded.code == 0, embedded.err
     assert "embedded 60 rows" in embedded.out and "price unknown" in embedded.out
     assert "$0.0000" not in embedded.out
+    # The progress lines (stderr) say it too, and --json's figures are null, not 0.
+    assert "price unknown" in embedded.err and "$0.0000" not in embedded.err
+    again = run(capsys, "migrate", "run", *base, "--json", "--rescan")
+    events = [json.loads(line) for line in again.out.splitlines()]
+    assert events[-1]["event"] == "finished" and events[-1]["cost_usd"] is None
     status = run(capsys, "migrate", "status", *base)
     assert "price unknown" in status.out and "$0.0000" not in status.out
     document = json.loads(run(capsys, "migrate", "status", *base, "--json").out)

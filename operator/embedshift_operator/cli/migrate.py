@@ -243,7 +243,12 @@ async def _run(args: argparse.Namespace) -> int:
         concurrency=options.concurrency,
         bulk=True,
     )
-    progress = JsonLinesProgress(sys.stdout) if args.json else RichProgress(_err)
+    priced = prices.price(spec.target.provider.value, spec.target.model) is not None
+    progress = (
+        JsonLinesProgress(sys.stdout, priced=priced)
+        if args.json
+        else RichProgress(_err, priced=priced)
+    )
     try:
         report = await run_migration(
             url,
