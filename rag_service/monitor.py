@@ -38,6 +38,7 @@ from rich.text import Text
 from rag_service.criteria import DASHBOARD_METRICS
 from rag_service.errors import ConfigError, EmbedshiftError
 from rag_service.progress import migration_progress
+from rag_service.providers.pricing import PriceTable
 from rag_service.rollout_row import read_row
 from rag_service.schema import ROLLOUT_TABLE, connect, first_line
 from rag_service.spec import DataPlaneSpec
@@ -56,6 +57,10 @@ SERVICE_TIMEOUT_SECONDS = 10.0
 T = TypeVar("T")
 
 
+def _spend(cost: Any) -> str:
+    return "price unknown" if cost is None else f"${float(cost):.4f}"
+
+
 # ---- gathering --------------------------------------------------------------------------------
 
 
@@ -63,8 +68,11 @@ def _message(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, EmbedshiftError) else first_line(exc)
 
 
-async def _progress(url: str, spec: DataPlaneSpec) -> dict[str, Any]:
-    return (await migration_progress(url, spec)).as_dict()
+async def _progress(url: str, spec: DataPlaneSpec, prices: PriceTable) -> dict[str, Any]:
+    progress = (await migration_progress(url, spec)).as_dict()
+    if prices.price(spec.target.provider.value, spec.target.model) is None:
+        progress["costUSD"] = None  # counted at an unknown price: not $0
+    return progress
 
 
 async def _routing(url: str, spec: DataPlaneSpec, migration: str) -> dict[str, Any] | None:
@@ -130,6 +138,7 @@ async def gather_snapshot(
     service_url: str | None = None,
     range_: str = "24h",
     http_timeout: float = SERVICE_TIMEOUT_SECONDS,
+    prices: PriceTable | None = None,
 ) -> dict[str, Any]:
     """One snapshot, JSON-ready. Failures are recorded under ``errors`` (part → one line), never
     raised: a monitor must keep showing what it can while the database or service is down."""
@@ -151,7 +160,7 @@ async def gather_snapshot(
             errors[name] = _message(exc)
 
     parts = [
-        part("progress", _progress(url, spec)),
+        part("progress", _progress(url, spec, prices or PriceTable())),
         part("routing", _routing(url, spec, migration)),
     ]
     if service_url:
@@ -268,7 +277,7 @@ def _progress_view(progress: Mapping[str, Any]) -> list[RenderableType]:
             f"{int(progress.get('batches', 0))} batches, "
             f"{int(progress.get('failedBatches', 0))} failed; "
             f"{int(progress.get('tokens', 0)):,} tokens, "
-            f"${float(progress.get('costUSD', 0.0)):.4f}; "
+            f"{_spend(progress.get('costUSD', 0.0))}; "
             f"{int(progress.get('queued', 0))} queued changes"
         ),
     ]

@@ -193,6 +193,10 @@ def test_status_and_run_say_price_unknown_not_zero(
     assert "price unknown" in status.out and "$0.0000" not in status.out
     document = json.loads(run(capsys, "migrate", "status", *base, "--json").out)
     assert document["tokens"] > 0 and document["costUSD"] is None
+    watched = run(capsys, "monitor", *base)
+    assert "price unknown" in watched.out and "$0.0000" not in watched.out
+    snapshot = json.loads(run(capsys, "monitor", *base, "--json").out)
+    assert snapshot["progress"]["costUSD"] is None
     priced = json.loads(
         run(capsys, "migrate", "status", *base, "--json", "--price", "openai:my-finetune=0").out
     )

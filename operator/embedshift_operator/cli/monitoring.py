@@ -272,7 +272,7 @@ async def _baseline_command(args: argparse.Namespace) -> int:
 
 
 async def _monitor_command(args: argparse.Namespace) -> int:
-    spec, migration, url, _ = resolve(args)
+    spec, migration, url, prices = resolve(args)
     service_url: str | None = args.service_url
     if service_url:
         parsed = httpx.URL(service_url)
@@ -285,7 +285,12 @@ async def _monitor_command(args: argparse.Namespace) -> int:
 
     async def gather() -> dict[str, Any]:
         return await gather_snapshot(
-            url, spec, migration=migration, service_url=service_url, range_=args.range_
+            url,
+            spec,
+            migration=migration,
+            service_url=service_url,
+            range_=args.range_,
+            prices=prices,
         )
 
     console = Console(file=sys.stdout, highlight=False)
