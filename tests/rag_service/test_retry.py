@@ -765,6 +765,7 @@ LIMITERS = {
         60_000, 0.0, style="sliding", window=10, reset_report="empty"
     ),
     "sliding-first-60s": lambda: make_limiter(60_000, 0.0, style="sliding", window=60),
+    "fixed-4s": lambda: make_limiter(60_000, 0.0, style="fixed", window=4),
     "fixed-10s": lambda: make_limiter(60_000, 0.0, style="fixed", window=10),
     "fixed-60s": lambda: make_limiter(60_000, 0.0, style="fixed", window=60),
 }
@@ -774,13 +775,18 @@ LIMITERS = {
     ("style", "clients"),
     [
         ("bucket", 1),
+        ("bucket", 2),
         ("sliding-first-4s", 1),
+        ("sliding-first-4s", 4),
         ("sliding-empty-10s", 1),
         ("sliding-empty-10s", 2),
         ("sliding-empty-10s", 4),
         ("sliding-first-60s", 1),
         ("sliding-first-60s", 2),
         ("sliding-first-60s", 4),
+        ("fixed-4s", 1),
+        ("fixed-4s", 2),
+        ("fixed-4s", 4),
         ("fixed-10s", 1),
         ("fixed-10s", 2),
         ("fixed-10s", 4),
