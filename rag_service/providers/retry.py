@@ -415,9 +415,10 @@ _RATE_TOLERANCE = 0.1
 # longer (plus 0.5 % of it) so that a request never arrives a hair before the one it replaced
 # left. A 429 that came a moment too early adds to it.
 _WINDOW_MARGIN = 0.03
-# Requests against a window are a twentieth of the limit (times our share of the key): the room
-# too small for one more request is left unused until the window moves, so it must be small.
-_WINDOW_REQUEST_SHARE = 0.05
+# Requests against a window are a fortieth of the limit (times our share of the key): the room
+# too small for one more request is left unused until the window moves, so it must be small
+# (a twentieth left about 5 % of every 4-s window unused in a real run).
+_WINDOW_REQUEST_SHARE = 0.025
 
 
 class _Limit:
@@ -693,6 +694,8 @@ _SHARE_WINDOW = 30.0
 _MIN_SHARE = 0.05
 _SHARE_SLACK = 0.97
 _MIN_SLEEP = 0.001
+# The first request's size (calibrated tokens), before any answer has told us the limit.
+_PROBE_TOKENS = 500
 _RATIO_BOUNDS = (0.05, 20.0)
 
 
@@ -803,7 +806,9 @@ class RateLimitPacer:
         bucket, so requests queue smoothly instead of each waiting for a full bucket. None while
         no token limit is known."""
         if self._tokens is None:
-            return None
+            # Before the first answer, a small probe: a whole batch could take most of a short
+            # window (or of every client's share of it) before we know the limit.
+            return _PROBE_TOKENS if self._headers_seen is None else None
         if self._tokens.style is LimiterStyle.BUCKET:
             return max(1, int(self._tokens.limit * self._request_share))
         usual = max(1, int(self._tokens.limit * _WINDOW_REQUEST_SHARE * self._tokens.share))

@@ -79,9 +79,11 @@ async def test_both_encodings_decode_to_the_same_vectors(
 async def test_requests_stay_under_300k_tokens_and_a_refused_one_is_halved(
     openai_provider: OpenAIFactory, embedding_server: EmbeddingServer
 ) -> None:
-    # Punctuation is one token per character to the API but ~1/3 to our estimate, so the
-    # provider's first request is too large and only the API's 400 can tell it.
-    texts = [f"{i} " + "!" * 200 for i in range(2000)]
+    # Punctuation is one token per character to the API but ~1/3 to our estimate. The small
+    # first request (words) calibrates the estimate the other way, so the punctuation's first
+    # full-size request is too large and only the API's 400 can tell it.
+    texts = [f"{i} " + "word " * 60 for i in range(100)]
+    texts += [f"{i} " + "!" * 200 for i in range(1900)]
     result = await openai_provider().embed(texts, Purpose.DOCUMENT)
 
     assert_same_direction(result.vectors, texts, dimensions=64)

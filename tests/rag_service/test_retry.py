@@ -428,7 +428,16 @@ async def test_a_failed_probe_hands_probing_to_the_next_request() -> None:
 async def test_max_request_tokens_is_a_share_of_the_bucket() -> None:
     pacer = pacer_on(FakeTime(), tokens_per_minute=40_000, request_share=0.25)
     assert pacer.max_request_tokens() == 10_000
-    assert pacer_on(FakeTime()).max_request_tokens() is None
+
+
+async def test_the_probe_is_small_and_a_server_without_headers_takes_whole_batches() -> None:
+    """Before the first answer the limit is unknown: the probe is small, not a whole batch that
+    could take most of a short window. An answer without rate-limit headers lifts the cap."""
+    pacer = pacer_on(FakeTime())
+    assert pacer.max_request_tokens() == 500
+    probe = await pacer.acquire(300)
+    pacer.settle(probe, headers={}, actual_tokens=300)
+    assert pacer.max_request_tokens() is None
 
 
 async def test_a_request_bigger_than_the_bucket_waits_for_a_full_bucket_not_forever() -> None:
@@ -756,6 +765,7 @@ LIMITERS = {
         60_000, 0.0, style="sliding", window=10, reset_report="empty"
     ),
     "sliding-first-60s": lambda: make_limiter(60_000, 0.0, style="sliding", window=60),
+    "fixed-4s": lambda: make_limiter(60_000, 0.0, style="fixed", window=4),
     "fixed-10s": lambda: make_limiter(60_000, 0.0, style="fixed", window=10),
     "fixed-60s": lambda: make_limiter(60_000, 0.0, style="fixed", window=60),
 }
@@ -765,13 +775,18 @@ LIMITERS = {
     ("style", "clients"),
     [
         ("bucket", 1),
+        ("bucket", 2),
         ("sliding-first-4s", 1),
+        ("sliding-first-4s", 4),
         ("sliding-empty-10s", 1),
         ("sliding-empty-10s", 2),
         ("sliding-empty-10s", 4),
         ("sliding-first-60s", 1),
         ("sliding-first-60s", 2),
         ("sliding-first-60s", 4),
+        ("fixed-4s", 1),
+        ("fixed-4s", 2),
+        ("fixed-4s", 4),
         ("fixed-10s", 1),
         ("fixed-10s", 2),
         ("fixed-10s", 4),
