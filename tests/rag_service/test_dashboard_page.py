@@ -365,6 +365,25 @@ def screenshot(tmp_path: Path) -> Path:
     ).resolve()
 
 
+async def post_alert(
+    client: httpx.AsyncClient, name: str, severity: str, summary: str
+) -> httpx.Response:
+    """One firing Alertmanager alert through the service's webhook, with the secret."""
+    return await client.post(
+        "/api/alerts/webhook",
+        headers={"Authorization": f"Bearer {SECRET}"},
+        json={
+            "alerts": [
+                {
+                    "status": "firing",
+                    "labels": {"alertname": name, "severity": severity},
+                    "annotations": {"summary": summary},
+                }
+            ]
+        },
+    )
+
+
 async def test_the_page_shows_what_the_apis_report(
     database_url: str, spec: DataPlaneSpec, tmp_path: Path, screenshot: Path
 ) -> None:
@@ -372,19 +391,7 @@ async def test_the_page_shows_what_the_apis_report(
         set_percentage(database_url, 50)
         await asyncio.sleep(1.0)  # the follower re-reads within reread_seconds
         await traffic(svc)
-        alert = await svc.client.post(
-            "/api/alerts/webhook",
-            headers={"Authorization": f"Bearer {SECRET}"},
-            json={
-                "alerts": [
-                    {
-                        "status": "firing",
-                        "labels": {"alertname": "HighLatency", "severity": "warning"},
-                        "annotations": {"summary": "v2 p95 above 500 ms"},
-                    }
-                ]
-            },
-        )
+        alert = await post_alert(svc.client, "HighLatency", "warning", "v2 p95 above 500 ms")
         assert alert.status_code == 200, alert.text
         figures = (await svc.client.get("/api/monitoring/dashboard")).json()["versions"]
         saved = await save_local_status(database_url, spec, figures)
@@ -496,19 +503,7 @@ async def test_the_page_refreshes_itself_and_shows_an_emergency(
 
             await shows("percentage", "25")
             assert await page.text_of("emergency") == "no"
-            alert = await svc.client.post(
-                "/api/alerts/webhook",
-                headers={"Authorization": f"Bearer {SECRET}"},
-                json={
-                    "alerts": [
-                        {
-                            "status": "firing",
-                            "labels": {"alertname": "V2ErrorRate", "severity": "critical"},
-                            "annotations": {"summary": "v2 errors above 5 %"},
-                        }
-                    ]
-                },
-            )
+            alert = await post_alert(svc.client, "V2ErrorRate", "critical", "v2 errors above 5 %")
             assert alert.json()["emergency"] is True
             await shows("percentage", "0")
             assert await page.text_of("emergency") == "YES: every request goes to v1"
