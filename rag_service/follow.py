@@ -194,8 +194,7 @@ async def follow_command(
                 progress=(
                     JsonLinesProgress(
                         stdout or sys.stdout,
-                        priced=prices.price(spec.target.provider.value, spec.target.model)
-                        is not None,
+                        priced=prices.knows(spec.target),
                     )
                     if json_lines
                     else None

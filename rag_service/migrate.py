@@ -1003,13 +1003,14 @@ async def plan_run(
         )
         sample = [{"id": str(r[0]), "category": r[1], "text": r[2]} for r in await cur.fetchall()]
     tokens = sum(int(t) for _, _, t in counts)
-    price_key = (spec.target.provider.value, spec.target.model)
     return DryRun(
         target=spec.target.descriptor,
         rows=sum(int(n) for _, n, _ in counts),
         estimated_tokens=tokens,
         estimated_cost_usd=(
-            None if prices.price(*price_key) is None else prices.cost(*price_key, tokens)
+            prices.cost(spec.target.provider.value, spec.target.model, tokens)
+            if prices.knows(spec.target)
+            else None
         ),
         by_category={c: int(n) for c, n, _ in counts},
         sample=sample,

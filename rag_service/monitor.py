@@ -70,7 +70,7 @@ def _message(exc: BaseException) -> str:
 
 async def _progress(url: str, spec: DataPlaneSpec, prices: PriceTable) -> dict[str, Any]:
     progress = (await migration_progress(url, spec)).as_dict()
-    if prices.price(spec.target.provider.value, spec.target.model) is None:
+    if not prices.knows(spec.target):
         progress["costUSD"] = None  # counted at an unknown price: not $0
     return progress
 

@@ -350,7 +350,7 @@ async def _start(settings: ServiceSettings, registry: CollectorRegistry) -> Serv
         )
         await service.shadow.start()
     for version, model in ((Version.V1, spec.source), (Version.V2, spec.target)):
-        if settings.prices.price(model.provider.value, model.model) is None:
+        if not settings.prices.knows(model):
             # Its spend counts as $0: a cost criterion comparing v2 with v1 would judge nothing.
             log.warning(
                 "%s %s has no known price: its cost counts as $0 in the metrics and the cost "

@@ -41,6 +41,10 @@ class PriceTable:
             return self.usd_per_million.get(self.key(provider, model), 0.0)
         return self.usd_per_million.get(self.key(provider, model))
 
+    def knows(self, spec: EmbeddingSpec) -> bool:
+        """Whether ``spec``'s model has a price (``local`` always does)."""
+        return self.price(spec.provider.value, spec.model) is not None
+
     def cost(self, provider: str, model: str, tokens: int) -> float:
         """What ``tokens`` cost; 0 for a model of unknown price (counted, not known: ask
         :meth:`price` before showing it or limiting by it)."""

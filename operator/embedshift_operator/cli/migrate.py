@@ -194,7 +194,7 @@ async def _setup(args: argparse.Namespace) -> int:
 
 def _known_cost(amount: float, spec: DataPlaneSpec, prices: PriceTable) -> float | None:
     """``amount``, or None when it was counted at an unknown price (so it says nothing)."""
-    return None if prices.price(spec.target.provider.value, spec.target.model) is None else amount
+    return amount if prices.knows(spec.target) else None
 
 
 def _usd(amount: float | None, target: EmbeddingSpec) -> str:
@@ -243,7 +243,7 @@ async def _run(args: argparse.Namespace) -> int:
         concurrency=options.concurrency,
         bulk=True,
     )
-    priced = prices.price(spec.target.provider.value, spec.target.model) is not None
+    priced = prices.knows(spec.target)
     progress = (
         JsonLinesProgress(sys.stdout, priced=priced)
         if args.json
