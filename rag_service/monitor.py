@@ -38,7 +38,7 @@ from rich.text import Text
 from rag_service.criteria import DASHBOARD_METRICS
 from rag_service.errors import ConfigError, EmbedshiftError
 from rag_service.progress import migration_progress
-from rag_service.providers.pricing import PriceTable
+from rag_service.providers.pricing import PriceTable, spend_text
 from rag_service.rollout_row import read_row
 from rag_service.schema import ROLLOUT_TABLE, connect, first_line
 from rag_service.spec import DataPlaneSpec
@@ -55,10 +55,6 @@ DEFAULT_INTERVAL_SECONDS = 300.0
 SERVICE_TIMEOUT_SECONDS = 10.0
 
 T = TypeVar("T")
-
-
-def _spend(cost: Any) -> str:
-    return "price unknown" if cost is None else f"${float(cost):.4f}"
 
 
 # ---- gathering --------------------------------------------------------------------------------
@@ -277,7 +273,7 @@ def _progress_view(progress: Mapping[str, Any]) -> list[RenderableType]:
             f"{int(progress.get('batches', 0))} batches, "
             f"{int(progress.get('failedBatches', 0))} failed; "
             f"{int(progress.get('tokens', 0)):,} tokens, "
-            f"{_spend(progress.get('costUSD', 0.0))}; "
+            f"{spend_text(progress.get('costUSD', 0.0))}; "
             f"{int(progress.get('queued', 0))} queued changes"
         ),
     ]

@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from rag_service.migrate import Phase, RunReport
+from rag_service.providers.pricing import spend_text
 
 # A bar narrower than this says nothing; wider than this only takes room from the numbers.
 MIN_BAR, MAX_BAR = 10, 40
@@ -61,8 +62,7 @@ class ProgressState:
         )
 
     def _spend(self) -> tuple[str, str]:
-        spend = "price unknown" if self.cost_usd is None else f"${self.cost_usd:.4f}"
-        return f"{self.tokens:,} tokens", spend
+        return f"{self.tokens:,} tokens", spend_text(self.cost_usd)
 
     @property
     def numbers(self) -> str:

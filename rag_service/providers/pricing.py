@@ -16,6 +16,12 @@ DEFAULT_USD_PER_MILLION_TOKENS: Mapping[str, float] = {
 }
 
 
+def spend_text(usd: float | None) -> str:
+    """A spend as the CLI prints it; None (the model's price is unknown) says so, never "$0".
+    Pure."""
+    return "price unknown" if usd is None else f"${usd:.4f}"
+
+
 # Computed on this machine: free by design, whatever the model is called.
 FREE_PROVIDERS = frozenset({"local"})
 

@@ -27,6 +27,7 @@ from rag_service.indexes import build_index
 from rag_service.migrate import DryRun, RunOptions, RunReport, Shard, plan_run, run_migration
 from rag_service.progress import migration_progress
 from rag_service.providers import PriceTable, api_key_from_env, make_provider
+from rag_service.providers.pricing import spend_text
 from rag_service.rollout_row import read_routing
 from rag_service.schema import setup
 from rag_service.spec import DataPlaneSpec, EmbeddingSpec
@@ -200,9 +201,9 @@ def _known_cost(amount: float, spec: DataPlaneSpec, prices: PriceTable) -> float
 def _usd(amount: float | None, target: EmbeddingSpec) -> str:
     """A cost as printed. Unknown is said so: "$0" would be a lie (``PriceTable.price``)."""
     if amount is not None:
-        return f"${amount:.4f}"
+        return spend_text(amount)
     key = PriceTable.key(target.provider.value, target.model)
-    return f"price unknown (--price {key}=USD_PER_MILLION_TOKENS sets it)"
+    return f"{spend_text(None)} (--price {key}=USD_PER_MILLION_TOKENS sets it)"
 
 
 def _options(args: argparse.Namespace, spec: DataPlaneSpec, prices: PriceTable) -> RunOptions:
