@@ -240,7 +240,8 @@ def definition() -> dict[str, Any]:
                 "object represents.",
                 "type": "string",
             },
-            "metadata": {"description": "Standard object metadata.", "type": "object"},
+            # Kubernetes refuses anything here but the type ("metadata is implicitly specified").
+            "metadata": {"type": "object"},
             "spec": {
                 **openapi_schema(EmbeddingMigrationSpec),
                 "description": _doc(EmbeddingMigrationSpec),
