@@ -1,7 +1,8 @@
 """Real parts for the test suite: a private PostgreSQL with pgvector, one database per module.
 
 Nothing here skips: a missing real part fails the run (``make test`` sets
-``EMBEDSHIFT_REQUIRE_REAL=1``; the only real part allowed to be absent is a Kubernetes cluster).
+``EMBEDSHIFT_REQUIRE_REAL=1``; outside CI the Kubernetes tests skip when no control plane is found, saying so: see
+:mod:`tests.kube_cluster`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ pytest_plugins = [
     "tests.embedding_fixtures",
     "tests.prometheus_fixtures",
     "tests.operator.e2e.target",
+    "tests.kube_cluster",
 ]
 
 

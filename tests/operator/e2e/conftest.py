@@ -67,7 +67,7 @@ from embedshift_operator.adapters.kube import LABEL_KIND, as_model
 from embedshift_operator.resource import GROUP, PLURAL, VERSION, parse_migration
 from rag_service.schema import setup
 from rag_service.testing.corpus import create_corpus
-from tests.operator.e2e.target import Target, TargetRefused, stand_in, target_from_environment
+from tests.operator.e2e.target import Target
 from tests.operator.kube.harness import (
     IMAGE,
     call,
@@ -111,17 +111,9 @@ async def wait_for_condition(
 
 
 @pytest.fixture(scope="session")
-def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
-    """The cluster KUBECONFIG names, else the stand-in on a local port."""
-    try:
-        real = target_from_environment()
-    except TargetRefused as exc:
-        pytest.fail(str(exc), pytrace=False)
-    if real is not None:
-        yield real
-        return
-    with stand_in(tmp_path_factory.mktemp("stand-in")) as served:
-        yield served
+def target(kube_cluster: Target) -> Target:
+    """The real API server: the session's control plane, or the cluster KUBECONFIG names."""
+    return kube_cluster
 
 
 @pytest.fixture(scope="session")
