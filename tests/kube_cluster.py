@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.kubelet import PodRunner
 from tests.operator.e2e.target import Target, TargetRefused, target_from_environment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,3 +127,14 @@ def kube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
         pytest.skip(missing)
     with control_plane(tmp_path_factory.mktemp("kube-control-plane"), script) as target:
         yield target
+
+
+@pytest.fixture(scope="session")
+def pod_runner(
+    kube_cluster: Target, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PodRunner]:
+    """The kubelet's part for the session's cluster (:mod:`tests.kubelet`); a test makes it
+    run the Pods of its namespace with ``pod_runner.serve(namespace)``."""
+    with PodRunner(kube_cluster.kubeconfig, tmp_path_factory.mktemp("pods")) as runner:
+        yield runner
+    assert not [e for e in runner.errors if not e.startswith("watch:")], runner.errors
