@@ -1,8 +1,8 @@
 """Real parts for the test suite: a private PostgreSQL with pgvector, one database per module.
 
 Nothing here skips: a missing real part fails the run (``make test`` sets
-``EMBEDSHIFT_REQUIRE_REAL=1``; outside CI the Kubernetes tests skip when no control plane is found, saying so: see
-:mod:`tests.kube_cluster`).
+``EMBEDSHIFT_REQUIRE_REAL=1``; outside CI, and only there, the Kubernetes tests skip when no
+control plane is found, saying so: see :mod:`tests.kube_cluster`).
 """
 
 from __future__ import annotations

@@ -12,10 +12,11 @@ Pending. :class:`PodRunner` does what a kubelet on one node does, through the AP
   ``embedshift`` from this venv) and ``args`` with ``$(VAR)`` expanded, in an environment made
   of the Pod's ``env`` / ``envFrom`` only (values, Secrets, ConfigMaps, the downward API), its
   ConfigMap, Secret, projected and emptyDir volumes materialised in a directory of its own (a
-  mount path in the command line or the environment is rewritten to that directory; a ``/tmp``
-  volume becomes ``TMPDIR``), and the ServiceAccount token volume the API server injects turned
-  into a kubeconfig (``KUBECONFIG``) holding a token requested for that ServiceAccount and bound
-  to the Pod, so RBAC is Kubernetes' own;
+  mount path in the command line or a literal ``env`` value is rewritten to that directory; a
+  ``/tmp`` volume becomes ``TMPDIR``, so host paths under /tmp, like a database's socket,
+  stay), and the ServiceAccount token volume the API server injects turned into a kubeconfig
+  (``KUBECONFIG``) holding a token requested for that ServiceAccount and bound to the Pod, so
+  RBAC is Kubernetes' own;
 - reports through ``pods/status`` what a kubelet reports: Running with ``Ready`` (after the
   readiness probe passes, if the container has one), then the terminated state with exit code,
   reason and the termination message per ``terminationMessagePolicy``; restarts per
@@ -254,8 +255,8 @@ class PodProcess:
                     env.update({prefix + k: v for k, v in data.items()})
         for variable in self.container.get("env") or []:
             name, source = variable["name"], variable.get("valueFrom")
-            if source is None:
-                env[name] = expand(variable.get("value", ""), env)
+            if source is None:  # a literal may name a mount path; a Secret's value never does
+                env[name] = _translate(expand(variable.get("value", ""), env), mounts)
             elif "secretKeyRef" in source or "configMapKeyRef" in source:
                 kind = "secret" if "secretKeyRef" in source else "configmap"
                 ref = source.get("secretKeyRef") or source["configMapKeyRef"]
@@ -266,7 +267,7 @@ class PodProcess:
                 env[name] = field_value(self.pod, source["fieldRef"]["fieldPath"])
             else:
                 raise PodConfigError(f"env {name}: {sorted(source)} is not served by the runner")
-        return {k: _translate(v, mounts) for k, v in env.items()}
+        return env
 
     def _volume_files(self, volume: Mapping[str, Any]) -> dict[str, str] | None:
         """A volume's files (path → content); None for an emptyDir."""
@@ -329,8 +330,8 @@ class PodProcess:
     def _process_environment(self, mounts: Mapping[str, Path]) -> dict[str, str]:
         env = {"PATH": BASE_PATH, "LANG": "C.UTF-8", "HOSTNAME": self.name}
         env.update(self.environment(mounts))
-        if "/tmp" in mounts:  # noqa: S108 - the container's /tmp volume
-            env["TMPDIR"] = str(mounts["/tmp"])  # noqa: S108
+        if "/tmp" in mounts:
+            env["TMPDIR"] = str(mounts["/tmp"])
         if SERVICE_ACCOUNT_DIR in mounts:
             env["KUBECONFIG"] = str(
                 self.runner.service_account_kubeconfig(mounts[SERVICE_ACCOUNT_DIR])
@@ -595,9 +596,10 @@ class PodProcess:
 def _translate(value: str, mounts: Mapping[str, Path]) -> str:
     """A mount path (or a path under it) in ``value`` rewritten to its directory here, in one
     pass (a rewritten path is never rewritten again). Pure."""
-    if not mounts:
+    # /tmp is TMPDIR instead: host paths under /tmp (a database's socket) must stay as they are.
+    paths = {p.rstrip("/"): d for p, d in mounts.items() if p.rstrip("/") not in ("", "/tmp")}
+    if not paths:
         return value
-    paths = {p.rstrip("/") or "/": d for p, d in mounts.items()}
     alternatives = "|".join(re.escape(p) for p in sorted(paths, key=len, reverse=True))
     pattern = rf"(?<![\w./-])({alternatives})(?=/|$|[\s:=,;\"'])"
     return re.sub(pattern, lambda match: str(paths[match.group(1)]), value)

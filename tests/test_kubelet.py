@@ -85,7 +85,7 @@ def test_expand_and_translate_are_what_kubernetes_and_the_mounts_say() -> None:
     assert expand("$(A)-$(B)-$(C)-$$(A)", env) == "one-two-$(C)-$(A)"
     mounts = {"/etc/embedshift": Path("/x/config"), "/tmp": Path("/x/tmp")}
     assert _translate("--config=/etc/embedshift/m.yaml", mounts) == "--config=/x/config/m.yaml"
-    assert _translate("/tmp", mounts) == "/x/tmp"
+    assert _translate("/tmp/.s.PGSQL.5432", mounts) == "/tmp/.s.PGSQL.5432"  # TMPDIR instead
     assert _translate("/tmpfoo /etc/embedshiftx", mounts) == "/tmpfoo /etc/embedshiftx"
 
 

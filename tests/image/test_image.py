@@ -39,7 +39,7 @@ _NOFILE = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 RUN_FLAGS = [
     "--rm",
     "--read-only",
-    "--tmpfs", "/tmp:rw,mode=1777",  # noqa: S108 (the container's /tmp)
+    "--tmpfs", "/tmp:rw,mode=1777",
     "--network", "host",
     "--ulimit", f"nofile={_NOFILE}:{_NOFILE}",
     "--ulimit", "nproc=4096:4096",
@@ -154,7 +154,7 @@ def test_the_root_filesystem_is_read_only_for_the_service(served: Served) -> Non
     home = podman(
         "exec", served.container, "python3", "-c", "import os; print(os.path.expanduser('~'))"
     )
-    assert home.stdout.strip() == "/tmp"  # noqa: S108 (the container's /tmp)
+    assert home.stdout.strip() == "/tmp"
 
 
 def test_the_image_config_user_entrypoint_and_labels(image: str) -> None:

@@ -1,53 +1,37 @@
 """The e2e suite's cluster, namespace, operator and migrations.
 
 Which API server
-    With ``KUBECONFIG`` set, the suite runs against the cluster it names (its current context);
-    without it, against the stand-in (:mod:`tests.operator.e2e.target`): the project's API-server
-    emulator on a local port with a kubeconfig written for it, so the suite's code runs in every
-    ``make test``. The pytest header says which one ran. A real cluster is the real proof; the
-    stand-in keeps the suite from rotting. The stand-in refuses a bad spec with the CRD's CEL rules
-    evaluated by cel-python; only a real API server proves Kubernetes' own CEL (its functions and
-    cost limits).
+    The real one: the session's control plane (:mod:`tests.kube_cluster`: etcd,
+    kube-apiserver and kube-controller-manager v1.36.2 from ``../shared/kube``), or the cluster
+    ``KUBECONFIG`` names (kind, k3d; refused unless throwaway or confirmed with
+    ``EMBEDSHIFT_E2E_CONTEXT``, see :mod:`tests.operator.e2e.target`). The pytest header says
+    which. The project's emulator is no longer used here: every claim of this suite is about
+    what Kubernetes does.
 
-Running it against a kind or k3d cluster
-    ::
-
-        kind create cluster --name embedshift          # or: k3d cluster create embedshift
-        kind get kubeconfig --name embedshift > /tmp/embedshift.kubeconfig
-        KUBECONFIG=/tmp/embedshift.kubeconfig make test PYTEST_ARGS=tests/operator/e2e
-
-    A context whose name does not start with ``kind-``, ``k3d-``, ``minikube``,
-    ``docker-desktop``, ``rancher-desktop`` or ``colima`` is refused unless
-    ``EMBEDSHIFT_E2E_CONTEXT`` names it: a KUBECONFIG left pointing at a shared cluster does not
-    get test namespaces and a replaced CRD from a ``make test``.
+Who runs the Pods
+    The control plane has no scheduler and no kubelet; the Pod runner (:mod:`tests.kubelet`)
+    plays the kubelet for the test namespace: it binds each Pod the Job controller (or the
+    follower's ReplicaSet) creates to its node, runs the Pod's command (``embedshift migrate
+    …``, from this venv) with the Pod's environment (the database URL from the Secret), and
+    reports ``pods/status``. The real Job controller then completes or fails the Jobs by its
+    own rules; nothing here writes ``jobs/status``.
 
 What the tests assume of the cluster
     - The kubeconfig's user may create or replace the CRD (cluster-scoped; it is left in place
       afterwards: deleting it would delete every EmbeddingMigration in the cluster) and create
-      and delete namespaces, and in them Secrets, ResourceQuotas, Jobs, Deployments,
-      ConfigMaps, Events and EmbeddingMigrations (kind's and k3d's admin user may).
+      and delete namespaces, and in them Secrets, Jobs, Deployments, ConfigMaps, Events and
+      EmbeddingMigrations.
     - The operator runs HERE (kopf in this process, ``--namespace`` the test's own), not in the
-      cluster; so the database (fixture ``database_url``, a private PostgreSQL on this machine)
-      needs to be reachable from here only. The namespace is ``embedshift-e2e-<random>``,
-      deleted at the end.
-    - No Job's Pod ever runs. The Jobs' work is ``embedshift migrate …`` against a database
-      the cluster cannot reach, and in an image the cluster may not have; so the namespace
-      gets a ResourceQuota of 0 Pods: where a kubelet runs, the Job controller (and the
-      follower's ReplicaSet) can create no Pod, so nothing is scheduled, pulled or run, and
-      nothing fails on its own. (A harmless ``migration.image`` cannot do this: the container
-      runs ``embedshift``, so any other image fails its Pods and then the Job. Suspending the
-      Jobs is not ours to do: the operator creates them, and the controller would have
-      started Pods before a test could patch ``suspend``.) The test then does what the Pod
-      would have: runs the real ``migrate setup`` for the setup Job, and marks each Job
-      complete through the ``jobs/status`` subresource with a status a real API server accepts
-      (start and completion times, ``SuccessCriteriaMet`` and ``Complete``). Where no kubelet
-      runs at all (the stand-in, a control-plane-only cluster) the same holds.
+      cluster; the chart's operator, run as the Pod its Deployment creates, is
+      :mod:`tests.cluster`'s subject. The database (fixture ``database_url``, a private
+      PostgreSQL on this machine) must be reachable from here and from the Pods, which are
+      this machine's processes. On a kind/k3d cluster the Pods would be run by its own kubelet
+      instead, in ``migration.image``, which must then reach that database.
 """
 
 from __future__ import annotations
 
 import base64
-import datetime
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -64,9 +48,9 @@ from kubernetes import config as kubeconfig
 
 from embedshift_operator import handlers
 from embedshift_operator.adapters.kube import LABEL_KIND, as_model
-from embedshift_operator.resource import GROUP, PLURAL, VERSION, parse_migration
-from rag_service.schema import setup
+from embedshift_operator.resource import GROUP, PLURAL, VERSION
 from rag_service.testing.corpus import create_corpus
+from tests.kubelet import PodRunner
 from tests.operator.e2e.target import Target
 from tests.operator.kube.harness import (
     IMAGE,
@@ -75,15 +59,16 @@ from tests.operator.kube.harness import (
     gone,
     json_object,
     meta,
-    name_of,
 )
 
 REPO = Path(__file__).resolve().parents[3]
 CRD_PATH = REPO / "crds" / "embeddingmigrations.embedshift.io.yaml"
 EXAMPLE_PATH = REPO / "examples" / "migration.yaml"
 DB_SECRET = "rag-db"  # the example's spec.database.urlSecretRef
-# Generous for a real cluster; the stand-in answers in well under a second per step.
+# Generous for a real cluster (Pods are this machine's processes, a second or two each).
 WITHIN = 30.0
+# setup, 3 shards 2 at a time, index and verify, each a Pod that starts Python.
+PIPELINE = 120.0
 
 
 def condition_true(obj: dict[str, Any], kind: str) -> bool:
@@ -168,18 +153,14 @@ def crd(target: Target, kube_api: client.ApiClient) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def namespace(kube_api: client.ApiClient, crd: dict[str, Any], database_url: str) -> Iterator[str]:
-    """A namespace of this module's own, with the database Secret and a quota of 0 Pods."""
+def namespace(
+    kube_api: client.ApiClient, crd: dict[str, Any], database_url: str, pod_runner: PodRunner
+) -> Iterator[str]:
+    """A namespace of this module's own, with the database Secret; the Pod runner runs its
+    Pods (the Jobs' and the follower's) as this machine's processes."""
     core = client.CoreV1Api(kube_api)
     name = f"embedshift-e2e-{uuid.uuid4().hex[:6]}"
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
-    core.create_namespaced_resource_quota(
-        name,
-        client.V1ResourceQuota(
-            metadata=client.V1ObjectMeta(name="no-pods"),
-            spec=client.V1ResourceQuotaSpec(hard={"pods": "0"}),
-        ),
-    )
     core.create_namespaced_secret(
         name,
         client.V1Secret(
@@ -187,6 +168,7 @@ def namespace(kube_api: client.ApiClient, crd: dict[str, Any], database_url: str
             data={"url": base64.b64encode(database_url.encode()).decode()},
         ),
     )
+    pod_runner.serve(name)
     try:
         yield name
     finally:
@@ -230,21 +212,20 @@ def operator(namespace: str, kube_configuration: client.Configuration) -> Iterat
 
 def example_manifest(*, namespace: str, name: str, table: str) -> dict[str, Any]:
     """``examples/migration.yaml`` as a user applies it, but for what this environment needs:
-    its namespace, name and table; an image no Pod pulls; 3 shards 2 at a time (several shard
-    Jobs to observe); a 1 s interval (the operator ticks at it); no Prometheus (nothing can
-    pass, so the rollout holds its first step)."""
+    its namespace, name and table; the offline ``local`` models (v1 is the test corpus'
+    ``local:hash@1536`` column; no API key); 3 shards 2 at a time (several shard Jobs to
+    observe); a 1 s interval (the operator ticks at it); no Prometheus (nothing can pass, so the
+    rollout holds its first step)."""
     manifest: dict[str, Any] = yaml.safe_load(EXAMPLE_PATH.read_text())
     manifest["metadata"] = {"name": name, "namespace": namespace}
     spec = manifest["spec"]
     spec["database"]["table"] = f"public.{table}"
+    spec["source"] = {"provider": "local", "model": "hash", "dimensions": 1536}
+    spec["target"] = {"provider": "local", "model": "hash", "dimensions": 256}
     spec["migration"].update({"image": IMAGE, "shards": 3, "parallelism": 2})
     spec["analysis"]["interval"] = "1s"
     del spec["analysis"]["prometheus"]
     return manifest
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass
@@ -343,76 +324,32 @@ class Migration:
         assert isinstance(job, client.V1Job)
         return job
 
-    async def complete(self, job: client.V1Job) -> None:
-        """What the Job controller writes when the Job's Pod succeeds, through ``jobs/status``.
-
-        A real API server validates it: a finished Job needs a startTime (the controller sets it
-        when it first syncs the Job; not before: we set it), a completionTime not before it,
-        no active Pods, and SuccessCriteriaMet beside Complete.
-        """
-        name = name_of(job)
-        for _ in range(5):
-            current = await call(self.batch.read_namespaced_job_status, name, self.namespace)
-            started = current.status.start_time if current.status else None
-            now = _now()
-            status: dict[str, Any] = {
-                "active": 0,
-                "ready": 0,
-                "succeeded": 1,
-                "completionTime": now,
-                "conditions": [
-                    {"type": kind, "status": "True", "lastTransitionTime": now}
-                    for kind in ("SuccessCriteriaMet", "Complete")
-                ],
-            }
-            if started is None:
-                status["startTime"] = now
-            else:  # the cluster's clock may run ahead of ours
-                status["completionTime"] = max(now, started.strftime("%Y-%m-%dT%H:%M:%SZ"))
-            try:
-                await call(
-                    self.batch.patch_namespaced_job_status,
-                    name,
-                    self.namespace,
-                    {"status": status},
-                )
-            except client.ApiException as exc:
-                if exc.status not in (409, 422):  # the controller wrote in between: again
-                    raise
-                continue
-            return
-        raise AssertionError(f"Job {self.namespace}/{name} could not be marked complete")
-
-    async def set_up(self) -> None:
-        """What the setup Job's Pod would have run: the real ``migrate setup``."""
-        spec = parse_migration(self.manifest, where="e2e").spec
-        await setup(self.database_url, spec.data_plane, migration=self.key)
-
     async def routing_percentage(self) -> int | None:
         """The routing row every search replica follows (None before setup created it)."""
         async with await psycopg.AsyncConnection.connect(self.database_url) as conn:
+            cur = await conn.execute("SELECT to_regclass('embedshift_rollout') IS NOT NULL")
+            exists = await cur.fetchone()
+            if not (exists and exists[0]):
+                return None
             cur = await conn.execute(
                 "SELECT percentage FROM embedshift_rollout WHERE migration = %s", [self.key]
             )
             row = await cur.fetchone()
             return None if row is None else int(row[0])
 
-    async def run_jobs_to_progressing(self) -> None:
-        """Play the Pods' part for every Job the operator creates, in order, until the rollout
-        routes its first step."""
-        await self.set_up()
-        await self.complete(await self.job("setup"))
+    async def wait_for_progressing(self) -> dict[str, Any]:
+        """The real Jobs (run by the Pod runner, completed by the Job controller) carry the
+        migration to its first step: the status then, as the routing row agrees."""
 
-        async def migrated() -> bool:
-            """every shard Job completed (the rest are created as slots free up)"""
-            for shard in await self.jobs("migrate"):
-                if not (shard.status and shard.status.succeeded):
-                    await self.complete(shard)
-            return (await self.status()).get("phase") not in (None, "Preparing", "Migrating")
+        async def first_step() -> dict[str, Any]:
+            """Progressing at the first step, in status and in the routing row"""
+            status = await self.status()
+            routed = await self.routing_percentage()
+            ok = status.get("phase") == "Progressing" and routed == self.first_step
+            return status if ok else {}
 
-        await eventually(migrated, within=WITHIN)
-        for kind in ("index", "verify"):
-            await self.complete(await self.job(kind))
+        result: dict[str, Any] = await eventually(first_step, within=PIPELINE)
+        return result
 
 
 @pytest.fixture()

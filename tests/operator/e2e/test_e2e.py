@@ -1,22 +1,13 @@
-"""End to end: the CRD applied, an EmbeddingMigration created, the real operator (kopf, the
-real ``kubernetes`` client, a real PostgreSQL) carrying it through its Jobs to the first step, a
-manual rollback, a deletion, and a bad spec refused by the API server.
+"""End to end on a real API server: the CRD applied, an EmbeddingMigration created, the real
+operator (kopf, the real ``kubernetes`` client, a real PostgreSQL) carrying it through its Jobs
+(run by the Pod runner, completed by the real Job controller) to the first step, a manual
+rollback, a deletion, and a bad spec refused by the API server.
 
-Which API server ran: the cluster ``KUBECONFIG`` names when it is set, else the stand-in (the
-project's API-server emulator on a local port, reached through a kubeconfig written for it);
-the pytest header line ``embedshift e2e: against …`` says which. Everything runs on both; on
-the stand-in the bad spec is refused by the emulator's rendition of the CRD's CEL rules
-(cel-python), on a cluster by Kubernetes itself, which is the real proof. How to run it on kind
-or k3d, and what it assumes of the cluster: :mod:`tests.operator.e2e.conftest`.
-
-No Pod runs the Jobs (a ResourceQuota of 0 Pods in the test namespace): each test plays the
-Pod's part, the real ``migrate setup`` for the setup Job, and marks every Job complete through
-``jobs/status``; the operator sees only what it would see on a cluster.
+Which API server ran, and who runs the Pods: :mod:`tests.operator.e2e.conftest`.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +15,7 @@ import pytest
 from kubernetes import client
 
 from embedshift_operator.resource import GROUP, PLURAL, VERSION
-from tests.operator.e2e.conftest import WITHIN, Migration, example_manifest
+from tests.operator.e2e.conftest import PIPELINE, WITHIN, Migration, example_manifest
 from tests.operator.e2e.target import Target
 from tests.operator.kube.harness import call, eventually, job_container, json_object, meta
 
@@ -61,42 +52,43 @@ async def test_a_migration_runs_its_jobs_to_the_first_step_and_deletion_routes_z
     (owner,) = meta(setup_job).owner_references or []
     assert (owner.kind, owner.name, owner.controller) == ("EmbeddingMigration", "docs", True)
 
-    async def preparing() -> bool:
-        """phase Preparing"""
-        return (await migration.status()).get("phase") == "Preparing"
-
-    await eventually(preparing, within=WITHIN)
-
-    # One Job per shard, never more than `parallelism` at once.
-    await migration.set_up()
-    await migration.complete(setup_job)
+    # One Job per shard, never more than `parallelism` running at once: watched while the real
+    # Jobs run (each shard's Pod is a real `migrate run --shard`).
     spec = migration.manifest["spec"]["migration"]
     assert spec["parallelism"] < spec["shards"]
+    most_at_once = 0
 
-    async def first_shards() -> bool:
-        """`parallelism` shard Jobs"""
-        return bool(len(await migration.jobs("migrate")) == spec["parallelism"])
-
-    await eventually(first_shards, within=WITHIN)
-    await asyncio.sleep(2.0)  # two more ticks (1 s interval): still no more than parallelism
-    assert len(await migration.jobs("migrate")) == spec["parallelism"]
-
-    await migration.run_jobs_to_progressing()
-    assert len(await migration.jobs("migrate")) == spec["shards"]
-
-    # kubectl wait --for=condition=Migrated / Verified
-    await migration.wait_for("Migrated")
-    await migration.wait_for("Verified")
-
-    async def first_step() -> dict[str, Any]:
-        """Progressing at the first step, in status and in the routing row"""
+    async def progressing() -> dict[str, Any]:
+        """Progressing at the first step (shard Jobs counted on the way)"""
+        nonlocal most_at_once
+        shards = await migration.jobs("migrate")
+        running = [j for j in shards if not (j.status and (j.status.succeeded or j.status.failed))]
+        most_at_once = max(most_at_once, len(running))
         status = await migration.status()
         routed = await migration.routing_percentage()
         ok = status.get("phase") == "Progressing" and routed == migration.first_step
         return status if ok else {}
 
-    status = await eventually(first_step, within=WITHIN)
+    status = await eventually(progressing, within=PIPELINE)
+    assert 1 <= most_at_once <= spec["parallelism"]
+    assert len(await migration.jobs("migrate")) == spec["shards"]
+    for kind in ("setup", "migrate", "index", "verify"):  # completed by the Job controller
+        for job in await migration.jobs(kind):
+            assert job.status is not None and job.status.succeeded == 1, (kind, job.status)
     assert (status["percentage"], status["stepIndex"]) == (migration.first_step, 0)
+
+    # kubectl wait --for=condition=Migrated / Verified
+    await migration.wait_for("Migrated")
+    await migration.wait_for("Verified")
+    assert status["migration"]["migrated"] == status["migration"]["total"] == 20
+    phases = [entry.get("phase") for entry in status["history"]]
+    assert phases[: phases.index("Progressing") + 1] == [
+        "Preparing",
+        "Migrating",
+        "Indexing",
+        "Verifying",
+        "Progressing",
+    ], phases
 
     # Deletion: the finalizer routes 0 % before it lets the resource go; the data is kept.
     await migration.delete()
@@ -110,13 +102,7 @@ async def test_max_percentage_zero_in_the_spec_rolls_back_by_hand(
 ) -> None:
     migration = new_migration("rollback")
     await migration.create()
-    await migration.run_jobs_to_progressing()
-
-    async def routed() -> bool:
-        """the first step routed"""
-        return await migration.routing_percentage() == migration.first_step
-
-    await eventually(routed, within=WITHIN)
+    await migration.wait_for_progressing()
 
     await migration.patch_spec({"rollout": {"maxPercentage": 0}})  # the Git commit's edit
 
