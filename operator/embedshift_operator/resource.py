@@ -46,6 +46,7 @@ from rag_service.criteria import (
     Verdict,
 )
 from rag_service.errors import ConfigError
+from rag_service.identifiers import MAX_IDENTIFIER_BYTES
 from rag_service.spec import (
     API_VERSION,
     KIND,
@@ -103,6 +104,8 @@ __all__ = [
 HISTORY_LIMIT = 50  # status.history keeps the newest entries: enough to tell a rollout's story
 MAX_STEPS = 20
 MAX_CRITERIA = 32
+# Bounds the API server's estimated cost of the query's CEL rule, run on every criterion.
+MAX_QUERY_LENGTH = 4096
 
 # ---- durations --------------------------------------------------------------------------------
 
@@ -114,6 +117,14 @@ _UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 # A duration whose every number is zero, as a CEL string literal (hence the doubled backslash).
 _ZERO_DURATION = r"^(0+(\\.0+)?(h|ms|m|s))+$"
 MAX_DURATION_LENGTH = 32  # bounds the CEL cost of matching it; "1h30m" needs 5
+# Digits per number: 999999999h is 114,000 years. The API server cannot add durations up to
+# find one too long for a timedelta, but it can count digits; both refuse the same strings.
+MAX_DURATION_DIGITS = 9
+_TOO_MANY_DIGITS = f"(^|[hms])[0-9]{{{MAX_DURATION_DIGITS + 1}}}"  # a number starts at ^ or a unit
+_TOO_LONG_MESSAGE = (
+    f"too long a duration; write at most {MAX_DURATION_DIGITS} digits per number "
+    "(nothing needs more than years)"
+)
 
 
 def parse_duration(value: str) -> timedelta:
@@ -139,6 +150,8 @@ def _duration_shape(value: Any) -> Any:
     # Before the pattern constraint, so a bad duration gets this message, not the regex.
     if isinstance(value, str):
         parse_duration(value)
+        if re.search(_TOO_MANY_DIGITS, value):
+            raise ValueError(f"{value!r} is {_TOO_LONG_MESSAGE}")
     return value
 
 
@@ -148,18 +161,23 @@ def _positive_duration(value: str) -> str:
     return value
 
 
+_NOT_TOO_LONG = cel_rule(f"!self.matches('{_TOO_MANY_DIGITS}')", _TOO_LONG_MESSAGE)
+
 # The constraints are the CRD's (pattern, maxLength); the validators give the messages.
+# Each layer lists every rule of its type: an outer Field's json_schema_extra replaces the inner.
 NonNegativeDuration = Annotated[
     str,
     StringConstraints(max_length=MAX_DURATION_LENGTH, pattern=DURATION_PATTERN),
     BeforeValidator(_duration_shape),
+    Field(json_schema_extra=cel_rules(_NOT_TOO_LONG)),
 ]
 Duration = Annotated[
     NonNegativeDuration,
     AfterValidator(_positive_duration),
     Field(
         json_schema_extra=cel_rules(
-            cel_rule(f"!self.matches('{_ZERO_DURATION}')", "must be longer than zero, e.g. 30s")
+            _NOT_TOO_LONG,
+            cel_rule(f"!self.matches('{_ZERO_DURATION}')", "must be longer than zero, e.g. 30s"),
         )
     ),
 ]
@@ -302,6 +320,7 @@ class CriterionKind(str, Enum):
 
 
 _NAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+_BLANK_QUERY_FIX = "write a PromQL expression or use metric"
 # Built-in metrics without a v1 to compare with (read from the database, not Prometheus).
 _NOT_COMPARABLE = [name for name, m in METRICS.items() if m.source is not MetricSource.PROMETHEUS]
 _CRITERION_RULES = [
@@ -353,8 +372,13 @@ class Criterion(_Model):
     query: str | None = Field(
         default=None,
         min_length=1,
+        max_length=MAX_QUERY_LENGTH,
         description="Custom PromQL returning one number; {{ migration }}, {{ namespace }}, "
         "{{ name }} and {{ window }} are filled in.",
+        json_schema_extra=cel_rules(
+            # The CEL string literal '\\S' is the regex \S: some character that is not blank.
+            cel_rule(r"self.matches('\\S')", f"query is blank; {_BLANK_QUERY_FIX}")
+        ),
     )
     min: float | None = Field(default=None, description="Passes when the value is ≥ min.")
     max: float | None = Field(default=None, description="Passes when the value is ≤ max.")
@@ -382,7 +406,7 @@ class Criterion(_Model):
     @classmethod
     def _query_not_blank(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():
-            raise ValueError("query is empty; write a PromQL expression or use metric")
+            raise ValueError(f"query is blank; {_BLANK_QUERY_FIX}")
         return value
 
     @model_validator(mode="after")
@@ -540,6 +564,37 @@ class CleanupSpec(_Model):
     )
 
 
+# The API server's copy of DatabaseSpec's identifier checks (rag_service.identifiers): a plain
+# SQL identifier is ASCII, one byte a character, so the byte limit is a length in the regex.
+_IDENTIFIER = f"[A-Za-z_][A-Za-z0-9_$]{{0,{MAX_IDENTIFIER_BYTES - 1}}}"
+_IDENTIFIER_FIX = (
+    f"use letters, digits and underscores, starting with a letter or underscore (at most "
+    f"{MAX_IDENTIFIER_BYTES} bytes)"
+)
+
+
+def _cel_regex(pattern: str) -> str:
+    """``pattern`` as a CEL string literal's content (its backslashes doubled)."""
+    return pattern.replace("\\", "\\\\")
+
+
+_TABLE = rf"^{_IDENTIFIER}(\.{_IDENTIFIER})?$"  # table or schema.table
+_DATABASE_RULES = [
+    cel_rule(
+        f"self.table.matches('{_cel_regex(_TABLE)}')",
+        f"not a plain SQL table name; write table or schema.table and {_IDENTIFIER_FIX}",
+        field_path=".table",
+    ),
+    *(
+        cel_rule(
+            f"!has(self.{column}) || self.{column}.matches('^{_IDENTIFIER}$')",
+            f"not a plain SQL identifier; {_IDENTIFIER_FIX}",
+            field_path=f".{column}",
+        )
+        for column in ("idColumn", "textColumn", "categoryColumn", "sourceEmbeddingColumn")
+    ),
+]
+
 # The API server's copy of EmbeddingSpec.check_indexable (pgvector's index limits).
 _HALFVEC = "(has(self.index) && has(self.index.halfvec) && self.index.halfvec)"
 _INDEXABLE_RULES = [
@@ -561,7 +616,10 @@ _INDEXABLE_RULES = [
 class EmbeddingMigrationSpec(_Model):
     """``spec``: the data plane (rag_service's models) plus the rollout it is carried through."""
 
-    database: DatabaseSpec = Field(description="The source table and how to reach it.")
+    database: DatabaseSpec = Field(
+        description="The source table and how to reach it.",
+        json_schema_extra=cel_rules(*_DATABASE_RULES),
+    )
     source: EmbeddingSpec | None = Field(
         default=None, description="The model behind the existing (v1) vectors."
     )

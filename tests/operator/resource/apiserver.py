@@ -5,6 +5,10 @@ Two steps of the API server, as far as the CRD's schema decides them: structural
 CEL rules (``x-kubernetes-validations``, ``self`` bound to the value at the rule's node),
 evaluated with cel-python, a standard CEL implementation. Kubernetes-only CEL functions are not
 available here, which is the point: the CRD must use standard CEL only.
+
+A fast pre-check, not the proof: it knows neither Kubernetes' CEL cost limits nor its schema
+messages. test_crd_on_apiserver.py sends the same manifests to a real kube-apiserver, and
+checks there that its defaulting is this module's.
 """
 
 from __future__ import annotations
