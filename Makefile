@@ -27,7 +27,8 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict $(PACKAGES)
-	$(BIN)/mypy --strict tests/operator/kube tests/operator/e2e
+	$(BIN)/mypy --strict tests/operator/kube tests/operator/e2e tests/cluster tests/kubelet.py \
+		tests/pod_network.py tests/kube_cluster.py tests/test_kubelet.py
 
 imports: $(STAMP)
 	$(BIN)/lint-imports

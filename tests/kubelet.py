@@ -14,9 +14,11 @@ Pending. :class:`PodRunner` does what a kubelet on one node does, through the AP
   ConfigMap, Secret, projected and emptyDir volumes materialised in a directory of its own (a
   mount path in the command line or a literal ``env`` value is rewritten to that directory; a
   ``/tmp`` volume becomes ``TMPDIR``, so host paths under /tmp, like a database's socket,
-  stay), and the ServiceAccount token volume the API server injects turned into a kubeconfig
-  (``KUBECONFIG``) holding a token requested for that ServiceAccount and bound to the Pod, so
-  RBAC is Kubernetes' own;
+  stay), and the ServiceAccount token volume the API server injects (a token requested for
+  that ServiceAccount, bound to the Pod) mounted where in-cluster clients read it, with
+  ``KUBERNETES_SERVICE_HOST/PORT`` set as a kubelet sets them: RBAC is Kubernetes' own;
+- gives each Pod a network of its own (:mod:`tests.pod_network`: a network namespace, its own
+  IP, the API server at ``10.0.0.1``), so Pods listen on the same ports without meeting;
 - reports through ``pods/status`` what a kubelet reports: Running with ``Ready`` (after the
   readiness probe passes, if the container has one), then the terminated state with exit code,
   reason and the termination message per ``terminationMessagePolicy``; restarts per
@@ -25,8 +27,7 @@ Pending. :class:`PodRunner` does what a kubelet on one node does, through the AP
   deletes the Pod with grace period 0.
 
 The Job controller then completes or fails Jobs by its own rules. Nothing here writes
-``jobs/status``. Pods run with the host's network (each is 127.0.0.1), so two Pods that
-listen on one port cannot run at once: the second fails with a message that says so.
+``jobs/status``.
 """
 
 from __future__ import annotations
@@ -51,9 +52,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 from kubernetes import client
 from kubernetes import config as kubeconfig
+
+from tests import pod_network
+from tests.pod_network import Forwarder, PodNetwork
 
 NODE = "embedshift-test-node"
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -89,9 +92,10 @@ class Api:
         context = ssl.create_default_context(cafile=configuration.ssl_ca_cert)
         if configuration.cert_file:
             context.load_cert_chain(configuration.cert_file, configuration.key_file)
-        headers = {}
+        headers: dict[str, str] = {}
         # What the client itself would send (its auth settings know the key's name and prefix).
-        for setting in configuration.auth_settings().values():
+        settings: dict[str, Any] = dict(configuration.auth_settings())
+        for setting in settings.values():
             if setting.get("in") == "header" and setting.get("value"):
                 headers[str(setting["key"])] = str(setting["value"])
         self.server = str(configuration.host)
@@ -192,6 +196,12 @@ class PodProcess:
     started_at: str = ""
     thread: threading.Thread | None = None
     deleted: bool = False
+    network: PodNetwork | None = None
+
+    @property
+    def ip(self) -> str:
+        assert self.network is not None
+        return self.network.ip
 
     @property
     def namespace(self) -> str:
@@ -328,14 +338,17 @@ class PodProcess:
         return [_translate(a, mounts) for a in [*command, *args]]
 
     def _process_environment(self, mounts: Mapping[str, Path]) -> dict[str, str]:
-        env = {"PATH": BASE_PATH, "LANG": "C.UTF-8", "HOSTNAME": self.name}
+        env = {
+            "PATH": BASE_PATH,
+            "LANG": "C.UTF-8",
+            "HOSTNAME": self.name,
+            # What a kubelet gives every container: where the API server is.
+            "KUBERNETES_SERVICE_HOST": pod_network.SERVICE_IP,
+            "KUBERNETES_SERVICE_PORT": str(self.runner.api_port),
+        }
         env.update(self.environment(mounts))
         if "/tmp" in mounts:
             env["TMPDIR"] = str(mounts["/tmp"])
-        if SERVICE_ACCOUNT_DIR in mounts:
-            env["KUBECONFIG"] = str(
-                self.runner.service_account_kubeconfig(mounts[SERVICE_ACCOUNT_DIR])
-            )
         return env
 
     # -- running it
@@ -349,6 +362,8 @@ class PodProcess:
             with contextlib.suppress(Exception):
                 self.report_terminated(128, "RunnerError", f"the test Pod runner failed: {exc}")
         finally:
+            if self.network is not None:  # the Pod's sandbox goes with its last container
+                self.network.delete()
             if self.deleting.is_set():
                 self.finish_deletion()
 
@@ -362,31 +377,19 @@ class PodProcess:
                 mounts = self.materialise()
                 env = self._process_environment(mounts)
                 argv = self.command(env, mounts)
-                self._check_ports()
             except PodConfigError as exc:
                 self.report_waiting("CreateContainerConfigError", str(exc))
                 self.deleting.wait(1.0)
                 continue
-            code = self._run_once(argv, env)
+            binds = {str(d): p for p, d in mounts.items() if p == SERVICE_ACCOUNT_DIR}
+            assert self.network is not None
+            code = self._run_once(self.network.wrap(argv, binds), env)
             if self.deleting.is_set():
                 return
             if policy == "Never" or (policy == "OnFailure" and code == 0):
                 return
             self.restarts += 1
             self.deleting.wait(next(backoff, RESTART_BACKOFF[-1]))
-
-    def _check_ports(self) -> None:
-        for port in self.container.get("ports") or []:
-            number = int(port["containerPort"])
-            with socket.socket() as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    probe.bind(("0.0.0.0", number))
-                except OSError:
-                    raise PodConfigError(
-                        f"port {number} is in use on the runner's host (Pods share its "
-                        "network here): give the Pods distinct ports"
-                    ) from None
 
     def _run_once(self, argv: list[str], env: Mapping[str, str]) -> int:
         with self.log_path.open("ab") as log:
@@ -430,7 +433,7 @@ class PodProcess:
         timeout = float(probe.get("timeoutSeconds", 1))
         if "httpGet" in probe:
             get = probe["httpGet"]
-            url = f"http://127.0.0.1:{self._port(get['port'])}{get.get('path', '/')}"
+            url = f"http://{self.ip}:{self._port(get['port'])}{get.get('path', '/')}"
             try:
                 return 200 <= httpx.get(url, timeout=timeout).status_code < 400
             except httpx.HTTPError:
@@ -438,7 +441,7 @@ class PodProcess:
         if "tcpSocket" in probe:
             try:
                 with socket.create_connection(
-                    ("127.0.0.1", self._port(probe["tcpSocket"]["port"])), timeout=timeout
+                    (self.ip, self._port(probe["tcpSocket"]["port"])), timeout=timeout
                 ):
                     return True
             except OSError:
@@ -503,8 +506,8 @@ class PodProcess:
         base = {
             "hostIP": "127.0.0.1",
             "hostIPs": [{"ip": "127.0.0.1"}],
-            "podIP": "127.0.0.1",
-            "podIPs": [{"ip": "127.0.0.1"}],
+            "podIP": self.ip,
+            "podIPs": [{"ip": self.ip}],
             "startTime": self.pod.get("status", {}).get("startTime") or self.started_at or _now(),
         }
         self.runner.api.request(
@@ -597,7 +600,9 @@ def _translate(value: str, mounts: Mapping[str, Path]) -> str:
     """A mount path (or a path under it) in ``value`` rewritten to its directory here, in one
     pass (a rewritten path is never rewritten again). Pure."""
     # /tmp is TMPDIR instead: host paths under /tmp (a database's socket) must stay as they are.
-    paths = {p.rstrip("/"): d for p, d in mounts.items() if p.rstrip("/") not in ("", "/tmp")}
+    # The ServiceAccount's files are mounted where in-cluster clients look (PodNetwork.wrap).
+    skip = ("", "/tmp", SERVICE_ACCOUNT_DIR)
+    paths = {p.rstrip("/"): d for p, d in mounts.items() if p.rstrip("/") not in skip}
     if not paths:
         return value
     alternatives = "|".join(re.escape(p) for p in sorted(paths, key=len, reverse=True))
@@ -624,7 +629,13 @@ class PodRunner:
     on_error: Callable[[str], None] | None = None
 
     def __post_init__(self) -> None:
+        pod_network.check()
+        pod_network.ensure_service_address()
         self.api = Api(self.kubeconfig_path)
+        self.api_port = int(self.api.server.rsplit(":", 1)[1])
+        self.addresses = pod_network.Addresses()
+        self.forwarders: dict[int, Forwarder] = {}
+        self.expose(self.api_port)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -653,7 +664,15 @@ class PodRunner:
                 pod.thread.join(timeout=10)
         for thread in self._threads:
             thread.join(timeout=40)
+        for forwarder in self.forwarders.values():
+            forwarder.close()
         self.api.close()
+
+    def expose(self, port: int) -> str:
+        """Make the host's ``127.0.0.1:port`` reachable from the Pods; the address they use."""
+        if port not in self.forwarders:
+            self.forwarders[port] = Forwarder(port)
+        return self.forwarders[port].address
 
     def serve(self, namespace: str) -> None:
         """Run the Pods of ``namespace`` from now on (those already Pending included)."""
@@ -755,38 +774,6 @@ class PodRunner:
         )
         return str(answer["status"]["token"])
 
-    def service_account_kubeconfig(self, directory: Path) -> Path:
-        """A kubeconfig for the token volume's files: what in-cluster config would read."""
-        path = directory.parent.parent / "kubeconfig"
-        ca = directory / "ca.crt"
-        cluster: dict[str, Any] = {"server": self.api.server}
-        if ca.exists():
-            cluster["certificate-authority"] = str(ca)
-        elif self.api.ca_file:
-            cluster["certificate-authority"] = str(self.api.ca_file)
-        config = {
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [{"name": "in-cluster", "cluster": cluster}],
-            "users": [{"name": "pod", "user": {"token": (directory / "token").read_text()}}],
-            "contexts": [
-                {
-                    "name": "in-cluster",
-                    "context": {
-                        "cluster": "in-cluster",
-                        "user": "pod",
-                        "namespace": (directory / "namespace").read_text()
-                        if (directory / "namespace").exists()
-                        else "default",
-                    },
-                }
-            ],
-            "current-context": "in-cluster",
-        }
-        path.write_text(yaml.safe_dump(config))
-        path.chmod(0o600)
-        return path
-
     # -- the Pods
 
     def _error(self, message: str) -> None:
@@ -876,6 +863,9 @@ class PodRunner:
         )
         directory.mkdir(parents=True, exist_ok=True)
         process = PodProcess(runner=self, pod=pod, directory=directory)
+        process.network = self.addresses.allocate()
+        process.network.create()
+        pod.setdefault("status", {})["podIP"] = process.network.ip  # for the downward API
         process.thread = threading.Thread(
             target=process.run, name=f"pod-{process.name}", daemon=True
         )

@@ -4,12 +4,14 @@ the real Job and ReplicaSet controllers act on, so these tests read the controll
 from __future__ import annotations
 
 import base64
+import functools
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.kube_cluster import REPO
@@ -67,6 +69,10 @@ def read_pod(api: Api, namespace: str, name: str) -> dict[str, Any] | None:
         "GET", f"/api/v1/namespaces/{namespace}/pods/{name}", ok=(404,)
     )
     return found
+
+
+def gone(api: Api, namespace: str, name: str) -> bool:
+    return read_pod(api, namespace, name) is None
 
 
 def terminated(api: Api, namespace: str, name: str) -> dict[str, Any]:
@@ -260,36 +266,43 @@ def test_a_restart_always_pod_is_restarted(api: Api, namespace: str) -> None:
     api.request("DELETE", f"/api/v1/namespaces/{namespace}/pods/crashes")
 
 
-def test_a_pod_is_ready_when_its_readiness_probe_passes(api: Api, namespace: str) -> None:
-    import socket
+def test_pods_are_ready_when_their_probes_pass_each_on_its_own_network(
+    api: Api, namespace: str
+) -> None:
+    """Two Pods listening on one port (each has its own network namespace and IP)."""
+    script = "sleep 2; exec python3 -m http.server 8080"
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    script = f"sleep 2; exec python3 -m http.server {port} --bind 127.0.0.1"
-    manifest = pod(
-        "web",
-        ["sh", "-c", script],
-        container={
-            "ports": [{"name": "http", "containerPort": port}],
-            "readinessProbe": {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 1},
-        },
-    )
-    api.request("POST", f"/api/v1/namespaces/{namespace}/pods", manifest)
+    def web(name: str) -> dict[str, Any]:
+        return pod(
+            name,
+            ["sh", "-c", script],
+            container={
+                "ports": [{"name": "http", "containerPort": 8080}],
+                "readinessProbe": {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 1},
+            },
+        )
 
-    def ready() -> bool:
-        found = read_pod(api, namespace, "web") or {}
-        conditions = found.get("status", {}).get("conditions") or []
+    def status(name: str) -> dict[str, Any]:
+        found: dict[str, Any] = (read_pod(api, namespace, name) or {}).get("status", {})
+        return found
+
+    def ready(name: str) -> bool:
+        conditions = status(name).get("conditions") or []
         return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
-    eventually(
-        lambda: (read_pod(api, namespace, "web") or {}).get("status", {}).get("phase") == "Running",
-        "web Running",
-    )
-    assert not ready()  # the server sleeps 2 s before it listens
-    eventually(ready, "web Ready")
-    api.request("DELETE", f"/api/v1/namespaces/{namespace}/pods/web")
-    eventually(lambda: read_pod(api, namespace, "web") is None, "web deleted")
+    for name in ("web-a", "web-b"):
+        api.request("POST", f"/api/v1/namespaces/{namespace}/pods", web(name))
+    eventually(lambda: status("web-a").get("phase") == "Running", "web-a Running")
+    assert not ready("web-a")  # the server sleeps 2 s before it listens
+    for name in ("web-a", "web-b"):
+        eventually(functools.partial(ready, name), f"{name} Ready")
+    addresses = {status(name)["podIP"] for name in ("web-a", "web-b")}
+    assert len(addresses) == 2
+    for address in addresses:  # what a Service's endpoints would be
+        assert httpx.get(f"http://{address}:8080/", timeout=5).status_code == 200
+    for name in ("web-a", "web-b"):
+        api.request("DELETE", f"/api/v1/namespaces/{namespace}/pods/{name}")
+        eventually(functools.partial(gone, api, namespace, name), f"{name} deleted")
 
 
 def test_a_pod_acts_as_its_service_account_under_rbac(api: Api, namespace: str) -> None:
