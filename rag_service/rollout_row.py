@@ -18,17 +18,20 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from pydantic import ValidationError
 
+from rag_service.errors import ConfigError
 from rag_service.identifiers import TableName
 from rag_service.schema import (
     ROLLOUT_CHANNEL,
     ROLLOUT_TABLE,
     connect,
     ident,
+    recorded_spec,
     rollout_table,
     table_exists,
 )
-from rag_service.spec import DataPlaneSpec
+from rag_service.spec import DataPlaneSpec, validation_message
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,60 @@ async def read_routing(url: str, spec: DataPlaneSpec, *, migration: str) -> Rout
         if not await table_exists(conn, table):
             return None
         return await read_row(conn, table=table, migration=migration)
+
+
+async def read_recorded(
+    url: str, *, migration: str, schema: str | None = None
+) -> DataPlaneSpec | None:
+    """The data plane ``migrate setup`` recorded for ``migration`` (table, columns, v1 column,
+    both models), or None when no routing row holds one.
+
+    The routing table lives next to the source table, whose schema is what is being looked up,
+    so every schema's routing table is read; ``schema`` (a table the caller was given) picks
+    one when several hold the key. DatabaseUnavailable when the database cannot be reached.
+    """
+    conn = await connect(url, autocommit=True)
+    async with conn:
+        cur = await conn.execute(
+            "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE c.relname = %s AND c.relkind = 'r' AND has_table_privilege(c.oid, 'SELECT') "
+            "ORDER BY n.nspname",
+            [ROLLOUT_TABLE],
+        )
+        found: list[tuple[TableName, dict[str, Any]]] = []
+        for (namespace,) in await cur.fetchall():
+            table = TableName(ROLLOUT_TABLE, str(namespace))
+            row = await (
+                await conn.execute(
+                    sql.SQL("SELECT source, target FROM {} WHERE migration = %s").format(
+                        ident(table)
+                    ),
+                    [migration],
+                )
+            ).fetchone()
+            raw = None if row is None else recorded_spec(row[0], row[1])
+            if raw is not None:
+                found.append((table, raw))
+    if len(found) > 1:
+        chosen = [(t, raw) for t, raw in found if t.schema == schema]
+        if len(chosen) != 1:
+            where = " and ".join(str(t) for t, _ in found)
+            raise ConfigError(
+                f"--migration {migration}: recorded in {where}; give --table SCHEMA.TABLE to "
+                "choose the schema"
+            )
+        found = chosen
+    if not found:
+        return None
+    ((table, raw),) = found
+    try:
+        return DataPlaneSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(
+            f"routing row {migration!r} in {table}: the recorded "
+            f"{validation_message(exc, prefix='spec', model=DataPlaneSpec)}; rerun `embedshift "
+            f"migrate setup` for {migration}"
+        ) from None
 
 
 async def declare_emergency(

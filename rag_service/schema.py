@@ -433,6 +433,19 @@ def query_cache_table(schema: str | None) -> Query:
     ).format(ident(TableName(QUERY_CACHE_TABLE, schema)))
 
 
+# The descriptors are the record ``embedshift serve --migration KEY`` serves from: the data plane
+# (table, columns, v1 column, both models as configured) is written here once, by ``setup``, and
+# read back by ``recorded_spec``. ``model`` is the readable form; ``spec`` the whole model (base
+# URL, price, rate limits, index settings), without the Secret reference only the operator reads.
+_NOT_RECORDED = {"api_key_secret_ref"}
+
+
+def _model_record(spec: EmbeddingSpec | None) -> dict[str, Any] | None:
+    if spec is None:
+        return None
+    return spec.model_dump(mode="json", by_alias=True, exclude_none=True, exclude=_NOT_RECORDED)
+
+
 def _source_descriptor(layout: Layout) -> dict[str, Any]:
     return {
         "table": str(layout.source),
@@ -441,6 +454,7 @@ def _source_descriptor(layout: Layout) -> dict[str, Any]:
         "categoryColumn": layout.category_column,
         "embeddingColumn": layout.source_embedding_column,
         "model": layout.source_spec.descriptor if layout.source_spec else None,
+        "spec": _model_record(layout.source_spec),
     }
 
 
@@ -451,7 +465,43 @@ def _target_descriptor(layout: Layout) -> dict[str, Any]:
         "vectorType": layout.target_spec.vector_type,
         "model": layout.target_spec.descriptor,
         "index": layout.index_name,
+        "spec": _model_record(layout.target_spec),
     }
+
+
+def recorded_spec(source: Any, target: Any) -> dict[str, Any] | None:
+    """The data-plane spec (the manifest's camelCase mapping, unvalidated) that ``setup``
+    recorded in a routing row's ``source`` and ``target`` descriptors; None when the row holds
+    none (an emergency declared before any setup writes a bare row). Pure."""
+    if not isinstance(source, dict) or not isinstance(target, dict) or not source.get("table"):
+        return None
+    database = {
+        field: source.get(key)
+        for field, key in (
+            ("table", "table"),
+            ("idColumn", "idColumn"),
+            ("textColumn", "textColumn"),
+            ("categoryColumn", "categoryColumn"),
+            ("sourceEmbeddingColumn", "embeddingColumn"),
+        )
+        if source.get(key) is not None
+    }
+    raw: dict[str, Any] = {"database": database, "target": _recorded_model(target)}
+    if source.get("model"):
+        raw["source"] = _recorded_model(source)
+    return raw
+
+
+def _recorded_model(descriptor: dict[str, Any]) -> dict[str, Any]:
+    recorded = descriptor.get("spec")
+    if isinstance(recorded, dict):
+        return dict(recorded)
+    # A row written before ``spec`` was recorded: what its readable form says.
+    model = EmbeddingSpec.parse(str(descriptor.get("model")), field="routing row model")
+    raw = model.model_dump(mode="json", by_alias=True, include={"provider", "model", "dimensions"})
+    if descriptor.get("vectorType") == "halfvec":
+        raw["index"] = {"halfvec": True}
+    return raw
 
 
 def _trigger_function(layout: Layout) -> Query:

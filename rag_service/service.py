@@ -61,6 +61,8 @@ from rag_service.shadow import ShadowComparer, ShadowJob, ShadowResult
 from rag_service.spec import DataPlaneSpec
 
 log = logging.getLogger("embedshift.service")
+# How long /readyz waits for a database connection: within the chart's probe timeout (10 s).
+READY_TIMEOUT_SECONDS = 5.0
 perf_log = logging.getLogger("embedshift.performance")
 analytics_log = logging.getLogger("embedshift.analytics")
 
@@ -577,6 +579,23 @@ def _routes(app: FastAPI, settings: ServiceSettings) -> None:
     @app.get("/api/rag/v2/health")
     async def health_v2(request: Request) -> JSONResponse:
         return await health(Version.V2, request)
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> JSONResponse:
+        """Readiness: the database alone. Every search reads it, so without it this replica
+        has nothing to serve. An embedding API's outage is not a reason: a breaker and the v1
+        fallback answer it, and a replica taken out of the Service for it would also stop
+        taking the emergency webhook and serving the version that still works."""
+        service = service_of(request)
+        try:
+            async with service.pool.connection(timeout=READY_TIMEOUT_SECONDS) as conn:
+                await conn.execute("SELECT 1")
+        except Exception as exc:  # any failure means not ready; a probe never raises
+            return JSONResponse(
+                {"ready": False, "database": {"ok": False, "error": first_line(exc)}},
+                status_code=503,
+            )
+        return JSONResponse({"ready": True, "database": {"ok": True}})
 
     @app.get("/api/monitoring/circuit-breaker")
     async def circuit_breaker(request: Request) -> dict[str, Any]:

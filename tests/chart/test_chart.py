@@ -188,7 +188,7 @@ def test_pods_are_non_root_read_only_and_request_resources(mode: str) -> None:
             assert security["capabilities"]["drop"] == ["ALL"]
             assert {"cpu", "memory"} <= set(container["resources"]["requests"])
             mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-            assert mounts["/tmp"] in tmp  # noqa: S108 - the pod's emptyDir, not a host temp file
+            assert mounts["/tmp"] in tmp
             assert container["livenessProbe"] and container["readinessProbe"]
 
 
@@ -321,7 +321,8 @@ def test_the_crd_schema_refuses_a_broken_example() -> None:
         ({"operator.watchNamespaces[0]": "rag-*"}, "/operator/watchNamespaces/0"),
         ({"operator.resources.requests": "null"}, "missing property 'requests'"),
         ({"search.existingSecret": ""}, "/search/existingSecret"),
-        ({"search.target": "openai-3-small"}, "/search/target"),
+        ({"search.migration": "docs-to-3-small"}, "/search/migration"),
+        ({"search.table": "public.documents"}, "additional properties 'table' not allowed"),
         ({"operator.ports.metrics": "0"}, "/operator/ports/metrics"),
         ({"image.pullPolicy": "Sometimes"}, "/image/pullPolicy"),
         ({"alertWebhook.create": "true", "alertWebhook.token": "short"}, "/alertWebhook/token"),
@@ -423,10 +424,25 @@ def test_search_probes_do_not_depend_on_v2() -> None:
     ]
     (container,) = search["spec"]["template"]["spec"]["containers"]
     # v2's health is 503 until its index exists: probing it would take the service down before
-    # the migration starts. Liveness must not depend on the database at all.
+    # the migration starts. Liveness must not depend on the database at all, readiness on
+    # nothing else (tests/rag_service/test_serve_recorded.py: /readyz is the database only).
     assert container["livenessProbe"]["httpGet"]["path"] == "/metrics"
-    assert container["readinessProbe"]["httpGet"]["path"] == "/api/rag/v1/health"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert "--host=0.0.0.0" in container["args"]
+
+
+def test_search_serves_the_migration_setup_recorded() -> None:
+    """The data plane is what `migrate setup` recorded for the key: the chart passes the key
+    alone, so no value can disagree with the record."""
+    (search,) = [
+        d
+        for d in of_kind(render({"search.migration": "rag/other"}), "Deployment")
+        if d["metadata"]["name"].endswith("-search")
+    ]
+    (container,) = search["spec"]["template"]["spec"]["containers"]
+    assert "--migration=rag/other" in container["args"]
+    data_plane = ("--table", "--source", "--target", "--source-column", "--config")
+    assert [a for a in container["args"] if a.startswith(data_plane)] == []
 
 
 def test_notes_tell_alertmanager_every_receiver() -> None:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import socket
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from embedshift_operator.cli.flags import (
     EF_SEARCH_HELP,
@@ -18,7 +22,12 @@ from embedshift_operator.cli.flags import (
     positive,
     resolve,
 )
-from rag_service.errors import ConfigError
+from rag_service.errors import ConfigError, DatabaseUnavailable
+from rag_service.identifiers import TableName
+from rag_service.spec import API_VERSION, KIND, DataPlaneSpec
+
+if TYPE_CHECKING:
+    from rag_service.providers.pricing import PriceTable
 
 log = logging.getLogger("embedshift.serve")
 
@@ -29,7 +38,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "serve",
         help="run the search service: routed v1/v2 search, metrics, emergency webhook",
         description="Serve POST /api/rag/search, routing each user to v1 or v2 by the routing "
-        "row's percentage (sticky per user). The guide's FF_* flags are honoured: "
+        "row's percentage (sticky per user). What it serves (the table, its id, text, category "
+        "and v1 columns, both models) is what `embedshift migrate setup` recorded for "
+        "--migration NAMESPACE/NAME, so DATABASE_URL, the migration and the API keys are all "
+        "it needs. A --config manifest replaces the record and the flags below override either; "
+        "without a record, --table, --source and --target name what to serve. GET /readyz is "
+        "the readiness probe (the database only). The guide's FF_* flags are honoured: "
         "FF_NEW_EMBEDDINGS_PERCENTAGE (start-up default), FF_ENABLE_GRADUAL_MIGRATION=false "
         "(pin v1), FF_USE_PARALLEL_RAG (shadow comparison), FF_ENABLE_PERFORMANCE_LOGGING, "
         "FF_ENABLE_QUERY_ANALYTICS. ALERT_WEBHOOK_SECRET enables POST /api/alerts/webhook.",
@@ -99,7 +113,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
     from rag_service.service import ServiceSettings, create_app
 
-    spec, migration, url, prices = resolve(args)
+    spec, migration, url, prices = await resolve_recorded(args)
     settings = ServiceSettings.from_env(
         database_url=url,
         spec=spec,
@@ -126,6 +140,66 @@ async def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     await uvicorn.Server(config).serve(sockets=[listener])
     return 0
+
+
+async def resolve_recorded(
+    args: argparse.Namespace,
+) -> tuple[DataPlaneSpec, str, str, PriceTable]:
+    """``resolve`` over what ``migrate setup`` recorded for the migration key: the record stands
+    where a manifest would, so --config-less flags override it exactly as they override one."""
+    from rag_service.rollout_row import read_recorded
+    from rag_service.schema import describe_url
+
+    if args.config or (args.migration is not None and not args.migration.strip()):
+        return resolve(args)  # a manifest is a whole spec; an empty flag is resolve's own line
+    table = TableName.parse(args.table, field="--table") if args.table else None
+    key: str | None = args.migration or (f"default/{table.name}" if table else None)
+    by_flags = bool(args.table and args.target)  # enough for resolve without a record
+    if key is None:
+        raise ConfigError(
+            "--migration: which migration to serve? give --migration NAMESPACE/NAME (env "
+            "EMBEDSHIFT_MIGRATION), as `embedshift migrate setup` recorded it (or give "
+            "--table/--source/--target)"
+        )
+    if not args.database_url:
+        if by_flags:
+            return resolve(args)  # its one line about DATABASE_URL
+        raise ConfigError(
+            f"DATABASE_URL is not set: serve reads what `embedshift migrate setup` recorded for "
+            f"{key} from the database; export DATABASE_URL=postgresql://user@host/db (or pass "
+            "--database-url)"
+        )
+    try:
+        recorded = await read_recorded(
+            args.database_url, migration=key, schema=table.schema if table else None
+        )
+    except DatabaseUnavailable as exc:
+        if not by_flags:
+            raise
+        # As before the record existed: the flags name what to serve, the database may follow.
+        log.warning("%s; serving what the flags name", exc)
+        recorded = None
+    if recorded is None:
+        if by_flags:
+            return resolve(args)
+        raise ConfigError(
+            f"--migration {key}: nothing is recorded for it in {describe_url(args.database_url)}; "
+            f"run `embedshift migrate setup` for {key} first, or give --table/--source/--target"
+        )
+    log.info("serving what `embedshift migrate setup` recorded for %s; flags override it", key)
+    namespace, _, name = key.rpartition("/")
+    manifest = {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {"namespace": namespace or "default", "name": name},
+        "spec": recorded.model_dump(mode="json", by_alias=True, exclude_none=True),
+    }
+    # resolve layers flags over a manifest file, so the record is handed to it as one (JSON is
+    # YAML): one place decides how a flag overrides what is recorded.
+    with tempfile.TemporaryDirectory(prefix="embedshift-serve-") as folder:
+        path = Path(folder) / "recorded.yaml"
+        path.write_text(json.dumps(manifest))
+        return resolve(argparse.Namespace(**{**vars(args), "config": path, "migration": key}))
 
 
 def _listen(host: str, port: int) -> socket.socket:
