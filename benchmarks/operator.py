@@ -1,16 +1,25 @@
-"""The kopf operator at scale: memory and tick time with N resources, and its rollback latencies.
+"""The kopf operator at scale on a real API server: memory, tick time, API requests per
+resource, and its rollback latencies.
 
     .venv/bin/python benchmarks/operator.py [--resources 50] [--repeats 5] [--interval 5s]
+        [--wave 10] [--kubeconfig PATH]
 
 Real parts throughout: ``embedshift operator run`` as shipped (a subprocess: the real kopf and
-the real ``kubernetes`` client) against the project's API-server emulator (kmock with the
-metadata an API server assigns; served as the e2e suite's stand-in cluster, with a kubeconfig
-and a bearer token: ``tests/operator/e2e/target.py``), a private PostgreSQL +
-pgvector holding the routing rows, and a real Prometheus scraping (every 0.5 s) an exporter of
-the metric contract with steady healthy traffic for every migration
-(:class:`rag_service.testing.traffic.ContractTraffic`). No kubelet runs the Jobs: this script
-completes each one through the API (after running the real ``migrate setup`` once, so the
-routing rows exist), as the operator's tests do.
+the real ``kubernetes`` client) against a real Kubernetes control plane (etcd, kube-apiserver
+and kube-controller-manager v1.36.2: ``../shared/kube/control-plane.sh`` started on free ports
+with its state in this run's directory, by ``tests/kube_cluster.py``; or the cluster
+``--kubeconfig`` names), the CRD from ``crds/`` applied and Established, a private
+PostgreSQL + pgvector with one tiny table per migration, and a real Prometheus scraping (every
+0.5 s) an exporter of the metric contract with steady healthy traffic for every migration
+(:class:`rag_service.testing.traffic.ContractTraffic`).
+
+Jobs run for real: the control plane has no kubelet, so the test Pod runner
+(``tests/kubelet.py``) plays it, running each Pod's ``embedshift migrate …`` as a local process
+with the Pod's environment (the database URL from the Secret); the Job controller completes the
+Jobs, the ReplicaSet controller keeps each migration's follower Pod (``migrate follow``) running.
+Nothing here writes ``jobs/status``. Migrations are created in waves of ``--wave`` (each wave
+carried to Progressing before the next), so at most a wave's pipelines start Python at once on
+a small machine; the set-up time is reported.
 
 1. Memory. The operator's resident set (``VmRSS`` from ``/proc``) idle with no resource (the
    baseline, same run), then with ``--resources`` EmbeddingMigrations all carried to Progressing
@@ -21,7 +30,14 @@ routing rows exist), as the operator's tests do.
    (read → observe: Jobs, the routing row and progress, an analysis check when due → decide →
    act → patch status), its mean and p50/p95 from the buckets, over the steady phase only
    (the counts before it are subtracted).
-3. Latencies, with all ``--resources`` ticking, each repeat on a resource of its own, the
+3. API requests, counted by the API server (its ``/metrics``: ``apiserver_request_total`` by
+   verb and resource, the control plane's own components left out by their ``system_client``
+   label; see ``benchmarks/kube_requests.py``) over the steady phase, minus a window of the
+   same length after the operator has stopped (the Pod runner's heartbeats and Pod watch);
+   per resource per minute. A LIST per tick is flagged with what it returns and what the
+   server walked to answer it (``apiserver_cache_list_*``). Goal: no per-tick list whose
+   answer grows with the namespace.
+4. Latencies, with all ``--resources`` ticking, each repeat on a resource of its own, the
    routing row polled every 10 ms on an open connection:
    (b) ``maxPercentage: 0`` merge-patched through the API → row 0 %. Goal ≤ 2 s.
    (w) an Alertmanager webhook (v4 payload, bearer token) for the resource → row 0 %. Goal ≤ 1 s.
@@ -31,6 +47,12 @@ routing rows exist), as the operator's tests do.
    Baseline, measured in the same run: a direct ``UPDATE … ; SELECT pg_notify(…)`` on an open
    connection then a read-back (the floor of any controller).
 
+``--kubeconfig``: a cluster of your own instead (kind, k3d; it must let its user read
+``/metrics`` and create the CRD). The Pod runner still plays the kubelet for the benchmark's
+namespace, binding its Pods to a node of its own; on a cluster whose scheduler binds them first,
+that cluster's kubelet runs them in ``spec.migration.image`` (``--image``), which must then
+reach this machine's PostgreSQL.
+
 Exit status 0 means every goal was met.
 """
 
@@ -39,7 +61,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import multiprocessing
 import os
 import random
 import signal
@@ -56,14 +77,16 @@ from typing import Any, TypeVar
 
 import httpx
 import psycopg
+import yaml
 from kubernetes import client
 from kubernetes import config as kube_config
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the emulator is the test suite's (tests/operator/kube)
+sys.path.insert(0, str(ROOT))  # the control plane and the Pod runner are the test suite's
 
+from benchmarks.kube_requests import ApiServerMetrics, Window  # noqa: E402
 from embedshift_operator.adapters.kube import LABEL_KIND  # noqa: E402
 from embedshift_operator.resource import GROUP, PLURAL, VERSION, parse_migration  # noqa: E402
 from rag_service.criteria import metric_query  # noqa: E402
@@ -74,12 +97,13 @@ from rag_service.testing.prometheus import running_prometheus, serving_metrics  
 from rag_service.testing.rollout import manifest  # noqa: E402
 from rag_service.testing.service_process import free_port  # noqa: E402
 from rag_service.testing.traffic import ContractTraffic, VersionTraffic  # noqa: E402
-from tests.operator.e2e.target import stand_in  # noqa: E402
+from tests.kube_cluster import control_plane  # noqa: E402
+from tests.kubelet import PodRunner  # noqa: E402
 
 T = TypeVar("T")
 
 NS = "bench"
-TABLE = "docs"
+CRD_PATH = ROOT / "crds" / "embeddingmigrations.embedshift.io.yaml"
 WINDOW = "5s"
 SCRAPE = "500ms"
 TOKEN = "bench-alert-token"  # noqa: S105 (a throwaway token for a loopback receiver)
@@ -93,6 +117,8 @@ MB = 1024 * 1024
 GOAL_RSS_MB = 150.0
 GOAL_EDIT = 2.0
 GOAL_WEBHOOK = 1.0
+IMAGE = "ghcr.io/embedshift/embedshift:bench"  # the Pod runner runs this venv's embedshift
+FLOOR_TABLE = "docs_floor"
 
 
 def name_of(index: int) -> str:
@@ -103,45 +129,43 @@ def key_of(index: int) -> str:
     return f"{NS}/{name_of(index)}"
 
 
-def document(index: int, *, prometheus_url: str, interval: str) -> dict[str, Any]:
-    """The test suite's fast manifest, one long step (no promotion during the run)."""
+def table_of(index: int) -> str:
+    return f"docs_{index:03d}"
+
+
+def document(
+    index: int, *, prometheus_url: str, interval: str, image: str = IMAGE
+) -> dict[str, Any]:
+    """The test suite's fast manifest, one long step (no promotion during the run), over a
+    table of its own (the Jobs of two migrations never share a side table)."""
     doc = manifest(
         name=name_of(index),
         prometheus_url=prometheus_url,
-        table=TABLE,
+        table=table_of(index),
         steps=((10, "1h"), (100, "1h")),
         shards=1,
         analysis={"interval": interval, "window": WINDOW, "successfulChecks": 3},
     )
     doc["metadata"]["namespace"] = NS
-    doc["spec"]["migration"]["image"] = "ghcr.io/embedshift/embedshift:bench"  # never pulled
+    doc["spec"]["migration"]["image"] = image
     doc["spec"]["database"]["urlSecretRef"] = {"name": "rag-db", "key": "url"}
     return doc
 
 
-# ---- the cluster: the emulator in a process of its own -------------------------------------------
-
-
-def _serve_cluster(directory: str, ready: Any, stop: Any) -> None:
-    with stand_in(Path(directory)) as target:
-        ready.put(target.kubeconfig)
-        stop.wait()
+# ---- the cluster: a real control plane, or the user's -------------------------------------------
 
 
 @contextmanager
-def cluster_process(workdir: Path) -> Iterator[str]:
-    """The e2e suite's stand-in API server in its own process (as an API server runs apart from
-    its clients: in a thread here it shared the GIL with the exporter Prometheus scrapes); the
-    path of its kubeconfig."""
-    context = multiprocessing.get_context("spawn")
-    ready, stop = context.Queue(), context.Event()
-    process = context.Process(target=_serve_cluster, args=(str(workdir), ready, stop), daemon=True)
-    process.start()
-    try:
-        yield str(ready.get(timeout=60))
-    finally:
-        stop.set()
-        process.join(timeout=30)
+def api_server(kubeconfig: str | None, workdir: Path) -> Iterator[str]:
+    """The path of the kubeconfig of the API server the run uses: the user's, else a fresh
+    control plane (``tests/kube_cluster.py``) with its state under ``workdir``, stopped after."""
+    if kubeconfig:
+        yield kubeconfig
+        return
+    started = time.monotonic()
+    with control_plane(workdir / "control-plane") as target:
+        print(f"control plane up in {time.monotonic() - started:.1f} s", flush=True)
+        yield target.kubeconfig
 
 
 # ---- the operator as shipped ---------------------------------------------------------------------
@@ -279,8 +303,38 @@ class Cluster:
         self.objects = client.CustomObjectsApi(self.api)
         self.database_url = database_url
 
+    def apply_crd(self) -> None:
+        """``kubectl apply -f crds/`` and ``kubectl wait --for=condition=Established``."""
+        manifest: dict[str, Any] = yaml.safe_load(CRD_PATH.read_text())
+        extensions = client.ApiextensionsV1Api(self.api)
+        name = manifest["metadata"]["name"]
+        try:
+            extensions.create_custom_resource_definition(manifest)
+        except client.ApiException as exc:
+            if exc.status != 409:
+                raise
+            current = extensions.read_custom_resource_definition(name)
+            manifest["metadata"]["resourceVersion"] = current.metadata.resource_version
+            extensions.replace_custom_resource_definition(name, manifest)
+
+        def established() -> bool:
+            crd = extensions.read_custom_resource_definition(name)
+            return any(
+                c.type == "Established" and c.status == "True"
+                for c in (crd.status.conditions or [])
+            )
+
+        wait_until("the CRD Established", established, timeout=60, alive=lambda: None)
+
     def create_namespace(self) -> None:
         self.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=NS)))
+
+        def service_account() -> bool:
+            # The Job controller cannot create Pods before the namespace's default account.
+            names = [a.metadata.name for a in self.core.list_namespaced_service_account(NS).items]
+            return "default" in names
+
+        wait_until("the default ServiceAccount", service_account, timeout=60, alive=lambda: None)
 
     def create_secret(self) -> None:
         body = client.V1Secret(
@@ -299,18 +353,14 @@ class Cluster:
             for item in listed["items"]
         }
 
-    def complete_jobs(self) -> int:
-        """Complete every Job not yet complete (no kubelet runs them); how many were."""
-        done = 0
+    def failed_jobs(self) -> list[str]:
+        """Jobs the Job controller failed, with its reason (a Pod that could not run)."""
+        failed = []
         for job in self.batch.list_namespaced_job(NS).items:
-            if job.status is not None and job.status.succeeded:
-                continue
-            body = {
-                "status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}
-            }
-            self.batch.patch_namespaced_job_status(job.metadata.name, NS, body)
-            done += 1
-        return done
+            for c in (job.status.conditions if job.status else None) or []:
+                if c.type == "Failed" and c.status == "True":
+                    failed.append(f"{job.metadata.name}: {c.reason}: {c.message}")
+        return failed
 
     def job_kinds(self) -> dict[str, int]:
         kinds: dict[str, int] = {}
@@ -369,6 +419,12 @@ class Results:
     breach: list[float] = field(default_factory=list)
     floor: list[float] = field(default_factory=list)
     load: tuple[float, float] = (0.0, 0.0)
+    wave: int = 0
+    setup_seconds: float = 0.0  # created → all Progressing, every Job run by the Pod runner
+    waves: list[float] = field(default_factory=list)
+    jobs: dict[str, int] = field(default_factory=dict)
+    operator_window: Window | None = None  # API requests over the steady phase
+    baseline_window: Window | None = None  # the same length, the operator stopped
 
 
 class Rows:
@@ -455,7 +511,7 @@ def alert_payload(key: str) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> Results:
     interval = float(args.interval.removesuffix("s"))
-    results = Results(resources=args.resources, interval=interval)
+    results = Results(resources=args.resources, interval=interval, wave=args.wave)
     workdir = Path(tempfile.mkdtemp(prefix="embedshift-bench-operator-"))
     keys = [key_of(i) for i in range(args.resources)]
     registry = CollectorRegistry()
@@ -466,28 +522,62 @@ def run(args: argparse.Namespace) -> Results:
         ContractTraffic(registry, traffic_of) as traffic,
         serving_metrics(registry) as target,
         running_prometheus(targets=[target], scrape_interval=SCRAPE) as prometheus,
-        cluster_process(workdir) as kubeconfig_path,
+        api_server(args.kubeconfig, workdir) as kubeconfig_path,
+        PodRunner(kubeconfig_path, workdir / "pods", on_error=_runner_error) as runner,
     ):
         name, url = create_database(admin_url, prefix="bench_operator")
+        metrics = ApiServerMetrics(kubeconfig_path)
         try:
-            create_corpus(url, table=TABLE, count=args.rows)
-            first = document(0, prometheus_url=prometheus.url, interval=args.interval)
-            data_plane = parse_migration(first, where="bench").spec.data_plane
-            print(f"setup: the side table and {len(keys) + 1} routing rows", flush=True)
-            for key in [*keys, "bench/floor"]:
-                asyncio.run(setup(url, data_plane, migration=key))
+            for i in range(args.resources):
+                create_corpus(url, table=table_of(i), count=args.rows, source_dimensions=32)
+            # The floor's routing row: a row of its own, beside no migration's.
+            create_corpus(url, table=FLOOR_TABLE, count=args.rows, source_dimensions=32)
+            floor = document(0, prometheus_url=prometheus.url, interval=args.interval)
+            floor["spec"]["database"]["table"] = FLOOR_TABLE
+            data_plane = parse_migration(floor, where="bench").spec.data_plane
+            asyncio.run(setup(url, data_plane, migration="bench/floor"))
             prometheus.wait_for_scrape(scrapes=2)
             kubeconfig = Path(kubeconfig_path)
             cluster = Cluster(kubeconfig_path, url)
+            cluster.apply_crd()
+            cluster.create_namespace()
+            cluster.create_secret()
+            runner.serve(NS)
             rows = Rows(url)
             try:
                 with running_operator(kubeconfig, workdir) as operator:
-                    measure(args, results, cluster, operator, prometheus.url, traffic, rows, rng)
+                    measure(
+                        args,
+                        results,
+                        cluster,
+                        operator,
+                        prometheus.url,
+                        traffic,
+                        rows,
+                        rng,
+                        runner,
+                        metrics,
+                    )
+                # The same window with the operator gone: what the rest asks (the Pod
+                # runner's heartbeats and Pod watch), to subtract.
+                time.sleep(5)
+                before = metrics.read()
+                started = time.monotonic()
+                time.sleep(args.steady)
+                results.baseline_window = Window.between(
+                    before, metrics.read(), time.monotonic() - started
+                )
             finally:
                 rows.close()
         finally:
+            metrics.close()
             drop_database(admin_url, name)
     return results
+
+
+def _runner_error(message: str) -> None:
+    if not message.startswith("watch:"):  # a watch that ends is re-opened; others matter
+        print(f"pod runner: {message}", file=sys.stderr, flush=True)
 
 
 def measure(
@@ -499,33 +589,59 @@ def measure(
     traffic: ContractTraffic,
     rows: Rows,
     rng: random.Random,
+    runner: PodRunner,
+    metrics: ApiServerMetrics,
 ) -> None:
     n = args.resources
     time.sleep(3)  # let the idle operator settle (imports done, watches open)
     results.rss_idle = operator.rss_mb()
     print(f"idle: RSS {results.rss_idle[0]:.1f} MB", flush=True)
 
-    cluster.create_namespace()
-    cluster.create_secret()
     started = time.monotonic()
-    for i in range(n):
-        cluster.create(document(i, prometheus_url=prometheus_url, interval=args.interval))
+    for first in range(0, n, args.wave):
+        wave = range(first, min(first + args.wave, n))
+        wave_started = time.monotonic()
+        for i in wave:
+            cluster.create(
+                document(i, prometheus_url=prometheus_url, interval=args.interval, image=args.image)
+            )
 
-    def all_progressing() -> bool:
-        cluster.complete_jobs()
-        phases = cluster.phases()
-        return sum(p == "Progressing" for p in phases.values()) == n
+        def progressing(wave: range = wave) -> bool:
+            failed = cluster.failed_jobs()
+            if failed:
+                raise SystemExit("Jobs failed:\n" + "\n".join(failed))
+            phases = cluster.phases()
+            return all(phases.get(name_of(i)) == "Progressing" for i in wave)
+
+        wait_until(
+            f"resources {wave.start}-{wave.stop - 1} at Progressing",
+            progressing,
+            timeout=120 + 30 * len(wave),
+            alive=operator.check_alive,
+            every=0.5,
+        )
+        results.waves.append(time.monotonic() - wave_started)
+        print(
+            f"wave {len(results.waves)}: {len(wave)} resources at Progressing in "
+            f"{results.waves[-1]:.1f} s",
+            flush=True,
+        )
+
+    def followers_running() -> bool:
+        return len(runner.running(NS)) >= n
 
     wait_until(
-        f"{n} resources at Progressing",
-        all_progressing,
-        timeout=120 + 6 * n,
+        f"{n} follower Pods running",
+        followers_running,
+        timeout=60 + 2 * n,
         alive=operator.check_alive,
         every=0.5,
     )
+    results.setup_seconds = time.monotonic() - started
+    results.jobs = cluster.job_kinds()
     print(
-        f"{n} resources carried to Progressing in {time.monotonic() - started:.1f} s "
-        f"(Jobs: {cluster.job_kinds()})",
+        f"{n} resources carried to Progressing in {results.setup_seconds:.1f} s, their "
+        f"followers running (Jobs: {results.jobs}, completed by the Job controller)",
         flush=True,
     )
     results.load = (os.getloadavg()[0], 0.0)
@@ -533,6 +649,7 @@ def measure(
     # Steady state: every resource checked against Prometheus each interval.
     time.sleep(2 * results.interval)
     before = tick_histogram(operator.metrics_url)
+    requests_before = metrics.read()
     cpu_before = operator.cpu_seconds()
     steady_started = time.monotonic()
     for _ in range(args.samples):
@@ -542,6 +659,9 @@ def measure(
     after = tick_histogram(operator.metrics_url)
     results.cpu = operator.cpu_seconds() - cpu_before
     results.steady_seconds = time.monotonic() - steady_started
+    results.operator_window = Window.between(
+        requests_before, metrics.read(), results.steady_seconds
+    )
     results.ticks = int(after["count"] - before["count"])
     if results.ticks:
         results.tick_mean = (after["sum"] - before["sum"]) / results.ticks
@@ -641,7 +761,7 @@ def report(results: Results) -> bool:
         f"ticks: {results.ticks} in {results.steady_seconds:.0f} s "
         f"({results.ticks / max(results.steady_seconds, 1e-9):.1f}/s); per tick mean "
         f"{results.tick_mean * 1000:.1f} ms, p50 {results.tick_p50 * 1000:.1f} ms, "
-        f"p95 {results.tick_p95 * 1000:.1f} ms (wall, waits on the emulator included)"
+        f"p95 {results.tick_p95 * 1000:.1f} ms (wall, waits on the API server included)"
     )
     print(
         f"operator CPU: {results.cpu / max(results.steady_seconds, 1e-9) * 100:.0f} % of a core; "
@@ -658,8 +778,63 @@ def report(results: Results) -> bool:
             f"{label}: {ms(values)}; ×{ratio:.0f} the floor. Goal ≤ {goal:g} s: "
             f"{'met' if goals[key] else 'MISSED'}"
         )
+    goals["lists"] = report_requests(results)
+    waves = ", ".join(f"{w:.0f}" for w in results.waves)
+    print(
+        f"set-up: {results.resources} resources created → Progressing, followers running, in "
+        f"{results.setup_seconds:.0f} s (waves of {results.wave}: {waves} s); Jobs {results.jobs}"
+    )
     print(f"load average (1 min) before/after: {results.load[0]:.2f} / {results.load[1]:.2f}")
     return all(goals.values())
+
+
+def report_requests(results: Results) -> bool:
+    """API requests per resource per minute, the operator's (its window minus the baseline's);
+    True when no per-tick list answers with more than one migration's objects."""
+    window, baseline = results.operator_window, results.baseline_window
+    if window is None or baseline is None:
+        print("API requests: not measured")
+        return False
+    n = results.resources
+    ticks = results.ticks * 60.0 / window.seconds / n  # per resource per minute
+    ours = {k: v / n for k, v in window.minus(baseline).items()}
+    print(
+        f"API requests (server-side, apiserver_request_total; {window.seconds:.0f} s with the "
+        f"operator minus {baseline.seconds:.0f} s without it), per resource per minute "
+        f"({ticks:.1f} ticks per resource per minute):"
+    )
+    total = 0.0
+    per_migration = {"jobs.batch": sum(results.jobs.values()) / n, "deployments.apps": 1.0}
+    lists_ok = True
+    for key, rate in sorted(ours.items(), key=lambda kv: -abs(kv[1])):
+        if abs(rate) < 0.05:
+            continue
+        total += rate
+        verb, resource, scope = key
+        note = ""
+        if verb == "LIST" and rate >= 0.5 * ticks:
+            note = "  ← a LIST per tick" if rate < 1.5 * ticks else "  ← LISTs per tick"
+            lists = window.cache_lists.get(resource, 0.0)
+            if lists:
+                fetched = window.cache_fetched.get(resource, 0.0) / lists
+                returned = window.cache_returned.get(resource, 0.0) / lists
+                bound = per_migration.get(resource)
+                grows = bound is None or returned > bound + 0.5
+                lists_ok = lists_ok and not grows
+                note += (
+                    f" (label-selected: returns {returned:.1f} objects per list, one migration's "
+                    f"{bound if bound is not None else '?'}; the watch cache walked "
+                    f"{fetched:.1f} to find them{': GROWS with the namespace' if grows else ''})"
+                )
+            else:
+                lists_ok = False
+                note += " (not served from the watch cache: size unknown)"
+        print(f"  {verb:<7} {resource:<32} {scope:<9} {rate:7.2f}{note}")
+    print(f"  total {total:.1f} requests per resource per minute")
+    others = sum(baseline.per_minute().values())
+    print(f"  baseline without the operator (Pod runner, …): {others:.1f} requests per minute")
+    print(f"per-tick lists that grow with the namespace: {'none' if lists_ok else 'SOME'}")
+    return lists_ok
 
 
 def main() -> int:
@@ -669,7 +844,23 @@ def main() -> int:
     parser.add_argument("--interval", default="5s", help="analysis interval, seconds (5s)")
     parser.add_argument("--steady", type=float, default=30.0, help="steady phase, s (30)")
     parser.add_argument("--samples", type=int, default=10, help="RSS samples in it (10)")
-    parser.add_argument("--rows", type=int, default=200, help="corpus rows (200)")
+    parser.add_argument("--rows", type=int, default=5, help="rows per migration's table (5)")
+    parser.add_argument(
+        "--wave",
+        type=int,
+        default=10,
+        help="migrations created at once, carried to Progressing before the next wave (10)",
+    )
+    parser.add_argument(
+        "--kubeconfig",
+        help="a cluster of your own (kind, k3d) instead of a fresh control plane",
+    )
+    parser.add_argument(
+        "--image",
+        default=IMAGE,
+        help="spec.migration.image (a cluster's own "
+        "kubelet pulls it; the Pod runner runs this venv's embedshift)",
+    )
     parser.add_argument("--seed", type=int, default=1, help="random seed (1)")
     args = parser.parse_args()
     if args.resources < 3 * args.repeats:

@@ -21,6 +21,7 @@ import pytest
 
 from embedshift_operator.cli import main
 from embedshift_operator.cli.flags import add_spec_flags
+from rag_service.errors import EXIT_SCHEMA_REFUSED
 from rag_service.testing import EmbeddingServer
 from rag_service.testing.corpus import CATEGORIES, create_corpus
 from tests.helpers import Result, counts, flags, spec_for
@@ -252,12 +253,12 @@ def test_setup_never_repoints_a_routing_row_that_routes_traffic(
         "maxPercentage: 0",
         "another --migration name",
         "nothing was changed",
-        code=1,
+        code=EXIT_SCHEMA_REFUSED,
     )
     assert ("emergency flag" in line) is emergency
     assert _routing(database_url, key) == (25, emergency, old_table)
     assert not _exists(database_url, new_table)  # refused before any DDL
-    assert run(capsys, "migrate", "setup", *other, "--dry-run").code == 1
+    assert run(capsys, "migrate", "setup", *other, "--dry-run").code == EXIT_SCHEMA_REFUSED
 
     # At 0 % nothing is routed by it: the new target may take the row (and keeps its 0 %).
     _set_routing(database_url, key, 0, emergency=emergency)

@@ -8,6 +8,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from rag_service.errors import EXIT_PROVIDER_REFUSED, EXIT_SCHEMA_REFUSED
 from rag_service.testing.corpus import create_corpus
 from tests.helpers import Result, cli, flags
 
@@ -53,21 +54,29 @@ def test_non_text_column(capsys: pytest.CaptureFixture[str], database_url: str, 
         capsys, "migrate", "setup", "--database-url", database_url, "--table", "num_text",
         "--target", "local:hash@8",
     )  # fmt: skip
-    one_clear_line(result, "textColumn", "is integer, not text", "nothing was changed")
+    one_clear_line(
+        result,
+        "textColumn",
+        "is integer, not text",
+        "nothing was changed",
+        code=EXIT_SCHEMA_REFUSED,
+    )
 
 
 def test_id_column_that_is_not_unique(
     capsys: pytest.CaptureFixture[str], database_url: str, docs: str
 ) -> None:
     result = cli(capsys, "migrate", "setup", *flags(database_url, "no_pk"))
-    one_clear_line(result, "idColumn", "not unique", "nothing was changed")
+    one_clear_line(
+        result, "idColumn", "not unique", "nothing was changed", code=EXIT_SCHEMA_REFUSED
+    )
 
 
 def test_partitioned_table_is_refused(
     capsys: pytest.CaptureFixture[str], database_url: str, docs: str
 ) -> None:
     result = cli(capsys, "migrate", "setup", *flags(database_url, "parted"))
-    one_clear_line(result, "partitioned", "nothing was changed")
+    one_clear_line(result, "partitioned", "nothing was changed", code=EXIT_SCHEMA_REFUSED)
 
 
 @pytest.mark.parametrize(
@@ -137,7 +146,12 @@ def test_missing_api_key(
     base = flags(database_url, docs, target="openai:text-embedding-3-small@768")
     assert cli(capsys, "migrate", "setup", *base).code == 0
     result = cli(capsys, "migrate", "run", *base)
-    one_clear_line(result, "no API key", "EMBEDSHIFT_TARGET_API_KEY or OPENAI_API_KEY")
+    one_clear_line(
+        result,
+        "no API key",
+        "EMBEDSHIFT_TARGET_API_KEY or OPENAI_API_KEY",
+        code=EXIT_PROVIDER_REFUSED,
+    )
 
 
 def test_run_before_setup(capsys: pytest.CaptureFixture[str], database_url: str, docs: str) -> None:
@@ -160,7 +174,9 @@ def test_existing_side_table_of_another_type_is_refused(
     base = flags(database_url, docs, target="local:hash@24")
     assert cli(capsys, "migrate", "setup", *base).code == 0
     result = cli(capsys, "migrate", "setup", *base, "--halfvec")
-    one_clear_line(result, "already exists with embedding vector(24)", "halfvec(24)")
+    one_clear_line(
+        result, "already exists with embedding vector(24)", "halfvec(24)", code=EXIT_SCHEMA_REFUSED
+    )
 
 
 def test_halfvec_allows_more_than_2000_dimensions(

@@ -7,6 +7,7 @@ import json
 import psycopg
 import pytest
 
+from rag_service.errors import EXIT_VERIFICATION
 from rag_service.schema import layout_for
 from rag_service.testing.corpus import create_corpus
 from tests.helpers import cli, flags, spec_for, table_name
@@ -64,7 +65,7 @@ def test_an_invalid_leftover_index_fails_verify_and_is_rebuilt(
             [f'"{index_name(migrated)}"'],
         )
     broken = cli(capsys, "migrate", "verify", *base, "--json")
-    assert broken.code == 1
+    assert broken.code == EXIT_VERIFICATION
     assert "INVALID" in checks(broken.out)["index_recall"]["detail"]  # type: ignore[operator]
     repaired = json.loads(cli(capsys, "migrate", "index", *base, "--json").out)
     assert repaired["action"] == "rebuilt-invalid"
@@ -95,13 +96,13 @@ def test_verify_finds_stale_pending_and_broken_vectors(
         conn.execute(f"INSERT INTO \"{migrated}\" VALUES (5000, 'A new row.', 'events')")
         conn.execute(f'UPDATE "{target}" SET embedding = embedding + embedding WHERE id = 3')
     result = cli(capsys, "migrate", "verify", *base, "--json")
-    assert result.code == 1
+    assert result.code == EXIT_VERIFICATION
     found = checks(result.out)
     assert found["stale_hashes"]["value"] == 2 and not found["stale_hashes"]["ok"]
     assert found["pending"]["value"] == {"rows": 3, "queued": 3}
     assert found["unit_norms"]["value"] == 1 and not found["unit_norms"]["ok"]
     human = cli(capsys, "migrate", "verify", *base)
-    assert human.code == 1 and "verification FAILED" in human.out
+    assert human.code == EXIT_VERIFICATION and "verification FAILED" in human.out
     status = json.loads(cli(capsys, "migrate", "status", *base, "--json").out)
     assert status["pending"] == 3 and status["stale"] == 2 and status["queued"] == 3
     assert status["byCategory"]["events"]["pending"] >= 1

@@ -11,6 +11,7 @@ import psycopg
 import pytest
 from pgvector.psycopg import register_vector
 
+from rag_service.errors import EXIT_PROVIDER_REFUSED
 from rag_service.migrate import RunOptions, Shard, run_migration
 from rag_service.providers.base import Embeddings, Purpose
 from rag_service.providers.local import HashEmbedder, LocalProvider
@@ -219,7 +220,7 @@ def test_budget_stops_before_it_is_exceeded_and_resumes(
     base = [*flags(database_url, corpus), "--price", "local:hash=1000"]
     assert cli(capsys, "migrate", "setup", *base).code == 0
     stopped = cli(capsys, "migrate", "run", *base, "--budget-usd", "2", "--batch-size", "50")
-    assert stopped.code == 1
+    assert stopped.code == EXIT_PROVIDER_REFUSED  # no rerun mends it: raise the budget
     assert "embedshift: error: --budget-usd" in stopped.err and "Traceback" not in stopped.err
     with psycopg.connect(database_url) as conn:
         spent = conn.execute(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from rag_service.errors import QuotaExceeded
+from rag_service.errors import EXIT_PROVIDER_REFUSED, QuotaExceeded
 from rag_service.migrate import RunOptions, run_migration
 from rag_service.schema import setup
 from rag_service.testing import EmbeddingServer
@@ -94,7 +94,7 @@ def test_insufficient_quota_fails_fast_and_writes_nothing(
     assert cli(capsys, "migrate", "setup", *base).code == 0
     embedding_server.insufficient_quota = True
     result = cli(capsys, "migrate", "run", *base, "--concurrency", "1")
-    assert result.code == 1
+    assert result.code == EXIT_PROVIDER_REFUSED
     assert "embedshift: error:" in result.err and "quota" in result.err.lower()
     assert "Traceback" not in result.err and embedding_api_key not in result.err + result.out
     assert len(embedding_server.requests) == 1  # never retried
@@ -123,7 +123,7 @@ def test_vectors_of_the_wrong_dimension_are_refused(
     assert cli(capsys, "migrate", "setup", *base).code == 0
     embedding_server.wrong_dimensions = True
     result = cli(capsys, "migrate", "run", *base)
-    assert result.code == 1
+    assert result.code == EXIT_PROVIDER_REFUSED
     assert "expected 64" in result.err and "nothing was stored" in result.err
     assert counts(database_url, spec_for(corpus, OPENAI)).target_rows == 0
 
@@ -139,7 +139,7 @@ def test_a_refused_key_is_reported_without_the_key(
     base = [*flags(database_url, corpus, OPENAI), "--target-base-url", embedding_server.url + "/v1"]
     assert cli(capsys, "migrate", "setup", *base).code == 0
     result = cli(capsys, "migrate", "run", *base)
-    assert result.code == 1 and "embedshift: error:" in result.err
+    assert result.code == EXIT_PROVIDER_REFUSED and "embedshift: error:" in result.err
     assert "sk-wrong-key-123456" not in result.err + result.out
 
 

@@ -23,6 +23,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, Self, TypeVar
 
@@ -42,7 +43,7 @@ from embedshift_operator.resource import (
     JobState,
     parse_migration,
 )
-from rag_service.errors import ConfigError, EmbedshiftError
+from rag_service.errors import PERMANENT_EXIT_CODES, ConfigError, EmbedshiftError
 from rag_service.spec import SecretKeyRef
 
 __all__ = [
@@ -81,6 +82,15 @@ ACTIVE_DEADLINE_SECONDS = 24 * 3600  # a backfill of millions of rows takes hour
 # keeps each Job's outcome in status, so the Job's disappearance afterwards changes nothing.
 TTL_SECONDS_AFTER_FINISHED = 7 * 24 * 3600
 RUN_AS_USER = 65532  # the distroless "nonroot" uid; the image need not define a user by name
+CONTAINER = "embedshift"
+# The Job controller's message when a FailJob rule matched (kubernetes pkg/controller/job):
+# "Container embedshift for pod rag/docs-verify-x-abcde failed with exit code 3 matching FailJob
+# rule at index 0".
+_POLICY_MESSAGE = re.compile(
+    r"for pod (?P<ns>[^/\s]+)/(?P<pod>\S+) failed with exit code (?P<code>\d+)"
+)
+POLICY_REASON = "PodFailurePolicy"  # the Job condition's reason when a FailJob rule matched
+CLI_ERROR = "embedshift: error:"
 
 _T = TypeVar("_T")
 
@@ -215,7 +225,7 @@ def _pod_spec(
 ) -> dict[str, Any]:
     resources = resource.spec.migration.resources
     container: dict[str, Any] = {
-        "name": "embedshift",
+        "name": CONTAINER,
         "image": image,
         "command": ["embedshift"],
         "args": [*args, "--config", CONFIG_PATH, "--migration", resource.key],
@@ -284,6 +294,7 @@ def job_manifest(
         "metadata": owned_metadata(resource, action.name, labels),
         "spec": {
             "backoffLimit": BACKOFF_LIMIT,
+            "podFailurePolicy": pod_failure_policy(),
             "activeDeadlineSeconds": active_deadline_seconds,
             "ttlSecondsAfterFinished": ttl_seconds_after_finished,
             "template": {
@@ -296,6 +307,31 @@ def job_manifest(
                 ),
             },
         },
+    }
+
+
+def pod_failure_policy() -> dict[str, Any]:
+    """Fail the Job at once on an exit code no retry mends; a node drain costs no retry. Pure.
+
+    Rules match in order: the container's own verdict first, so a verification that failed while
+    its node drained still fails the Job. Requires ``restartPolicy: Never``.
+    """
+    return {
+        "rules": [
+            {
+                "action": "FailJob",
+                "onExitCodes": {
+                    "containerName": CONTAINER,
+                    "operator": "In",
+                    "values": sorted(PERMANENT_EXIT_CODES),
+                },
+            },
+            # status: the server's default, written out so the stored Job equals the manifest.
+            {
+                "action": "Ignore",
+                "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+            },
+        ]
     }
 
 
@@ -336,8 +372,12 @@ def follower_manifest(
 # ---- reading Job status -------------------------------------------------------------------------
 
 
-def job_observation(job: client.V1Job) -> JobObservation:
-    """A Job's state from its status: the terminal conditions first, then the counters."""
+def job_observation(job: client.V1Job, *, termination: str = "") -> JobObservation:
+    """A Job's state from its status: the terminal conditions first, then the counters.
+
+    ``termination``: the failed Pod's termination message (its log's tail), for a Job its
+    ``podFailurePolicy`` failed; the message then says why once, with the CLI's own error line.
+    """
     status = job.status
     if status is None:
         return JobObservation(state=JobState.RUNNING)  # created, no Pod yet: launched all the same
@@ -345,7 +385,10 @@ def job_observation(job: client.V1Job) -> JobObservation:
     for kind in ("Failed", "FailureTarget"):
         if kind in conditions:
             c = conditions[kind]
-            message = ": ".join(p for p in (c.reason, c.message) if p) or "the Job failed"
+            if c.reason == POLICY_REASON:
+                message = policy_failure_message(c.message or "", termination)
+            else:
+                message = ": ".join(p for p in (c.reason, c.message) if p) or "the Job failed"
             return JobObservation(state=JobState.FAILED, message=_one_line(message))
     if "Complete" in conditions or "SuccessCriteriaMet" in conditions or (status.succeeded or 0):
         return JobObservation(state=JobState.SUCCEEDED)
@@ -354,6 +397,52 @@ def job_observation(job: client.V1Job) -> JobObservation:
             state=JobState.FAILED, message=f"failed {status.failed} times (backoffLimit reached)"
         )
     return JobObservation(state=JobState.RUNNING)
+
+
+def policy_pod(job: client.V1Job) -> tuple[str, str] | None:
+    """(namespace, name) of the Pod whose exit code failed ``job`` by its podFailurePolicy."""
+    status = job.status
+    for c in (status.conditions if status is not None else None) or []:
+        if c.status == "True" and c.reason == POLICY_REASON:
+            found = _POLICY_MESSAGE.search(c.message or "")
+            if found:
+                return found["ns"], found["pod"]
+    return None
+
+
+def policy_failure_message(condition: str, termination: str) -> str:
+    """Why a Job failed by its podFailurePolicy, once: the CLI's error line (else what its exit
+    code means) and the Pod and code, never "failed N times" (it ran once). Pure."""
+    error = cli_error_line(termination)
+    found = _POLICY_MESSAGE.search(condition)
+    if found is None:  # another wording than the Job controller's of 1.31-1.36: keep it whole
+        return "; ".join(p for p in (error, f"{POLICY_REASON}: {condition}") if p)
+    code = int(found["code"])
+    why = error or PERMANENT_EXIT_CODES.get(code, "a FailJob exit code")
+    return f"{why} (pod {found['ns']}/{found['pod']} exited {code}, not retried)"
+
+
+def cli_error_line(text: str) -> str:
+    """The CLI's own error from a log's tail (``embedshift: error: …``, prefix removed), else its
+    last non-empty line; "" for none. Pure."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith(CLI_ERROR)]
+    if errors:
+        return errors[-1].removeprefix(CLI_ERROR).strip()
+    return lines[-1] if lines else ""
+
+
+def termination_message(pod: client.V1Pod) -> str:
+    """The embedshift container's termination message (FallbackToLogsOnError: its log's tail)."""
+    statuses = pod.status.container_statuses if pod.status is not None else None
+    for container in statuses or []:
+        if container.name != CONTAINER:
+            continue
+        for state in (container.state, container.last_state):
+            terminated = state.terminated if state is not None else None
+            if terminated is not None and terminated.message:
+                return str(terminated.message)
+    return ""
 
 
 def as_model(model: type[_M], manifest: dict[str, Any]) -> _M:
@@ -387,6 +476,8 @@ class KubeJobs:
         self._batch = client.BatchV1Api(api)
         self._apps = client.AppsV1Api(api)
         self._operator_image = operator_image
+        # A failed Job's Pod message by the Job's uid: read once, not on every tick for a week.
+        self._terminations: dict[str, str] = {}
 
     async def observe(self, resource: EmbeddingMigration) -> dict[str, JobObservation]:
         """Every Job of this migration, by name: Running, Succeeded or Failed (with a message)."""
@@ -399,10 +490,33 @@ class KubeJobs:
             lambda: self._batch.list_namespaced_job(namespace=ns, label_selector=selector),
         )
         return {
-            job.metadata.name: job_observation(job)
+            job.metadata.name: job_observation(job, termination=await self._termination(job))
             for job in jobs.items
             if job.metadata is not None and job.metadata.name
         }
+
+    async def _termination(self, job: client.V1Job) -> str:
+        """The termination message of the Pod that failed ``job`` by its podFailurePolicy; "" for
+        another Job, or when the Pod cannot be read (gone, or no RBAC to get Pods): the Job's
+        condition still says which exit code, and what it means."""
+        where = policy_pod(job)
+        if where is None:
+            return ""
+        meta = job.metadata
+        key = str((meta.uid or meta.name) if meta is not None else where)
+        if key not in self._terminations:
+            ns, name = where
+            try:
+                pod = await _call(
+                    f"get Pod {ns}/{name}", lambda: self._core.read_namespaced_pod(name, ns)
+                )
+            except ClusterError as exc:
+                if exc.status not in (403, 404):  # unreachable now: ask again next tick
+                    return ""
+                self._terminations[key] = ""  # no RBAC to get Pods, or the Pod is gone
+            else:
+                self._terminations[key] = termination_message(pod)
+        return self._terminations[key]
 
     async def run_job(self, resource: EmbeddingMigration, action: RunJob) -> bool:
         """Create the Job (and its ConfigMap). True when created; False when it already exists."""

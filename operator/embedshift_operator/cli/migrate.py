@@ -21,7 +21,7 @@ from embedshift_operator.cli.flags import (
     shard,
     usd,
 )
-from rag_service.errors import ConfigError
+from rag_service.errors import ConfigError, VerificationFailed
 from rag_service.follow import DEFAULT_SWEEP_SECONDS, follow_command
 from rag_service.indexes import build_index
 from rag_service.migrate import DryRun, RunOptions, RunReport, Shard, plan_run, run_migration
@@ -330,7 +330,11 @@ async def _verify(args: argparse.Namespace) -> int:
             )
         _out.print(cats)
         _out.print("verification passed" if result.ok else "verification FAILED")
-    return 0 if result.ok else 1
+    if not result.ok:
+        # Its own exit code, so a Job fails at once (a rerun measures the same) with this line.
+        failed = "; ".join(f"{c.name}: {c.detail}" for c in result.checks if not c.ok)
+        raise VerificationFailed(f"verification failed: {failed}")
+    return 0
 
 
 async def _index(args: argparse.Namespace) -> int:

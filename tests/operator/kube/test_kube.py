@@ -15,6 +15,7 @@ from kubernetes import client
 
 from embedshift_operator.adapters.kube import (
     CONFIG_PATH,
+    CONTAINER,
     ClusterError,
     KubeJobs,
     as_model,
@@ -25,7 +26,14 @@ from embedshift_operator.adapters.kube import (
 from embedshift_operator.core.jobs import follower_name, job_name
 from embedshift_operator.core.model import EnsureFollower, JobObservation, RunJob
 from embedshift_operator.resource import EmbeddingMigration, JobKind, JobState
-from rag_service.errors import ConfigError, EmbedshiftError
+from rag_service.errors import (
+    EXIT_CONFIG,
+    EXIT_RETRYABLE,
+    EXIT_VERIFICATION,
+    PERMANENT_EXIT_CODES,
+    ConfigError,
+    EmbedshiftError,
+)
 from tests.operator.kube.conftest import Cluster
 from tests.operator.kube.harness import env_vars, job_container, meta, name_of, secret_key_ref
 
@@ -33,6 +41,7 @@ NS = "rag"
 UID = "0f8e6b1a-4c1d-4e53-9d8e-2b7c1f7a9e11"
 OPERATOR_IMAGE = "ghcr.io/embedshift/embedshift:0.1.0"
 K8S_VERSION = "1.33"  # the schemas kubernetes-validate checks the built-in kinds against
+K8S_SERVED = "1.36"  # and the version the suite's control plane runs
 
 
 def migration(
@@ -125,6 +134,27 @@ def test_job_spec_limits_and_restart_policy() -> None:
     assert spec["template"]["spec"]["restartPolicy"] == "Never"
 
 
+def test_a_failure_no_retry_mends_fails_the_job_at_once() -> None:
+    manifest = job_manifest(migration(), migrate_action(migration()), operator_image=OPERATOR_IMAGE)
+    spec = manifest["spec"]
+    fail_job, ignore = spec["podFailurePolicy"]["rules"]
+    # A refused spec or a failed verification: the Job fails on the first exit, not the third.
+    assert fail_job["action"] == "FailJob"
+    codes = fail_job["onExitCodes"]
+    assert codes["containerName"] == container(manifest)["name"] == CONTAINER
+    assert codes["operator"] == "In"
+    assert codes["values"] == sorted(PERMANENT_EXIT_CODES)
+    assert {EXIT_CONFIG, EXIT_VERIFICATION} <= set(codes["values"])
+    # A database that is down (exit 1) is retried by backoffLimit.
+    assert EXIT_RETRYABLE not in codes["values"]
+    assert spec["backoffLimit"] >= 1
+    # A node drain evicting the Pod counts against nothing.
+    assert ignore["action"] == "Ignore"
+    assert ignore["onPodConditions"] == [{"type": "DisruptionTarget", "status": "True"}]
+    # The API server refuses a podFailurePolicy on any other restartPolicy.
+    assert spec["template"]["spec"]["restartPolicy"] == "Never"
+
+
 def test_pod_and_container_security() -> None:
     manifest = job_manifest(migration(), migrate_action(migration()), operator_image=OPERATOR_IMAGE)
     pod = manifest["spec"]["template"]["spec"]
@@ -140,7 +170,7 @@ def test_pod_and_container_security() -> None:
     assert sc["capabilities"] == {"drop": ["ALL"]}
     assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
     assert {"name": "tmp", "emptyDir": {}} in pod["volumes"]
-    assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]  # noqa: S108
+    assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
     assert pod["automountServiceAccountToken"] is False
 
 
@@ -274,6 +304,7 @@ def test_manifests_pass_the_real_client_and_the_openapi_schemas() -> None:
         sanitized = serializer.sanitize_for_serialization(built)  # type: ignore[no-untyped-call]
         assert sanitized == manifest
         kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
+        kubernetes_validate.validate(manifest, K8S_SERVED, strict=True)
 
 
 # ---- the runner against the emulator ------------------------------------------------------------
@@ -361,6 +392,87 @@ async def test_observe_follows_job_status(cluster: Cluster) -> None:
         JobState.FAILED, "BackoffLimitExceeded: Job has reached the specified backoff limit"
     )
     assert set(seen) == {one.name, two.name}
+
+
+def policy_failure(pod: str, code: int) -> dict[str, Any]:
+    """What the Job controller writes when a FailJob rule of the podFailurePolicy matched."""
+    message = (
+        f"Container {CONTAINER} for pod {NS}/{pod} failed with exit code {code} matching "
+        "FailJob rule at index 0"
+    )
+    return {
+        "failed": 1,
+        "conditions": [
+            {"type": kind, "status": "True", "reason": "PodFailurePolicy", "message": message}
+            for kind in ("FailureTarget", "Failed")
+        ],
+    }
+
+
+async def test_a_job_failed_by_its_policy_says_why_once(cluster: Cluster) -> None:
+    runner = KubeJobs(cluster.api, operator_image=OPERATOR_IMAGE)
+    resource = migration()
+    action = migrate_action(resource)
+    await runner.run_job(resource, action)
+    pod = f"{action.name}-x7k2p"
+    error = "verification failed: index_recall: recall@10 of docs_v2_idx is 0.61 < 0.9"
+    # FallbackToLogsOnError: the log's tail, the CLI's error line last.
+    log_tail = "\n".join(
+        ["index_recall  ✗  0.61", "verification FAILED", f"embedshift: error: {error}", ""]
+    )
+    await asyncio.to_thread(
+        client.CoreV1Api(cluster.api).create_namespaced_pod,
+        namespace=NS,
+        body=as_model(
+            client.V1Pod,
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": pod, "namespace": NS},
+                "spec": {"containers": [{"name": CONTAINER, "image": OPERATOR_IMAGE}]},
+                "status": {
+                    "phase": "Failed",
+                    "containerStatuses": [
+                        {
+                            "name": CONTAINER,
+                            "image": OPERATOR_IMAGE,
+                            "imageID": "",
+                            "ready": False,
+                            "restartCount": 0,
+                            "state": {
+                                "terminated": {
+                                    "exitCode": EXIT_VERIFICATION,
+                                    "reason": "Error",
+                                    "message": log_tail,
+                                }
+                            },
+                        }
+                    ],
+                },
+            },
+        ),
+    )
+    await patch_job_status(cluster, action.name, policy_failure(pod, EXIT_VERIFICATION))
+    seen = (await runner.observe(resource))[action.name]
+    assert seen.state is JobState.FAILED
+    assert seen.message == f"{error} (pod {NS}/{pod} exited {EXIT_VERIFICATION}, not retried)"
+    assert "times" not in seen.message and "\n" not in seen.message
+
+
+async def test_without_its_pod_a_policy_failure_still_says_what_the_code_means(
+    cluster: Cluster,
+) -> None:
+    """The Pod is gone (or the operator may not read Pods): the exit code still explains."""
+    runner = KubeJobs(cluster.api, operator_image=OPERATOR_IMAGE)
+    resource = migration()
+    action = migrate_action(resource)
+    await runner.run_job(resource, action)
+    await patch_job_status(cluster, action.name, policy_failure("gone-abcde", EXIT_CONFIG))
+    seen = (await runner.observe(resource))[action.name]
+    assert seen == JobObservation(
+        JobState.FAILED,
+        f"the spec was refused (pod {NS}/gone-abcde exited {EXIT_CONFIG}, not retried)",
+    )
 
 
 async def test_ensure_follower_creates_one_and_replaces_another(cluster: Cluster) -> None:

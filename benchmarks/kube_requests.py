@@ -1,0 +1,141 @@
+"""What a client asks of a real kube-apiserver, counted on the server's side.
+
+The API server's own ``/metrics`` (read with the kubeconfig's credentials) count every request
+it served in ``apiserver_request_total`` by verb, group, resource, subresource and scope; there
+is no user-agent label, only ``system_client``, set for the control plane's own components
+(kube-controller-manager, kube-apiserver, kubelet, ...) and empty for everyone else. Two
+readings around a window give what was asked in it; a second window without the client of
+interest gives the rest (a test kubelet, ...), to subtract.
+
+Lists served from the watch cache are also counted by the objects they looked at and returned
+(``apiserver_cache_list_fetched_objects_total`` / ``..._returned_objects_total``): a list whose
+fetched count grows with the namespace while its returned count does not is a label-selected
+list the server filters by walking the namespace.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import httpx
+from kubernetes import client
+from kubernetes import config as kube_config
+from prometheus_client.parser import text_string_to_metric_families
+
+__all__ = ["ApiServerMetrics", "Reading", "Window"]
+
+# (verb, "resource[/subresource].group", scope)
+RequestKey = tuple[str, str, str]
+
+
+@dataclass
+class Reading:
+    """One reading of the counters of interest."""
+
+    requests: dict[RequestKey, float] = field(default_factory=dict)
+    cache_lists: dict[str, float] = field(default_factory=dict)  # by "resource.group"
+    cache_fetched: dict[str, float] = field(default_factory=dict)
+    cache_returned: dict[str, float] = field(default_factory=dict)
+
+
+def _resource(labels: Mapping[str, str]) -> str:
+    name = labels.get("resource", "")
+    if labels.get("subresource"):
+        name += f"/{labels['subresource']}"
+    if labels.get("group"):
+        name += f".{labels['group']}"
+    return name
+
+
+def _diff(after: Mapping[str, float], before: Mapping[str, float]) -> dict[str, float]:
+    return {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0)}
+
+
+@dataclass
+class Window:
+    """The difference of two readings over ``seconds``."""
+
+    seconds: float
+    requests: dict[RequestKey, float]
+    cache_lists: dict[str, float]
+    cache_fetched: dict[str, float]
+    cache_returned: dict[str, float]
+
+    @classmethod
+    def between(cls, before: Reading, after: Reading, seconds: float) -> Window:
+        requests = {
+            k: v - before.requests.get(k, 0.0)
+            for k, v in after.requests.items()
+            if v - before.requests.get(k, 0.0)
+        }
+        return cls(
+            seconds=seconds,
+            requests=requests,
+            cache_lists=_diff(after.cache_lists, before.cache_lists),
+            cache_fetched=_diff(after.cache_fetched, before.cache_fetched),
+            cache_returned=_diff(after.cache_returned, before.cache_returned),
+        )
+
+    def per_minute(self) -> dict[RequestKey, float]:
+        return {k: v * 60.0 / self.seconds for k, v in self.requests.items()}
+
+    def minus(self, baseline: Window) -> dict[RequestKey, float]:
+        """Requests per minute in this window beyond the baseline's (rates, so windows of
+        different lengths compare); what is left is the client's that the baseline lacked."""
+        ours, theirs = self.per_minute(), baseline.per_minute()
+        keys = set(ours) | set(theirs)
+        return {k: ours.get(k, 0.0) - theirs.get(k, 0.0) for k in keys}
+
+
+class ApiServerMetrics:
+    """The API server's ``/metrics``, read as the kubeconfig's user (it needs the
+    ``get`` verb on the non-resource URL ``/metrics``: system:masters has it)."""
+
+    def __init__(self, kubeconfig_path: str) -> None:
+        configuration = client.Configuration()
+        kube_config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=kubeconfig_path, client_configuration=configuration
+        )
+        context = ssl.create_default_context(cafile=configuration.ssl_ca_cert)
+        if configuration.cert_file:
+            context.load_cert_chain(configuration.cert_file, configuration.key_file)
+        headers = {}
+        for setting in configuration.auth_settings().values():
+            if setting.get("in") == "header" and setting.get("value"):
+                headers[str(setting["key"])] = str(setting["value"])
+        self._http = httpx.Client(
+            base_url=str(configuration.host), verify=context, headers=headers, timeout=30.0
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def read(self) -> Reading:
+        answer = self._http.get("/metrics")
+        answer.raise_for_status()
+        reading = Reading()
+        for family in text_string_to_metric_families(answer.text):
+            for sample in family.samples:
+                labels = sample.labels
+                if sample.name == "apiserver_request_total":
+                    # The control plane's own components (the controller manager's informers
+                    # and controllers, the API server's loopback client) are not the subject.
+                    if labels.get("system_client") or not labels.get("resource"):
+                        continue
+                    key = (labels["verb"], _resource(labels), labels.get("scope", ""))
+                    reading.requests[key] = reading.requests.get(key, 0.0) + sample.value
+                elif sample.name in (
+                    "apiserver_cache_list_total",
+                    "apiserver_cache_list_fetched_objects_total",
+                    "apiserver_cache_list_returned_objects_total",
+                ):
+                    into = {
+                        "apiserver_cache_list_total": reading.cache_lists,
+                        "apiserver_cache_list_fetched_objects_total": reading.cache_fetched,
+                        "apiserver_cache_list_returned_objects_total": reading.cache_returned,
+                    }[sample.name]
+                    key = _resource(labels)
+                    into[key] = into.get(key, 0.0) + sample.value
+        return reading

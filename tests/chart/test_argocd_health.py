@@ -1,0 +1,177 @@
+"""The chart's Argo CD health check (``health/embedshift.io_EmbeddingMigration/health.lua``) run
+as Argo CD runs it (a Lua 5.1 interpreter, the resource as ``obj``) on EmbeddingMigrations read
+back from the real API server, after the operator's own code wrote their status: the statuses
+are what ``decide`` makes of each phase, written by the Kubernetes adapter's ``patch_status``
+with ``observedGeneration`` as the kopf handler sets it. Flux's kstatus reads the same objects:
+``observedGeneration`` and a ``Ready`` condition."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
+from typing import Any
+
+import lupa.lua51  # type: ignore[import-untyped]  # Argo CD's gopher-lua speaks Lua 5.1
+import pytest
+import pytest_asyncio
+from kubernetes import client
+
+from embedshift_operator.adapters.kube import patch_spec, patch_status
+from embedshift_operator.core import decide
+from embedshift_operator.core.model import Observations
+from embedshift_operator.resource import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    ConditionType,
+    EmbeddingMigrationStatus,
+    Phase,
+)
+from tests.chart.helm import ROOT
+from tests.cluster.apiserver import apply_crd, create_migration, namespace, real_client
+from tests.operator.core.builders import T0, make_spec, status_at
+from tests.operator.e2e.target import Target
+
+HEALTH_LUA = (
+    ROOT / "charts" / "embedshift" / "health" / "embedshift.io_EmbeddingMigration" / "health.lua"
+)
+UNREACHABLE = "cannot connect to the database (host=db port=5432 dbname=rag)"
+
+# Argo CD's verdict for each phase the operator writes.
+EXPECTED = {
+    Phase.PENDING: "Progressing",
+    Phase.PREPARING: "Progressing",
+    Phase.MIGRATING: "Progressing",
+    Phase.INDEXING: "Progressing",
+    Phase.VERIFYING: "Progressing",
+    Phase.PROGRESSING: "Progressing",
+    Phase.PROMOTED: "Progressing",
+    Phase.PAUSED: "Suspended",
+    Phase.SUCCEEDED: "Healthy",
+    Phase.ROLLED_BACK: "Degraded",
+    Phase.FAILED: "Degraded",
+}
+
+
+def decided(phase: Phase) -> EmbeddingMigrationStatus:
+    """The status the operator's core writes for a resource in ``phase`` (one tick from there,
+    nothing observed; Paused from a paused spec, Pending from a fresh resource)."""
+    now = T0 + timedelta(minutes=1)
+    if phase is Phase.PENDING:
+        # A new resource whose database cannot be reached yet: the handler holds the phase and
+        # writes only the decision's Ready condition (handlers._held).
+        decision = decide(
+            make_spec(), EmbeddingMigrationStatus(), Observations(database_error=UNREACHABLE), now,
+            name="docs",
+        )  # fmt: skip
+        ready = [c for c in decision.status.conditions if c.type is ConditionType.READY]
+        return EmbeddingMigrationStatus(conditions=ready, message=f"{UNREACHABLE}; retrying")
+    if phase is Phase.PAUSED:
+        spec = make_spec(rollout={"paused": True})
+        start = status_at(spec, Phase.PROGRESSING)
+    else:
+        spec = make_spec()
+        start = status_at(spec, phase)
+    status = decide(spec, start, Observations(), now, name="docs").status
+    assert status.phase is phase, f"{phase.value}: the core moved on to {status.phase.value}"
+    return status
+
+
+def health(obj: dict[str, Any]) -> tuple[str, str]:
+    """(hs.status, hs.message) of the chart's script for ``obj``, as Argo CD evaluates it."""
+    lua = lupa.lua51.LuaRuntime()
+    lua.globals().obj = lua.table_from(obj, recursive=True)
+    result = lua.execute(HEALTH_LUA.read_text())
+    return str(result["status"]), str(result["message"])
+
+
+@pytest.fixture(scope="module")
+def api(kube_cluster: Target) -> Iterator[client.ApiClient]:
+    with real_client(kube_cluster) as api:
+        apply_crd(api)
+        yield api
+
+
+@pytest_asyncio.fixture()
+async def ns(api: client.ApiClient) -> AsyncIterator[str]:
+    with namespace(api, "embedshift-health") as name:
+        yield name
+
+
+def read(api: client.ApiClient, ns: str, name: str) -> dict[str, Any]:
+    raw = client.CustomObjectsApi(api).get_namespaced_custom_object(
+        GROUP, VERSION, ns, PLURAL, name
+    )
+    assert isinstance(raw, dict)  # the client types custom objects as object
+    return raw
+
+
+async def written(
+    api: client.ApiClient, ns: str, name: str, status: EmbeddingMigrationStatus
+) -> dict[str, Any]:
+    """``status`` written as the operator writes it, the object read back from the server."""
+    generation = create_migration(api, ns, name)["metadata"]["generation"]
+    if status.phase is not Phase.PENDING:  # the held write (Pending) keeps the old generation
+        status = status.model_copy(update={"observed_generation": generation})
+    await patch_status(api=api, namespace=ns, name=name, status=status)
+    return read(api, ns, name)
+
+
+async def test_every_phase_has_its_argo_cd_health(api: client.ApiClient, ns: str) -> None:
+    for phase, wanted in EXPECTED.items():
+        obj = await written(api, ns, phase.value.lower(), decided(phase))
+        assert obj["status"]["phase"] == phase.value  # the server kept what the operator wrote
+        status, message = health(obj)
+        assert status == wanted, (phase, message)
+        ready = next(c for c in obj["status"]["conditions"] if c["type"] == "Ready")
+        assert message.startswith(f"{phase.value} at {obj['status']['percentage']}% to v2"), message
+        assert ready["message"] in message, message
+        if ready["reason"] != phase.value:
+            assert f"({ready['reason']})" in message, message
+
+
+def test_the_messages_say_why() -> None:
+    """What a person sees in Argo CD for the phases that need them, spelled out."""
+    paused = decided(Phase.PAUSED)
+    obj = {"metadata": {"generation": 1}, "status": paused.model_dump(mode="json", by_alias=True)}
+    assert health(obj) == (
+        "Suspended",
+        f"Paused at {paused.percentage}% to v2: {paused.conditions[0].message}",
+    )
+    pending = decided(Phase.PENDING).model_dump(mode="json", by_alias=True, exclude_none=True)
+    assert health({"metadata": {"generation": 1}, "status": pending}) == (
+        "Progressing",
+        f"Pending at 0% to v2 (DatabaseUnreachable): {UNREACHABLE}",
+    )
+
+
+async def test_a_status_older_than_the_spec_is_progressing(api: client.ApiClient, ns: str) -> None:
+    obj = await written(api, ns, "docs", decided(Phase.SUCCEEDED))
+    assert health(obj)[0] == "Healthy"
+    await patch_spec(api=api, namespace=ns, name="docs", spec={"migration": {"batchSize": 50}})
+    edited = read(api, ns, "docs")
+    assert edited["metadata"]["generation"] == obj["metadata"]["generation"] + 1
+    assert health(edited) == (
+        "Progressing",
+        f"waiting for the operator to observe generation {edited['metadata']['generation']}",
+    )
+
+
+async def test_a_resource_without_status_is_progressing(api: client.ApiClient, ns: str) -> None:
+    obj = create_migration(api, ns, "fresh")
+    assert "status" not in obj
+    assert health(obj) == ("Progressing", "waiting for the operator to write a status")
+
+
+async def test_flux_kstatus_reads_observed_generation_and_ready(
+    api: client.ApiClient, ns: str
+) -> None:
+    """kstatus: Current when observedGeneration is the generation and Ready is True; while Ready
+    is False it is InProgress (the phase then says more)."""
+    for phase in (Phase.MIGRATING, Phase.FAILED, Phase.SUCCEEDED):
+        obj = await written(api, ns, f"k-{phase.value.lower()}", decided(phase))
+        assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
+        ready = [c for c in obj["status"]["conditions"] if c["type"] == "Ready"]
+        assert len(ready) == 1
+        assert ready[0]["status"] == ("True" if phase is Phase.SUCCEEDED else "False")
+        assert ready[0]["reason"] and ready[0]["lastTransitionTime"]
