@@ -14,12 +14,11 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.kube_cluster import REPO
+from tests.chart.helm import KUBECTL
 from tests.kubelet import Api, PodRunner, _translate, expand
 from tests.operator.e2e.target import Target
 
 WITHIN = 30.0
-KUBECTL = REPO / ".venv" / "tools" / "kubectl"  # scripts/install-helm.sh
 
 
 def eventually(check: Callable[[], Any], what: str, within: float = WITHIN) -> Any:

@@ -212,8 +212,12 @@ def running_prometheus(
     scrape_interval: str = "1s",
     rule_files: Sequence[Path] = (),
     extra_flags: Sequence[str] = (),
+    host: str = "127.0.0.1",
 ) -> Iterator[PrometheusProcess]:
     """Run Prometheus on a free loopback port until the block ends; yield it once ready.
+
+    ``host`` is the local address it listens on (another one than 127.0.0.1 when processes in
+    other network namespaces of this machine query it).
 
     Rules are evaluated every ``scrape_interval`` too, so alerts and recording rules keep up
     with the data in tests. Everything (config, TSDB, log) lives in a temporary directory that
@@ -236,7 +240,7 @@ def running_prometheus(
                         str(binary),
                         f"--config.file={config_path}",
                         f"--storage.tsdb.path={workdir / 'data'}",
-                        f"--web.listen-address=127.0.0.1:{port}",
+                        f"--web.listen-address={host}:{port}",
                         "--web.enable-lifecycle",
                         *extra_flags,
                     ],
@@ -246,7 +250,7 @@ def running_prometheus(
                     cwd=workdir,
                 )
             prometheus = PrometheusProcess(
-                url=f"http://127.0.0.1:{port}",
+                url=f"http://{host}:{port}",
                 process=process,
                 config_path=config_path,
                 log_path=log_path,

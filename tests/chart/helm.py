@@ -16,6 +16,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "embedshift"
 HELM = ROOT / ".venv" / "tools" / "helm"
+KUBECTL = ROOT / ".venv" / "tools" / "kubectl"  # the same package as helm
 RELEASE, NAMESPACE = "es", "rag"
 
 # Every optional part on, in both operator modes: the objects the tests must see at least once.
