@@ -13,10 +13,10 @@ defaults: each Pod has a network of its own (:mod:`tests.pod_network`).
 
 from __future__ import annotations
 
-import base64
 import json
 import secrets
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -38,6 +38,7 @@ from tests.chart.helm import CHART, HELM, KUBECTL
 from tests.kubelet import Api, PodRunner
 from tests.operator.e2e.target import Target
 
+EMBEDSHIFT = Path(sys.executable).with_name("embedshift")
 NAME = "docs"
 RELEASE = "embedshift"
 INTERVAL = 1.0  # analysis.interval
@@ -60,7 +61,7 @@ def eventually(check: Callable[[], Any], what: str, within: float = WITHIN) -> A
 def run(tool: Path, *args: str, kubeconfig: str, check: bool = True) -> str:
     assert tool.exists(), f"{tool} is missing: run `make helm` (scripts/install-helm.sh)"
     done = subprocess.run(
-        [str(tool), "--kubeconfig", kubeconfig, *args],
+        [str(tool), *args, "--kubeconfig", kubeconfig],  # last: embedshift's flags follow NAME
         capture_output=True,
         text=True,
         timeout=300,
@@ -208,11 +209,6 @@ def manifest(story_namespace: str, table: str, prometheus: str) -> dict[str, Any
     }
 
 
-def secret(name: str, data: dict[str, str]) -> dict[str, Any]:
-    encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
-    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "data": encoded}
-
-
 class Traffic:
     """Users searching through the chart's search service (each Ready Pod), keyed by user."""
 
@@ -261,15 +257,19 @@ def story(
     references, a corpus table, and a real Prometheus scraping the search service's Pods."""
     api = Api(kube_cluster.kubeconfig)
     namespace = f"rag-{uuid.uuid4().hex[:6]}"
-    api.request("POST", "/api/v1/namespaces", {"metadata": {"name": namespace}})
+    kubeconfig = kube_cluster.kubeconfig
+    # The README's commands (On a cluster → Install with Helm), as a user types them.
+    run(KUBECTL, "create", "namespace", namespace, kubeconfig=kubeconfig)
     pod_runner.serve(namespace)
     token = secrets.token_hex(24)
-    for name, data in {
-        "embedshift-alert-webhook": {"token": token},
-        "embedshift-search": {"DATABASE_URL": database_url},
-        "rag-db": {"url": database_url},
+    for name, literals in {
+        "embedshift-alert-webhook": [f"token={token}"],
+        "embedshift-search": [f"DATABASE_URL={database_url}"],
+        "rag-db": [f"url={database_url}"],
     }.items():
-        api.request("POST", f"/api/v1/namespaces/{namespace}/secrets", secret(name, data))
+        flags = [f"--from-literal={literal}" for literal in literals]
+        run(KUBECTL, "-n", namespace, "create", "secret", "generic", name, *flags,
+            kubeconfig=kubeconfig)  # fmt: skip
     registry = CollectorRegistry()
     breach = Gauge("embedshift_test_breach", "set by the test", ["migration"], registry=registry)
     breach.labels(migration=f"{namespace}/{NAME}").set(0)
@@ -326,7 +326,10 @@ def test_a_migration_from_kubectl_apply_to_kubectl_delete(story: Story) -> None:
 
     # kubectl apply -f migration.yaml; kubectl wait --for=condition=Verified
     story.kubectl("apply", "-f", str(path))
-    story.kubectl("wait", f"em/{NAME}", "--for=condition=Verified", f"--timeout={int(PIPELINE)}s")
+    for condition in ("Migrated", "Verified"):
+        story.kubectl(
+            "wait", f"em/{NAME}", f"--for=condition={condition}", f"--timeout={int(PIPELINE)}s"
+        )
     story.wait_phase("Progressing", 10)
     jobs = story.jobs()
     kinds = {name.split("-")[1] for name in jobs}
@@ -344,6 +347,10 @@ def test_a_migration_from_kubectl_apply_to_kubectl_delete(story: Story) -> None:
         )
         percentages = [h["percentage"] for h in story.status()["history"]]
         assert [p for p in STEPS if p in percentages] == STEPS
+        # embedshift rollout status NAME -n NS: the same view as for a local run.
+        shown = run(EMBEDSHIFT, "rollout", "status", NAME, "-n", story.namespace,
+                    kubeconfig=story.target.kubeconfig)  # fmt: skip
+        assert "Promoted" in shown and "100" in shown, shown
 
         # A breach of a rollback threshold: 0 % within one interval (+ 1 s) of Prometheus
         # showing it (its scrape interval is 1 s).
