@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,3 +129,15 @@ def counts(url: str, spec: DataPlaneSpec) -> Counts:
         ).fetchone()
     assert row is not None
     return Counts(*(int(v) for v in row))
+
+
+def eventually(check: Callable[[], Any], what: str, within: float = 30.0, poll: float = 0.1) -> Any:
+    """``check()``'s first truthy value, polled every ``poll`` s; fails naming ``what`` when
+    ``within`` seconds pass without one (a blocking wait, for tests that run no event loop)."""
+    deadline = time.monotonic() + within
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"not within {within} s: {what}"
+        time.sleep(poll)

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import base64
 import functools
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,20 +14,9 @@ import httpx
 import pytest
 
 from tests.chart.helm import KUBECTL
+from tests.helpers import eventually
 from tests.kubelet import Api, PodRunner, _translate, expand
 from tests.operator.e2e.target import Target
-
-WITHIN = 30.0
-
-
-def eventually(check: Callable[[], Any], what: str, within: float = WITHIN) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"not within {within} s: {what}"
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")

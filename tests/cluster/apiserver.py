@@ -36,10 +36,13 @@ def real_client(target: Target) -> Iterator[client.ApiClient]:
         yield api
 
 
-def apply_crd(api: client.ApiClient) -> None:
-    """``crds/`` created (an existing one is kept) and Established before anything uses it."""
+def apply_crd(api: client.ApiClient) -> dict[str, Any]:
+    """``crds/`` created, or replaced when it exists (a kind cluster may hold an older one), and
+    Established before anything uses it (``kubectl wait --for=condition=Established``); the
+    manifest applied."""
     manifest: dict[str, Any] = yaml.safe_load(CRD_PATH.read_text())
     extensions = client.ApiextensionsV1Api(api)
+    name = manifest["metadata"]["name"]
     try:
         extensions.create_custom_resource_definition(
             as_model(client.V1CustomResourceDefinition, manifest)
@@ -47,13 +50,19 @@ def apply_crd(api: client.ApiClient) -> None:
     except client.ApiException as exc:
         if exc.status != 409:
             raise
-    name = manifest["metadata"]["name"]
+        current = extensions.read_custom_resource_definition(name)
+        replacement = {**manifest, "metadata": {**manifest["metadata"]}}
+        assert current.metadata is not None
+        replacement["metadata"]["resourceVersion"] = current.metadata.resource_version
+        extensions.replace_custom_resource_definition(
+            name, as_model(client.V1CustomResourceDefinition, replacement)
+        )
     deadline = time.monotonic() + ESTABLISHED_WITHIN
     while True:
         crd = extensions.read_custom_resource_definition(name)
         conditions = (crd.status.conditions if crd.status is not None else None) or []
         if any(c.type == "Established" and c.status == "True" for c in conditions):
-            return
+            return manifest
         assert time.monotonic() < deadline, f"CRD {name} not Established in {ESTABLISHED_WITHIN}s"
         time.sleep(0.2)
 

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from rag_service.testing.corpus import create_corpus
 from rag_service.testing.prometheus import PrometheusProcess, running_prometheus, serving_metrics
 from tests import pod_network
 from tests.chart.helm import CHART, HELM, KUBECTL
+from tests.helpers import eventually
 from tests.kubelet import Api, PodRunner
 from tests.operator.e2e.target import Target
 
@@ -44,18 +45,8 @@ RELEASE = "embedshift"
 INTERVAL = 1.0  # analysis.interval
 STEPS = [10, 25, 50, 75, 100]
 PIPELINE = 180.0  # setup, 2 shards, index, verify: a Pod each
-WITHIN = 30.0
+WITHIN = 30.0  # a status to change, a Pod to become Ready
 SEARCH_PORT, RECEIVER_PORT = 8080, 8081  # the chart's defaults (search.port, operator.ports)
-
-
-def eventually(check: Callable[[], Any], what: str, within: float = WITHIN) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"not within {within} s: {what}"
-        time.sleep(0.1)
 
 
 def run(tool: Path, *args: str, kubeconfig: str, check: bool = True) -> str:

@@ -32,7 +32,6 @@ What the tests assume of the cluster
 from __future__ import annotations
 
 import base64
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -47,9 +46,10 @@ from kubernetes import client
 from kubernetes import config as kubeconfig
 
 from embedshift_operator import handlers
-from embedshift_operator.adapters.kube import LABEL_KIND, as_model
+from embedshift_operator.adapters.kube import LABEL_KIND
 from embedshift_operator.resource import GROUP, PLURAL, VERSION
 from rag_service.testing.corpus import create_corpus
+from tests.cluster.apiserver import apply_crd
 from tests.kubelet import PodRunner
 from tests.operator.e2e.target import Target
 from tests.operator.kube.harness import (
@@ -62,7 +62,6 @@ from tests.operator.kube.harness import (
 )
 
 REPO = Path(__file__).resolve().parents[3]
-CRD_PATH = REPO / "crds" / "embeddingmigrations.embedshift.io.yaml"
 EXAMPLE_PATH = REPO / "examples" / "migration.yaml"
 DB_SECRET = "rag-db"  # the example's spec.database.urlSecretRef
 # Generous for a real cluster (Pods are this machine's processes, a second or two each).
@@ -118,38 +117,9 @@ def kube_api(kube_configuration: client.Configuration) -> Iterator[client.ApiCli
 
 
 @pytest.fixture(scope="session")
-def crd(target: Target, kube_api: client.ApiClient) -> dict[str, Any]:
-    """``crds/`` applied (created, or replaced when it exists); Established on a real cluster.
-
-    The stand-in already serves the resource and sets no conditions: nothing to wait for there.
-    """
-    manifest: dict[str, Any] = yaml.safe_load(CRD_PATH.read_text())
-    extensions = client.ApiextensionsV1Api(kube_api)
-    name = manifest["metadata"]["name"]
-    try:
-        # The client validates a dict body into this model anyway; built here, it is typed.
-        extensions.create_custom_resource_definition(
-            as_model(client.V1CustomResourceDefinition, manifest)
-        )
-    except client.ApiException as exc:
-        if exc.status != 409:
-            raise
-        current = extensions.read_custom_resource_definition(name)
-        manifest["metadata"]["resourceVersion"] = meta(current).resource_version
-        extensions.replace_custom_resource_definition(
-            name, as_model(client.V1CustomResourceDefinition, manifest)
-        )
-    if target.real:  # kubectl wait --for=condition=Established, before anything uses it
-        deadline = time.monotonic() + WITHIN
-        while not condition_true(
-            kube_api.sanitize_for_serialization(  # type: ignore[no-untyped-call]
-                extensions.read_custom_resource_definition(name)
-            ),
-            "Established",
-        ):
-            assert time.monotonic() < deadline, f"CRD {name} not Established within {WITHIN} s"
-            time.sleep(0.2)
-    return manifest
+def crd(kube_api: client.ApiClient) -> dict[str, Any]:
+    """``crds/`` applied and Established (:func:`tests.cluster.apiserver.apply_crd`)."""
+    return apply_crd(kube_api)
 
 
 @pytest.fixture(scope="module")
