@@ -100,12 +100,12 @@ class Api:
                 headers[str(setting["key"])] = str(setting["value"])
         self.server = str(configuration.host)
         self.ca_file = configuration.ssl_ca_cert
-        self._http = httpx.Client(
+        self.http = httpx.Client(
             base_url=self.server, verify=context, headers=headers, timeout=30.0
         )
 
     def close(self) -> None:
-        self._http.close()
+        self.http.close()
 
     def request(
         self,
@@ -119,7 +119,7 @@ class Api:
     ) -> Any:
         """The JSON answer, or None for a status listed in ``ok``; raises on any other error."""
         content = None if body is None else json.dumps(body)
-        response = self._http.request(
+        response = self.http.request(
             method,
             path,
             content=content,
@@ -139,7 +139,7 @@ class Api:
     def watch(self, path: str, resource_version: str) -> Iterator[dict[str, Any]]:
         params = {"watch": "1", "resourceVersion": resource_version, "timeoutSeconds": "30"}
         params["allowWatchBookmarks"] = "true"
-        with self._http.stream("GET", path, params=params, timeout=60.0) as response:
+        with self.http.stream("GET", path, params=params, timeout=60.0) as response:
             response.raise_for_status()
             for line in response.iter_lines():
                 if line:
