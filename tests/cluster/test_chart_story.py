@@ -31,6 +31,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, Gauge
 
+from embedshift_operator.resource import parse_migration
 from rag_service.testing.corpus import create_corpus
 from rag_service.testing.prometheus import PrometheusProcess, running_prometheus, serving_metrics
 from tests import pod_network
@@ -322,6 +323,25 @@ def test_a_migration_from_kubectl_apply_to_kubectl_delete(story: Story) -> None:
             "wait", f"em/{NAME}", f"--for=condition={condition}", f"--timeout={int(PIPELINE)}s"
         )
     story.wait_phase("Progressing", 10)
+
+    # The follower (a Deployment's Pod running `migrate follow`) embeds what the application
+    # writes from now on: a new document reaches the side table.
+    spec = parse_migration(yaml.safe_load(path.read_text()), where="story").spec.data_plane
+    with psycopg.connect(story.database_url, autocommit=True) as conn:
+        conn.execute(
+            f"INSERT INTO {table} (id, content, category) VALUES (1000001, %s, 'events')",
+            ["the library opens a new reading room"],
+        )
+
+    def followed() -> bool:
+        with psycopg.connect(story.database_url) as conn:
+            row = conn.execute(
+                f"SELECT count(*) FROM {spec.target_table.name} WHERE id = 1000001"
+            ).fetchone()
+        return bool(row and row[0] == 1)
+
+    eventually(followed, "the new document embedded by the follower", 60)
+    assert [p["status"]["phase"] for p in story.pods("follower")] == ["Running"]
     jobs = story.jobs()
     kinds = {name.split("-")[1] for name in jobs}
     assert kinds == {"setup", "migrate", "index", "verify"}, jobs
