@@ -699,7 +699,7 @@ class JobState(str, Enum):
     PENDING = "Pending"  # decided, not yet seen running
     RUNNING = "Running"
     SUCCEEDED = "Succeeded"
-    FAILED = "Failed"  # failed past its retries
+    FAILED = "Failed"  # a Job failed for good (an exit code no retry mends, or retries ran out)
 
 
 class _Status(BaseModel):

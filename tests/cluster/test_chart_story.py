@@ -136,6 +136,13 @@ class Story:
         listed = self.get(f"/apis/batch/v1/namespaces/{self.namespace}/jobs") or {}
         return sorted(j["metadata"]["name"] for j in listed.get("items", []))
 
+    def breach_shown(self) -> float | None:
+        """The test's breach series as Prometheus shows it now (None: not scraped yet)."""
+        query = f'max(embedshift_test_breach{{migration="{self.key}"}})'
+        answer = httpx.get(f"{self.prometheus.url}/api/v1/query", params={"query": query})
+        result = answer.json()["data"]["result"]
+        return float(result[0]["value"][1]) if result else None
+
     def seconds_to_zero(self, started: float, within: float) -> float:
         """Seconds from ``started`` until the routing row (what every search replica follows)
         says 0 %, polled every 20 ms."""
@@ -145,13 +152,23 @@ class Story:
         return time.monotonic() - started
 
     def wait_phase(self, phase: str, percentage: int, within: float = WITHIN) -> dict[str, Any]:
-        def reached() -> dict[str, Any] | None:
+        """The status once in ``phase`` with the routing row at ``percentage``; a failure shows
+        where the rollout stood and its last check."""
+        deadline = time.monotonic() + within
+        while True:
             status = self.status()
-            ok = status.get("phase") == phase and self.routing() == percentage
-            return status if ok else None
-
-        result: dict[str, Any] = eventually(reached, f"{phase} at {percentage} %", within)
-        return result
+            routed = self.routing()
+            if status.get("phase") == phase and routed == percentage:
+                return status
+            if time.monotonic() > deadline:
+                last = {k: status.get(k) for k in ("phase", "percentage", "stepIndex", "message")}
+                analysis = (status.get("analysis") or {}).get("results")
+                history = status.get("history", [])[-3:]
+                raise AssertionError(
+                    f"not {phase} at {percentage} % within {within} s: routed {routed}, "
+                    f"status {last}, last check {analysis}, history {history}"
+                )
+            time.sleep(0.1)
 
 
 def manifest(story_namespace: str, table: str, prometheus: str) -> dict[str, Any]:
@@ -371,8 +388,10 @@ def test_a_migration_from_kubectl_apply_to_kubectl_delete(story: Story) -> None:
         status = story.wait_phase("RolledBack", 0)
         assert status["history"][-1]["reason"] == "ThresholdBreached"
 
-        # A retry is a spec edit (a Git commit); the breach cleared first.
+        # A retry is a spec edit (a Git commit), once the cause is mended and Prometheus shows
+        # it (a retry judged on the old breach would roll back at once, as it should).
         story.breach.labels(migration=story.key).set(0)
+        eventually(lambda: story.breach_shown() == 0.0, "Prometheus showing the breach cleared")
         story.kubectl(
             "patch", f"em/{NAME}", "--type=merge", "-p", '{"spec":{"analysis":{"window":"20s"}}}'
         )

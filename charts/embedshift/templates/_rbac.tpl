@@ -19,6 +19,11 @@
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [create, list, watch]
+# The Pod a Job's podFailurePolicy failed: its termination message (the CLI's error line)
+# becomes the resource's status message.
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get]
 # The follower Deployment (created during a migration, deleted after it).
 - apiGroups: [apps]
   resources: [deployments]

@@ -3,11 +3,13 @@
 Each Job runs under a small supervisor process (``python -m
 embedshift_operator.adapters.subprocess_jobs``) in its own session, so it outlives a driver that
 is killed (``kill -9``, a closed laptop lid): the rerun driver finds it still running, or finished,
-and never launches it twice. The supervisor retries a failing command ``backoffLimit`` times (as
-a Kubernetes Job does), then records the outcome and the last error line in
-``embedshift_local_jobs``, the same database the migration lives in. A supervisor that died
-without recording (its pid is gone) leaves the Job *interrupted*, which the runner reports as
-unknown so the core asks for it again; the commands themselves are resumable and kill-safe.
+and never launches it twice. The supervisor retries a failing command ``backoffLimit`` times, but
+not one that exited with a code no rerun mends (:data:`~rag_service.errors.PERMANENT_EXIT_CODES`),
+as a Kubernetes Job and its ``podFailurePolicy`` do; it then records the outcome and the CLI's
+error line, saying whether it was retried, in ``embedshift_local_jobs``, the same database the
+migration lives in. A supervisor that died without recording (its pid is gone) leaves the Job
+*interrupted*, which the runner reports as unknown so the core asks for it again; the commands
+themselves are resumable and kill-safe.
 
 The follower is the same supervisor in ``--forever`` mode: it restarts ``migrate follow`` after a
 crash, with backoff, until it is told to stop (SIGTERM), and one follower per migration runs.
@@ -34,6 +36,7 @@ from psycopg import sql
 
 from embedshift_operator.core.model import EnsureFollower, JobObservation, RunJob
 from embedshift_operator.resource import JobState
+from rag_service.errors import PERMANENT_EXIT_CODES
 from rag_service.identifiers import TableName
 from rag_service.schema import ident, with_connection
 
@@ -346,9 +349,12 @@ def _supervise(argv: Sequence[str] | None = None) -> int:
             return 0
         if stopping:
             break
-        if not args.forever and attempt > args.retries:
-            message = cli_error or last_line or f"exit code {code}"
-            update(state=_FAILED, exit_code=code, message=message[:1000], finished_at=_now())
+        permanent = code in PERMANENT_EXIT_CODES
+        if not args.forever and (permanent or attempt > args.retries):
+            how = "not retried" if permanent else f"failed {attempt} times"
+            why = (cli_error or last_line)[:900]
+            message = f"{why} (exited {code}, {how})" if why else f"exited {code}, {how}"
+            update(state=_FAILED, exit_code=code, message=message, finished_at=_now())
             return 1
         time.sleep(backoff)
         backoff = min(backoff * 2, 30.0)

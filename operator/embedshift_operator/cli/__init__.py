@@ -27,7 +27,7 @@ from typing import Any, NoReturn
 import psycopg
 
 from rag_service import __version__
-from rag_service.errors import EmbedshiftError
+from rag_service.errors import EXIT_RETRYABLE, EmbedshiftError
 from rag_service.schema import first_line
 
 __all__ = ["HelpFormatter", "Parser", "build_parser", "main"]
@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except psycopg.Error as exc:
         print(f"embedshift: error: database: {first_line(exc)}", file=sys.stderr)
-        return 1
+        return EXIT_RETRYABLE
     except KeyboardInterrupt:
         print(
             "embedshift: interrupted; committed batches are kept, rerun to resume",

@@ -282,20 +282,21 @@ class _Tick:
             self.enter(Phase.INDEXING, "Migrated", f"all {shards} shard(s) embedded: indexing")
 
     def fail_job(self, name: str, kind: JobKind) -> None:
+        """Failed, naming the Job and the runner's account of it. Whether the Job was retried is
+        the runner's to say (it knows the exit code): "…, not retried" when an exit code no
+        retry mends failed it at once, "failed 3 times…" when its retries ran out."""
         record = next((j for j in self.status.migration.jobs if j.name == name), None)
         why = record.message if record and record.message else "no error recorded"
         # A failure is a Warning event, as Kubernetes reports failed Jobs and Pods.
         if kind is JobKind.VERIFY:
             self.set(verification=VerificationStatus(ok=False, time=self.now, failed_checks=[why]))
+            # The verify Job's own line already says what failed ("verification failed: …").
             self.enter(
-                Phase.FAILED, "VerificationFailed", f"migrate verify failed: {why}", warning=True
+                Phase.FAILED, "VerificationFailed", f"{kind.value} Job {name}: {why}", warning=True
             )
             return
         self.enter(
-            Phase.FAILED,
-            "JobFailed",
-            f"{kind.value} Job {name} failed past its retries: {why}",
-            warning=True,
+            Phase.FAILED, "JobFailed", f"{kind.value} Job {name} failed: {why}", warning=True
         )
 
     def setup_done(self) -> None:

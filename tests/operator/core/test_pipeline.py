@@ -311,6 +311,66 @@ def test_a_failed_verification_fails_with_verification_failed() -> None:
     assert [e.type for e in events(d) if e.reason == "VerificationFailed"] == ["Warning"]
 
 
+# What the runner says of a failed Job (the Kubernetes adapter's wording: the CLI's line and
+# "not retried" for a podFailurePolicy failure; the Job controller's for retries run out), and
+# the Failed message the status carries: the Job named once, no claim of retries of its own.
+POLICY = "(pod rag/docs-x7k2p exited {code}, not retried)"
+FAILED_MESSAGES = [
+    pytest.param(
+        JobKind.SETUP,
+        "setup refused the database as it is " + POLICY.format(code=4),
+        "setup Job {job} failed: setup refused the database as it is " + POLICY.format(code=4),
+        id="setup-by-policy",
+    ),
+    pytest.param(
+        JobKind.MIGRATE,
+        "spec.migration.categories: no row has category 'nope' " + POLICY.format(code=2),
+        "migrate Job {job} failed: spec.migration.categories: no row has category 'nope' "
+        + POLICY.format(code=2),
+        id="migrate-by-policy",
+    ),
+    pytest.param(
+        JobKind.MIGRATE,
+        "BackoffLimitExceeded: Job has reached the specified backoff limit",
+        "migrate Job {job} failed: BackoffLimitExceeded: Job has reached the specified backoff "
+        "limit",
+        id="migrate-retries-ran-out",
+    ),
+    pytest.param(
+        JobKind.VERIFY,
+        "verification failed: index_recall: 0.61 < 0.9 " + POLICY.format(code=3),
+        "verify Job {job}: verification failed: index_recall: 0.61 < 0.9 " + POLICY.format(code=3),
+        id="verify-by-policy",
+    ),
+    pytest.param(
+        JobKind.VERIFY,
+        "failed 3 times (backoffLimit reached)",
+        "verify Job {job}: failed 3 times (backoffLimit reached)",
+        id="verify-retries-ran-out",
+    ),
+]
+
+
+@pytest.mark.parametrize(("kind", "observed", "expected"), FAILED_MESSAGES)
+def test_the_failed_message_names_the_job_and_keeps_the_runners_account(
+    kind: JobKind, observed: str, expected: str
+) -> None:
+    spec = make_spec()
+    phase = next(p.values[0] for p in PIPELINE if p.values[1] is kind)
+    assert isinstance(phase, Phase)
+    name = _job_of(spec, kind)
+    status = tick(spec, status_at(spec, phase)).status
+    d = tick(
+        spec, status, Observations(jobs=seen({name: JobState.FAILED}, observed)), at(minutes=2)
+    )
+    assert d.status.phase is Phase.FAILED
+    assert d.status.message == expected.format(job=name)
+    assert d.status.message.count(observed) == 1 and "\n" not in d.status.message
+    assert "past its retries" not in d.status.message
+    (event,) = [e for e in events(d) if e.type == "Warning"]
+    assert event.message == d.status.message
+
+
 def _failed(spec: EmbeddingMigrationSpec) -> EmbeddingMigrationStatus:
     name = job(spec, JobKind.SETUP)
     started = tick(spec, status_at(spec, Phase.PREPARING)).status

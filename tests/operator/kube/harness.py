@@ -22,7 +22,7 @@ from kubernetes import client
 from prometheus_client import CollectorRegistry, generate_latest
 
 from embedshift_operator import handlers
-from embedshift_operator.adapters.kube import LABEL_KIND
+from embedshift_operator.adapters.kube import CONTAINER, LABEL_KIND, as_model
 from embedshift_operator.adapters.operator_metrics import OperatorMetrics
 from embedshift_operator.resource import EmbeddingMigration, Phase, parse_migration
 from rag_service.schema import setup
@@ -59,6 +59,52 @@ def manifest(
             "rollout": {"steps": [{"percentage": p, "minDuration": d} for p, d in steps]},
             "analysis": {"interval": interval, **(analysis or {})},
         },
+    }
+
+
+def failed_pod(name: str, *, exit_code: int, log_tail: str) -> dict[str, Any]:
+    """A Job's Pod whose container exited ``exit_code``, as a kubelet reports it: under
+    ``FallbackToLogsOnError`` the termination message is the log's tail (the CLI's line last)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {"containers": [{"name": CONTAINER, "image": IMAGE}]},
+        "status": {
+            "phase": "Failed",
+            "containerStatuses": [
+                {
+                    "name": CONTAINER,
+                    "image": IMAGE,
+                    "imageID": "",
+                    "ready": False,
+                    "restartCount": 0,
+                    "state": {
+                        "terminated": {
+                            "exitCode": exit_code,
+                            "reason": "Error",
+                            "message": log_tail,
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+def policy_failure(pod: str, code: int) -> dict[str, Any]:
+    """The Job status the Job controller writes when a FailJob rule of the podFailurePolicy
+    matched ``pod``'s exit ``code`` (its wording, Kubernetes 1.31-1.36)."""
+    message = (
+        f"Container {CONTAINER} for pod {NS}/{pod} failed with exit code {code} "
+        "matching FailJob rule at index 0"
+    )
+    return {
+        "failed": 1,
+        "conditions": [
+            {"type": kind, "status": "True", "reason": "PodFailurePolicy", "message": message}
+            for kind in ("FailureTarget", "Failed")
+        ],
     }
 
 
@@ -301,6 +347,21 @@ class Operator:
         }
         body = {"status": {"failed": 1, "conditions": [condition]}}
         await call(self.batch.patch_namespaced_job_status, name_of(job), NS, body)
+
+    async def fail_by_policy(self, job: client.V1Job, *, exit_code: int, log_tail: str) -> str:
+        """Fail ``job`` as the Job controller does when its Pod exited with a FailJob code: the
+        failed Pod (its termination message ``log_tail``), then the Job's conditions. The Pod's
+        name."""
+        pod = f"{name_of(job)}-x7k2p"
+        body = as_model(client.V1Pod, failed_pod(pod, exit_code=exit_code, log_tail=log_tail))
+        await call(self.core.create_namespaced_pod, NS, body)
+        await call(
+            self.batch.patch_namespaced_job_status,
+            name_of(job),
+            NS,
+            {"status": policy_failure(pod, exit_code)},
+        )
+        return pod
 
     async def set_up(self, document: dict[str, Any] | None = None) -> None:
         """What the setup Job would have done (the side table, the routing row's table) for

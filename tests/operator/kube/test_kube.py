@@ -29,13 +29,25 @@ from embedshift_operator.resource import EmbeddingMigration, JobKind, JobState
 from rag_service.errors import (
     EXIT_CONFIG,
     EXIT_RETRYABLE,
+    EXIT_SCHEMA_REFUSED,
     EXIT_VERIFICATION,
     PERMANENT_EXIT_CODES,
     ConfigError,
     EmbedshiftError,
 )
 from tests.operator.kube.conftest import Cluster
-from tests.operator.kube.harness import env_vars, job_container, meta, name_of, secret_key_ref
+from tests.operator.kube.harness import (
+    NAME,
+    Operator,
+    env_vars,
+    eventually,
+    failed_pod,
+    job_container,
+    meta,
+    name_of,
+    policy_failure,
+    secret_key_ref,
+)
 
 NS = "rag"
 UID = "0f8e6b1a-4c1d-4e53-9d8e-2b7c1f7a9e11"
@@ -394,21 +406,6 @@ async def test_observe_follows_job_status(cluster: Cluster) -> None:
     assert set(seen) == {one.name, two.name}
 
 
-def policy_failure(pod: str, code: int) -> dict[str, Any]:
-    """What the Job controller writes when a FailJob rule of the podFailurePolicy matched."""
-    message = (
-        f"Container {CONTAINER} for pod {NS}/{pod} failed with exit code {code} matching "
-        "FailJob rule at index 0"
-    )
-    return {
-        "failed": 1,
-        "conditions": [
-            {"type": kind, "status": "True", "reason": "PodFailurePolicy", "message": message}
-            for kind in ("FailureTarget", "Failed")
-        ],
-    }
-
-
 async def test_a_job_failed_by_its_policy_says_why_once(cluster: Cluster) -> None:
     runner = KubeJobs(cluster.api, operator_image=OPERATOR_IMAGE)
     resource = migration()
@@ -424,32 +421,7 @@ async def test_a_job_failed_by_its_policy_says_why_once(cluster: Cluster) -> Non
         client.CoreV1Api(cluster.api).create_namespaced_pod,
         namespace=NS,
         body=as_model(
-            client.V1Pod,
-            {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {"name": pod, "namespace": NS},
-                "spec": {"containers": [{"name": CONTAINER, "image": OPERATOR_IMAGE}]},
-                "status": {
-                    "phase": "Failed",
-                    "containerStatuses": [
-                        {
-                            "name": CONTAINER,
-                            "image": OPERATOR_IMAGE,
-                            "imageID": "",
-                            "ready": False,
-                            "restartCount": 0,
-                            "state": {
-                                "terminated": {
-                                    "exitCode": EXIT_VERIFICATION,
-                                    "reason": "Error",
-                                    "message": log_tail,
-                                }
-                            },
-                        }
-                    ],
-                },
-            },
+            client.V1Pod, failed_pod(pod, exit_code=EXIT_VERIFICATION, log_tail=log_tail)
         ),
     )
     await patch_job_status(cluster, action.name, policy_failure(pod, EXIT_VERIFICATION))
@@ -473,6 +445,39 @@ async def test_without_its_pod_a_policy_failure_still_says_what_the_code_means(
         JobState.FAILED,
         f"the spec was refused (pod {NS}/gone-abcde exited {EXIT_CONFIG}, not retried)",
     )
+
+
+async def test_the_operator_reads_the_failed_pod_and_says_why_once(operator: Operator) -> None:
+    """Through the operator's own client (and so its RBAC, api-calls.yaml): the Pod a FailJob
+    exit code failed is read, and the resource fails with the CLI's line, not retried."""
+    await operator.create_secret()
+    await operator.create_migration()
+    job = await operator.job("setup")
+    error = "setup refused: public.handler_docs is partitioned (nothing was changed)"
+    log_tail = f"embedshift: error: {error}\n"
+    pod = await operator.fail_by_policy(job, exit_code=EXIT_SCHEMA_REFUSED, log_tail=log_tail)
+
+    async def failed() -> dict[str, Any]:
+        """phase Failed"""
+        status = await operator.status()
+        return status if status.get("phase") == "Failed" else {}
+
+    status = await eventually(failed, within=5.0)
+    assert status["message"] == (
+        f"setup Job {name_of(job)} failed: {error} "
+        f"(pod {NS}/{pod} exited {EXIT_SCHEMA_REFUSED}, not retried)"
+    )
+
+    async def warning() -> list[client.CoreV1Event]:
+        """a Warning Event JobFailed"""
+        return [
+            e
+            for e in await operator.events()
+            if e.type == "Warning" and e.reason == "JobFailed" and e.involved_object.name == NAME
+        ]
+
+    (event,) = await eventually(warning, within=5.0)
+    assert event.message == status["message"]
 
 
 async def test_ensure_follower_creates_one_and_replaces_another(cluster: Cluster) -> None:
