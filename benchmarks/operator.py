@@ -78,7 +78,6 @@ from typing import Any, TypeVar
 
 import httpx
 import psycopg
-import yaml
 from kubernetes import client
 from kubernetes import config as kube_config
 from prometheus_client import CollectorRegistry
@@ -88,7 +87,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the control plane and the Pod runner are the test suite's
 
 from benchmarks.kube_requests import ApiServerMetrics, Window  # noqa: E402
-from embedshift_operator.adapters.kube import LABEL_KIND, as_model  # noqa: E402
+from embedshift_operator.adapters.kube import LABEL_KIND  # noqa: E402
 from embedshift_operator.resource import GROUP, PLURAL, VERSION, parse_migration  # noqa: E402
 from rag_service.criteria import metric_query  # noqa: E402
 from rag_service.schema import setup  # noqa: E402
@@ -98,13 +97,13 @@ from rag_service.testing.prometheus import running_prometheus, serving_metrics  
 from rag_service.testing.rollout import manifest  # noqa: E402
 from rag_service.testing.service_process import free_port  # noqa: E402
 from rag_service.testing.traffic import ContractTraffic, VersionTraffic  # noqa: E402
+from tests.cluster.apiserver import apply_crd  # noqa: E402
 from tests.kube_cluster import control_plane  # noqa: E402
 from tests.kubelet import PodRunner  # noqa: E402
 
 T = TypeVar("T")
 
 NS = "bench"
-CRD_PATH = ROOT / "crds" / "embeddingmigrations.embedshift.io.yaml"
 WINDOW = "5s"
 SCRAPE = "500ms"
 TOKEN = "bench-alert-token"  # noqa: S105 (a throwaway token for a loopback receiver)
@@ -331,28 +330,7 @@ class Cluster:
 
     def apply_crd(self) -> None:
         """``kubectl apply -f crds/`` and ``kubectl wait --for=condition=Established``."""
-        manifest: dict[str, Any] = yaml.safe_load(CRD_PATH.read_text())
-        extensions = client.ApiextensionsV1Api(self.api)
-        name = manifest["metadata"]["name"]
-        try:
-            extensions.create_custom_resource_definition(
-                as_model(client.V1CustomResourceDefinition, manifest)
-            )
-        except client.ApiException as exc:
-            if exc.status != 409:
-                raise
-            current = extensions.read_custom_resource_definition(name)
-            manifest["metadata"]["resourceVersion"] = meta(current).resource_version
-            extensions.replace_custom_resource_definition(
-                name, as_model(client.V1CustomResourceDefinition, manifest)
-            )
-
-        def established() -> bool:
-            status = extensions.read_custom_resource_definition(name).status
-            conditions = (status.conditions if status is not None else None) or []
-            return any(c.type == "Established" and c.status == "True" for c in conditions)
-
-        wait_until("the CRD Established", established, timeout=60, alive=lambda: None)
+        apply_crd(self.api)
 
     def create_namespace(self) -> None:
         self.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=NS)))
