@@ -141,3 +141,16 @@ def eventually(check: Callable[[], Any], what: str, within: float = 30.0, poll: 
             return value
         assert time.monotonic() < deadline, f"not within {within} s: {what}"
         time.sleep(poll)
+
+
+def routed_percentage(url: str, migration: str) -> int | None:
+    """The routing row's percentage for ``migration`` (what every search replica follows);
+    None before ``migrate setup`` created the table or the row."""
+    with psycopg.connect(url) as conn:
+        exists = conn.execute("SELECT to_regclass('embedshift_rollout') IS NOT NULL").fetchone()
+        if not (exists and exists[0]):
+            return None
+        row = conn.execute(
+            "SELECT percentage FROM embedshift_rollout WHERE migration = %s", [migration]
+        ).fetchone()
+    return None if row is None else int(row[0])

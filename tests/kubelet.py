@@ -38,7 +38,6 @@ import datetime
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import ssl
@@ -46,7 +45,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,7 +98,6 @@ class Api:
             if setting.get("in") == "header" and setting.get("value"):
                 headers[str(setting["key"])] = str(setting["value"])
         self.server = str(configuration.host)
-        self.ca_file = configuration.ssl_ca_cert
         self.http = httpx.Client(
             base_url=self.server, verify=context, headers=headers, timeout=30.0
         )
@@ -626,7 +624,6 @@ class PodRunner:
     )
     errors: list[str] = field(default_factory=list)
     pods: dict[str, PodProcess] = field(default_factory=dict)
-    on_error: Callable[[str], None] | None = None
 
     def __post_init__(self) -> None:
         pod_network.check()
@@ -778,8 +775,6 @@ class PodRunner:
 
     def _error(self, message: str) -> None:
         self.errors.append(message)
-        if self.on_error is not None:
-            self.on_error(message)
 
     def _watch_pods(self) -> None:
         resource_version = ""
@@ -905,7 +900,3 @@ class PodRunner:
                 for p in self.pods.values()
                 if p.namespace == namespace and p.process is not None and p.process.poll() is None
             ]
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

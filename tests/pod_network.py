@@ -5,9 +5,10 @@ A Linux network namespace per Pod with a veth pair to the host: the Pod has its 
 ports, so two Pods may listen on one port (a rolling update's surge, a standby operator).
 Towards the cluster, every Pod sees ``10.0.0.1``: the ``kubernetes`` Service's address in the
 control plane's service range (the API server's certificate names it), held by the host's
-loopback link. Host services the Pods need (the API server, a Prometheus) are exposed
-there by :class:`Forwarder` (``10.0.0.1:PORT`` → ``127.0.0.1:PORT``), as a Service would be.
-A database reached through a Unix socket needs nothing: the file system is shared.
+loopback link. A host service bound to 127.0.0.1 (the API server) is exposed there by
+:class:`Forwarder` (``10.0.0.1:PORT`` → ``127.0.0.1:PORT``), as a Service would be; one the test
+starts itself may simply listen on ``10.0.0.1`` (the story's Prometheus does). A database
+reached through a Unix socket needs nothing: the file system is shared.
 
 Needs root and iproute2 (``ip netns``), as a kubelet does; :func:`check` says what is missing.
 """
@@ -33,7 +34,7 @@ class NetworkUnavailable(Exception):
 def check() -> None:
     if os.geteuid() != 0:
         raise NetworkUnavailable("the Pod runner gives each Pod a network namespace: run as root")
-    for tool in ("ip", "unshare", "mount"):
+    for tool in ("ip", "mount"):
         if shutil.which(tool) is None:
             raise NetworkUnavailable(f"the Pod runner needs `{tool}` (Debian: iproute2, mount)")
 

@@ -47,18 +47,20 @@ def wait_healthy(
     log: Path,
     *,
     version: str = "v2",
+    path: str | None = None,
     timeout: float = 60.0,
 ) -> None:
-    """Return once ``/api/rag/{version}/health`` answers 200.
+    """Return once ``path`` (default ``/api/rag/{version}/health``) answers 200.
 
     Raises RuntimeError, with the service's log, if it exits or is not healthy in ``timeout``.
     """
+    path = path or f"/api/rag/{version}/health"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"the service exited ({process.returncode}):\n{log.read_text()}")
         try:
-            if httpx.get(f"{base}/api/rag/{version}/health", timeout=2).status_code == 200:
+            if httpx.get(f"{base}{path}", timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass

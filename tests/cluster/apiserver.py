@@ -19,6 +19,7 @@ from embedshift_operator.adapters.kube import as_model
 from embedshift_operator.crd import DEFAULT_PATH as CRD_PATH
 from embedshift_operator.resource import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from tests.operator.e2e.target import Target
+from tests.operator.kube.harness import openai_spec
 
 __all__ = ["apply_crd", "create_migration", "namespace", "real_client"]
 
@@ -92,22 +93,7 @@ def create_migration(api: client.ApiClient, ns: str, name: str) -> dict[str, Any
         "apiVersion": API_VERSION,
         "kind": KIND,
         "metadata": {"name": name, "namespace": ns},
-        "spec": {
-            "database": {"urlSecretRef": {"name": "rag-db", "key": "url"}, "table": "documents"},
-            "source": {
-                "provider": "openai",
-                "model": "text-embedding-ada-002",
-                "dimensions": 1536,
-                "apiKeySecretRef": {"name": "openai", "key": "api-key"},
-            },
-            "target": {
-                "provider": "openai",
-                "model": "text-embedding-3-small",
-                "dimensions": 768,
-                "apiKeySecretRef": {"name": "openai", "key": "api-key"},
-            },
-            "migration": {"image": "ghcr.io/embedshift/embedshift:0.1.0"},
-        },
+        "spec": openai_spec(image="ghcr.io/embedshift/embedshift:0.1.0"),
     }
     created = client.CustomObjectsApi(api).create_namespaced_custom_object(
         GROUP, VERSION, ns, PLURAL, body

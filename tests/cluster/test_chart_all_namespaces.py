@@ -12,14 +12,13 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import psycopg
 import pytest
 import yaml
 
 from rag_service.testing.corpus import create_corpus
 from tests.chart.helm import CHART, HELM, KUBECTL
 from tests.cluster.test_chart_story import NAME, PIPELINE, manifest, run
-from tests.helpers import eventually
+from tests.helpers import eventually, routed_percentage
 from tests.kube_cluster import control_plane
 from tests.kubelet import Api, PodRunner
 from tests.operator.e2e.target import Target
@@ -75,11 +74,7 @@ def test_an_all_namespaces_operator_serves_another_namespace(
                     f"--timeout={int(PIPELINE)}s")  # fmt: skip
 
     def routed(percentage: int) -> bool:
-        with psycopg.connect(database_url) as conn:
-            row = conn.execute(
-                "SELECT percentage FROM embedshift_rollout WHERE migration = %s", [f"{team}/{NAME}"]
-            ).fetchone()
-        return row is not None and row[0] == percentage
+        return routed_percentage(database_url, f"{team}/{NAME}") == percentage
 
     eventually(lambda: routed(10), "the first step routed", 60)
     cluster.kubectl("-n", team, "delete", "em", NAME, "--timeout=60s")

@@ -36,7 +36,7 @@ from rag_service.testing.corpus import create_corpus
 from rag_service.testing.prometheus import PrometheusProcess, running_prometheus, serving_metrics
 from tests import pod_network
 from tests.chart.helm import CHART, HELM, KUBECTL
-from tests.helpers import eventually
+from tests.helpers import eventually, routed_percentage
 from tests.kubelet import Api, PodRunner
 from tests.operator.e2e.target import Target
 
@@ -106,14 +106,7 @@ class Story:
         return status
 
     def routing(self) -> int | None:
-        with psycopg.connect(self.database_url) as conn:
-            exists = conn.execute("SELECT to_regclass('embedshift_rollout') IS NOT NULL").fetchone()
-            if not (exists and exists[0]):
-                return None
-            row = conn.execute(
-                "SELECT percentage FROM embedshift_rollout WHERE migration = %s", [self.key]
-            ).fetchone()
-            return None if row is None else int(row[0])
+        return routed_percentage(self.database_url, self.key)
 
     def pods(self, component: str) -> list[dict[str, Any]]:
         listed = self.get(

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,8 +28,8 @@ from rag_service.service import ServiceSettings
 from rag_service.spec import DataPlaneSpec, ProviderName
 from rag_service.testing import EmbeddingServer
 from rag_service.testing.corpus import corpus_spec, create_corpus
-from rag_service.testing.service_process import free_port, start_serve
-from tests.helpers import cli
+from rag_service.testing.service_process import free_port, start_serve, wait_healthy
+from tests.helpers import cli, routed_percentage
 from tests.service_harness import serving
 
 TABLE = "svc_recorded"
@@ -56,20 +55,6 @@ def only_database_and_keys(url: str, key: str) -> dict[str, str]:
     return {**env, "DATABASE_URL": url, "OPENAI_API_KEY": key}
 
 
-def wait_ready(process: subprocess.Popen[bytes], base: str, log: Path) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"serve exited ({process.returncode}):\n{log.read_text()}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"serve was not ready in 60 s:\n{log.read_text()}")
-
-
 def search(base: str, user: str) -> dict[str, Any]:
     found = httpx.post(
         f"{base}/api/rag/search",
@@ -92,15 +77,6 @@ async def set_percentage(url: str, migration: str, percentage: int) -> None:
             percentage=percentage,
             reason="test",
         )
-
-
-def percentage_of(url: str, migration: str) -> int:
-    with psycopg.connect(url) as conn:
-        row = conn.execute(
-            "SELECT percentage FROM embedshift_rollout WHERE migration = %s", [migration]
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +108,7 @@ def test_setup_then_serve_with_only_the_migration_answers_v1_and_v2(
         log=log,
     )
     try:
-        wait_ready(process, base, log)
+        wait_healthy(process, base, log, path="/readyz")
         v1 = search(base, "ada")  # a new routing row routes 0 %
         assert (v1["version"], v1["fallback"]) == ("v1", False)
         assert v1["results"], v1
@@ -156,7 +132,7 @@ def test_setup_then_serve_with_only_the_migration_answers_v1_and_v2(
 
     # Setup again records the same facts and leaves the rollout where it is.
     assert cli(capsys, "migrate", "setup", *flags).code == 0
-    assert percentage_of(database_url, migration) == 100
+    assert routed_percentage(database_url, migration) == 100
 
 
 async def resolved(*argv: str) -> tuple[DataPlaneSpec, str]:

@@ -31,6 +31,7 @@ What the tests assume of the cluster
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -38,7 +39,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 import yaml
 from kopf.testing import KopfRunner
@@ -50,6 +50,7 @@ from embedshift_operator.adapters.kube import LABEL_KIND
 from embedshift_operator.resource import GROUP, PLURAL, VERSION
 from rag_service.testing.corpus import create_corpus
 from tests.cluster.apiserver import apply_crd
+from tests.helpers import routed_percentage
 from tests.kubelet import PodRunner
 from tests.operator.e2e.target import Target
 from tests.operator.kube.harness import (
@@ -296,16 +297,7 @@ class Migration:
 
     async def routing_percentage(self) -> int | None:
         """The routing row every search replica follows (None before setup created it)."""
-        async with await psycopg.AsyncConnection.connect(self.database_url) as conn:
-            cur = await conn.execute("SELECT to_regclass('embedshift_rollout') IS NOT NULL")
-            exists = await cur.fetchone()
-            if not (exists and exists[0]):
-                return None
-            cur = await conn.execute(
-                "SELECT percentage FROM embedshift_rollout WHERE migration = %s", [self.key]
-            )
-            row = await cur.fetchone()
-            return None if row is None else int(row[0])
+        return await asyncio.to_thread(routed_percentage, self.database_url, self.key)
 
     async def wait_for_progressing(self) -> dict[str, Any]:
         """The real Jobs (run by the Pod runner, completed by the Job controller) carry the

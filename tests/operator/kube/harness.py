@@ -39,6 +39,28 @@ GROUP, VERSION, PLURAL = handlers.GROUP, handlers.VERSION, handlers.PLURAL
 _T = TypeVar("_T")
 
 
+def openai_spec(**migration: Any) -> dict[str, Any]:
+    """``spec`` of a migration from ada-002 to 3-small@768 on the table ``documents``, the keys
+    from Secrets; ``migration`` is ``spec.migration``."""
+    key = {"name": "openai", "key": "api-key"}
+    return {
+        "database": {"urlSecretRef": {"name": "rag-db", "key": "url"}, "table": "documents"},
+        "source": {
+            "provider": "openai",
+            "model": "text-embedding-ada-002",
+            "dimensions": 1536,
+            "apiKeySecretRef": key,
+        },
+        "target": {
+            "provider": "openai",
+            "model": "text-embedding-3-small",
+            "dimensions": 768,
+            "apiKeySecretRef": key,
+        },
+        "migration": migration,
+    }
+
+
 def manifest(
     *,
     interval: str = "1s",

@@ -45,6 +45,7 @@ from tests.operator.kube.harness import (
     job_container,
     meta,
     name_of,
+    openai_spec,
     policy_failure,
     secret_key_ref,
 )
@@ -63,22 +64,7 @@ def migration(
         "apiVersion": "embedshift.io/v1alpha1",
         "kind": "EmbeddingMigration",
         "metadata": {"name": name, "namespace": NS, "uid": uid},
-        "spec": {
-            "database": {"urlSecretRef": {"name": "rag-db", "key": "url"}, "table": "documents"},
-            "source": {
-                "provider": "openai",
-                "model": "text-embedding-ada-002",
-                "dimensions": 1536,
-                "apiKeySecretRef": {"name": "openai", "key": "api-key"},
-            },
-            "target": {
-                "provider": "openai",
-                "model": "text-embedding-3-small",
-                "dimensions": 768,
-                "apiKeySecretRef": {"name": "openai", "key": "api-key"},
-            },
-            "migration": {"shards": 4, **migration_spec},
-        },
+        "spec": openai_spec(shards=4, **migration_spec),
     }
     return EmbeddingMigration.model_validate(raw)
 

@@ -53,49 +53,51 @@ def steps(*percentages: int) -> list[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class Bad:
-    """A manifest one CEL rule must refuse, the path it names, and a fragment of its message."""
+    """A manifest that must be refused (by one CEL rule, offline; by the API server, with
+    ``status``), the path it names, and a fragment of its message."""
 
     id: str
     manifest: Callable[[], dict[str, Any]]
     path: str
     fragment: str
+    status: int = 422  # Unprocessable Entity: the object is invalid
 
 
-def _spec(edit: dict[str, Any]) -> Callable[[], dict[str, Any]]:
+def edited(edit: dict[str, Any]) -> Callable[[], dict[str, Any]]:
     return lambda: with_spec(edit)
 
 
 def _criteria(*items: dict[str, Any]) -> Callable[[], dict[str, Any]]:
-    return _spec({"analysis": {"successCriteria": list(items)}})
+    return edited({"analysis": {"successCriteria": list(items)}})
 
 
 def _target(**fields: Any) -> Callable[[], dict[str, Any]]:
-    return _spec({"target": fields})
+    return edited({"target": fields})
 
 
 CEL_BAD = [
     Bad(
         "steps-not-increasing",
-        _spec({"rollout": {"steps": steps(10, 50, 25, 100)}}),
+        edited({"rollout": {"steps": steps(10, 50, 25, 100)}}),
         "spec.rollout.steps",
         "above the one before",
     ),
     Bad(
         "steps-repeated",
-        _spec({"rollout": {"steps": steps(10, 10, 100)}}),
+        edited({"rollout": {"steps": steps(10, 10, 100)}}),
         "spec.rollout.steps",
         "remove the repeated one",
     ),
     Bad(
         "steps-twentieth-not-increasing",
         # The last pair a bounded index list can reach: maxItems 20, so indexes 18 and 19.
-        _spec({"rollout": {"steps": steps(*range(1, 19), 100, 100)}}),
+        edited({"rollout": {"steps": steps(*range(1, 19), 100, 100)}}),
         "spec.rollout.steps",
         "above the one before",
     ),
     Bad(
         "steps-not-ending-at-100",
-        _spec({"rollout": {"steps": steps(10, 50)}}),
+        edited({"rollout": {"steps": steps(10, 50)}}),
         "spec.rollout.steps",
         "last step must be 100",
     ),
@@ -119,7 +121,7 @@ CEL_BAD = [
     ),
     Bad(
         "no-bound",
-        _spec({"analysis": {"rollbackThresholds": [criterion(metric="error_rate")]}}),
+        edited({"analysis": {"rollbackThresholds": [criterion(metric="error_rate")]}}),
         "spec.analysis.rollbackThresholds[0]",
         "exactly one of min, max",
     ),
@@ -143,7 +145,7 @@ CEL_BAD = [
     ),
     Bad(
         "duplicate-across",
-        _spec(
+        edited(
             {"analysis": {"rollbackThresholds": [{"name": "error-rate", "query": "up", "max": 1}]}}
         ),
         "spec.analysis",
@@ -169,7 +171,7 @@ CEL_BAD = [
     ),
     Bad(
         "ada-002-not-1536",
-        _spec(
+        edited(
             {"source": {"provider": "openai", "model": "text-embedding-ada-002", "dimensions": 768}}
         ),
         "spec.source.dimensions",
@@ -200,19 +202,19 @@ CEL_BAD = [
     ),
     Bad(
         "zero-interval",
-        _spec({"analysis": {"interval": "0s"}}),
+        edited({"analysis": {"interval": "0s"}}),
         "spec.analysis.interval",
         "longer than zero",
     ),
     Bad(
         "zero-window",
-        _spec({"analysis": {"window": "0m0.0s"}}),
+        edited({"analysis": {"window": "0m0.0s"}}),
         "spec.analysis.window",
         "longer than zero",
     ),
     Bad(
         "duration-too-long",
-        _spec({"analysis": {"interval": "1000000000h"}}),
+        edited({"analysis": {"interval": "1000000000h"}}),
         "spec.analysis.interval",
         "too long a duration",
     ),
@@ -224,20 +226,20 @@ CEL_BAD = [
     ),
     Bad(
         "table-not-an-identifier",
-        _spec({"database": {"table": "public.my-docs"}}),
+        edited({"database": {"table": "public.my-docs"}}),
         "spec.database.table",
         "write table or schema.table",
     ),
     Bad(
         "table-of-three-parts",
-        _spec({"database": {"table": "db.public.documents"}}),
+        edited({"database": {"table": "db.public.documents"}}),
         "spec.database.table",
         "write table or schema.table",
     ),
     *(
         Bad(
             f"{column}-not-an-identifier",
-            _spec({"database": {column: value}}),
+            edited({"database": {column: value}}),
             f"spec.database.{column}",
             "not a plain SQL identifier",
         )
@@ -253,8 +255,8 @@ CEL_BAD = [
 # Edge cases both the rules and the models accept.
 CEL_GOOD: list[tuple[str, Callable[[], dict[str, Any]]]] = [
     ("minimal", minimal),
-    ("one-step-of-100", _spec({"rollout": {"steps": steps(100)}})),
-    ("twenty-steps", _spec({"rollout": {"steps": steps(*range(5, 100, 5), 100)}})),
+    ("one-step-of-100", edited({"rollout": {"steps": steps(100)}})),
+    ("twenty-steps", edited({"rollout": {"steps": steps(*range(5, 100, 5), 100)}})),
     ("vector-at-2000", _target(provider="local", model="hash", dimensions=2000)),
     (
         "halfvec-at-4000",
@@ -271,6 +273,6 @@ CEL_GOOD: list[tuple[str, Callable[[], dict[str, Any]]]] = [
     ),
     ("ratio-on-a-metric", _criteria(criterion(metric="error_rate", maxRatioToV1=2.0))),
     ("custom-query", _criteria(criterion(query="up", min=1))),
-    ("sub-second-interval", _spec({"analysis": {"interval": "0.5s", "window": "1m30s"}})),
-    ("empty-criteria", _spec({"analysis": {"successCriteria": [], "rollbackThresholds": []}})),
+    ("sub-second-interval", edited({"analysis": {"interval": "0.5s", "window": "1m30s"}})),
+    ("empty-criteria", edited({"analysis": {"successCriteria": [], "rollbackThresholds": []}})),
 ]

@@ -19,7 +19,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,16 @@ from rag_service.errors import ConfigError
 from tests.operator.e2e.target import Target
 
 from . import apiserver
-from .manifests import CEL_BAD, CEL_GOOD, EXAMPLES, REPO, criterion, minimal, with_spec
+from .manifests import (
+    CEL_BAD,
+    CEL_GOOD,
+    EXAMPLES,
+    REPO,
+    Bad,
+    criterion,
+    edited,
+    minimal,
+)
 from .test_resource import BAD_SPECS
 
 CRD_FILE = REPO / "crds" / crd.FILE_NAME
@@ -154,21 +163,6 @@ def _name(case: str) -> str:
 # ---- bad specs -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Refused:
-    """A manifest the API server refuses: the field it names and a fragment of its message."""
-
-    id: str
-    manifest: Callable[[], dict[str, Any]]
-    path: str
-    fragment: str
-    status: int = 422  # Unprocessable Entity: the object is invalid
-
-
-def _edit(edit: dict[str, Any]) -> Callable[[], dict[str, Any]]:
-    return lambda: with_spec(edit)
-
-
 def _without(*path: str) -> Callable[[], dict[str, Any]]:
     def manifest() -> dict[str, Any]:
         done = minimal()
@@ -250,99 +244,99 @@ BAD_REQUESTS = {"typo-in-a-field-name"}
 # What only the schema says (types, enums, bounds, required fields): refused by the server
 # before any rule runs, and by the models with their own messages.
 SCHEMA_BAD = [
-    Refused("no-spec", _without("spec"), "spec", "Required value"),
-    Refused("no-target", _without("spec", "target"), "spec.target", "Required value"),
-    Refused("no-table", _without("spec", "database", "table"), "spec.database.table", "Required"),
-    Refused(
+    Bad("no-spec", _without("spec"), "spec", "Required value"),
+    Bad("no-target", _without("spec", "target"), "spec.target", "Required value"),
+    Bad("no-table", _without("spec", "database", "table"), "spec.database.table", "Required"),
+    Bad(
         "unknown-provider",
-        _edit({"target": {"provider": "cohere"}}),
+        edited({"target": {"provider": "cohere"}}),
         "spec.target.provider",
         'supported values: "openai", "google", "local"',
     ),
-    Refused(
+    Bad(
         "unknown-index-type",
-        _edit({"target": {"index": {"type": "flat"}}}),
+        edited({"target": {"index": {"type": "flat"}}}),
         "spec.target.index.type",
         'supported values: "hnsw", "ivfflat"',
     ),
-    Refused(
+    Bad(
         "dimensions-over-16000",
-        _edit({"target": {"provider": "local", "model": "hash", "dimensions": 16001}}),
+        edited({"target": {"provider": "local", "model": "hash", "dimensions": 16001}}),
         "spec.target.dimensions",
         "should be less than or equal to 16000",
     ),
-    Refused(
+    Bad(
         "steps-not-a-list",
-        _edit({"rollout": {"steps": "10,25,100"}}),
+        edited({"rollout": {"steps": "10,25,100"}}),
         "spec.rollout.steps",
         "must be of type array",
     ),
-    Refused("no-steps", _edit({"rollout": {"steps": []}}), "spec.rollout.steps", "at least 1"),
-    Refused(
+    Bad("no-steps", edited({"rollout": {"steps": []}}), "spec.rollout.steps", "at least 1"),
+    Bad(
         "step-without-percentage",
-        _edit({"rollout": {"steps": [{"minDuration": "1h"}]}}),
+        edited({"rollout": {"steps": [{"minDuration": "1h"}]}}),
         "spec.rollout.steps[0].percentage",
         "Required value",
     ),
-    Refused(
+    Bad(
         # Not "yes": pydantic's lax mode reads that as true, so only the server refuses it.
         "paused-maybe",
-        _edit({"rollout": {"paused": "maybe"}}),
+        edited({"rollout": {"paused": "maybe"}}),
         "spec.rollout.paused",
         "must be of type boolean",
     ),
-    Refused(
+    Bad(
         "duration-over-the-length",
-        _edit({"rollout": {"steps": [{"percentage": 100, "minDuration": "1h" * 17}]}}),
+        edited({"rollout": {"steps": [{"percentage": 100, "minDuration": "1h" * 17}]}}),
         "spec.rollout.steps[0].minDuration",
         f"may not be more than {MAX_DURATION_LENGTH} bytes",
     ),
-    Refused(
+    Bad(
         "33-criteria",
-        _edit({"analysis": {"successCriteria": [criterion(query="up", max=1)] * 33}}),
+        edited({"analysis": {"successCriteria": [criterion(query="up", max=1)] * 33}}),
         "spec.analysis.successCriteria",
         "must have at most 32 items",
     ),
-    Refused(
+    Bad(
         "query-over-the-length",
-        _edit({"analysis": {"successCriteria": [criterion(query="u" * 4097, max=1)]}}),
+        edited({"analysis": {"successCriteria": [criterion(query="u" * 4097, max=1)]}}),
         "spec.analysis.successCriteria[0].query",
         f"may not be more than {MAX_QUERY_LENGTH} bytes",
     ),
-    Refused(
+    Bad(
         "ratio-of-0",
-        _edit({"analysis": {"successCriteria": [criterion(metric="error_rate", maxRatioToV1=0)]}}),
+        edited({"analysis": {"successCriteria": [criterion(metric="error_rate", maxRatioToV1=0)]}}),
         "spec.analysis.successCriteria[0].maxRatioToV1",
         "should be greater than 0",
     ),
-    Refused(
+    Bad(
         "secret-without-a-name",
-        _edit({"database": {"urlSecretRef": {"name": "", "key": "url"}}}),
+        edited({"database": {"urlSecretRef": {"name": "", "key": "url"}}}),
         "spec.database.urlSecretRef.name",
         "should be at least 1 chars long",
     ),
-    Refused(
+    Bad(
         "percentage-as-text",
-        _edit({"rollout": {"steps": [{"percentage": "100%"}]}}),
+        edited({"rollout": {"steps": [{"percentage": "100%"}]}}),
         "spec.rollout.steps[0].percentage",
         "must be of type integer",
     ),
 ]
 
 
-def _from_the_models_table() -> list[Refused]:
+def _from_the_models_table() -> list[Bad]:
     cases = []
     for id_, edit, _, _ in BAD_SPECS:
         path, fragment = ON_THE_SERVER[id_]
         status = 400 if id_ in BAD_REQUESTS else 422
-        cases.append(Refused(f"model-{id_}", _edit(edit), path, fragment, status))
+        cases.append(Bad(f"model-{id_}", edited(edit), path, fragment, status))
     return cases
 
 
 REFUSED = [
-    *(Refused(f"rule-{b.id}", b.manifest, b.path, b.fragment) for b in CEL_BAD),
+    *(replace(b, id=f"rule-{b.id}") for b in CEL_BAD),
     *_from_the_models_table(),
-    *(Refused(f"schema-{b.id}", b.manifest, b.path, b.fragment, b.status) for b in SCHEMA_BAD),
+    *(replace(b, id=f"schema-{b.id}") for b in SCHEMA_BAD),
 ]
 
 
@@ -354,7 +348,7 @@ def test_every_bad_spec_of_the_models_table_says_what_the_server_says() -> None:
 
 
 @pytest.mark.parametrize("bad", REFUSED, ids=[r.id for r in REFUSED])
-def test_bad_spec_is_refused_by_the_api_server(server: Server, bad: Refused) -> None:
+def test_bad_spec_is_refused_by_the_api_server(server: Server, bad: Bad) -> None:
     manifest = bad.manifest()
     with pytest.raises(client.ApiException) as refused:
         _create(server, manifest, _name(bad.id))
