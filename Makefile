@@ -28,7 +28,8 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict $(PACKAGES)
 	$(BIN)/mypy --strict tests/operator/kube tests/operator/e2e tests/cluster tests/kubelet.py \
-		tests/pod_network.py tests/kube_cluster.py tests/test_kubelet.py
+		tests/pod_network.py tests/kube_cluster.py tests/test_kubelet.py tests/api_calls.py \
+		tests/api_recorder.py
 
 imports: $(STAMP)
 	$(BIN)/lint-imports

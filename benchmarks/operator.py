@@ -548,7 +548,7 @@ def run(args: argparse.Namespace) -> Results:
         serving_metrics(registry) as target,
         running_prometheus(targets=[target], scrape_interval=SCRAPE) as prometheus,
         api_server(args.kubeconfig, workdir) as kubeconfig_path,
-        PodRunner(kubeconfig_path, workdir / "pods", on_error=_runner_error) as runner,
+        PodRunner(kubeconfig_path, workdir / "pods") as runner,
     ):
         name, url = create_database(admin_url, prefix="bench_operator")
         metrics = ApiServerMetrics(kubeconfig_path)
@@ -594,15 +594,17 @@ def run(args: argparse.Namespace) -> Results:
                 )
             finally:
                 rows.close()
+                _report_runner_errors(runner)
         finally:
             metrics.close()
             drop_database(admin_url, name)
     return results
 
 
-def _runner_error(message: str) -> None:
-    if not message.startswith("watch:"):  # a watch that ends is re-opened; others matter
-        print(f"pod runner: {message}", file=sys.stderr, flush=True)
+def _report_runner_errors(runner: PodRunner) -> None:
+    for message in runner.errors:
+        if not message.startswith("watch:"):  # a watch that ends is re-opened; others matter
+            print(f"pod runner: {message}", file=sys.stderr, flush=True)
 
 
 def measure(

@@ -18,7 +18,11 @@ Pending. :class:`PodRunner` does what a kubelet on one node does, through the AP
   that ServiceAccount, bound to the Pod) mounted where in-cluster clients read it, with
   ``KUBERNETES_SERVICE_HOST/PORT`` set as a kubelet sets them: RBAC is Kubernetes' own;
 - gives each Pod a network of its own (:mod:`tests.pod_network`: a network namespace, its own
-  IP, the API server at ``10.0.0.1``), so Pods listen on the same ports without meeting;
+  IP, the API server at ``10.0.0.1``), so Pods listen on the same ports without meeting; there
+  the `kubernetes` Service is :class:`~tests.api_recorder.ApiRecorder`, which forwards each
+  request to the real API server and records it with the server's answer
+  (:meth:`PodRunner.api_requests`: what ``api-calls.yaml`` is generated from); the Pods trust
+  its CA as their ServiceAccount's ``ca.crt``;
 - reports through ``pods/status`` what a kubelet reports: Running with ``Ready`` (after the
   readiness probe passes, if the container has one), then the terminated state with exit code,
   reason and the termination message per ``terminationMessagePolicy``; restarts per
@@ -55,6 +59,8 @@ from kubernetes import client
 from kubernetes import config as kubeconfig
 
 from tests import pod_network
+from tests.api_calls import PodRequest, rbac_call
+from tests.api_recorder import ApiRecorder
 from tests.pod_network import Forwarder, PodNetwork
 
 NODE = "embedshift-test-node"
@@ -98,6 +104,7 @@ class Api:
             if setting.get("in") == "header" and setting.get("value"):
                 headers[str(setting["key"])] = str(setting["value"])
         self.server = str(configuration.host)
+        self.ca_file = str(configuration.ssl_ca_cert)
         self.http = httpx.Client(
             base_url=self.server, verify=context, headers=headers, timeout=30.0
         )
@@ -318,6 +325,9 @@ class PodProcess:
             if not target.exists():
                 files = self._volume_files(volumes[mount["name"]])
                 target.mkdir(parents=True)
+                if mount["mountPath"].rstrip("/") == SERVICE_ACCOUNT_DIR and files:
+                    # The Pods reach the API server through the recorder, whose CA they trust.
+                    files["ca.crt"] = self.runner.recorder.ca_pem
                 for relative, content in (files or {}).items():
                     path = target / relative
                     path.parent.mkdir(parents=True, exist_ok=True)
@@ -632,7 +642,15 @@ class PodRunner:
         self.api_port = int(self.api.server.rsplit(":", 1)[1])
         self.addresses = pod_network.Addresses()
         self.forwarders: dict[int, Forwarder] = {}
-        self.expose(self.api_port)
+        # The `kubernetes` Service: the real API server, through a recorder of the Pods' calls.
+        self.recorder = ApiRecorder(
+            ip=pod_network.SERVICE_IP,
+            port=self.api_port,
+            upstream=self.api.server,
+            upstream_ca=self.api.ca_file,
+            directory=self.workdir / "api-recorder",
+        )
+        self.pod_of_ip: dict[str, str] = {}  # every Pod this runner started: IP → "ns/name"
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -663,6 +681,7 @@ class PodRunner:
             thread.join(timeout=40)
         for forwarder in self.forwarders.values():
             forwarder.close()
+        self.recorder.close()
         self.api.close()
 
     def expose(self, port: int) -> str:
@@ -861,6 +880,7 @@ class PodRunner:
         process.network = self.addresses.allocate()
         process.network.create()
         pod.setdefault("status", {})["podIP"] = process.network.ip  # for the downward API
+        self.pod_of_ip[process.network.ip] = self._key(pod)
         process.thread = threading.Thread(
             target=process.run, name=f"pod-{process.name}", daemon=True
         )
@@ -892,6 +912,18 @@ class PodRunner:
             for p in pods
             if p.name.startswith(name_prefix) and p.log_path.exists()
         }
+
+    def api_requests(self, namespace: str, name_prefix: str = "") -> list[PodRequest]:
+        """Every request the Pods of ``namespace`` named ``name_prefix…`` sent the API server
+        (through :attr:`recorder`), in order, with the real server's status for each."""
+        wanted = f"{namespace}/{name_prefix}"
+        found = []
+        for request in self.recorder.requests():
+            pod = self.pod_of_ip.get(request.client, "")
+            if pod.startswith(wanted):
+                call = rbac_call(request.method, request.path, request.user_agent)
+                found.append(PodRequest(pod=pod, request=request, call=call))
+        return found
 
     def running(self, namespace: str) -> list[str]:
         with self._lock:

@@ -292,7 +292,9 @@ def test_pods_are_ready_when_their_probes_pass_each_on_its_own_network(
         eventually(functools.partial(gone, api, namespace, name), f"{name} deleted")
 
 
-def test_a_pod_acts_as_its_service_account_under_rbac(api: Api, namespace: str) -> None:
+def test_a_pod_acts_as_its_service_account_under_rbac(
+    api: Api, namespace: str, pod_runner: PodRunner
+) -> None:
     assert KUBECTL.exists(), f"{KUBECTL} missing: run scripts/install-helm.sh"
     api.request(
         "POST", f"/api/v1/namespaces/{namespace}/serviceaccounts", {"metadata": {"name": "reader"}}
@@ -331,3 +333,10 @@ def test_a_pod_acts_as_its_service_account_under_rbac(api: Api, namespace: str) 
     message = container["state"]["terminated"]["message"]
     assert "configmap/kube-root-ca.crt" in message  # allowed by the Role
     assert f'"system:serviceaccount:{namespace}:reader" cannot list resource "secrets"' in message
+    # The node's recorder saw both calls on their way, with the real server's answers.
+    answered = {
+        (r.call.verb, r.call.resource): r.request.status
+        for r in pod_runner.api_requests(namespace, "as-reader")
+        if r.call is not None
+    }
+    assert answered == {("list", "configmaps"): 200, ("list", "secrets"): 403}, answered

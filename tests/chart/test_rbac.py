@@ -1,10 +1,11 @@
 """The chart's RBAC is least privilege: exactly the API calls the operator makes, no more.
 
-tests/operator/kube/api-calls.yaml lists every (verb, group, resource, subresource) the
-operator's test suite saw it make against the API-server emulator. For each operator mode the
-chart's rules bound to the operator's ServiceAccount must allow every recorded call, and every
-verb/resource pair they grant must be one a recorded call uses (or one of the EXCEPTIONS below,
-each with the reason the test suite cannot record it). No wildcards anywhere.
+tests/cluster/api-calls.yaml lists every (verb, group, resource, subresource) the chart's
+operator was seen to make on a real API server (its Pods' requests, recorded on their way:
+tests/api_calls.py), in namespaced mode (with a standby) and in all-namespaces mode. For each
+mode the chart's rules bound to the operator's ServiceAccount must allow every recorded call,
+and every verb/resource pair they grant must be one a recorded call uses, but for the peering
+objects of the other mode (EXCEPTIONS below). No wildcards anywhere.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import yaml
 
 from tests.chart.helm import NAMESPACE, ROOT, of_kind, render
 
-RECORDED = ROOT / "tests" / "operator" / "kube" / "api-calls.yaml"
+RECORDED = ROOT / "tests" / "cluster" / "api-calls.yaml"
 SERVICE_ACCOUNT = "es-embedshift-operator"
 
 
@@ -38,16 +39,11 @@ def _recorded() -> set[Call]:
 
 _PEERING = {"get", "list", "watch", "patch"}
 
-# (mode) -> (calls the chart must grant although the suite did not record them, calls recorded
-# that this mode does not make), each with its reason.
-EXCEPTIONS: dict[str, tuple[set[Call], set[Call]]] = {
-    # The kube suite runs peering only in namespaced mode (KopfPeering). With --all-namespaces kopf
-    # peers through a ClusterKopfPeering with the same verbs, and needs no KopfPeering.
-    "all-namespaces": (
-        {Call(verb, "kopf.dev", "clusterkopfpeerings") for verb in _PEERING},
-        {Call(verb, "kopf.dev", "kopfpeerings") for verb in _PEERING},
-    ),
-    "namespaced": (set(), set()),
+# (mode) -> recorded calls this mode does not make: kopf peers through a KopfPeering in each
+# namespace served, and through a ClusterKopfPeering with --all-namespaces.
+EXCEPTIONS: dict[str, set[Call]] = {
+    "all-namespaces": {Call(verb, "kopf.dev", "kopfpeerings") for verb in _PEERING},
+    "namespaced": {Call(verb, "kopf.dev", "clusterkopfpeerings") for verb in _PEERING},
 }
 
 MODES = {
@@ -93,8 +89,7 @@ def test_rbac_allows_exactly_the_recorded_calls(mode: str) -> None:
     objects = render(MODES[mode])
     grants = _grants(objects)
     assert grants, "no rules bound to the operator's ServiceAccount"
-    extra, unused = EXCEPTIONS[mode]
-    wanted = (_recorded() - unused) | extra
+    wanted = _recorded() - EXCEPTIONS[mode]
     granted = {grant.call for grant in grants}
     assert wanted - granted == set(), "recorded calls the chart does not allow"
     assert granted - wanted == set(), "rules no recorded call uses"
@@ -113,7 +108,7 @@ def test_namespaced_mode_grants_namespaced_calls_only_in_watched_namespaces() ->
             per_namespace.setdefault(grant.namespace, set()).add(grant.call)
     assert set(per_namespace) == {"rag", "search"}
     assert per_namespace["rag"] == per_namespace["search"]
-    assert per_namespace["rag"] | cluster_wide == _recorded()
+    assert per_namespace["rag"] | cluster_wide == _recorded() - EXCEPTIONS["namespaced"]
 
 
 def test_default_install_serves_the_release_namespace_only() -> None:

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from rag_service.testing.corpus import create_corpus
+from tests.api_calls import record_operator_calls
 from tests.chart.helm import CHART, HELM, KUBECTL
 from tests.cluster.test_chart_story import NAME, PIPELINE, manifest, run
 from tests.helpers import eventually, routed_percentage
@@ -49,7 +50,10 @@ def cluster(kube_cluster: Target, tmp_path_factory: pytest.TempPathFactory) -> I
 
 
 def test_an_all_namespaces_operator_serves_another_namespace(
-    cluster: Cluster, database_url: str, tmp_path_factory: pytest.TempPathFactory
+    cluster: Cluster,
+    database_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
 ) -> None:
     system, team = f"embedshift-{uuid.uuid4().hex[:4]}", f"team-{uuid.uuid4().hex[:4]}"
     for namespace in (system, team):
@@ -84,4 +88,8 @@ def test_an_all_namespaces_operator_serves_another_namespace(
     assert logs, "no operator Pod ran"
     for name, log in logs.items():  # RBAC: nothing the operator asked for was refused
         assert " 403" not in log and "Forbidden" not in log, (name, log[-3000:])
+    # What the real server was asked, for api-calls.yaml (a refused request fails here too).
+    record_operator_calls(
+        request.config, cluster.runner.api_requests(system, f"{RELEASE}-operator")
+    )
     run(HELM, "uninstall", RELEASE, "-n", system, kubeconfig=cluster.target.kubeconfig)

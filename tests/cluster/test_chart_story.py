@@ -35,6 +35,7 @@ from embedshift_operator.resource import parse_migration
 from rag_service.testing.corpus import create_corpus
 from rag_service.testing.prometheus import PrometheusProcess, running_prometheus, serving_metrics
 from tests import pod_network
+from tests.api_calls import record_operator_calls
 from tests.chart.helm import CHART, HELM, KUBECTL
 from tests.helpers import eventually, routed_percentage
 from tests.kubelet import Api, PodRunner
@@ -81,7 +82,10 @@ class Story:
 
     @property
     def key(self) -> str:
-        return f"{self.namespace}/{NAME}"
+        return self.key_of(NAME)
+
+    def key_of(self, name: str) -> str:
+        return f"{self.namespace}/{name}"
 
     def kubectl(self, *args: str, check: bool = True) -> str:
         return run(
@@ -95,18 +99,18 @@ class Story:
         found: dict[str, Any] | None = self.api.request("GET", path, ok=(404,))
         return found
 
-    def resource(self) -> dict[str, Any]:
+    def resource(self, name: str = NAME) -> dict[str, Any]:
         found = self.get(
-            f"/apis/embedshift.io/v1alpha1/namespaces/{self.namespace}/embeddingmigrations/{NAME}"
+            f"/apis/embedshift.io/v1alpha1/namespaces/{self.namespace}/embeddingmigrations/{name}"
         )
         return found or {}
 
-    def status(self) -> dict[str, Any]:
-        status: dict[str, Any] = self.resource().get("status") or {}
+    def status(self, name: str = NAME) -> dict[str, Any]:
+        status: dict[str, Any] = self.resource(name).get("status") or {}
         return status
 
-    def routing(self) -> int | None:
-        return routed_percentage(self.database_url, self.key)
+    def routing(self, name: str = NAME) -> int | None:
+        return routed_percentage(self.database_url, self.key_of(name))
 
     def pods(self, component: str) -> list[dict[str, Any]]:
         listed = self.get(
@@ -126,8 +130,13 @@ class Story:
         return ips
 
     def jobs(self) -> list[str]:
-        listed = self.get(f"/apis/batch/v1/namespaces/{self.namespace}/jobs") or {}
-        return sorted(j["metadata"]["name"] for j in listed.get("items", []))
+        return sorted(self.job_objects())
+
+    def job_objects(self, selector: str = "") -> dict[str, dict[str, Any]]:
+        """The namespace's Jobs (``selector``: a label selector), by name."""
+        query = f"?labelSelector={selector}" if selector else ""
+        listed = self.get(f"/apis/batch/v1/namespaces/{self.namespace}/jobs{query}") or {}
+        return {j["metadata"]["name"]: j for j in listed.get("items", [])}
 
     def breach_shown(self) -> float | None:
         """The test's breach series as Prometheus shows it now (None: not scraped yet)."""
@@ -144,13 +153,15 @@ class Story:
             time.sleep(0.02)
         return time.monotonic() - started
 
-    def wait_phase(self, phase: str, percentage: int, within: float = WITHIN) -> dict[str, Any]:
-        """The status once in ``phase`` with the routing row at ``percentage``; a failure shows
-        where the rollout stood and its last check."""
+    def wait_phase(
+        self, phase: str, percentage: int, within: float = WITHIN, name: str = NAME
+    ) -> dict[str, Any]:
+        """The status of ``name`` once in ``phase`` with the routing row at ``percentage``; a
+        failure shows where the rollout stood and its last check."""
         deadline = time.monotonic() + within
         while True:
-            status = self.status()
-            routed = self.routing()
+            status = self.status(name)
+            routed = self.routing(name)
             if status.get("phase") == phase and routed == percentage:
                 return status
             if time.monotonic() > deadline:
@@ -254,6 +265,7 @@ def story(
     pod_runner: PodRunner,
     database_url: str,
     tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
 ) -> Iterator[Story]:
     """The chart installed in a namespace of its own, as its README says, with the Secrets it
     references, a corpus table, and a real Prometheus scraping the search service's Pods."""
@@ -304,6 +316,9 @@ def story(
         story.helm("install", RELEASE, str(CHART), *story.values)
         try:
             yield story
+            # What the real server was asked, for api-calls.yaml (a refused request fails).
+            operator = pod_runner.api_requests(namespace, f"{RELEASE}-operator")
+            record_operator_calls(request.config, operator)
         finally:
             story.helm("uninstall", RELEASE, "--ignore-not-found")
             api.request("DELETE", f"/api/v1/namespaces/{namespace}", ok=(404,))
@@ -543,6 +558,109 @@ def _alert(key: str) -> dict[str, Any]:
             }
         ],
     }
+
+
+PIPELINE_PHASES = ["Preparing", "Migrating", "Indexing", "Verifying", "Progressing"]
+
+
+def test_operator_pods_deleted_in_every_phase_are_replaced_and_carry_on(story: Story) -> None:
+    """Both operator Pods (the working one and the standby) deleted as the migration enters
+    each phase of its pipeline: the Deployment's new Pods carry it on from its status, no Job
+    is created or run twice. Then a re-migration (a data-plane edit) replaces the follower, and
+    a second migration, refused by its own Job, fails once with the CLI's line (read from the
+    Pod: the chart's RBAC lets the operator get Pods)."""
+    name, refused = "restarts", "refused"
+    prometheus = story.prometheus.url.removeprefix("http://")
+    bodies = []
+    for migration in (name, refused):
+        table = f"{migration}_{story.namespace.replace('-', '_')}"
+        create_corpus(story.database_url, table=table, count=40)
+        body = manifest(story.namespace, table, prometheus)
+        body["metadata"]["name"] = migration
+        bodies.append(body)
+    # `migrate run` refuses a category no row has (exit 2): its Job fails at once, not retried.
+    bodies[1]["spec"]["migration"].update(
+        {"categories": ["no-such-category"], "shards": 1, "parallelism": 1}
+    )
+    path = story.workdir / "restarts.yaml"
+    path.write_text(yaml.safe_dump_all(bodies))
+    created_before = _jobs_created(story)
+    story.kubectl("apply", "-f", str(path))
+
+    # Each phase entered: every operator Pod deleted; the next phase needs their replacements.
+    seen: list[str] = []
+    uids: dict[str, str] = {}
+    deadline = time.monotonic() + 2 * PIPELINE
+    while seen[-1:] != ["Progressing"]:
+        assert time.monotonic() < deadline, f"phases seen {seen}: {story.status(name)}"
+        phase = story.status(name).get("phase")
+        if phase in PIPELINE_PHASES and phase not in seen:
+            seen.append(phase)
+            story.kubectl("delete", "pod", "-l", "app.kubernetes.io/component=operator",
+                          "--wait=false")  # fmt: skip
+        for job, obj in story.job_objects(f"embedshift.io/migration%3D{name}").items():
+            assert uids.setdefault(job, obj["metadata"]["uid"]) == obj["metadata"]["uid"], job
+        time.sleep(0.1)
+    assert seen == PIPELINE_PHASES, seen
+    story.wait_phase("Progressing", 10, within=60, name=name)
+    jobs = story.job_objects(f"embedshift.io/migration%3D{name}")
+    assert set(jobs) == set(uids), (sorted(jobs), sorted(uids))
+    for job, obj in jobs.items():  # each ran once: one Pod succeeded, none failed
+        assert obj["status"].get("succeeded") == 1 and not obj["status"].get("failed"), (job, obj)
+
+    # The refused migration: Failed once, with the line its Pod's CLI wrote.
+    status = story.wait_phase("Failed", 0, within=PIPELINE, name=refused)
+    assert status["history"][-1]["reason"] == "JobFailed", status["history"]
+    message = str(status["message"])
+    assert message.count("spec.migration.categories: no row of ") == 1, message
+    assert "not retried" in message, message
+    refused_jobs = story.job_objects(f"embedshift.io/migration%3D{refused}")
+    assert sorted(j.split("-")[1] for j in refused_jobs) == ["migrate", "setup"], refused_jobs
+    # No Job created twice, across every restart: one accepted create per Job.
+    assert _jobs_created(story) - created_before == len(jobs) + len(refused_jobs)
+
+    # A data-plane edit (another target: a Git commit) re-migrates into a new side table, and
+    # the follower of the old data plane is replaced by one of the new.
+    (old_follower,) = _followers(story, name)
+    story.kubectl("patch", f"em/{name}", "--type=merge",
+                  "-p", '{"spec":{"target":{"dimensions":128}}}')  # fmt: skip
+
+    def re_migrating() -> bool:
+        history = story.status(name).get("history") or []
+        return "DataPlaneChanged" in [h["reason"] for h in history]
+
+    eventually(re_migrating, "the data-plane edit re-migrating", WITHIN)
+    story.wait_phase("Progressing", 10, within=PIPELINE, name=name)
+
+    def follower_replaced() -> bool:
+        followers = _followers(story, name)
+        return len(followers) == 1 and followers != [old_follower]
+
+    eventually(follower_replaced, "the old follower replaced by the new data plane's", 60)
+    story.kubectl("delete", "em", name, refused, "--timeout=60s")
+
+
+def _jobs_created(story: Story) -> int:
+    """Jobs the operator Pods created in the story's namespace (the real server said 201)."""
+    return sum(
+        1
+        for r in story.runner.api_requests(story.namespace, f"{RELEASE}-operator")
+        if r.call is not None
+        and (r.call.verb, r.call.resource) == ("create", "jobs")
+        and r.request.status == 201
+    )
+
+
+def _followers(story: Story, name: str) -> list[str]:
+    listed = story.get(
+        f"/apis/apps/v1/namespaces/{story.namespace}/deployments?labelSelector="
+        f"app.kubernetes.io/component%3Dfollower,embedshift.io/migration%3D{name}"
+    )
+    return sorted(
+        d["metadata"]["name"]
+        for d in (listed or {}).get("items", [])
+        if not d["metadata"].get("deletionTimestamp")
+    )
 
 
 def test_helm_uninstall_keeps_the_data_and_the_crds(story: Story) -> None:

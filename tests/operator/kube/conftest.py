@@ -1,11 +1,13 @@
 """A running :class:`ApiServerEmulator` and the official client pointed at it; the operator
-running against it; and the session's record of the operator's API calls
-(:mod:`tests.operator.kube.api_calls`), checked last by ``test_api_calls.py``."""
+running against it; and the session's record of the operator's API calls here
+(:mod:`tests.api_calls`), checked last by ``test_api_calls.py``: each must be one the real
+server's record lists."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Generator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import kmock
@@ -13,11 +15,13 @@ import pytest
 import pytest_asyncio
 from kubernetes import client
 
-from tests.operator.kube import api_calls
+from tests import api_calls
 from tests.operator.kube.emulator import ApiServerEmulator
 
 if TYPE_CHECKING:
     from tests.operator.kube.harness import Operator
+
+HERE = Path(__file__).parent
 
 
 @dataclass(frozen=True)
@@ -32,7 +36,8 @@ async def emulator(pytestconfig: pytest.Config) -> AsyncIterator[ApiServerEmulat
         try:
             yield handler
         finally:
-            api_calls.collector(pytestconfig).add(handler.calls)
+            calls = handler.calls
+            api_calls.collector(pytestconfig, HERE).add(filter(api_calls.is_operator, calls))
 
 
 @pytest.fixture()
@@ -66,19 +71,11 @@ async def operator(cluster: Cluster, database_url: str) -> AsyncIterator[Operato
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Note the kube tests collected, and run the API-call check after every other test."""
-    record = api_calls.collector(config)
-    record.items = [i.nodeid for i in items if api_calls.in_kube_suite(config, i.nodeid)]
-    record.by_node_id = any("::" in arg for arg in config.args)
-    checks = [i for i in items if i.nodeid.split("::")[0].endswith(f"/{api_calls.CHECK_TEST}")]
-    for check in checks:
-        items.remove(check)
-        items.append(check)
+    api_calls.note_collection(config, items, HERE)
 
 
 def pytest_deselected(items: list[pytest.Item]) -> None:
-    if items and any(api_calls.in_kube_suite(i.config, i.nodeid) for i in items):
-        api_calls.collector(items[0].config).deselected = True
+    api_calls.note_deselected(items, HERE)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -86,9 +83,5 @@ def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
-    record = api_calls.collector(item.config)
-    if report.failed:
-        record.failed.add(report.nodeid)
-    elif report.when == "call" and report.passed:
-        record.passed.add(report.nodeid)
+    api_calls.note_report(item, report, HERE)
     return report

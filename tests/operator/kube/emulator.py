@@ -43,7 +43,6 @@ import copy
 import datetime
 import itertools
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 import jsonpatch
@@ -56,6 +55,7 @@ from kmock._internal import (
 
 from embedshift_operator.crd import DEFAULT_PATH as CRD_PATH
 from embedshift_operator.resource import API_VERSION, KIND
+from tests.api_calls import ApiCall
 from tests.operator.resource import apiserver
 
 __all__ = ["CRD_RESOURCE", "PEERING_RESOURCES", "ApiCall", "ApiServerEmulator"]
@@ -146,19 +146,6 @@ def _selector_matches(selector: str, labels: dict[str, str]) -> bool:
         elif term not in labels:
             return False
     return True
-
-
-@dataclass(frozen=True)
-class ApiCall:
-    """One request for a resource, as RBAC names it (``verb`` is RBAC's, not HTTP's)."""
-
-    verb: str  # get list watch create patch update delete deletecollection
-    group: str  # "" for the core group
-    resource: str
-    subresource: str | None
-    namespace: str | None
-    name: str | None  # for a create, the new object's name
-    user_agent: str
 
 
 def _verb(request: rendering.Request) -> str:

@@ -26,7 +26,7 @@ from embedshift_operator.adapters.kube import CONTAINER, LABEL_KIND, as_model
 from embedshift_operator.adapters.operator_metrics import OperatorMetrics
 from embedshift_operator.resource import EmbeddingMigration, Phase, parse_migration
 from rag_service.schema import setup
-from tests.operator.kube.api_calls import is_operator
+from tests.api_calls import is_operator
 from tests.operator.kube.conftest import Cluster
 
 NS = "rag"
