@@ -14,17 +14,21 @@ from dataclasses import dataclass
 
 from rag_service.errors import ConfigError
 
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
 MAX_IDENTIFIER_BYTES = 63
+# A plain identifier's characters: a letter or underscore, then letters, digits, _ and $.
+_FIRST, _REST = "[A-Za-z_]", "[A-Za-z0-9_$]"
+_IDENTIFIER = re.compile(f"{_FIRST}{_REST}*")  # fullmatch: Python's $ allows a final newline
+# The same check whole, unanchored, for patterns that embed it (the CRD's, run in Go's RE2):
+# ASCII only, one byte a character, so the byte limit is a length.
+IDENTIFIER_PATTERN = f"{_FIRST}{_REST}{{0,{MAX_IDENTIFIER_BYTES - 1}}}"
+# How to write one, for messages.
+IDENTIFIER_FIX = "use letters, digits and underscores, starting with a letter or underscore"
 
 
 def check_identifier(value: str, *, field: str) -> str:
     """Return ``value`` if it is a plain SQL identifier, else raise ConfigError naming ``field``."""
-    if not isinstance(value, str) or not _IDENTIFIER.match(value):
-        raise ConfigError(
-            f"{field}: {value!r} is not a plain SQL identifier; use letters, digits and "
-            "underscores, starting with a letter or underscore"
-        )
+    if not isinstance(value, str) or not _IDENTIFIER.fullmatch(value):
+        raise ConfigError(f"{field}: {value!r} is not a plain SQL identifier; {IDENTIFIER_FIX}")
     if len(value.encode()) > MAX_IDENTIFIER_BYTES:
         raise ConfigError(
             f"{field}: {value!r} is longer than PostgreSQL's {MAX_IDENTIFIER_BYTES}-byte limit"

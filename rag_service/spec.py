@@ -8,6 +8,7 @@ names; validation errors name the field path (``spec.target.dimensions``) and th
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 import types
 from enum import Enum
@@ -83,20 +84,50 @@ def cel_rules(*rules: dict[str, str]) -> dict[str, Any]:
     return {"x-kubernetes-validations": list(rules)}
 
 
-class _Model(BaseModel):
+class SpecModel(BaseModel):
+    """A part of ``spec``: camelCase names, unknown fields refused, frozen, and strict as the API
+    server is about JSON's types (the CRD's OpenAPI ``type``): ``"3"`` is not a number nor
+    ``"yes"`` a boolean. JSON has one number type, so a whole number is an integer wherever it is
+    written (``768.0``), as the API server reads it, and an integer is a number (``max: 0``).
+    The operator's spec models build on it too, so both validators refuse the same values."""
+
     model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True, strict=True
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _whole_numbers_are_integers(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        integers = _integer_fields(cls)
+        return {
+            key: int(value)
+            if key in integers and isinstance(value, float) and value.is_integer()
+            else value
+            for key, value in data.items()
+        }
+
+
+@functools.cache
+def _integer_fields(model: type[BaseModel]) -> frozenset[str]:
+    """The names and aliases of ``model``'s ``int`` (or ``int | None``) fields."""
+    return frozenset(
+        key
+        for name, field in model.model_fields.items()
+        if _unwrap(field.annotation) is int
+        for key in (name, field.alias or name)
     )
 
 
-class SecretKeyRef(_Model):
+class SecretKeyRef(SpecModel):
     """A key in a Kubernetes Secret; the CLI reads the value from the environment instead."""
 
     name: str = Field(min_length=1, description="Name of the Secret, in the resource's namespace.")
     key: str = Field(min_length=1, description="Key within the Secret whose value is used.")
 
 
-class IndexSpec(_Model):
+class IndexSpec(SpecModel):
     """The pgvector index built on the target vectors after the backfill."""
 
     type: Literal["hnsw", "ivfflat"] = Field(
@@ -161,14 +192,15 @@ def _model_rules() -> list[dict[str, str]]:
     return rules
 
 
-class EmbeddingSpec(_Model):
+class EmbeddingSpec(SpecModel):
     """One embedding model: ``source`` (v1) or ``target`` (v2)."""
 
     model_config = ConfigDict(json_schema_extra=cel_rules(*_model_rules()))
 
     provider: ProviderName = Field(
+        strict=False,  # in Python, strict takes only ProviderName members; the name is a string
         description="Embedding API: openai (also Azure OpenAI and compatible servers via "
-        "baseURL), google (Gemini API) or local (deterministic, offline)."
+        "baseURL), google (Gemini API) or local (deterministic, offline).",
     )
     model: str = Field(
         min_length=1,
@@ -286,7 +318,7 @@ class EmbeddingSpec(_Model):
             )
 
 
-class DatabaseSpec(_Model):
+class DatabaseSpec(SpecModel):
     """The source table and how to reach its database."""
 
     url_secret_ref: SecretKeyRef | None = Field(
@@ -360,7 +392,7 @@ Quantity = Annotated[
 ]
 
 
-class ResourceRequirements(_Model):
+class ResourceRequirements(SpecModel):
     """CPU and memory for each migrate Job's container, as in a Pod's resources."""
 
     requests: dict[str, Quantity] = Field(
@@ -373,7 +405,7 @@ class ResourceRequirements(_Model):
     )
 
 
-class MigrationSpec(_Model):
+class MigrationSpec(SpecModel):
     """How the re-embedding runs: which rows, how fast, in how many Jobs, at what cost."""
 
     categories: list[str] = Field(
@@ -409,7 +441,7 @@ class MigrationSpec(_Model):
     )
 
 
-class DataPlaneSpec(_Model):
+class DataPlaneSpec(SpecModel):
     """``spec`` of an EmbeddingMigration, as far as the data plane reads it.
 
     ``rollout``, ``analysis`` and ``cleanup`` belong to the operator and pass through unread.
@@ -434,13 +466,13 @@ class DataPlaneSpec(_Model):
         )
 
 
-class Metadata(_Model):
+class Metadata(SpecModel):
     model_config = ConfigDict(extra="allow", frozen=True)
     name: str = Field(min_length=1)
     namespace: str = "default"
 
 
-class EmbeddingMigrationResource(_Model):
+class EmbeddingMigrationResource(SpecModel):
     """A whole ``EmbeddingMigration`` manifest, status (if any) ignored."""
 
     model_config = ConfigDict(
@@ -497,6 +529,8 @@ def validation_message(
 
 
 def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"  # as YAML and JSON write it
     return repr(value) if isinstance(value, str) else str(value)
 
 
@@ -513,6 +547,13 @@ _TYPE_ERRORS = {
     "model_type": "is not a mapping; write key: value fields",
     "model_attributes_type": "is not a mapping; write key: value fields",
     "list_type": "is not a list; write one item per '- ' line or [a, b]",
+}
+
+
+_QUOTED = {
+    "int_type": "write a whole number",
+    "float_type": "write a number",
+    "bool_type": "write true or false",
 }
 
 
@@ -550,7 +591,11 @@ def _error_text(err: ErrorDetails) -> str:
     if kind in ("literal_error", "enum"):
         return f"{_show(value)} is not allowed; use {ctx['expected']}"
     if kind in _TYPE_ERRORS:
-        return f"{_show(value)} {_TYPE_ERRORS[kind]}"
+        text = f"{_show(value)} {_TYPE_ERRORS[kind]}"
+        if isinstance(value, str) and kind in _QUOTED:
+            # The models are as strict as the API server: no number or boolean in quotes.
+            text += f"; {_QUOTED[kind]} without quotes"
+        return text
     return str(err["msg"]).removeprefix("Value error, ")
 
 

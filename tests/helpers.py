@@ -16,7 +16,7 @@ import pytest
 from embedshift_operator.cli import build_parser, main
 from rag_service.errors import EmbedshiftError
 from rag_service.schema import layout_for
-from rag_service.spec import DataPlaneSpec, EmbeddingSpec
+from rag_service.spec import DatabaseSpec, DataPlaneSpec, EmbeddingSpec
 
 PYTHON = sys.executable
 
@@ -70,7 +70,7 @@ def table_name(request: pytest.FixtureRequest, prefix: str = "docs") -> str:
 
 def spec_for(table: str, target: str = "local:hash@768", **database: Any) -> DataPlaneSpec:
     return DataPlaneSpec(
-        database={"table": table, "category_column": "category", **database},
+        database=DatabaseSpec(table=table, category_column="category", **database),
         target=EmbeddingSpec.parse(target),
     )
 

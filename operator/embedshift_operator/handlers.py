@@ -89,7 +89,15 @@ from rag_service.errors import ConfigError, EmbedshiftError
 from rag_service.schema import ROLLOUT_TABLE
 from rag_service.spec import SecretKeyRef
 
-__all__ = ["GROUP", "PLURAL", "USER_AGENT", "VERSION", "OperatorConfig", "configure"]
+__all__ = [
+    "GROUP",
+    "PLURAL",
+    "USER_AGENT",
+    "VERSION",
+    "OperatorConfig",
+    "configure",
+    "held_status",
+]
 
 log = logging.getLogger("embedshift.operator")
 
@@ -355,7 +363,12 @@ class _Loop:
                 api=_api(),
                 namespace=self._namespace,
                 name=self._name,
-                status=_held(status, decision, message=f"{observations.database_error}; retrying"),
+                status=held_status(
+                    status,
+                    decision,
+                    message=f"{observations.database_error}; retrying",
+                    generation=resource.metadata.generation,
+                ),
             )
             self._count_error("database")
             self._failures += 1
@@ -506,13 +519,38 @@ def _action_error_kind(action: Action) -> str:
     return "database"
 
 
-def _held(
-    status: EmbeddingMigrationStatus, decision: Decision, *, message: str
+def held_status(
+    status: EmbeddingMigrationStatus,
+    decision: Decision,
+    *,
+    message: str,
+    generation: int | None,
 ) -> EmbeddingMigrationStatus:
-    """``status`` unchanged but for ``message`` and the decision's Ready condition."""
-    ready = [c for c in decision.status.conditions if c.type == ConditionType.READY]
-    others = [c for c in status.conditions if c.type != ConditionType.READY]
-    return status.model_copy(update={"message": message, "conditions": [*ready, *others]})
+    """What a tick that cannot act (no database) writes: ``status`` unchanged but for
+    ``message``, the decision's Ready condition (DatabaseUnreachable) and Stalled condition, and
+    ``generation`` as observedGeneration, as the normal path writes it: the spec was read and the
+    conditions say why nothing moves (kstatus and the Argo CD health check read a status whose
+    observedGeneration is behind as not having seen the spec at all).
+
+    Stalled is the decision's, made on the observed spec (a spec edit after Failed is no longer
+    stalled), unless it is True for a phase the decision could not enter (a rollback not yet
+    written to the routing row): that one keeps the previous Stalled.
+    """
+    decided = {c.type: c for c in decision.status.conditions}
+    taken = {ConditionType.READY}
+    stalled = decided.get(ConditionType.STALLED)
+    if stalled is not None and (stalled.status != "True" or decision.status.phase == status.phase):
+        taken.add(ConditionType.STALLED)
+    kept = {c.type: c for c in status.conditions if c.type not in taken}
+    conditions = [
+        decided[kind] if kind in taken else kept[kind]
+        for kind in decided  # the decision's order
+        if kind in taken or kind in kept
+    ]
+    update: dict[str, object] = {"message": message, "conditions": conditions}
+    if generation is not None:
+        update["observed_generation"] = generation
+    return status.model_copy(update=update)
 
 
 def _rollout_table(resource: EmbeddingMigration) -> str:

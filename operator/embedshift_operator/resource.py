@@ -46,7 +46,7 @@ from rag_service.criteria import (
     Verdict,
 )
 from rag_service.errors import ConfigError
-from rag_service.identifiers import MAX_IDENTIFIER_BYTES
+from rag_service.identifiers import IDENTIFIER_FIX, IDENTIFIER_PATTERN, MAX_IDENTIFIER_BYTES
 from rag_service.spec import (
     API_VERSION,
     KIND,
@@ -57,6 +57,7 @@ from rag_service.spec import (
     EmbeddingSpec,
     MigrationSpec,
     SecretKeyRef,
+    SpecModel,
     cel_rule,
     cel_rules,
     validation_message,
@@ -199,10 +200,8 @@ def _matching(pattern: str, fix: str) -> BeforeValidator:
 # ---- spec -------------------------------------------------------------------------------------
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
-    )
+class _Model(SpecModel):
+    """A part of the operator's spec: as strict about JSON's types as the API server."""
 
 
 class RolloutStep(_Model):
@@ -564,13 +563,9 @@ class CleanupSpec(_Model):
     )
 
 
-# The API server's copy of DatabaseSpec's identifier checks (rag_service.identifiers): a plain
-# SQL identifier is ASCII, one byte a character, so the byte limit is a length in the regex.
-_IDENTIFIER = f"[A-Za-z_][A-Za-z0-9_$]{{0,{MAX_IDENTIFIER_BYTES - 1}}}"
-_IDENTIFIER_FIX = (
-    f"use letters, digits and underscores, starting with a letter or underscore (at most "
-    f"{MAX_IDENTIFIER_BYTES} bytes)"
-)
+# The API server's copy of DatabaseSpec's identifier checks, with their own pattern
+# (rag_service.identifiers): one regex for both validators.
+_IDENTIFIER_FIX = f"{IDENTIFIER_FIX} (at most {MAX_IDENTIFIER_BYTES} bytes)"
 
 
 def _cel_regex(pattern: str) -> str:
@@ -578,7 +573,7 @@ def _cel_regex(pattern: str) -> str:
     return pattern.replace("\\", "\\\\")
 
 
-_TABLE = rf"^{_IDENTIFIER}(\.{_IDENTIFIER})?$"  # table or schema.table
+_TABLE = rf"^{IDENTIFIER_PATTERN}(\.{IDENTIFIER_PATTERN})?$"  # table or schema.table
 _DATABASE_RULES = [
     cel_rule(
         f"self.table.matches('{_cel_regex(_TABLE)}')",
@@ -587,7 +582,7 @@ _DATABASE_RULES = [
     ),
     *(
         cel_rule(
-            f"!has(self.{column}) || self.{column}.matches('^{_IDENTIFIER}$')",
+            f"!has(self.{column}) || self.{column}.matches('^{IDENTIFIER_PATTERN}$')",
             f"not a plain SQL identifier; {_IDENTIFIER_FIX}",
             field_path=f".{column}",
         )
@@ -792,12 +787,17 @@ class ConditionType(str, Enum):
     VERIFIED = "Verified"
     ANALYSIS_PASSING = "AnalysisPassing"
     ROLLED_BACK = "RolledBack"
+    # kstatus' abnormal-true condition: True while only a spec change moves the resource on
+    # (Failed, RolledBack), so Flux and kstatus report it Failed rather than InProgress forever.
+    STALLED = "Stalled"
 
 
 class Condition(_Status):
     """A standard Kubernetes condition."""
 
-    type: ConditionType = Field(description="Ready, Migrated, Verified, AnalysisPassing, ...")
+    type: ConditionType = Field(
+        description="Ready, Migrated, Verified, AnalysisPassing, RolledBack or Stalled."
+    )
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(description="CamelCase reason.")
     message: str = Field(default="", description="What happened, for people.")

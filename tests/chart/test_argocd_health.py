@@ -3,7 +3,7 @@ as Argo CD runs it (a Lua 5.1 interpreter, the resource as ``obj``) on Embedding
 back from the real API server, after the operator's own code wrote their status: the statuses
 are what ``decide`` makes of each phase, written by the Kubernetes adapter's ``patch_status``
 with ``observedGeneration`` as the kopf handler sets it. Flux's kstatus reads the same objects:
-``observedGeneration`` and a ``Ready`` condition."""
+``observedGeneration``, a ``Stalled`` condition and a ``Ready`` condition."""
 
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ from kubernetes import client
 from embedshift_operator.adapters.kube import patch_spec, patch_status
 from embedshift_operator.core import decide
 from embedshift_operator.core.model import Observations
+from embedshift_operator.handlers import held_status
 from embedshift_operator.resource import (
     GROUP,
     PLURAL,
     VERSION,
-    ConditionType,
     EmbeddingMigrationStatus,
     Phase,
 )
@@ -59,13 +59,17 @@ def decided(phase: Phase) -> EmbeddingMigrationStatus:
     now = T0 + timedelta(minutes=1)
     if phase is Phase.PENDING:
         # A new resource whose database cannot be reached yet: the handler holds the phase and
-        # writes only the decision's Ready condition (handlers._held).
+        # writes the decision's Ready and Stalled conditions (handlers.held_status).
         decision = decide(
             make_spec(), EmbeddingMigrationStatus(), Observations(database_error=UNREACHABLE), now,
             name="docs",
         )  # fmt: skip
-        ready = [c for c in decision.status.conditions if c.type is ConditionType.READY]
-        return EmbeddingMigrationStatus(conditions=ready, message=f"{UNREACHABLE}; retrying")
+        return held_status(
+            EmbeddingMigrationStatus(),
+            decision,
+            message=f"{UNREACHABLE}; retrying",
+            generation=None,
+        )
     if phase is Phase.PAUSED:
         spec = make_spec(rollout={"paused": True})
         start = status_at(spec, Phase.PROGRESSING)
@@ -111,8 +115,7 @@ async def written(
 ) -> dict[str, Any]:
     """``status`` written as the operator writes it, the object read back from the server."""
     generation = create_migration(api, ns, name)["metadata"]["generation"]
-    if status.phase is not Phase.PENDING:  # the held write (Pending) keeps the old generation
-        status = status.model_copy(update={"observed_generation": generation})
+    status = status.model_copy(update={"observed_generation": generation})
     await patch_status(api=api, namespace=ns, name=name, status=status)
     return read(api, ns, name)
 
@@ -163,15 +166,21 @@ async def test_a_resource_without_status_is_progressing(api: client.ApiClient, n
     assert health(obj) == ("Progressing", "waiting for the operator to write a status")
 
 
-async def test_flux_kstatus_reads_observed_generation_and_ready(
+async def test_flux_kstatus_reads_observed_generation_stalled_and_ready(
     api: client.ApiClient, ns: str
 ) -> None:
-    """kstatus: Current when observedGeneration is the generation and Ready is True; while Ready
-    is False it is InProgress (the phase then says more)."""
-    for phase in (Phase.MIGRATING, Phase.FAILED, Phase.SUCCEEDED):
+    """kstatus: Failed when Stalled is True (Failed, RolledBack: only a commit moves them on);
+    else Current when observedGeneration is the generation and Ready is True, InProgress while
+    Ready is False (the phase then says more)."""
+    for phase in (Phase.PENDING, Phase.MIGRATING, Phase.FAILED, Phase.ROLLED_BACK, Phase.SUCCEEDED):
         obj = await written(api, ns, f"k-{phase.value.lower()}", decided(phase))
         assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
-        ready = [c for c in obj["status"]["conditions"] if c["type"] == "Ready"]
-        assert len(ready) == 1
-        assert ready[0]["status"] == ("True" if phase is Phase.SUCCEEDED else "False")
-        assert ready[0]["reason"] and ready[0]["lastTransitionTime"]
+        conditions = {c["type"]: c for c in obj["status"]["conditions"]}
+        assert len(conditions) == len(obj["status"]["conditions"])
+        ready, stalled = conditions["Ready"], conditions["Stalled"]
+        assert ready["status"] == ("True" if phase is Phase.SUCCEEDED else "False")
+        assert stalled["status"] == (
+            "True" if phase in (Phase.FAILED, Phase.ROLLED_BACK) else "False"
+        )
+        for condition in (ready, stalled):
+            assert condition["reason"] and condition["lastTransitionTime"]

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from rag_service.errors import ConfigError
-from rag_service.identifiers import TableName, check_identifier, derived_identifier
+from rag_service.identifiers import (
+    IDENTIFIER_PATTERN,
+    TableName,
+    check_identifier,
+    derived_identifier,
+)
 from rag_service.migrate import Shard
 from rag_service.providers import api_key_from_env
 from rag_service.providers.pricing import PriceTable
@@ -77,10 +83,28 @@ def test_table_names(value: str, expected: TableName) -> None:
     assert TableName.parse(value, field="table") == expected
 
 
-@pytest.mark.parametrize("value", ["", "1docs", "docs-v1", 'do"cs', "docs; drop", "a" * 64, "é"])
+@pytest.mark.parametrize(
+    "value", ["", "1docs", "docs-v1", 'do"cs', "docs; drop", "a" * 64, "é", "docs\n"]
+)
 def test_identifiers_are_refused_not_escaped(value: str) -> None:
     with pytest.raises(ConfigError, match="field-name"):
         check_identifier(value, field="field-name")
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["docs", "_x", "Docs_v1$2", "a" * 63, "a" * 64, "", "1docs", "docs-v1", "é", "docs\n", "a.b"],
+)
+def test_the_pattern_the_crd_embeds_is_check_identifier(value: str) -> None:
+    """One identifier rule for both validators: the API server matches IDENTIFIER_PATTERN (in
+    the operator's CRD), the models call check_identifier."""
+    try:
+        check_identifier(value, field="f")
+    except ConfigError:
+        accepted = False
+    else:
+        accepted = True
+    assert (re.fullmatch(IDENTIFIER_PATTERN, value) is not None) == accepted
 
 
 def test_derived_identifiers_are_short_deterministic_and_distinct() -> None:

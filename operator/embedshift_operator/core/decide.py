@@ -83,6 +83,8 @@ _FOLLOWING = (
     Phase.ROLLED_BACK,
 )
 _MANUAL = "ManualRollback"
+# Phases only a spec change leaves (a retry is a commit): the Stalled condition is True in them.
+_STALLED = (Phase.FAILED, Phase.ROLLED_BACK)
 
 
 def decide(
@@ -412,8 +414,12 @@ class _Tick:
 
     def rolled_back_by(self) -> str:
         """The reason of the latest rollback (ManualRollback, ThresholdBreached, …)."""
+        return self.entered_by(Phase.ROLLED_BACK)
+
+    def entered_by(self, phase: Phase) -> str:
+        """The reason of the latest transition into ``phase`` ("" if history has none)."""
         for entry in reversed(self.status.history):
-            if entry.phase is Phase.ROLLED_BACK:
+            if entry.phase is phase:
                 return entry.reason
         return ""
 
@@ -520,6 +526,19 @@ class _Tick:
             )
         else:
             wanted.append((ConditionType.ROLLED_BACK, "False", "NotRolledBack", ""))
+        # kstatus (Flux) reads Stalled=True as Failed; Ready=False alone reads as InProgress for
+        # ever. Present as False otherwise, as RolledBack is: kstatus reads False as absent.
+        if phase in _STALLED:
+            wanted.append(
+                (
+                    ConditionType.STALLED,
+                    "True",
+                    self.entered_by(phase) or phase.value,
+                    f"{phase.value}: {self.status.message} (held until the spec changes)",
+                )
+            )
+        else:
+            wanted.append((ConditionType.STALLED, "False", "NotStalled", ""))
         previous = {c.type: c for c in self.status.conditions}
         result = []
         for kind, state, reason, message in wanted:

@@ -40,12 +40,13 @@ from tests.operator.core.builders import (
     tick,
 )
 
-R, M, V, A, B = (
+R, M, V, A, B, S = (
     ConditionType.READY,
     ConditionType.MIGRATED,
     ConditionType.VERIFIED,
     ConditionType.ANALYSIS_PASSING,
     ConditionType.ROLLED_BACK,
+    ConditionType.STALLED,
 )
 
 
@@ -88,6 +89,31 @@ def _verification_failed() -> Decision:
     return tick(spec, status_at(spec, Phase.VERIFYING), obs, at(minutes=1))
 
 
+def _setup_failed() -> Decision:
+    spec = make_spec()
+    started = tick(spec, EmbeddingMigrationStatus())
+    obs = Observations(jobs=seen({job(spec, JobKind.SETUP): JobState.FAILED}, "no such table"))
+    return tick(spec, started.status, obs, at(minutes=1))
+
+
+def _manual_rollback() -> Decision:
+    spec = make_spec()
+    zero = changed(spec, rollout={"maxPercentage": 0})
+    return tick(zero, status_at(spec, Phase.PROGRESSING), Observations(), at(minutes=1))
+
+
+def _retried_after_failure() -> Decision:
+    spec = make_spec()
+    failed = _setup_failed().status
+    return tick(changed(spec, migration={"batchSize": 50}), failed, Observations(), at(minutes=2))
+
+
+def _failed_database_down() -> Decision:
+    spec = make_spec()
+    obs = Observations(database_error="connection refused: db:5432")
+    return tick(spec, _setup_failed().status, obs, at(minutes=2))
+
+
 def _database_down() -> Decision:
     spec = make_spec()
     obs = Observations(database_error="connection refused: db:5432")
@@ -104,12 +130,18 @@ CONDITIONS: list[Any] = [
             V: ("Unknown", "NotVerified"),
             A: ("Unknown", "NoCheck"),
             B: ("False", "NotRolledBack"),
+            S: ("False", "NotStalled"),
         },
         id="preparing",
     ),
     pytest.param(
         _migrating,
-        {R: ("False", "Migrating"), M: ("False", "Migrating"), V: ("Unknown", "NotVerified")},
+        {
+            R: ("False", "Migrating"),
+            M: ("False", "Migrating"),
+            V: ("Unknown", "NotVerified"),
+            S: ("False", "NotStalled"),
+        },
         id="migrating",
     ),
     pytest.param(
@@ -120,12 +152,13 @@ CONDITIONS: list[Any] = [
             V: ("True", "Verified"),
             A: ("True", "AllPassing"),
             B: ("False", "NotRolledBack"),
+            S: ("False", "NotStalled"),
         },
         id="progressing-passing",
     ),
     pytest.param(
         _progressing_failing,
-        {A: ("False", "NotPassing"), B: ("False", "NotRolledBack")},
+        {A: ("False", "NotPassing"), B: ("False", "NotRolledBack"), S: ("False", "NotStalled")},
         id="progressing-not-passing",
     ),
     pytest.param(
@@ -135,20 +168,55 @@ CONDITIONS: list[Any] = [
             M: ("True", "Migrated"),
             V: ("True", "Verified"),
             B: ("True", "ThresholdBreached"),
+            S: ("True", "ThresholdBreached"),
         },
         id="rolled-back",
     ),
     pytest.param(
         _succeeded,
-        {R: ("True", "Succeeded"), M: ("True", "Migrated"), B: ("False", "NotRolledBack")},
+        {
+            R: ("True", "Succeeded"),
+            M: ("True", "Migrated"),
+            B: ("False", "NotRolledBack"),
+            S: ("False", "NotStalled"),
+        },
         id="succeeded",
     ),
     pytest.param(
         _verification_failed,
-        {R: ("False", "Failed"), V: ("False", "VerificationFailed")},
+        {
+            R: ("False", "Failed"),
+            V: ("False", "VerificationFailed"),
+            S: ("True", "VerificationFailed"),
+        },
         id="verification-failed",
     ),
-    pytest.param(_database_down, {R: ("False", "DatabaseUnreachable")}, id="database-down"),
+    pytest.param(
+        _setup_failed,
+        {R: ("False", "Failed"), M: ("False", "Failed"), S: ("True", "JobFailed")},
+        id="job-failed",
+    ),
+    pytest.param(
+        _manual_rollback,
+        {R: ("False", "RolledBack"), B: ("True", "ManualRollback"), S: ("True", "ManualRollback")},
+        id="manual-rollback",
+    ),
+    pytest.param(
+        _retried_after_failure,
+        {R: ("False", "Preparing"), S: ("False", "NotStalled")},
+        id="retried-after-failure",
+    ),
+    pytest.param(
+        # Only a spec change moves a Failed migration on, whether or not the database answers.
+        _failed_database_down,
+        {R: ("False", "DatabaseUnreachable"), S: ("True", "JobFailed")},
+        id="failed-database-down",
+    ),
+    pytest.param(
+        _database_down,
+        {R: ("False", "DatabaseUnreachable"), S: ("False", "NotStalled")},
+        id="database-down",
+    ),
 ]
 
 
@@ -157,7 +225,7 @@ def test_conditions_in_each_phase(
     situation: Callable[[], Decision], expected: dict[ConditionType, tuple[str, str]]
 ) -> None:
     status = situation().status
-    assert [c.type for c in status.conditions] == [R, M, V, A, B]
+    assert [c.type for c in status.conditions] == [R, M, V, A, B, S]
     for kind, (state, reason) in expected.items():
         found = condition(status, kind)
         assert (found.status, found.reason) == (state, reason), kind.value
@@ -174,6 +242,54 @@ def test_the_rolled_back_condition_carries_the_rollback_message() -> None:
     assert "errors = 1.1" in status.message
 
 
+def test_the_stalled_condition_says_why_and_what_moves_it_on() -> None:
+    for situation in (_rolled_back, _setup_failed):
+        status = situation().status
+        stalled = condition(status, S)
+        assert (
+            stalled.message
+            == f"{status.phase.value}: {status.message} (held until the spec changes)"
+        )
+    assert "no such table" in condition(_setup_failed().status, S).message
+    retried = _retried_after_failure().status
+    assert condition(retried, S).last_transition_time == at(minutes=2)
+
+
+def _kstatus(status: EmbeddingMigrationStatus, *, generation: int = 1) -> str:
+    """kstatus' verdict on a custom resource, as Flux's health checks read it: a stale
+    observedGeneration, then Reconciling and Stalled (sigs.k8s.io/cli-utils pkg/kstatus/status,
+    generic.go), then the Ready fallback of its README ("The Ready Condition")."""
+    if status.observed_generation is not None and status.observed_generation != generation:
+        return "InProgress"
+    found = {c.type.value: c.status for c in status.conditions}
+    if found.get("Reconciling") == "True":
+        return "InProgress"
+    if found.get("Stalled") == "True":
+        return "Failed"
+    return {"True": "Current", "False": "InProgress"}.get(found.get("Ready", ""), "Current")
+
+
+@pytest.mark.parametrize(
+    ("situation", "verdict"),
+    [
+        (_migrating, "InProgress"),
+        (_progressing_passing, "InProgress"),
+        (_succeeded, "Current"),
+        (_rolled_back, "Failed"),
+        (_manual_rollback, "Failed"),
+        (_setup_failed, "Failed"),
+        (_verification_failed, "Failed"),
+        (_retried_after_failure, "InProgress"),
+    ],
+)
+def test_kstatus_reads_the_end_of_each_road(
+    situation: Callable[[], Decision], verdict: str
+) -> None:
+    """Failed and RolledBack wait for a commit: kstatus must say Failed, not InProgress."""
+    status = situation().status.model_copy(update={"observed_generation": 1})
+    assert _kstatus(status) == verdict
+
+
 def test_last_transition_time_changes_only_when_the_status_flips() -> None:
     spec = make_spec()
     first = tick(spec, status_at(spec, Phase.PROGRESSING), Observations(analysis=all_pass(spec)))
@@ -182,12 +298,19 @@ def test_last_transition_time_changes_only_when_the_status_flips() -> None:
     obs = Observations(analysis=all_pass(spec))
     same = tick(spec, first.status, obs, at(minutes=1))
     assert {c.last_transition_time for c in same.status.conditions} == {at()}
-    # A breach flips AnalysisPassing (True → False) and RolledBack (False → True), and Ready's
-    # reason changes but not its status (False): only the two flipped move.
+    # A breach flips AnalysisPassing (True → False), RolledBack and Stalled (False → True), and
+    # Ready's reason changes but not its status (False): only the three flipped move.
     breach = Observations(analysis=check(spec, fail=["errors", "latency"]))
     rolled = tick(spec, same.status, breach, at(minutes=2))
     times = {c.type: c.last_transition_time for c in rolled.status.conditions}
-    assert times == {R: at(), M: at(), V: at(), A: at(minutes=2), B: at(minutes=2)}
+    assert times == {
+        R: at(),
+        M: at(),
+        V: at(),
+        A: at(minutes=2),
+        B: at(minutes=2),
+        S: at(minutes=2),
+    }
     assert condition(rolled.status, R).reason == "RolledBack"
 
 

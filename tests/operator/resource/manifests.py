@@ -275,4 +275,18 @@ CEL_GOOD: list[tuple[str, Callable[[], dict[str, Any]]]] = [
     ("custom-query", _criteria(criterion(query="up", min=1))),
     ("sub-second-interval", edited({"analysis": {"interval": "0.5s", "window": "1m30s"}})),
     ("empty-criteria", edited({"analysis": {"successCriteria": [], "rollbackThresholds": []}})),
+    # JSON has one number type: a whole number is an integer, an integer a number. kubectl sends
+    # YAML's 768.0 as 768 (stored so); this client sends 100.0, which the API server's type check
+    # takes as an integer but its CEL rules do not ("expected int, got float64"), hence fields no
+    # rule reads.
+    ("whole-number-for-an-integer", edited({"migration": {"batchSize": 100.0, "shards": 2.0}})),
+    (
+        "integers-for-numbers",
+        edited(
+            {
+                "migration": {"budgetUSD": 5},
+                "analysis": {"successCriteria": [criterion(query="up", max=0)]},
+            }
+        ),
+    ),
 ]

@@ -233,9 +233,19 @@ ON_THE_SERVER: dict[str, tuple[str, str]] = {
     "retired-model": ("spec.target.model", "use gemini-embedding-001"),
     "batch-size-0": ("spec.migration.batchSize", _AT_LEAST_1),
     "table-not-an-identifier": ("spec.database.table", "write table or schema.table"),
+    "table-with-a-final-newline": ("spec.database.table", "write table or schema.table"),
     "bad-quantity": ("spec.migration.resources.limits.memory", "should match '^(\\+|-)?"),
     "interval-beyond-timedelta": ("spec.analysis.interval", "too long a duration"),
     "dimensions-in-words": ("spec.target.dimensions", "must be of type integer"),
+    "paused-yes": ("spec.rollout.paused", "must be of type boolean"),
+    "paused-true-in-quotes": ("spec.rollout.paused", "must be of type boolean"),
+    "halfvec-as-1": ("spec.target.index.halfvec", "must be of type boolean"),
+    "min-requests-in-quotes": ("spec.analysis.minRequests", "must be of type integer"),
+    "dimensions-in-quotes": ("spec.target.dimensions", "must be of type integer"),
+    "max-percentage-true": ("spec.rollout.maxPercentage", "must be of type integer"),
+    "batch-size-fractional": ("spec.migration.batchSize", "must be of type integer"),
+    "max-in-quotes": ("spec.analysis.successCriteria[0].max", "must be of type number"),
+    "budget-in-quotes": ("spec.migration.budgetUSD", "must be of type number"),
 }
 # Not a schema violation: kubectl's (and here the client's) fieldValidation=Strict makes the
 # decoder refuse it before validation, as a Bad Request naming the field.
@@ -279,7 +289,6 @@ SCHEMA_BAD = [
         "Required value",
     ),
     Bad(
-        # Not "yes": pydantic's lax mode reads that as true, so only the server refuses it.
         "paused-maybe",
         edited({"rollout": {"paused": "maybe"}}),
         "spec.rollout.paused",

@@ -237,6 +237,13 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str, str]] = [
         "use letters, digits and underscores",
     ),
     (
+        # The API server's RE2 ends a string at $; Python's $ would let the newline through.
+        "table-with-a-final-newline",
+        {"database": {"table": "documents\n"}},
+        "spec.database.table",
+        "is not a plain SQL identifier",
+    ),
+    (
         "bad-quantity",
         {"migration": {"resources": {"limits": {"memory": "lots"}}}},
         "spec.migration.resources.limits.memory",
@@ -253,6 +260,61 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str, str]] = [
         {"target": {"dimensions": "many"}},
         "spec.target.dimensions",
         "not a whole number",
+    ),
+    # JSON's types, as strictly as the API server reads them: no number or boolean in quotes.
+    (
+        "paused-yes",
+        {"rollout": {"paused": "yes"}},
+        "spec.rollout.paused",
+        "'yes' is not true or false; write true or false without quotes",
+    ),
+    (
+        "paused-true-in-quotes",
+        {"rollout": {"paused": "true"}},
+        "spec.rollout.paused",
+        "write true or false without quotes",
+    ),
+    (
+        "halfvec-as-1",
+        {"target": {"index": {"halfvec": 1}}},
+        "spec.target.index.halfvec",
+        "1 is not true or false",
+    ),
+    (
+        "min-requests-in-quotes",
+        {"analysis": {"minRequests": "3"}},
+        "spec.analysis.minRequests",
+        "'3' is not a whole number; write a whole number without quotes",
+    ),
+    (
+        "dimensions-in-quotes",
+        {"target": {"dimensions": "768"}},
+        "spec.target.dimensions",
+        "write a whole number without quotes",
+    ),
+    (
+        "max-percentage-true",
+        {"rollout": {"maxPercentage": True}},
+        "spec.rollout.maxPercentage",
+        "true is not a whole number",
+    ),
+    (
+        "batch-size-fractional",
+        {"migration": {"batchSize": 100.5}},
+        "spec.migration.batchSize",
+        "100.5 is not a whole number",
+    ),
+    (
+        "max-in-quotes",
+        _criteria(criterion(query="up", max="0.5")),
+        "spec.analysis.successCriteria[0].max",
+        "'0.5' is not a number; write a number without quotes",
+    ),
+    (
+        "budget-in-quotes",
+        {"migration": {"budgetUSD": "5"}},
+        "spec.migration.budgetUSD",
+        "write a number without quotes",
     ),
 ]
 
@@ -433,6 +495,19 @@ def test_spec_hash_ignores_how_the_manifest_is_written() -> None:
         }
     )
     assert spec_hash(parse_migration(spelled_out, where="x").spec) == BASE
+
+
+def test_a_whole_number_is_an_integer_however_it_is_written() -> None:
+    # JSON has one number type; the API server stores 100.0 as 100 (type: integer), so the
+    # models read it as the integer too: the same spec, the same hashes, ints where ints are.
+    written = with_spec(
+        {"migration": {"batchSize": 100.0}, "rollout": {"steps": [{"percentage": 100.0}]}}
+    )
+    spec = parse_migration(written, where="x").spec
+    assert (spec.migration.batch_size, spec.rollout.steps[0].percentage) == (100, 100)
+    assert type(spec.migration.batch_size) is int and type(spec.rollout.steps[0].percentage) is int
+    plain = with_spec({"rollout": {"steps": [{"percentage": 100}]}})
+    assert spec_hash(spec) == spec_hash(parse_migration(plain, where="x").spec)
 
 
 def test_spec_hash_is_stable_across_processes() -> None:
