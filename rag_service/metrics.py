@@ -156,13 +156,19 @@ class ServiceMetrics:
                 self._query_cache.labels(m, v.value, result)
             for severity in ERROR_SEVERITIES:
                 self._errors.labels(m, v.value, severity)
-        for provider, model in usage_models:
-            self._embedding_tokens.labels(m, provider, model)
-            self._embedding_cost.labels(m, provider, model)
+        self.add_usage_models(usage_models)
         for result in ("completed", "dropped"):
             self._shadow_comparisons.labels(m, result)
         self._rollout_percentage.labels(m)
         self._shadow_overlap.labels(m)
+
+    def add_usage_models(self, usage_models: Iterable[tuple[str, str]]) -> None:
+        """Make the token and cost series of these (provider, model) pairs exist at 0: the
+        query models, once known (the search service learns them from the record, and again
+        when the record changes; counts already made are kept)."""
+        for provider, model in usage_models:
+            self._embedding_tokens.labels(self._migration, provider, model)
+            self._embedding_cost.labels(self._migration, provider, model)
 
     def observe_search(
         self,

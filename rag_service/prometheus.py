@@ -32,6 +32,7 @@ from typing import Any, Self
 import httpx
 
 from rag_service.errors import ConfigError, EmbedshiftError
+from rag_service.redaction import display_url, header_value_problem
 
 __all__ = ["PrometheusClient", "PrometheusError", "Sample"]
 
@@ -89,9 +90,10 @@ class PrometheusClient:
             raise ConfigError(f"Prometheus timeout must be positive, got {timeout}")
         sent = dict(headers or {})
         if bearer_token is not None:
-            token = bearer_token.strip()
-            if not token:
-                raise ConfigError("the Prometheus bearer token is empty")
+            token = bearer_token.strip()  # a trailing newline from `echo` into the Secret
+            problem = header_value_problem(token)
+            if problem is not None:  # httpx's own refusal would quote the header, token and all
+                raise ConfigError(f"the Prometheus bearer token cannot be sent: {problem}")
             if base.userinfo or any(name.lower() == "authorization" for name in sent):
                 raise ConfigError(
                     "give Prometheus either a bearer token or credentials in the URL or an "
@@ -335,4 +337,4 @@ def _one_line(text: str) -> str:
 
 
 def _redact(url: httpx.URL) -> str:
-    return str(url.copy_with(userinfo=b"")).rstrip("/")
+    return display_url(str(url))

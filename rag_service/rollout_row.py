@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -47,6 +48,9 @@ class RoutingRow:
     source: str = "default"  # default | database | local-emergency
     # The side table v2 reads (the target descriptor ``migrate setup`` wrote); None before that.
     target: str | None = None
+    # A digest of the data plane ``migrate setup`` recorded (the source and target descriptors):
+    # it changes when setup records another one for the key, so a follower notices a re-setup.
+    record: str | None = field(default=None, compare=False)
 
 
 async def read_row(
@@ -54,7 +58,8 @@ async def read_row(
 ) -> RoutingRow | None:
     cur = await conn.execute(
         sql.SQL(
-            "SELECT percentage, emergency, reason, updated_at, target->>'table' FROM {} "
+            "SELECT percentage, emergency, reason, updated_at, target->>'table', "
+            "md5(coalesce(source::text, '') || '|' || coalesce(target::text, '')) FROM {} "
             "WHERE migration = %s"
         ).format(ident(table)),
         [migration],
@@ -69,6 +74,7 @@ async def read_row(
         updated_at=row[3],
         source="database",
         target=row[4],
+        record=row[5],
     )
 
 
@@ -184,7 +190,12 @@ async def write_percentage(
 
 
 class RoutingFollower:
-    """Keeps ``current`` in step with the routing row. One LISTEN connection per replica."""
+    """Keeps ``current`` in step with the routing row. One LISTEN connection per replica.
+
+    ``on_record`` is called (without arguments, on the event loop) after the first read of the
+    row and whenever the data plane recorded in it changes (``migrate setup`` recorded another
+    spec for the key): ``embedshift serve`` then reads the record again and switches to it.
+    """
 
     def __init__(
         self,
@@ -194,6 +205,7 @@ class RoutingFollower:
         default_percentage: int = 0,
         schema: str | None = None,
         reread_seconds: float = 5.0,
+        on_record: Callable[[], None] | None = None,
     ) -> None:
         self._url = url
         self._migration = migration
@@ -202,6 +214,9 @@ class RoutingFollower:
         self._row = RoutingRow(percentage=default_percentage)
         self._local_emergency: RoutingRow | None = None
         self._task: asyncio.Task[None] | None = None
+        self._on_record = on_record
+        self._record: str | None = None
+        self._read_once = False
 
     @property
     def current(self) -> RoutingRow:
@@ -211,6 +226,11 @@ class RoutingFollower:
     @property
     def migration(self) -> str:
         return self._migration
+
+    @property
+    def table(self) -> TableName:
+        """The routing table it reads (``embedshift_rollout`` in the source table's schema)."""
+        return self._table
 
     def declare_local_emergency(self, reason: str) -> None:
         """Switch this replica to v1 now, before (or without) the database agreeing."""
@@ -252,6 +272,15 @@ class RoutingFollower:
                 f", EMERGENCY ({row.reason})" if row.emergency else "",
             )
 
+    async def _read(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        row = await read_row(conn, table=self._table, migration=self._migration)
+        self._apply(row)
+        if row is None or (self._read_once and row.record == self._record):
+            return
+        self._read_once, self._record = True, row.record
+        if self._on_record is not None:
+            self._on_record()
+
     async def _follow(self) -> None:
         backoff = 0.5
         while True:
@@ -261,15 +290,13 @@ class RoutingFollower:
                 )
                 async with conn:
                     await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(ROLLOUT_CHANNEL)))
-                    self._apply(await read_row(conn, table=self._table, migration=self._migration))
+                    await self._read(conn)
                     backoff = 0.5
                     while True:
                         async for notify in conn.notifies(timeout=self._reread):
                             if notify.payload in ("", self._migration):
                                 break
-                        self._apply(
-                            await read_row(conn, table=self._table, migration=self._migration)
-                        )
+                        await self._read(conn)
             except asyncio.CancelledError:
                 raise
             except (psycopg.Error, OSError) as exc:
@@ -281,3 +308,26 @@ class RoutingFollower:
                 )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
+
+
+async def wake_on_notify(url: str, *, migration: str, every: float, wake: asyncio.Event) -> None:
+    """Set ``wake`` at once, whenever a NOTIFY on ``embedshift_rollout`` names ``migration``
+    (``migrate setup`` sends one), right after each LISTEN starts, and at least every ``every``
+    seconds, the database reachable or not. Runs until cancelled; what to read on a wake is
+    the caller's (``embedshift serve`` waiting for the record of its migration)."""
+    wake.set()  # read once at once, before the first connection succeeds or fails
+    while True:
+        try:
+            conn = await psycopg.AsyncConnection.connect(url, autocommit=True, connect_timeout=5)
+            async with conn:
+                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(ROLLOUT_CHANNEL)))
+                wake.set()  # a record written before the LISTEN started is read now
+                while True:
+                    async for notify in conn.notifies(timeout=every):
+                        if notify.payload in ("", migration):
+                            break
+                    wake.set()
+        except (psycopg.Error, OSError):
+            # The caller's read reports the failure; this only keeps the pace.
+            await asyncio.sleep(every)
+            wake.set()

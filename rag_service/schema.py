@@ -28,6 +28,12 @@ from psycopg import sql
 
 from rag_service.errors import ConfigError, DatabaseError, DatabaseUnavailable, SchemaRefused
 from rag_service.identifiers import TableName, derived_identifier
+from rag_service.redaction import (
+    database_url_problem,
+    describe_database_url,
+    redact,
+    url_secrets,
+)
 from rag_service.spec import DataPlaneSpec, EmbeddingSpec
 
 log = logging.getLogger(__name__)
@@ -124,14 +130,41 @@ class SourceFacts:
     id_is_unique: bool
 
 
+def parse_database_url(url: str) -> dict[str, str] | None:
+    """libpq's own reading of a connection string (the parameters it names); None when libpq
+    refuses it. Its refusal quotes the string, so it is never shown (see
+    :mod:`rag_service.redaction`)."""
+    try:
+        parsed = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return None
+    return {k: str(v) for k, v in parsed.items() if v is not None}
+
+
+def check_database_url(url: str, *, source: str = "the database URL") -> None:
+    """ConfigError naming ``source`` and what is wrong, without quoting the URL, when libpq
+    cannot use it (see :func:`rag_service.redaction.database_url_problem`)."""
+    problem = database_url_problem(url, parse_database_url(url))
+    if problem is not None:
+        raise ConfigError(f"{source} does not hold a usable PostgreSQL URL: {problem}")
+
+
+def database_error_text(exc: BaseException, url: str) -> str:
+    """The first line of what libpq or the server said about ``url``, with the URL's secrets
+    (password, user, every parameter but host, port and database) redacted."""
+    return redact(first_line(exc), url_secrets(url, parse_database_url(url)))
+
+
 async def connect(url: str, *, autocommit: bool = False) -> psycopg.AsyncConnection[Any]:
-    """Connect, turning an unreachable server into one line without the password."""
+    """Connect, turning an unusable URL into a ConfigError and an unreachable server into one
+    line, neither of them quoting the URL's secrets."""
+    check_database_url(url)
     try:
         return await psycopg.AsyncConnection.connect(url, autocommit=autocommit, connect_timeout=10)
-    except psycopg.OperationalError as exc:
+    except psycopg.Error as exc:
         raise DatabaseUnavailable(
-            f"cannot connect to the database ({describe_url(url)}): {first_line(exc)}; "
-            "check DATABASE_URL (or --database-url)"
+            f"cannot connect to the database ({describe_url(url)}): "
+            f"{database_error_text(exc, url)}; check DATABASE_URL (or --database-url)"
         ) from None
 
 
@@ -142,24 +175,18 @@ async def with_connection(
     url: str, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[_T]]
 ) -> _T:
     """Run ``work`` on a short autocommit connection; a database failure is one DatabaseError
-    line without the password. For callers that tick: a dropped connection costs one call."""
+    line without the URL's secrets. For callers that tick: a dropped connection costs one call."""
     try:
         conn = await connect(url, autocommit=True)
         async with conn:
             return await work(conn)
     except psycopg.Error as exc:
-        raise DatabaseError(f"database: {first_line(exc)}") from None
+        raise DatabaseError(f"database: {database_error_text(exc, url)}") from None
 
 
 def describe_url(url: str) -> str:
     """Host, port and database of a connection string, never the password. Pure."""
-    try:
-        params = psycopg.conninfo.conninfo_to_dict(url)
-    except psycopg.ProgrammingError:
-        return "an unparseable connection string"
-    host = params.get("host") or "localhost"
-    port = params.get("port") or "5432"
-    return f"host={host} port={port} dbname={params.get('dbname') or '?'}"
+    return describe_database_url(parse_database_url(url))
 
 
 def first_line(exc: BaseException) -> str:
@@ -415,6 +442,11 @@ def setup_statements(layout: Layout, *, migration: str) -> list[Query]:
             sql.Literal(migration),
             sql.Literal(json.dumps(_source_descriptor(layout))),
             sql.Literal(json.dumps(_target_descriptor(layout))),
+        ),
+        # Delivered at commit: a search service waiting for this record, or serving an older
+        # one, reads it at once instead of at its next re-read.
+        sql.SQL("SELECT pg_notify({}, {})").format(
+            sql.Literal(ROLLOUT_CHANNEL), sql.Literal(migration)
         ),
     ]
     return statements

@@ -10,12 +10,13 @@ follows within a second. Metric names are the contract the operator's PromQL is 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,6 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CollectorRegistry
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, Field, field_validator
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from rag_service import alerts as alerts_module
 from rag_service.alerts import (
@@ -39,18 +41,20 @@ from rag_service.alerts import (
 from rag_service.breaker import BreakerState, CircuitBreaker
 from rag_service.criteria import PROMQL_RANGE
 from rag_service.dashboard_page import page_html, read_rollout_status
-from rag_service.errors import ConfigError, EmbedshiftError
+from rag_service.errors import ConfigError, DatabaseUnavailable, EmbedshiftError
+from rag_service.identifiers import TableName
 from rag_service.indexes import index_state
 from rag_service.metrics import Outcome, ServiceMetrics
 from rag_service.providers import EmbeddingProvider, api_key_from_env, make_provider
 from rag_service.providers.pricing import PriceTable
 from rag_service.query_cache import QueryCache, normalise_query
-from rag_service.rollout_row import RoutingFollower, declare_emergency
+from rag_service.rollout_row import RoutingFollower, declare_emergency, wake_on_notify
 from rag_service.routing import Version, choose, parse_forced, request_bucket
 from rag_service.schema import (
     ROLLOUT_STATUS_TABLE,
+    ROLLOUT_TABLE,
     Layout,
-    first_line,
+    database_error_text,
     ident,
     inspect_source,
     layout_for,
@@ -63,6 +67,11 @@ from rag_service.spec import DataPlaneSpec
 log = logging.getLogger("embedshift.service")
 # How long /readyz waits for a database connection: within the chart's probe timeout (10 s).
 READY_TIMEOUT_SECONDS = 5.0
+# How long a switch to a new record lets the searches already running on the previous data
+# plane finish before closing it (its pool and providers): longer than any search may take.
+DRAIN_SECONDS = 30.0
+# The ASGI scope key under which a request holds the Service it is served by, to its end.
+_PINNED = "embedshift.service"
 perf_log = logging.getLogger("embedshift.performance")
 analytics_log = logging.getLogger("embedshift.analytics")
 
@@ -80,9 +89,10 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
 
 @dataclass(frozen=True)
 class ServiceSettings:
-    """Everything the service needs; ``from_env`` reads the guide's FF_* flags."""
+    """Everything the service needs; ``from_env`` reads the guide's FF_* flags. The fields that
+    hold secrets (the database URL, the webhook secret, the API keys) are left out of its repr."""
 
-    database_url: str
+    database_url: str = field(repr=False)
     spec: DataPlaneSpec
     migration: str
     sticky_header: str = "X-User-Id"
@@ -92,7 +102,7 @@ class ServiceSettings:
     shadow_sample_rate: float = 0.1
     performance_logging: bool = False
     query_analytics: bool = False
-    webhook_secret: str | None = None
+    webhook_secret: str | None = field(default=None, repr=False)
     prometheus_url: str | None = None
     reread_seconds: float = 5.0
     max_query_chars: int = 2000
@@ -104,8 +114,8 @@ class ServiceSettings:
     cache_ttl_seconds: float = 3600.0
     pool_size: int = 10
     prices: PriceTable = field(default_factory=PriceTable)
-    source_api_key: str | None = None
-    target_api_key: str | None = None
+    source_api_key: str | None = field(default=None, repr=False)
+    target_api_key: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(
@@ -147,6 +157,41 @@ class ServiceSettings:
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class RecordWatch:
+    """How the service follows what ``migrate setup`` records for its migration.
+
+    ``settings`` reads the record again and returns what to serve (``embedshift serve`` lays its
+    flags over the record there), or None while nothing is recorded; it raises an
+    EmbedshiftError (or a psycopg error) when the record cannot be read or is refused. It is
+    called while the service waits for a first record (on each NOTIFY on ``embedshift_rollout``
+    naming the migration, and every ``reread_seconds``) and, once serving, whenever the routing
+    row's recorded data plane changes. ``waiting`` says what a service without a record waits
+    for: its log line and ``/readyz`` say it (name the key and the database, never a password).
+    """
+
+    settings: Callable[[], Awaitable[ServiceSettings | None]]
+    url: str
+    migration: str
+    waiting: str
+    reread_seconds: float = 5.0
+
+
+@dataclass
+class _Shared:
+    """What outlives a switch to another data plane: the counters (one registry, counts kept),
+    the alerts received, and what the app says while it has nothing to serve."""
+
+    metrics: ServiceMetrics
+    alert_log: AlertLog
+    registry: CollectorRegistry
+    waiting: str | None = None  # while nothing is served: what the service waits for
+    problem: str | None = None  # the last failure to read or to serve the record
+    # While serving: why what is served is no longer what is recorded (a new record that cannot
+    # be served). Not ready meanwhile: a replica never answers from a data plane setup replaced.
+    stale: str | None = None
 
 
 # ---- request and response models ---------------------------------------------------------------
@@ -208,6 +253,8 @@ class Service:
     rng: random.Random
     started_at: float = field(default_factory=time.monotonic)
     provider_checks: dict[Version, tuple[float, bool, str]] = field(default_factory=dict)
+    inflight: int = 0  # requests being served by this data plane (see _PinService)
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set when inflight drops to 0
 
     async def embed_query(self, version: Version, text: str) -> tuple[Any, bool]:
         provider = self.providers[version]
@@ -241,21 +288,62 @@ class Service:
         except EmbedshiftError as exc:
             raise SearchFailed(f"{version.value}: {exc}") from None
         except (psycopg.Error, OSError, TimeoutError) as exc:
-            raise SearchFailed(f"{version.value}: database: {first_line(exc)}") from None
+            said = database_error_text(exc, self.settings.database_url)
+            raise SearchFailed(f"{version.value}: database: {said}") from None
 
 
-def create_app(settings: ServiceSettings, *, registry: CollectorRegistry | None = None) -> FastAPI:
-    """The ASGI app. Everything it holds lives in ``app.state.service`` once started."""
+def create_app(
+    settings: ServiceSettings | None = None,
+    *,
+    registry: CollectorRegistry | None = None,
+    watch: RecordWatch | None = None,
+) -> FastAPI:
+    """The ASGI app; the running data plane lives in ``app.state.service`` once started.
+
+    ``settings``: what to serve from the start. ``watch``: follow what ``migrate setup`` records
+    for the migration: with no ``settings``, the app starts anyway (``/healthz`` answers,
+    ``/readyz`` is 503 saying what it waits for) and serves the record once it appears; either
+    way, when the record changes the app switches to the new data plane between requests
+    (searches already running finish on the previous one).
+    """
+    if settings is not None:
+        migration = settings.migration
+    elif watch is not None:
+        migration = watch.migration
+    else:
+        raise ValueError("create_app needs the settings to serve, a RecordWatch, or both")
     registry = registry if registry is not None else CollectorRegistry()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service = await _start(settings, registry)
-        app.state.service = service
+        shared = _Shared(
+            metrics=ServiceMetrics(migration=migration, registry=registry),
+            alert_log=AlertLog(),
+            registry=registry,
+            waiting=watch.waiting if settings is None and watch is not None else None,
+        )
+        app.state.shared = shared
+        app.state.service = None
+        changed = asyncio.Event()  # set by the follower when the recorded data plane changes
+        on_record = changed.set if watch is not None else None
+        if settings is not None:
+            app.state.service = await _start(settings, shared, on_record=on_record)
+        watcher = (
+            None
+            if watch is None
+            else asyncio.create_task(
+                _follow_record(app, watch, changed), name="embedshift-record-watch"
+            )
+        )
         try:
             yield
         finally:
-            await _stop(service)
+            if watcher is not None:
+                await _cancel(watcher)
+            service: Service | None = app.state.service
+            app.state.service = None
+            if service is not None:
+                await _stop(service)
 
     app = FastAPI(
         title="embedshift search",
@@ -263,11 +351,232 @@ def create_app(settings: ServiceSettings, *, registry: CollectorRegistry | None 
         version="0.1.0",
         lifespan=lifespan,
     )
-    _routes(app, settings)
+    app.add_middleware(_PinService)
+    _routes(app)
     return app
 
 
-async def _start(settings: ServiceSettings, registry: CollectorRegistry) -> Service:
+class _PinService:
+    """Each request is served to its end by the data plane that was current when it arrived,
+    and counted on it: a switch to a new record closes the previous one only once its requests
+    are done. A pure ASGI middleware, so it costs a counter, not a wrapped response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        service: Service | None = None
+        if scope["type"] == "http":
+            service = getattr(scope["app"].state, "service", None)
+        if service is None:
+            await self.app(scope, receive, send)
+            return
+        scope[_PINNED] = service
+        service.inflight += 1
+        service.idle.clear()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            service.inflight -= 1
+            if not service.inflight:
+                service.idle.set()
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+class _Said:
+    """Logs each state of the record once, however many re-reads find it the same."""
+
+    def __init__(self) -> None:
+        self._last: str | None = None
+
+    def __call__(self, level: int, message: str) -> None:
+        if message != self._last:
+            log.log(level, message)
+        self._last = message
+
+    def reset(self) -> None:
+        """All is well again: the next problem is news, even the one said before."""
+        self._last = None
+
+
+async def _follow_record(app: FastAPI, watch: RecordWatch, changed: asyncio.Event) -> None:
+    """Serve what ``migrate setup`` records for the migration, as it records it.
+
+    While nothing is served, a LISTEN on ``embedshift_rollout`` (and a re-read every
+    ``reread_seconds``) wakes it; once serving, the routing row's follower does, when the
+    recorded data plane changes. A transient failure to read the record is retried every
+    ``reread_seconds``; a record that cannot be served is logged and not retried until it
+    changes again, while the previous data plane (if any) keeps serving.
+    """
+    said = _Said()
+    failed: list[DataPlaneSpec] = []  # the last spec that could not be served
+    ticker: asyncio.Task[None] | None = None
+    retry = False
+    try:
+        while True:
+            if app.state.service is None and ticker is None:
+                ticker = asyncio.create_task(
+                    wake_on_notify(
+                        watch.url,
+                        migration=watch.migration,
+                        every=watch.reread_seconds,
+                        wake=changed,
+                    ),
+                    name="embedshift-record-wait",
+                )
+            elif app.state.service is not None and ticker is not None:
+                await _cancel(ticker)
+                ticker = None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), watch.reread_seconds if retry else None)
+            changed.clear()
+            try:
+                retry = await _take_record(app, watch, changed, said, failed)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must not end the following; it is logged in full
+                log.exception("following the record of %s failed; retrying", watch.migration)
+                retry = True
+    finally:
+        if ticker is not None:
+            await _cancel(ticker)
+
+
+async def _take_record(
+    app: FastAPI,
+    watch: RecordWatch,
+    changed: asyncio.Event,
+    said: _Said,
+    failed: list[DataPlaneSpec],
+) -> bool:
+    """Read the record once and serve it if it differs from what is served. True when a
+    transient failure (the database unreachable) wants another read soon.
+
+    A record that cannot be served (refused, or its model's API key missing) leaves the data
+    plane served before, if any, running but not ready (``_Shared.stale``): a replica never
+    answers from the data plane setup replaced, and one that reaches it still gets an answer.
+    """
+    shared: _Shared = app.state.shared
+    current: Service | None = app.state.service
+    key = watch.migration
+    if current is None:
+        afterwards = "; still waiting for a record it can serve"
+    else:
+        afterwards = (
+            f"; still serving v1 {_descriptor(current, Version.V1)}, v2 "
+            f"{_descriptor(current, Version.V2)} to what reaches it, but not ready until the "
+            "record can be served"
+        )
+    try:
+        settings = await watch.settings()
+    except (EmbedshiftError, psycopg.Error, OSError) as exc:
+        shared.problem = database_error_text(exc, watch.url)
+        if isinstance(exc, DatabaseUnavailable | psycopg.OperationalError | OSError):
+            # Transient: the readiness probe sees the database anyway; read again soon.
+            said(
+                logging.WARNING,
+                f"cannot read what `embedshift migrate setup` recorded for {key}: "
+                f"{shared.problem}; " + ("still waiting for it" if current is None else "retrying"),
+            )
+            return current is not None  # while waiting, the ticker keeps the pace
+        if current is not None:
+            shared.stale = f"cannot read the record: {shared.problem}"
+        said(
+            logging.ERROR,
+            f"cannot read what `embedshift migrate setup` recorded for {key}: "
+            f"{shared.problem}{afterwards}",
+        )
+        return False
+    if settings is None:
+        shared.problem = None
+        said(
+            logging.WARNING,
+            f"--migration {key}: {watch.waiting} (re-reading every {watch.reread_seconds:g}s, at "
+            "once on NOTIFY embedshift_rollout); /readyz answers 503 until then: if this lasts, "
+            "check the key and the database"
+            if current is None
+            else f"the record of {key} is gone from the routing row; still serving what it was",
+        )
+        return False
+    if current is not None and settings.spec == current.settings.spec:
+        shared.problem = shared.stale = None
+        said.reset()
+        return False
+    if failed and failed[0] == settings.spec:
+        return False  # said already; tried again when the record changes
+    follower = None
+    if current is not None and (
+        current.settings.database_url == settings.database_url
+        and current.follower.table
+        == TableName(ROLLOUT_TABLE, settings.spec.database.table_name.schema)
+    ):
+        follower = current.follower  # keeps the percentage and a local emergency as they are
+    try:
+        new = await _start(settings, shared, follower=follower, on_record=changed.set)
+    except (EmbedshiftError, psycopg.Error, OSError) as exc:
+        failed[:] = [settings.spec]
+        shared.problem = f"cannot serve the record: {database_error_text(exc, watch.url)}"
+        if current is not None:
+            shared.stale = shared.problem
+        said(
+            logging.ERROR,
+            f"cannot serve what `embedshift migrate setup` recorded for {key}: "
+            f"{database_error_text(exc, watch.url)}{afterwards}",
+        )
+        return False
+    failed.clear()
+    shared.problem = shared.waiting = shared.stale = None
+    app.state.service = new  # from the next request on; the running ones keep `current`
+    if current is None:
+        said(logging.INFO, f"`embedshift migrate setup` recorded {key}: serving it")
+        return False
+    said(
+        logging.WARNING,
+        f"the record of {key} changed (`embedshift migrate setup` recorded another data plane): "
+        f"switched from v1 {_descriptor(current, Version.V1)}, v2 "
+        f"{_descriptor(current, Version.V2)} on {current.layout.source} to v1 "
+        f"{_descriptor(new, Version.V1)}, v2 {_descriptor(new, Version.V2)} on "
+        f"{new.layout.source}; searches already running finish on the previous one",
+    )
+    await _retire(current, keep_follower=new.follower is current.follower)
+    return False
+
+
+def _descriptor(service: Service, version: Version) -> str:
+    return service.providers[version].descriptor
+
+
+async def _retire(service: Service, *, keep_follower: bool) -> None:
+    """Close a data plane no new request reaches, once its running requests are done."""
+    try:
+        if service.inflight:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(service.idle.wait(), DRAIN_SECONDS)
+        if service.inflight:
+            log.warning(
+                "closing the previous data plane with %d searches still running after %.0fs",
+                service.inflight,
+                DRAIN_SECONDS,
+            )
+    finally:
+        await _stop(service, keep_follower=keep_follower)
+
+
+async def _start(
+    settings: ServiceSettings,
+    shared: _Shared,
+    *,
+    follower: RoutingFollower | None = None,
+    on_record: Callable[[], None] | None = None,
+) -> Service:
+    """Start a data plane. ``follower``: the routing row's follower to keep (a switch to a new
+    record in the same schema), else a new one, calling ``on_record`` when the record changes.
+    A failure closes what it opened."""
     spec = settings.spec
     assert spec.source is not None  # from_env refuses a spec without one
 
@@ -275,22 +584,25 @@ async def _start(settings: ServiceSettings, registry: CollectorRegistry) -> Serv
         await configure_connection(conn, ef_search=ef_search_for(spec.target, settings.ef_search))
 
     # Before anything is opened: a missing key fails start-up with nothing to clean up.
-    providers: dict[Version, EmbeddingProvider] = {
-        Version.V1: make_provider(
-            spec.source,
-            api_key=settings.source_api_key,
-            prices=settings.prices,
-            role="source",
-            interactive=True,
-        ),
-        Version.V2: make_provider(
+    source = make_provider(
+        spec.source,
+        api_key=settings.source_api_key,
+        prices=settings.prices,
+        role="source",
+        interactive=True,
+    )
+    try:
+        target = make_provider(
             spec.target,
             api_key=settings.target_api_key,
             prices=settings.prices,
             role="target",
             interactive=True,
-        ),
-    }
+        )
+    except BaseException:
+        await source.aclose()
+        raise
+    providers: dict[Version, EmbeddingProvider] = {Version.V1: source, Version.V2: target}
     pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
         settings.database_url,
         min_size=1,
@@ -300,20 +612,25 @@ async def _start(settings: ServiceSettings, registry: CollectorRegistry) -> Serv
         kwargs={"autocommit": True},
     )
     await pool.open(wait=False)
-    layout = await _layout(settings)
-    follower = RoutingFollower(
-        url=settings.database_url,
-        migration=settings.migration,
-        default_percentage=settings.default_percentage,
-        schema=spec.database.table_name.schema,
-        reread_seconds=settings.reread_seconds,
-    )
-    await follower.start()
-    metrics = ServiceMetrics(
-        migration=settings.migration,
-        registry=registry,
-        usage_models=[_model_labels(p.descriptor) for p in providers.values()],
-    )
+    try:
+        layout = await _layout(settings)
+    except BaseException:
+        await pool.close()
+        for provider in providers.values():
+            await provider.aclose()
+        raise
+    if follower is None:
+        follower = RoutingFollower(
+            url=settings.database_url,
+            migration=settings.migration,
+            default_percentage=settings.default_percentage,
+            schema=spec.database.table_name.schema,
+            reread_seconds=settings.reread_seconds,
+            on_record=on_record,
+        )
+        await follower.start()
+    metrics = shared.metrics
+    metrics.add_usage_models(_model_labels(p.descriptor) for p in providers.values())
     service = Service(
         settings=settings,
         layout=layout,
@@ -336,8 +653,8 @@ async def _start(settings: ServiceSettings, registry: CollectorRegistry) -> Serv
             for v in Version
         },
         metrics=metrics,
-        registry=registry,
-        alert_log=AlertLog(),
+        registry=shared.registry,
+        alert_log=shared.alert_log,
         shadow=None,
         rng=random.Random(),
     )
@@ -384,7 +701,10 @@ async def _layout(settings: ServiceSettings) -> Layout:
             await _warn_unless_v2_ready(conn, layout)
             return layout
     except psycopg.OperationalError as exc:
-        log.warning("database unreachable at start (%s); serving will retry", first_line(exc))
+        log.warning(
+            "database unreachable at start (%s); serving will retry",
+            database_error_text(exc, settings.database_url),
+        )
         return layout_for(settings.spec, id_type="text")
 
 
@@ -407,10 +727,11 @@ async def _warn_unless_v2_ready(conn: psycopg.AsyncConnection[Any], layout: Layo
         )
 
 
-async def _stop(service: Service) -> None:
+async def _stop(service: Service, *, keep_follower: bool = False) -> None:
     if service.shadow is not None:
         await service.shadow.aclose()
-    await service.follower.aclose()
+    if not keep_follower:
+        await service.follower.aclose()
     await service.cache.aclose()  # queued shared-cache writes land before the pool closes
     for provider in service.providers.values():
         await provider.aclose()
@@ -433,11 +754,14 @@ def _unprocessable(field: list[str], message: str) -> HTTPException:
     )
 
 
-def _routes(app: FastAPI, settings: ServiceSettings) -> None:
-    sticky = settings.sticky_header
-
+def _routes(app: FastAPI) -> None:
     def service_of(request: Request) -> Service:
-        service: Service = request.app.state.service
+        """The data plane this request is served by (see _PinService); 503 while there is
+        none: the service waits for `embedshift migrate setup` to record what to serve."""
+        service: Service | None = request.scope.get(_PINNED)
+        if service is None:
+            shared: _Shared = request.app.state.shared
+            raise HTTPException(503, f"not serving yet: {shared.waiting or 'starting'}")
         return service
 
     @app.post("/api/rag/search", response_model=SearchResponse)
@@ -447,6 +771,7 @@ def _routes(app: FastAPI, settings: ServiceSettings) -> None:
         x_embedding_version: Annotated[str | None, Header()] = None,
     ) -> SearchResponse:
         service = service_of(request)
+        settings = service.settings
         if len(body.query) > settings.max_query_chars:
             raise _unprocessable(
                 ["body", "query"],
@@ -457,7 +782,9 @@ def _routes(app: FastAPI, settings: ServiceSettings) -> None:
         except ValueError as exc:
             raise _unprocessable(["header", "X-Embedding-Version"], str(exc)) from None
         user_bucket = request_bucket(
-            migration=settings.migration, key=request.headers.get(sticky), rng=service.rng
+            migration=settings.migration,
+            key=request.headers.get(settings.sticky_header),
+            rng=service.rng,
         )
         row = service.follower.current
         chosen = choose(
@@ -559,7 +886,8 @@ def _routes(app: FastAPI, settings: ServiceSettings) -> None:
                 else:
                     checks["index"] = {"ok": True, "column": service.layout.source_embedding_column}
         except Exception as exc:  # any failure of a health probe is reported, never raised
-            checks["database"] = {"ok": False, "error": first_line(exc)}
+            error = database_error_text(exc, service.settings.database_url)
+            checks["database"] = {"ok": False, "error": error}
         checks["provider"] = await _provider_check(service, version)
         breaker = service.breakers[version]
         checks["circuitBreaker"] = {
@@ -580,19 +908,42 @@ def _routes(app: FastAPI, settings: ServiceSettings) -> None:
     async def health_v2(request: Request) -> JSONResponse:
         return await health(Version.V2, request)
 
+    @app.get("/healthz")
+    async def healthz() -> dict[str, bool]:
+        """Liveness: the process answers. Nothing it depends on counts (a database or API
+        outage must not restart every replica), nor waiting for the record."""
+        return {"live": True}
+
     @app.get("/readyz")
     async def readyz(request: Request) -> JSONResponse:
         """Readiness: the database alone. Every search reads it, so without it this replica
         has nothing to serve. An embedding API's outage is not a reason: a breaker and the v1
         fallback answer it, and a replica taken out of the Service for it would also stop
-        taking the emergency webhook and serving the version that still works."""
-        service = service_of(request)
+        taking the emergency webhook and serving the version that still works. Not ready
+        either while nothing is recorded to serve (the body says what it waits for), nor
+        while setup has recorded a data plane it cannot serve (``stale``: it would answer
+        from the one setup replaced)."""
+        service: Service | None = request.scope.get(_PINNED)
+        shared: _Shared = request.app.state.shared
+        if service is None:
+            waiting: dict[str, Any] = {"ready": False, "waiting": shared.waiting or "starting"}
+            if shared.problem:
+                waiting["error"] = shared.problem
+            return JSONResponse(waiting, status_code=503)
+        if shared.stale:
+            return JSONResponse({"ready": False, "stale": shared.stale}, status_code=503)
         try:
             async with service.pool.connection(timeout=READY_TIMEOUT_SECONDS) as conn:
                 await conn.execute("SELECT 1")
         except Exception as exc:  # any failure means not ready; a probe never raises
             return JSONResponse(
-                {"ready": False, "database": {"ok": False, "error": first_line(exc)}},
+                {
+                    "ready": False,
+                    "database": {
+                        "ok": False,
+                        "error": database_error_text(exc, service.settings.database_url),
+                    },
+                },
                 status_code=503,
             )
         return JSONResponse({"ready": True, "database": {"ok": True}})
@@ -608,6 +959,7 @@ def _routes(app: FastAPI, settings: ServiceSettings) -> None:
         range_: Annotated[str, Query(alias="range", pattern=PROMQL_RANGE)] = "24h",
     ) -> dict[str, Any]:
         service = service_of(request)
+        settings = service.settings
         row = service.follower.current
         summary: dict[str, dict[str, float | None]]
         source = "service"
@@ -642,6 +994,7 @@ def _routes(app: FastAPI, settings: ServiceSettings) -> None:
         its phase, verdicts and recent transitions; recent alerts too. ``status`` is null when
         the kopf operator runs it (the status is on the resource) or nothing has run yet."""
         service = service_of(request)
+        settings = service.settings
         row = service.follower.current
         status: dict[str, Any] | None = None
         status_error: str | None = None
@@ -653,7 +1006,7 @@ def _routes(app: FastAPI, settings: ServiceSettings) -> None:
                     migration=settings.migration,
                 )
         except (psycopg.Error, OSError, TimeoutError) as exc:
-            status_error = f"database: {first_line(exc)}"
+            status_error = f"database: {database_error_text(exc, settings.database_url)}"
         return {
             "migration": settings.migration,
             "routing": {
@@ -690,6 +1043,7 @@ def _routes(app: FastAPI, settings: ServiceSettings) -> None:
         request: Request, authorization: Annotated[str | None, Header()] = None
     ) -> dict[str, Any]:
         service = service_of(request)
+        settings = service.settings
         if not settings.webhook_secret:
             raise HTTPException(503, "the webhook is disabled: ALERT_WEBHOOK_SECRET is not set")
         verdict = check_bearer(authorization, settings.webhook_secret)
@@ -725,7 +1079,10 @@ def _routes(app: FastAPI, settings: ServiceSettings) -> None:
                         reason=reason,
                     )
             except (psycopg.Error, OSError) as exc:
-                log.error("could not record the emergency in the routing row: %s", first_line(exc))
+                log.error(
+                    "could not record the emergency in the routing row: %s",
+                    database_error_text(exc, settings.database_url),
+                )
         return {"accepted": len(received), "emergency": bool(emergencies)}
 
     @app.get("/api/alerts/webhook")
@@ -735,6 +1092,7 @@ def _routes(app: FastAPI, settings: ServiceSettings) -> None:
         authorization: Annotated[str | None, Header()] = None,
     ) -> dict[str, Any]:
         service = service_of(request)
+        settings = service.settings
         if settings.webhook_secret:  # the history is as private as what may post to it
             verdict = check_bearer(authorization, settings.webhook_secret)
             if verdict == "missing":
@@ -750,16 +1108,19 @@ def _routes(app: FastAPI, settings: ServiceSettings) -> None:
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
-        service = service_of(request)
-        row = service.follower.current
-        service.metrics.set_percentage(0 if row.emergency else row.percentage)
-        for v in Version:
-            service.metrics.set_breaker_open(
-                # Half-open refuses all but one probe: for traffic, that is still open.
-                version=v.value,
-                open=service.breakers[v].state is not BreakerState.CLOSED,
-            )
-        body, content_type = service.metrics.render()
+        # Answered while nothing is served too: every series exists at 0 from the start.
+        shared: _Shared = request.app.state.shared
+        service: Service | None = request.scope.get(_PINNED)
+        if service is not None:
+            row = service.follower.current
+            shared.metrics.set_percentage(0 if row.emergency else row.percentage)
+            for v in Version:
+                shared.metrics.set_breaker_open(
+                    # Half-open refuses all but one probe: for traffic, that is still open.
+                    version=v.value,
+                    open=service.breakers[v].state is not BreakerState.CLOSED,
+                )
+        body, content_type = shared.metrics.render()
         return Response(content=body, media_type=content_type)
 
 

@@ -86,7 +86,7 @@ from embedshift_operator.ticking import (
 )
 from rag_service import __version__
 from rag_service.errors import ConfigError, EmbedshiftError
-from rag_service.schema import ROLLOUT_TABLE
+from rag_service.schema import ROLLOUT_TABLE, check_database_url
 from rag_service.spec import SecretKeyRef
 
 __all__ = [
@@ -273,9 +273,7 @@ async def _deleted(
     resource = parse_migration(dict(body), where=f"{namespace}/{name}")
     metrics = _runtime.config.metrics
     try:
-        url = await read_secret(
-            api=_api(), namespace=resource.metadata.namespace, ref=_db_ref(resource)
-        )
+        url = await _read_database_url(resource)
         store = ControlStore(url=url, spec=resource.spec, migration=resource.key)
         if await store.routing() is not None:  # None: setup never ran, nothing is routed
             await store.set_percentage(
@@ -346,9 +344,7 @@ class _Loop:
         database_url: str | None = None
         secret_error: str | None = None
         try:
-            database_url = await read_secret(
-                api=_api(), namespace=self._namespace, ref=_db_ref(resource)
-            )
+            database_url = await _read_database_url(resource)
         except ConfigError as exc:
             secret_error = str(exc)
         observations = await self._observe(
@@ -551,6 +547,16 @@ def held_status(
     if generation is not None:
         update["observed_generation"] = generation
     return status.model_copy(update=update)
+
+
+async def _read_database_url(resource: EmbeddingMigration) -> str:
+    """The database URL from the resource's Secret; ConfigError naming the Secret, never its
+    value, when it is missing or is no PostgreSQL URL libpq can use."""
+    ref = _db_ref(resource)
+    url = await read_secret(api=_api(), namespace=resource.metadata.namespace, ref=ref)
+    where = f"the Secret {resource.metadata.namespace}/{ref.name} (key {ref.key!r})"
+    check_database_url(url, source=where)
+    return url
 
 
 def _rollout_table(resource: EmbeddingMigration) -> str:

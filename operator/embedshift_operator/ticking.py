@@ -29,7 +29,7 @@ from embedshift_operator.resource import (
     Phase,
     parse_duration,
 )
-from rag_service.errors import EmbedshiftError
+from rag_service.errors import ConfigError, EmbedshiftError
 
 __all__ = [
     "CHECKED",
@@ -78,12 +78,18 @@ def check_due(
 
 
 class NoPrometheus:
-    """The metric source when ``spec.analysis.prometheus`` is missing: every check says why."""
+    """The metric source when Prometheus cannot be asked (``spec.analysis.prometheus`` missing,
+    or a token no header can carry): every check says why, and nothing promotes."""
+
+    def __init__(
+        self,
+        why: str = "spec.analysis.prometheus is not set: nothing can be measured, so nothing "
+        "promotes",
+    ) -> None:
+        self._why = why
 
     async def query(self, promql: str) -> float | None:
-        raise MetricSourceError(
-            "spec.analysis.prometheus is not set: nothing can be measured, so nothing promotes"
-        )
+        raise MetricSourceError(self._why)
 
     async def aclose(self) -> None:
         return None
@@ -111,11 +117,14 @@ class AnalysisChecker:
         key = (prometheus.url if prometheus else None, token)
         if self._source is None or self._key != key:
             await self.aclose()
-            self._source = (
-                PrometheusSource(url=prometheus.url, bearer_token=token, tls=self._tls)
-                if prometheus
-                else NoPrometheus()
-            )
+            try:
+                self._source = (
+                    PrometheusSource(url=prometheus.url, bearer_token=token, tls=self._tls)
+                    if prometheus
+                    else NoPrometheus()
+                )
+            except ConfigError as exc:  # its words never quote the URL's password or the token
+                self._source = NoPrometheus(f"{exc}: nothing can be measured, so nothing promotes")
             self._key = key
         plan = plan_analysis(spec, migration=self._migration)
         return await measure(self._source, plan, progress=progress)

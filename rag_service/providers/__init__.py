@@ -11,6 +11,7 @@ from rag_service.errors import AuthenticationFailed
 from rag_service.providers.base import EmbeddingProvider, Embeddings, Purpose, Usage
 from rag_service.providers.local import LocalProvider
 from rag_service.providers.pricing import PriceTable
+from rag_service.redaction import header_value_problem
 from rag_service.spec import EmbeddingSpec, ProviderName
 
 __all__ = [
@@ -76,6 +77,16 @@ def make_provider(
             f"no API key for {role} {spec.descriptor}: set {variables} "
             f"(in Kubernetes: spec.{role}.apiKeySecretRef)"
         )
+    problem = header_value_problem(api_key.strip())
+    if problem is not None:  # the HTTP client's own refusal would quote the header, key and all
+        variables = " or ".join(
+            (f"EMBEDSHIFT_{role.upper()}_API_KEY", *_PROVIDER_KEY_VARIABLES[spec.provider])
+        )
+        raise AuthenticationFailed(
+            f"the API key for {role} {spec.descriptor} cannot be sent: {problem} (check "
+            f"{variables}; in Kubernetes: spec.{role}.apiKeySecretRef)"
+        )
+    api_key = api_key.strip()  # a trailing newline from `echo` into the Secret
     from rag_service.providers.retry import RetryPolicy
 
     patience: dict[str, Any] = (

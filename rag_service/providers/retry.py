@@ -23,7 +23,7 @@ import random
 import re
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Generic, TypeVar
@@ -32,6 +32,7 @@ import numpy as np
 
 from rag_service.errors import AuthenticationFailed, ProviderError, QuotaExceeded
 from rag_service.providers.base import Embeddings, Usage, Vectors, estimate_tokens
+from rag_service.redaction import redact  # the one rule; re-exported for the providers
 
 __all__ = [
     "Failure",
@@ -157,22 +158,6 @@ def parse_rate_limit_headers(headers: Mapping[str, str]) -> RateLimitHeaders:
         reset_requests=parse_duration(lowered.get("x-ratelimit-reset-requests")),
         reset_tokens=parse_duration(lowered.get("x-ratelimit-reset-tokens")),
     )
-
-
-_MASKED_KEYS = re.compile(r"sk-[A-Za-z0-9_\-*]{3,}|AIza[0-9A-Za-z_\-]{10,}")
-_MAX_DETAIL = 300
-
-
-def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
-    """One line of API error text that is safe to show: the secrets and anything shaped like an
-    OpenAI or Google key (APIs echo masked keys back) removed, whitespace folded, length bounded.
-    Pure."""
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "[redacted]")
-    text = _MASKED_KEYS.sub("[redacted]", text)
-    text = " ".join(text.split())
-    return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 1] + "…"
 
 
 # --------------------------------------------------------------------------- classification

@@ -424,9 +424,11 @@ def test_search_probes_do_not_depend_on_v2() -> None:
     ]
     (container,) = search["spec"]["template"]["spec"]["containers"]
     # v2's health is 503 until its index exists: probing it would take the service down before
-    # the migration starts. Liveness must not depend on the database at all, readiness on
-    # nothing else (tests/rag_service/test_serve_recorded.py: /readyz is the database only).
-    assert container["livenessProbe"]["httpGet"]["path"] == "/metrics"
+    # the migration starts. Liveness must not depend on the database at all, nor on the record
+    # `migrate setup` writes (a pod installed before it waits, live and unready); readiness on
+    # nothing else (tests/rag_service/test_serve_recorded.py: /healthz answers while waiting,
+    # /readyz is 503 until the record, then the database only).
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert "--host=0.0.0.0" in container["args"]
 

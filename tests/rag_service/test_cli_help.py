@@ -90,6 +90,19 @@ def test_the_issues_flags_show_their_default(
     assert shown in shown_help(command, action)
 
 
+def test_serve_says_it_waits_for_the_record(tree: list[Command]) -> None:
+    """A typo'd key waits instead of failing: --help says so where the key is given."""
+    (command,) = [c for c in tree if c.path == ("serve",)]
+    (action,) = [a for a in options(command) if "--migration" in a.option_strings]
+    text = " ".join(shown_help(command, action).split())
+    assert "what `embedshift migrate setup` recorded for it" in text
+    assert "waits for that record (live, not ready)" in text
+    assert "switches when setup records another data plane" in text
+    description = " ".join((command.parser.description or "").split())
+    assert "Until setup has recorded it, serve waits" in description
+    assert "GET /healthz is the liveness probe" in description
+
+
 def test_every_subcommand_has_a_summary(tree: list[Command]) -> None:
     missing = [
         f"{c.name} {choice.dest}"

@@ -28,7 +28,7 @@ import psycopg
 
 from rag_service import __version__
 from rag_service.errors import EXIT_RETRYABLE, EmbedshiftError
-from rag_service.schema import first_line
+from rag_service.schema import database_error_text, first_line
 
 __all__ = ["HelpFormatter", "Parser", "build_parser", "main"]
 
@@ -41,8 +41,12 @@ class HelpFormatter(argparse.HelpFormatter):
     wrapped to the terminal."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
+        from embedshift_operator.cli.flags import FromEnvironment
+
         text = action.help or ""
         default = action.default
+        if isinstance(default, FromEnvironment):
+            return text if "(env " in text else f"{text} (env {default.variable}: set)"
         if (
             default is None
             or default is False
@@ -129,7 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"embedshift: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except psycopg.Error as exc:
-        print(f"embedshift: error: database: {first_line(exc)}", file=sys.stderr)
+        url = getattr(args, "database_url", None) or ""
+        said = database_error_text(exc, url) if url else first_line(exc)
+        print(f"embedshift: error: database: {said}", file=sys.stderr)
         return EXIT_RETRYABLE
     except KeyboardInterrupt:
         print(

@@ -64,13 +64,26 @@ EF_SEARCH_HELP = (
 _INT64 = (-(2**63), 2**63 - 1)
 
 
+class FromEnvironment(str):
+    """A flag's default read from the environment variable ``variable``: ``--help`` names the
+    variable, never the value (it may hold a secret: a URL with a password, a key)."""
+
+    variable: str
+
+
 def env(name: str) -> str | None:
-    """The environment variable ``name``; empty counts as unset."""
-    return os.environ.get(name) or None
+    """The environment variable ``name`` (a :class:`FromEnvironment`); empty counts as unset."""
+    value = os.environ.get(name)
+    if not value:
+        return None
+    found = FromEnvironment(value)
+    found.variable = name
+    return found
 
 
-def add_spec_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags every command takes to say what is migrated (they override ``--config``)."""
+def add_spec_flags(parser: argparse.ArgumentParser, *, migration_help: str | None = None) -> None:
+    """The flags every command takes to say what is migrated (they override ``--config``).
+    ``migration_help``: what ``--migration`` means to this command, when it means more."""
     g = parser.add_argument_group("what to migrate (flags override --config)")
     g.add_argument(
         "--config",
@@ -115,7 +128,8 @@ def add_spec_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--migration",
         default=env("EMBEDSHIFT_MIGRATION"),
-        help="routing key namespace/name (default: the manifest's, else default/<table>)",
+        help=migration_help
+        or "routing key namespace/name (default: the manifest's, else default/<table>)",
     )
     g.add_argument(
         "--price",

@@ -9,7 +9,7 @@ import signal
 import socket
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from embedshift_operator.cli.flags import (
     EF_SEARCH_HELP,
@@ -28,6 +28,7 @@ from rag_service.spec import API_VERSION, KIND, DataPlaneSpec
 
 if TYPE_CHECKING:
     from rag_service.providers.pricing import PriceTable
+    from rag_service.service import RecordWatch, ServiceSettings
 
 log = logging.getLogger("embedshift.serve")
 
@@ -41,14 +42,26 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "row's percentage (sticky per user). What it serves (the table, its id, text, category "
         "and v1 columns, both models) is what `embedshift migrate setup` recorded for "
         "--migration NAMESPACE/NAME, so DATABASE_URL, the migration and the API keys are all "
-        "it needs. A --config manifest replaces the record and the flags below override either; "
-        "without a record, --table, --source and --target name what to serve. GET /readyz is "
-        "the readiness probe (the database only). The guide's FF_* flags are honoured: "
+        "it needs. Until setup has recorded it, serve waits: it listens, GET /healthz answers, "
+        "GET /readyz is 503 saying what it waits for, and it serves the record as soon as it "
+        "appears (a NOTIFY from setup, or the next re-read). When setup records another data "
+        "plane for the key (a new target, table or source), serve switches to it between "
+        "requests. No --migration (nor --table) or no DATABASE_URL is an error at once (exit "
+        "2). A --config manifest replaces the record (and is not followed) and the flags "
+        "below override either; without a record, --table, --source and --target name what to "
+        "serve. GET /healthz is the liveness probe; GET /readyz the readiness probe (the "
+        "database, once there is a record). The guide's FF_* flags are honoured: "
         "FF_NEW_EMBEDDINGS_PERCENTAGE (start-up default), FF_ENABLE_GRADUAL_MIGRATION=false "
         "(pin v1), FF_USE_PARALLEL_RAG (shadow comparison), FF_ENABLE_PERFORMANCE_LOGGING, "
         "FF_ENABLE_QUERY_ANALYTICS. ALERT_WEBHOOK_SECRET enables POST /api/alerts/webhook.",
     )
-    add_spec_flags(serve)
+    add_spec_flags(
+        serve,
+        migration_help="the migration to serve, namespace/name (env EMBEDSHIFT_MIGRATION; "
+        "default: the manifest's, else default/<table>): serve reads what `embedshift migrate "
+        "setup` recorded for it, waits for that record (live, not ready) until setup has "
+        "written it, and switches when setup records another data plane for it",
+    )
     serve.add_argument(
         "--host",
         default=env("EMBEDSHIFT_HOST") or "127.0.0.1",
@@ -73,7 +86,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         type=interval,
         default=5.0,
         metavar="SECONDS",
-        help="re-read the routing row this often (a NOTIFY wakes it sooner)",
+        help="re-read the routing row this often, and the record while waiting for it (a "
+        "NOTIFY wakes it sooner)",
     )
     serve.add_argument("--ef-search", type=ef_search, metavar="N", help=EF_SEARCH_HELP)
     serve.add_argument(
@@ -111,10 +125,33 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 async def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from rag_service.service import ServiceSettings, create_app
+    from rag_service.service import create_app
 
-    spec, migration, url, prices = await resolve_recorded(args)
-    settings = ServiceSettings.from_env(
+    settings, watch = await _what_to_serve(args)
+    listener = _listen(args.host, args.port)
+    config = uvicorn.Config(
+        create_app(settings, watch=watch),
+        host=args.host,
+        port=args.port,
+        log_config=None,
+        access_log=False,
+    )
+    log.info("listening on http://%s:%d", args.host, args.port)
+    # uvicorn shuts down gracefully on SIGTERM, then restores the handler it found and raises
+    # the signal again: with the default one the process would die by it (exit -15) after a
+    # clean stop. A handler that does nothing makes that second delivery a no-op: exit 0, as
+    # Kubernetes expects of a graceful stop.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    await uvicorn.Server(config).serve(sockets=[listener])
+    return 0
+
+
+def _settings(
+    args: argparse.Namespace, spec: DataPlaneSpec, migration: str, url: str, prices: PriceTable
+) -> ServiceSettings:
+    from rag_service.service import ServiceSettings
+
+    return ServiceSettings.from_env(
         database_url=url,
         spec=spec,
         migration=migration,
@@ -128,42 +165,93 @@ async def _serve(args: argparse.Namespace) -> int:
         shadow_sample_rate=args.shadow_sample_rate,
         prices=prices,
     )
-    listener = _listen(args.host, args.port)
-    config = uvicorn.Config(
-        create_app(settings), host=args.host, port=args.port, log_config=None, access_log=False
+
+
+async def _what_to_serve(
+    args: argparse.Namespace,
+) -> tuple[ServiceSettings | None, RecordWatch | None]:
+    """The settings to start with (None: nothing recorded yet, or the database unreachable:
+    the service starts and waits), and how to follow the record (None with a --config
+    manifest, which replaces it). A flag, key or URL that is wrong or missing is a ConfigError
+    now: exit 2, nothing to wait for."""
+    from rag_service.schema import describe_url
+    from rag_service.service import RecordWatch
+
+    if _manifest_or_empty_key(args):
+        return _settings(args, *resolve(args)), None
+    key = _key(args)  # ConfigError without --migration (or --table)
+    recorded = False  # whether the last settings read came from a record
+
+    async def settings_now() -> ServiceSettings | None:
+        nonlocal recorded
+        found = await _resolve(args)
+        if found is None:
+            return None
+        resolved, recorded = found
+        return _settings(args, *resolved)
+
+    try:
+        # A ConfigError here (no DATABASE_URL, a bad flag, a record refused) is exit 2.
+        first = await settings_now()
+    except DatabaseUnavailable:
+        # Not a reason to crash-loop: the database may come up after the service (one chart).
+        # The service says so (log, /readyz) as it waits for the record.
+        first = None
+    if recorded:
+        log.info("serving what `embedshift migrate setup` recorded for %s; flags override it", key)
+    watch = RecordWatch(
+        settings=settings_now,
+        url=args.database_url,
+        migration=key,
+        waiting=f"waiting for `embedshift migrate setup` to record {key} in "
+        f"{describe_url(args.database_url)}",
+        reread_seconds=args.reread_seconds,
     )
-    log.info("listening on http://%s:%d", args.host, args.port)
-    # uvicorn shuts down gracefully on SIGTERM, then restores the handler it found and raises
-    # the signal again: with the default one the process would die by it (exit -15) after a
-    # clean stop. A handler that does nothing makes that second delivery a no-op: exit 0, as
-    # Kubernetes expects of a graceful stop.
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    await uvicorn.Server(config).serve(sockets=[listener])
-    return 0
+    return first, watch
+
+
+def _manifest_or_empty_key(args: argparse.Namespace) -> bool:
+    return bool(args.config or (args.migration is not None and not args.migration.strip()))
+
+
+def _key(args: argparse.Namespace) -> str:
+    """The migration key: --migration, else default/<--table>."""
+    if args.migration:
+        return str(args.migration)
+    if args.table:
+        return f"default/{TableName.parse(args.table, field='--table').name}"
+    raise ConfigError(
+        "--migration: which migration to serve? give --migration NAMESPACE/NAME (env "
+        "EMBEDSHIFT_MIGRATION), as `embedshift migrate setup` recorded it (or give "
+        "--table/--source/--target)"
+    )
 
 
 async def resolve_recorded(
     args: argparse.Namespace,
-) -> tuple[DataPlaneSpec, str, str, PriceTable]:
+) -> tuple[DataPlaneSpec, str, str, PriceTable] | None:
     """``resolve`` over what ``migrate setup`` recorded for the migration key: the record stands
-    where a manifest would, so --config-less flags override it exactly as they override one."""
-    from rag_service.rollout_row import read_recorded
-    from rag_service.schema import describe_url
+    where a manifest would, so --config-less flags override it exactly as they override one.
+    None when nothing is recorded and the flags do not name what to serve either; raises
+    DatabaseUnavailable when the record cannot be read (and the flags do not name it)."""
+    found = await _resolve(args)
+    return None if found is None else found[0]
 
-    if args.config or (args.migration is not None and not args.migration.strip()):
-        return resolve(args)  # a manifest is a whole spec; an empty flag is resolve's own line
+
+async def _resolve(
+    args: argparse.Namespace,
+) -> tuple[tuple[DataPlaneSpec, str, str, PriceTable], bool] | None:
+    """``resolve_recorded``, and whether a record was found."""
+    from rag_service.rollout_row import read_recorded
+
+    if _manifest_or_empty_key(args):
+        return resolve(args), False  # a manifest is a whole spec; an empty flag: resolve's line
     table = TableName.parse(args.table, field="--table") if args.table else None
-    key: str | None = args.migration or (f"default/{table.name}" if table else None)
+    key = _key(args)
     by_flags = bool(args.table and args.target)  # enough for resolve without a record
-    if key is None:
-        raise ConfigError(
-            "--migration: which migration to serve? give --migration NAMESPACE/NAME (env "
-            "EMBEDSHIFT_MIGRATION), as `embedshift migrate setup` recorded it (or give "
-            "--table/--source/--target)"
-        )
     if not args.database_url:
         if by_flags:
-            return resolve(args)  # its one line about DATABASE_URL
+            return resolve(args), False  # its one line about DATABASE_URL
         raise ConfigError(
             f"DATABASE_URL is not set: serve reads what `embedshift migrate setup` recorded for "
             f"{key} from the database; export DATABASE_URL=postgresql://user@host/db (or pass "
@@ -180,15 +268,9 @@ async def resolve_recorded(
         log.warning("%s; serving what the flags name", exc)
         recorded = None
     if recorded is None:
-        if by_flags:
-            return resolve(args)
-        raise ConfigError(
-            f"--migration {key}: nothing is recorded for it in {describe_url(args.database_url)}; "
-            f"run `embedshift migrate setup` for {key} first, or give --table/--source/--target"
-        )
-    log.info("serving what `embedshift migrate setup` recorded for %s; flags override it", key)
+        return (resolve(args), False) if by_flags else None
     namespace, _, name = key.rpartition("/")
-    manifest = {
+    manifest: dict[str, Any] = {
         "apiVersion": API_VERSION,
         "kind": KIND,
         "metadata": {"namespace": namespace or "default", "name": name},
@@ -199,7 +281,8 @@ async def resolve_recorded(
     with tempfile.TemporaryDirectory(prefix="embedshift-serve-") as folder:
         path = Path(folder) / "recorded.yaml"
         path.write_text(json.dumps(manifest))
-        return resolve(argparse.Namespace(**{**vars(args), "config": path, "migration": key}))
+        with_key = argparse.Namespace(**{**vars(args), "config": path, "migration": key})
+        return resolve(with_key), True
 
 
 def _listen(host: str, port: int) -> socket.socket:

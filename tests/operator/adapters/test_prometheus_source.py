@@ -398,7 +398,7 @@ async def test_headers_are_sent() -> None:
 @pytest.mark.parametrize(
     ("url", "bearer_token", "headers", "message"),
     [
-        ("http://prom:9090", "  \n", None, "bearer token is empty"),
+        ("http://prom:9090", "  \n", None, "bearer token cannot be sent: it is empty"),
         ("http://user:pw@prom:9090", "t0ken", None, "not both"),
         ("http://prom:9090", "t0ken", {"authorization": "Basic x"}, "not both"),
         ("prom:9090", None, None, "http:// or https://"),
