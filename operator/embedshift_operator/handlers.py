@@ -91,6 +91,7 @@ from rag_service.spec import SecretKeyRef
 
 __all__ = [
     "GROUP",
+    "HANDLER_IDS",
     "PLURAL",
     "USER_AGENT",
     "VERSION",
@@ -169,6 +170,13 @@ def _waker(key: str) -> asyncio.Event:
 # ---- kopf's settings and login ----------------------------------------------------------------
 
 
+# kopf keeps a handler's retries and progress in an annotation named after the handler's id
+# (ANNOTATION_PREFIX/<id>); by default the id is the function's name, and a name starting with
+# "_" is no valid annotation key: the real API server refuses the patch (422), so a deletion
+# that must wait for the database never finished. Explicit ids, valid annotation names.
+HANDLER_IDS = {"spec": "spec-changed", "loop": "rollout-loop", "delete": "route-zero-on-delete"}
+
+
 @kopf.on.startup()
 async def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     # kopf's own state in annotations, never in status: status is the resource's story only.
@@ -216,7 +224,7 @@ def _connection_info(configuration: client.Configuration) -> kopf.ConnectionInfo
 # ---- the per-resource loop ----------------------------------------------------------------------
 
 
-@kopf.on.field(GROUP, VERSION, PLURAL, field="spec")
+@kopf.on.field(GROUP, VERSION, PLURAL, field="spec", id=HANDLER_IDS["spec"])
 async def _spec_changed(namespace: str | None, name: str | None, **_: Any) -> None:
     """A spec edit wakes the loop at once (``maxPercentage: 0`` must not wait an interval)."""
     _waker(f"{namespace}/{name}").set()
@@ -238,7 +246,7 @@ async def _job_event(body: kopf.Body, namespace: str | None, **_: Any) -> None:
                 waker.set()
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=5.0)
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=5.0, id=HANDLER_IDS["loop"])
 async def _rollout_loop(
     namespace: str | None, name: str | None, stopped: kopf.DaemonStopped, **_: Any
 ) -> None:
@@ -254,7 +262,7 @@ async def _rollout_loop(
             _runtime.config.receiver.forget(key)
 
 
-@kopf.on.delete(GROUP, VERSION, PLURAL)
+@kopf.on.delete(GROUP, VERSION, PLURAL, id=HANDLER_IDS["delete"])
 async def _deleted(
     body: kopf.Body,
     namespace: str | None,

@@ -168,7 +168,10 @@ def test_no_secret_value_appears_in_anything_the_operator_writes(
             assert piece not in text, (
                 f"{piece!r} in {where}: {text[text.find(piece) - 300 :][:600]}"
             )
-    # Mended, the deletions finish (the finalizer routes 0 % where setup ever ran).
+    # Mended, the deletions finish: the finalizer, retrying with back-off while the URL was
+    # unusable, routes 0 % now. (Its retry state lives in an annotation named after the handler:
+    # the real server refused the name kopf took from the function, `_deleted`, so a deletion
+    # that had to wait never finished.)
     for i in range(len(database_urls(SENTINEL))):
         namespace.secret(f"db-{i}", database_url, replace=True)
 
