@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 import numpy as np
 
@@ -35,6 +35,7 @@ from rag_service.providers.base import Embeddings, Usage, Vectors, estimate_toke
 from rag_service.redaction import redact  # the one rule; re-exported for the providers
 
 __all__ = [
+    "MAX_SERVER_PAUSE_SECONDS",
     "Failure",
     "FailureKind",
     "LimiterStyle",
@@ -119,6 +120,11 @@ def parse_retry_after(headers: Mapping[str, str], *, now: float) -> float | None
     except (TypeError, ValueError, IndexError):
         return None
     return max(0.0, when.timestamp() - now)
+
+
+# The longest a server's Retry-After (or retry-after-ms, or retryDelay) pauses the pacer and a
+# retry: the providers' limits refill per minute, so a longer hint is an outage or an attack.
+MAX_SERVER_PAUSE_SECONDS: Final = 60.0
 
 
 @dataclass(frozen=True)
@@ -265,7 +271,7 @@ class RetryPolicy:
     # shares its key rides them out; only a key that stays saturated for long gives up.
     max_rate_limited: int = 50
     base_delay: float = 0.5
-    max_delay: float = 60.0
+    max_delay: float = MAX_SERVER_PAUSE_SECONDS
     jitter: bool = True
 
     @classmethod
@@ -275,10 +281,11 @@ class RetryPolicy:
 
     def delay(self, attempt: int, retry_after: float | None, rng: random.Random) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based). A server's
-        ``retry_after`` wins: it knows when its bucket has room and guessing shorter only earns
-        another 429. Pure given ``rng``."""
+        ``retry_after`` wins up to ``max_delay``: it knows when its bucket has room and guessing
+        shorter only earns another 429, but a ``Retry-After: 3600`` must not hold a search (or
+        a backfill's worker) for an hour. Pure given ``rng``."""
         if retry_after is not None and math.isfinite(retry_after):
-            return max(0.0, retry_after)
+            return min(self.max_delay, max(0.0, retry_after))
         ceiling = min(self.max_delay, self.base_delay * 2 ** max(0, attempt - 1))
         return rng.uniform(0.0, ceiling) if self.jitter else ceiling
 
@@ -884,18 +891,22 @@ class RateLimitPacer:
         if failure is not None:
             if failure.headers:
                 self._observe(permit, failure.headers)
+            # A server's pause, at most MAX_SERVER_PAUSE_SECONDS (a 3600 would stall all).
+            pause = (
+                None
+                if failure.retry_after is None
+                else min(failure.retry_after, MAX_SERVER_PAUSE_SECONDS)
+            )
             if failure.kind is FailureKind.RATE_LIMITED:
                 for limit in (self._tokens, self._requests):
                     if limit:
-                        limit.failed(failure.retry_after, now)
+                        limit.failed(pause, now)
                 if self.style is not LimiterStyle.WINDOW:
                     # Against a window a 429 is a matter of timing, which the margin learns;
                     # fewer requests in flight would only leave its room unused.
                     self._window = max(1.0, self._window / 2)
-                if failure.retry_after is not None:
-                    self._paused_until = max(
-                        self._paused_until, self._clock() + failure.retry_after
-                    )
+                if pause is not None:
+                    self._paused_until = max(self._paused_until, self._clock() + pause)
         self._finish(permit)
 
     # -- internals

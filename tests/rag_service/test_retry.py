@@ -18,6 +18,7 @@ import pytest
 
 from rag_service.errors import AuthenticationFailed, ProviderError, QuotaExceeded
 from rag_service.providers.retry import (
+    MAX_SERVER_PAUSE_SECONDS,
     Failure,
     FailureKind,
     LimiterStyle,
@@ -231,7 +232,8 @@ def test_redact(text: str, secrets: list[str], expected: str) -> None:
         (3, None, 2.0),
         (10, None, 60.0),  # capped
         (1, 7.5, 7.5),  # the server's word beats the backoff...
-        (9, 120.0, 120.0),  # ...even beyond the cap: earlier only earns another 429
+        (9, 120.0, 60.0),  # ...up to the cap: a Retry-After of hours must not hold a worker
+        (1, 3600.0, 60.0),
         (1, -1.0, 0.0),
     ],
 )
@@ -390,6 +392,18 @@ async def test_a_rate_limit_pauses_everyone_and_halves_concurrency() -> None:
     assert pacer.concurrency == 4
     await pacer.acquire(10)
     assert time.now == pytest.approx(5.0)
+
+
+async def test_a_retry_after_of_an_hour_pauses_the_pacer_a_minute_at_most() -> None:
+    time = FakeTime()
+    pacer = pacer_on(time, max_concurrency=8)
+    pacer.settle(await pacer.acquire(1), headers={}, actual_tokens=1)
+    permit = await pacer.acquire(10)
+    pacer.release(
+        permit, Failure(kind=FailureKind.RATE_LIMITED, detail="HTTP 429", retry_after=3600.0)
+    )
+    await pacer.acquire(10)
+    assert time.now == pytest.approx(MAX_SERVER_PAUSE_SECONDS)
 
 
 async def test_concurrency_window_blocks_until_a_request_finishes() -> None:
