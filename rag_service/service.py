@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import random
@@ -20,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 import psycopg
 from fastapi import FastAPI, Header, HTTPException, Query, Request
@@ -28,7 +29,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CollectorRegistry
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, Field, field_validator
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rag_service import alerts as alerts_module
 from rag_service.alerts import (
@@ -292,13 +293,20 @@ class Service:
             raise SearchFailed(f"{version.value}: database: {said}") from None
 
 
+MAX_BODY_BYTES: Final = 1024 * 1024  # searches are a few hundred bytes; Alertmanager's batches KiB
+
+
 def create_app(
     settings: ServiceSettings | None = None,
     *,
     registry: CollectorRegistry | None = None,
     watch: RecordWatch | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> FastAPI:
     """The ASGI app; the running data plane lives in ``app.state.service`` once started.
+
+    ``max_body_bytes``: a request body beyond it is refused with 413 before it is read whole or
+    parsed (a 40 MB search must not cost 40 MB and a JSON parse).
 
     ``settings``: what to serve from the start. ``watch``: follow what ``migrate setup`` records
     for the migration: with no ``settings``, the app starts anyway (``/healthz`` answers,
@@ -352,8 +360,73 @@ def create_app(
         lifespan=lifespan,
     )
     app.add_middleware(_PinService)
+    app.add_middleware(_BodyLimit, limit=max_body_bytes)  # added last: runs first
     _routes(app)
     return app
+
+
+class _BodyLimit:
+    """413 for a request body over ``limit`` bytes, before the app reads or parses any of it:
+    by its Content-Length when it has one, else by counting as it arrives (the body is then
+    handed to the app from memory, at most ``limit`` bytes of it)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None:
+            if not length.isdigit() or int(length) > self.limit:
+                await self._refuse(send, length.decode(errors="replace"))
+                return
+            await self.app(scope, receive, send)
+            return
+        if b"transfer-encoding" not in headers:
+            await self.app(scope, receive, send)  # no body
+            return
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            body += message.get("body", b"")
+            more = bool(message.get("more_body"))
+            if len(body) > self.limit:
+                await self._refuse(send, f"more than {len(body)}")
+                return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send: Send, length: str) -> None:
+        detail = (
+            f"the request body is {length} bytes; the limit is {self.limit} "
+            "(embedshift serve --max-body-bytes)"
+        )
+        payload = json.dumps({"detail": detail}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(payload)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})
 
 
 class _PinService:

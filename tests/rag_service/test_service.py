@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 
 import psycopg
@@ -19,7 +19,7 @@ from rag_service.prometheus import PrometheusClient
 from rag_service.providers.openai import OpenAIProvider
 from rag_service.routing import bucket
 from rag_service.schema import setup
-from rag_service.service import ServiceSettings
+from rag_service.service import MAX_BODY_BYTES, ServiceSettings
 from rag_service.spec import EmbeddingSpec
 from rag_service.testing import EmbeddingServer
 from rag_service.testing.corpus import corpus_spec, create_corpus
@@ -214,6 +214,28 @@ async def test_bad_input_is_a_422_that_names_the_field(world: World) -> None:
             assert response.status_code == 422, (body, response.text)
             locations = [detail["loc"][-1] for detail in response.json()["detail"]]
             assert field in locations, (body, response.json())
+
+
+async def test_a_body_over_the_limit_is_a_413_before_it_is_read(world: World) -> None:
+    """A 40 MB search must not be read whole and parsed before its 422: 413 by Content-Length,
+    or as a chunked body passes the limit; the service answers searches as before."""
+    big = b'{"query": "' + b"x" * (MAX_BODY_BYTES + 1) + b'"}'
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(big), 64 * 1024):
+            yield big[start : start + 64 * 1024]
+
+    async with serving(world.settings) as svc:
+        for content in (big, chunks()):
+            response = await svc.client.post(
+                "/api/rag/search", content=content, headers={"content-type": "application/json"}
+            )
+            assert response.status_code == 413, response.text
+            assert f"the limit is {MAX_BODY_BYTES}" in response.json()["detail"]
+        for path in ("/api/rag/search", "/api/alerts/webhook"):
+            response = await svc.client.post(path, content=big)
+            assert response.status_code == 413, (path, response.text)
+        assert (await search(svc.client))["results"]
 
 
 async def test_webhook_auth_and_the_guides_emergency(world: World) -> None:

@@ -35,6 +35,8 @@ log = logging.getLogger("embedshift.serve")
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``serve`` to the ``embedshift`` command line."""
+    from rag_service.service import MAX_BODY_BYTES
+
     serve = commands.add_parser(
         "serve",
         help="run the search service: routed v1/v2 search, metrics, emergency webhook",
@@ -91,6 +93,14 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     serve.add_argument("--ef-search", type=ef_search, metavar="N", help=EF_SEARCH_HELP)
     serve.add_argument(
+        "--max-body-bytes",
+        type=positive,
+        default=env("EMBEDSHIFT_MAX_BODY_BYTES") or str(MAX_BODY_BYTES),
+        metavar="N",
+        help=f"refuse a request body over N bytes with 413 before reading it (env "
+        f"EMBEDSHIFT_MAX_BODY_BYTES, default {MAX_BODY_BYTES})",
+    )
+    serve.add_argument(
         "--max-query-chars",
         type=positive,
         default=2000,
@@ -130,7 +140,7 @@ async def _serve(args: argparse.Namespace) -> int:
     settings, watch = await _what_to_serve(args)
     listener = _listen(args.host, args.port)
     config = uvicorn.Config(
-        create_app(settings, watch=watch),
+        create_app(settings, watch=watch, max_body_bytes=args.max_body_bytes),
         host=args.host,
         port=args.port,
         log_config=None,
