@@ -45,6 +45,7 @@ import contextlib
 import itertools
 import os
 import random
+import secrets
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -247,8 +248,12 @@ def serve_flags(source_dims: int) -> list[str]:
     return [
         "--table", TABLE, "--category-column", "category", "--source-column", "embedding",
         "--source", f"local:hash@{source_dims}", "--target", f"local:hash@{TARGET_DIMS}",
-        "--migration", MIGRATION,
+        "--migration", MIGRATION, "--allow-version-override",
     ]  # fmt: skip
+
+
+# The forced v2 searches below need the override's bearer token (the webhook's secret).
+BENCH_TOKEN = secrets.token_hex(16)
 
 
 # ---- the measurements ----------------------------------------------------------------------------
@@ -366,7 +371,7 @@ async def service_run(
         response = await service.clients[worker].post(
             "/api/rag/search",
             json={"query": query, "k": K},
-            headers={"X-Embedding-Version": "v2"},
+            headers={"X-Embedding-Version": "v2", "Authorization": f"Bearer {BENCH_TOKEN}"},
         )
         assert response.status_code == 200, response.text
         answer = response.json()
@@ -607,7 +612,9 @@ def main() -> None:
             recall_seconds = time.perf_counter() - started
             log = Path(tempfile.gettempdir()) / f"embedshift-bench-search-{os.getpid()}.log"
             service, base = start_serve(
-                serve_flags(args.source_dims), env={**os.environ, "DATABASE_URL": url}, log=log
+                serve_flags(args.source_dims),
+                env={**os.environ, "DATABASE_URL": url, "ALERT_WEBHOOK_SECRET": BENCH_TOKEN},
+                log=log,
             )
             print(f"service at {base} (log {log})", flush=True)
             try:

@@ -90,6 +90,13 @@ class ServiceMetrics:
             ["migration", "version", "outcome"],
             registry=registry,
         )
+        self._forced_searches = Counter(
+            "embedshift_search_forced_total",
+            "Searches that forced a version (X-Embedding-Version, for testing), by that version "
+            "and outcome: kept apart, never in the series the rollout's criteria read.",
+            ["migration", "version", "outcome", "forced"],
+            registry=registry,
+        )
         self._top_similarity = Histogram(
             "embedshift_search_top_similarity",
             "Similarity of the best hit of each search that found anything.",
@@ -186,6 +193,12 @@ class ServiceMetrics:
         self._search_duration.labels(self._migration, v).observe(seconds)
         if top_similarity is not None:
             self._top_similarity.labels(self._migration, v).observe(top_similarity)
+
+    def count_forced(self, *, version: Version | str, outcome: Outcome) -> None:
+        """One search that forced ``version``: counted here only (``forced="true"``)."""
+        if outcome not in OUTCOMES:
+            raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}; got {outcome!r}")
+        self._forced_searches.labels(self._migration, Version(version).value, outcome, "true").inc()
 
     def count_cache(self, *, version: Version | str, hit: bool) -> None:
         result = "hit" if hit else "miss"

@@ -67,19 +67,22 @@ def choose(
 ) -> Version:
     """The version that serves a request in ``bucket``. Pure.
 
-    A forced version (``X-Embedding-Version``, for testing) wins over everything, even an
-    emergency: whoever sets it asked for exactly that version. Otherwise an emergency or a
-    disabled gradual migration (``FF_ENABLE_GRADUAL_MIGRATION=false``) serves v1, and v2 serves
-    the buckets below ``percentage``. Raises ``ValueError`` for a bucket outside [0, 100) or a
+    An emergency serves v1, always: nothing bypasses it. Then a forced version
+    (``X-Embedding-Version``, for testing, when the service allows it) wins: whoever sets it
+    asked for exactly that version. Otherwise a disabled gradual migration
+    (``FF_ENABLE_GRADUAL_MIGRATION=false``) serves v1, and v2 serves the buckets below
+    ``percentage``. Raises ``ValueError`` for a bucket outside [0, 100) or a
     percentage outside [0, 100].
     """
     if not 0 <= bucket < BUCKETS:
         raise ValueError(f"bucket must be in [0, {BUCKETS}); got {bucket}")
     if not 0 <= percentage <= 100:
         raise ValueError(f"percentage must be in [0, 100]; got {percentage}")
+    if emergency:
+        return Version.V1
     if forced is not None:
         return forced
-    if emergency or not gradual_enabled:
+    if not gradual_enabled:
         return Version.V1
     return Version.V2 if bucket < percentage else Version.V1
 

@@ -117,6 +117,16 @@ class ServiceSettings:
     prices: PriceTable = field(default_factory=PriceTable)
     source_api_key: str | None = field(default=None, repr=False)
     target_api_key: str | None = field(default=None, repr=False)
+    # X-Embedding-Version forces a version for testing: off unless asked, and then only with
+    # the webhook's bearer token (a stranger must not steer which version is measured).
+    allow_version_override: bool = False
+
+    def __post_init__(self) -> None:
+        if self.allow_version_override and not self.webhook_secret:
+            raise ConfigError(
+                f"--allow-version-override needs {WEBHOOK_SECRET_ENV}: a request that forces "
+                "a version must carry it as its bearer token"
+            )
 
     @classmethod
     def from_env(
@@ -827,6 +837,22 @@ def _unprocessable(field: list[str], message: str) -> HTTPException:
     )
 
 
+def _may_force(settings: ServiceSettings, authorization: str | None) -> None:
+    """An ``X-Embedding-Version`` request is served only when the override is on and it carries
+    the bearer token: 403 / 401 otherwise, saying which."""
+    if not settings.allow_version_override or not settings.webhook_secret:
+        raise HTTPException(
+            403,
+            "X-Embedding-Version is off: start embedshift serve with --allow-version-override "
+            f"(and {WEBHOOK_SECRET_ENV}), then send its bearer token",
+        )
+    verdict = check_bearer(authorization, settings.webhook_secret)
+    if verdict == "missing":
+        raise HTTPException(401, "X-Embedding-Version needs Authorization: Bearer <token>")
+    if verdict == "wrong":
+        raise HTTPException(403, "wrong token")
+
+
 def _routes(app: FastAPI) -> None:
     def service_of(request: Request) -> Service:
         """The data plane this request is served by (see _PinService); 503 while there is
@@ -850,6 +876,8 @@ def _routes(app: FastAPI) -> None:
                 ["body", "query"],
                 f"query is {len(body.query)} characters; the limit is {settings.max_query_chars}",
             )
+        if x_embedding_version is not None:
+            _may_force(settings, request.headers.get("authorization"))
         try:
             forced = parse_forced(x_embedding_version)
         except ValueError as exc:
@@ -876,7 +904,8 @@ def _routes(app: FastAPI) -> None:
             service.breakers[version].record_success()
         except SearchFailed as exc:
             service.breakers[version].record_failure()
-            service.metrics.count_error(version=version.value, severity="error")
+            if forced is None:  # a forced request's failure is not v2's users' error
+                service.metrics.count_error(version=version.value, severity="error")
             log.warning("search failed: %s", exc)
             if version is Version.V2 and forced is None:
                 version, fallback = Version.V1, True
@@ -886,17 +915,18 @@ def _routes(app: FastAPI) -> None:
                 except SearchFailed as again:
                     service.breakers[version].record_failure()
                     log.error("v1 fallback failed too: %s", again)
-                    _observe(service, chosen, started, "error", None)
+                    _observe(service, chosen, started, "error", None, forced=forced is not None)
                     raise HTTPException(503, "search is unavailable; see the service log") from None
             else:
-                _observe(service, version, started, "error", None)
+                _observe(service, version, started, "error", None, forced=forced is not None)
                 raise HTTPException(
                     503, f"search on {version.value} is unavailable; see the service log"
                 ) from None
         # Counted under the version the user was routed to: a v2 request served by v1 is a v2
         # fallback, so v2's error rate and latency are what v2's users experienced.
         outcome: Outcome = "fallback" if fallback else "ok"
-        _observe(service, chosen, started, outcome, hits[0].similarity if hits else None)
+        top = hits[0].similarity if hits else None
+        _observe(service, chosen, started, outcome, top, forced=forced is not None)
         if service.shadow is not None and not fallback:
             service.shadow.maybe_submit(
                 ShadowJob(
@@ -1208,8 +1238,17 @@ def _models(service: Service) -> dict[str, tuple[str, str]]:
 
 
 def _observe(
-    service: Service, version: Version, started: float, outcome: Outcome, top: float | None
+    service: Service,
+    version: Version,
+    started: float,
+    outcome: Outcome,
+    top: float | None,
+    *,
+    forced: bool = False,
 ) -> None:
+    if forced:  # a test's request: never in the series the criteria judge v2 by
+        service.metrics.count_forced(version=version, outcome=outcome)
+        return
     service.metrics.observe_search(
         version=version.value,
         seconds=time.perf_counter() - started,

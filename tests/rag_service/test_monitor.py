@@ -22,6 +22,7 @@ from rich.console import Console
 from rag_service.migrate import RunOptions, run_migration
 from rag_service.monitor import render_snapshot
 from rag_service.providers.local import LocalProvider
+from rag_service.routing import bucket
 from rag_service.schema import setup
 from rag_service.service import ServiceSettings
 from rag_service.spec import DataPlaneSpec
@@ -128,12 +129,18 @@ async def test_monitor_reads_a_running_service(
     settings = ServiceSettings(
         database_url=world.url, spec=world.spec, migration=MIGRATION, reread_seconds=0.5
     )
+    # Users whose sticky bucket the 25 % route to v1, v2, v1 (a forced version would be
+    # counted apart, never in what the dashboard and the criteria read).
+    users = {
+        version: [u for u in (f"user-{i}" for i in range(400)) if _bucket_version(u) == version]
+        for version in ("v1", "v2")
+    }
     async with serving(settings) as svc:
-        for version in ("v1", "v2", "v1"):
+        for user in (users["v1"][0], users["v2"][0], users["v1"][1]):
             response = await svc.client.post(
                 "/api/rag/search",
                 json={"query": "pool opens at seven"},
-                headers={"X-Embedding-Version": version},
+                headers={"X-User-Id": user},
             )
             assert response.status_code == 200, response.text
         result = await cli_async(
@@ -154,6 +161,10 @@ async def test_monitor_reads_a_running_service(
         assert "circuit breakers" in text and "closed" in text
         assert "key metrics over 1h (from service)" in text
         assert "the service routes 25 % to v2" in text
+
+
+def _bucket_version(user: str) -> str:
+    return "v2" if bucket(migration=MIGRATION, key=user) < 25 else "v1"
 
 
 async def test_unreachable_service_is_reported_not_fatal(

@@ -136,11 +136,13 @@ def test_the_share_of_users_on_v2_is_the_percentage(percentage: int) -> None:
         # An emergency or a disabled gradual migration serves v1, whatever the percentage.
         (100, True, True, None, {Version.V1}),
         (100, False, False, None, {Version.V1}),
-        # A forced version wins over everything, even an emergency (a tester asked for it).
+        # A forced version wins over the percentage and the flag (a tester asked for it)...
         (0, False, True, Version.V2, {Version.V2}),
         (100, False, True, Version.V1, {Version.V1}),
-        (100, True, True, Version.V2, {Version.V2}),
         (0, False, False, Version.V2, {Version.V2}),
+        # ...never over an emergency: nothing bypasses it.
+        (100, True, True, Version.V2, {Version.V1}),
+        (0, True, False, Version.V2, {Version.V1}),
     ],
 )
 def test_choose_over_every_bucket(

@@ -302,12 +302,16 @@ def test_a_new_record_is_served_in_place_and_running_searches_finish(
     assert cli(capsys, "migrate", "setup", *before).code == 0
     assert cli(capsys, "migrate", "run", *before).code == 0
     log = tmp_path / "serve.log"
+    token = "a-test-token"  # the override needs the webhook's bearer token
     process, base = start_serve(
-        ["--migration", migration],
-        env=only_database_and_keys(database_url, embedding_api_key),
+        ["--migration", migration, "--allow-version-override"],
+        env={
+            **only_database_and_keys(database_url, embedding_api_key),
+            "ALERT_WEBHOOK_SECRET": token,
+        },
         log=log,
     )
-    forced_v2 = {"X-Embedding-Version": "v2"}
+    forced_v2 = {"X-Embedding-Version": "v2", "Authorization": f"Bearer {token}"}
     try:
         wait_healthy(process, base, log, path="/readyz")
         answers: list[httpx.Response] = []

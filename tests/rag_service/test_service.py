@@ -80,6 +80,7 @@ def world(database_url: str) -> Iterator[World]:
             breaker_failures=3,
             breaker_cooldown_seconds=1.0,
             max_query_chars=200,
+            allow_version_override=True,
         )
         yield World(url=database_url, api=api, settings=settings)
 
@@ -117,7 +118,9 @@ def users_in(version: str, percentage: int, count: int = 5) -> list[str]:
 
 
 async def search(client: object, query: str = "pool opening hours", **extra: object) -> dict:  # type: ignore[type-arg]
-    headers = extra.pop("headers", {})
+    headers = dict(extra.pop("headers", {}))  # type: ignore[call-overload]
+    if "X-Embedding-Version" in headers:  # the override needs the token
+        headers["Authorization"] = f"Bearer {SECRET}"
     response = await client.post(  # type: ignore[attr-defined]
         "/api/rag/search", json={"query": query, **extra}, headers=headers
     )
@@ -150,6 +153,34 @@ async def test_v1_at_zero_percent_and_forced_versions(world: World) -> None:
         )
         assert {r["category"] for r in filtered["results"]} == {"pricing"}
         assert len(filtered["results"]) == 10  # iterative scan keeps going past other categories
+
+
+async def test_a_forced_version_needs_the_override_and_the_token_and_never_beats_an_emergency(
+    world: World,
+) -> None:
+    """Strangers cannot steer what v2 is judged on: X-Embedding-Version is off unless serve
+    allows it, then needs the bearer token; an emergency serves v1 even to a forced request."""
+    body = {"query": "pool opening hours"}
+    v2 = {"X-Embedding-Version": "v2"}
+    async with serving(replace(world.settings, allow_version_override=False)) as svc:
+        off = await svc.client.post("/api/rag/search", json=body, headers=v2)
+        assert off.status_code == 403 and "--allow-version-override" in off.text, off.text
+    async with serving(world.settings) as svc:
+        bare = await svc.client.post("/api/rag/search", json=body, headers=v2)
+        assert bare.status_code == 401, bare.text
+        wrong = await svc.client.post(
+            "/api/rag/search", json=body, headers={**v2, "Authorization": "Bearer nope"}
+        )
+        assert wrong.status_code == 403, wrong.text
+        set_row(world.url, percentage=100, emergency=True)
+        await eventually(lambda: _in_emergency(svc), within=5.0)
+        assert (await search(svc.client, headers=v2))["version"] == "v1"
+    with pytest.raises(ConfigError, match="ALERT_WEBHOOK_SECRET"):
+        replace(world.settings, webhook_secret=None)
+
+
+async def _in_emergency(svc: Running) -> bool:
+    return bool(svc.app_service.follower.current.emergency)
 
 
 async def test_percentage_follows_the_routing_row_within_a_second(world: World) -> None:
@@ -210,6 +241,7 @@ async def test_bad_input_is_a_422_that_names_the_field(world: World) -> None:
             ({"query": "pool"}, {"X-Embedding-Version": "v3"}, "X-Embedding-Version"),
         ]
         for body, headers, field in cases:
+            headers = {**headers, "Authorization": f"Bearer {SECRET}"}  # for the override
             response = await svc.client.post("/api/rag/search", json=body, headers=headers)
             assert response.status_code == 422, (body, response.text)
             locations = [detail["loc"][-1] for detail in response.json()["detail"]]
@@ -360,13 +392,14 @@ async def test_searches_use_the_specs_ef_search_unless_overridden(world: World) 
 
 
 async def test_health_metrics_and_dashboard(world: World) -> None:
-    async with serving(replace(world.settings, webhook_secret=None)) as svc:
+    no_secret = replace(world.settings, webhook_secret=None, allow_version_override=False)
+    async with serving(no_secret) as svc:
         for version in ("v1", "v2"):
             health = await svc.client.get(f"/api/rag/{version}/health")
             assert health.status_code == 200, health.text
             assert health.json()["healthy"] is True
-        await search(svc.client, headers={"X-Embedding-Version": "v2"})
-        await search(svc.client, headers={"X-Embedding-Version": "v1"})
+        await search(svc.client)
+        await search(svc.client)
         text = (await svc.client.get("/metrics")).text
         for name in (
             "embedshift_search_duration_seconds_bucket",
@@ -401,10 +434,16 @@ async def test_prometheus_scrapes_the_contract_metrics(
     async with serving(world.settings) as svc:
         prom = prometheus(targets=[svc.url.removeprefix("http://")])
         await prom.wait_for_scrape_async()  # a sample before the traffic, so rate() sees it
+        # Users the routing row sends to each version (forced searches are counted apart).
+        set_row(world.url, percentage=50)
+        v1_user, v2_user = users_in("v1", 50, 1)[0], users_in("v2", 50, 1)[0]
+        await eventually(lambda: _at(svc, 50), within=5.0)  # the replica follows the row
         for i in range(10):
-            await search(svc.client, f"pool hours {i}", headers={"X-Embedding-Version": "v1"})
-            await search(svc.client, f"pool hours {i}", headers={"X-Embedding-Version": "v2"})
-            await search(svc.client, f"pool hours {i}", headers={"X-Embedding-Version": "v2"})
+            await search(svc.client, f"pool hours {i}", headers={"X-User-Id": v1_user})
+            await search(svc.client, f"pool hours {i}", headers={"X-User-Id": v2_user})
+            await search(svc.client, f"pool hours {i}", headers={"X-User-Id": v2_user})
+        forced = await search(svc.client, "forced", headers={"X-Embedding-Version": "v2"})
+        assert forced["version"] == "v2"
         await prom.wait_for_scrape_async(scrapes=2)
         this = f'migration="{MIGRATION}"'
         async with PrometheusClient(url=prom.url) as client:
@@ -414,7 +453,11 @@ async def test_prometheus_scrapes_the_contract_metrics(
                     f'sum by (version) (embedshift_search_requests_total{{{this},outcome="ok"}})'
                 )
             }
-            assert by_version == {"v1": 10.0, "v2": 20.0}
+            assert by_version == {"v1": 10.0, "v2": 20.0}  # the forced search is not in it
+            forced_count = await client.query_scalar(
+                f'sum(embedshift_search_forced_total{{{this},version="v2",forced="true"}})'
+            )
+            assert forced_count == 1.0
             for version in ("v1", "v2"):
                 p95 = await client.query_scalar(
                     metric_query(
@@ -426,7 +469,7 @@ async def test_prometheus_scrapes_the_contract_metrics(
                 f'sum(embedshift_query_cache_requests_total{{{this},version="v2",result="hit"}})'
             )
             assert hits == 10.0  # the second v2 search of each query was a hit
-            assert await client.query_scalar(f"embedshift_rollout_percentage{{{this}}}") == 0.0
+            assert await client.query_scalar(f"embedshift_rollout_percentage{{{this}}}") == 50.0
             breaker = f'embedshift_circuit_breaker_open{{{this},version="v2"}}'
             assert await client.query_scalar(breaker) == 0
             tokens = await client.query(
@@ -534,7 +577,8 @@ async def test_a_failure_without_fallback_is_a_503_that_leaks_nothing(world: Wor
         response = await svc.client.post(
             "/api/rag/search",
             json={"query": "a query nobody asked before"},
-            headers={"X-Embedding-Version": "v2"},  # forced: no fallback to v1
+            # forced: no fallback to v1
+            headers={"X-Embedding-Version": "v2", "Authorization": f"Bearer {SECRET}"},
         )
         assert response.status_code == 503
         body = response.text

@@ -93,6 +93,15 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     serve.add_argument("--ef-search", type=ef_search, metavar="N", help=EF_SEARCH_HELP)
     serve.add_argument(
+        "--allow-version-override",
+        action="store_true",
+        help="serve the X-Embedding-Version: v1|v2 header (it forces a version, for testing) "
+        "to requests that carry the webhook's bearer token (ALERT_WEBHOOK_SECRET, needed); "
+        "forced searches are counted apart (embedshift_search_forced_total), never in the "
+        "series the criteria read, and an emergency still serves v1. Default: off, the header "
+        "is answered 403",
+    )
+    serve.add_argument(
         "--max-body-bytes",
         type=positive,
         default=env("EMBEDSHIFT_MAX_BODY_BYTES") or str(MAX_BODY_BYTES),
@@ -174,6 +183,7 @@ def _settings(
         breaker_cooldown_seconds=args.breaker_cooldown,
         shadow_sample_rate=args.shadow_sample_rate,
         prices=prices,
+        allow_version_override=args.allow_version_override,
     )
 
 
