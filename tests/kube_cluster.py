@@ -66,7 +66,8 @@ def _free_port_pair() -> int:
     raise RuntimeError("no two adjacent free ports on 127.0.0.1")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
@@ -79,7 +80,7 @@ def control_plane(state: Path, script: Path | None = None) -> Iterator[Target]:
     env = {
         **os.environ,
         "KCP_STATE": str(state),
-        "KCP_API_PORT": str(_free_port()),
+        "KCP_API_PORT": str(free_port()),
         "KCP_ETCD_PORT": str(_free_port_pair()),
     }
     env.pop("KUBECONFIG", None)

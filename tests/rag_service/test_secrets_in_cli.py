@@ -6,7 +6,6 @@ usable one that cannot connect with one line (exit 1); neither quotes it."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 from rag_service.errors import EXIT_CONFIG, EXIT_PROVIDER_REFUSED, EXIT_RETRYABLE
 from rag_service.testing.corpus import create_corpus
 from tests.helpers import cli
+from tests.kube_cluster import free_port
 from tests.rag_service.test_redaction import PROBLEMS
 from tests.secret_shapes import database_urls, header_values, sentinel
 
@@ -65,7 +65,7 @@ def test_the_cli_never_quotes_an_api_key(
 def test_serve_never_quotes_a_database_url(shape: str, tmp_path: Path) -> None:
     env = {**os.environ, "DATABASE_URL": URLS[shape], "EMBEDSHIFT_MIGRATION": "rag/docs"}
     with subprocess.Popen(
-        [str(EMBEDSHIFT), "serve", "--port", str(_free_port())],
+        [str(EMBEDSHIFT), "serve", "--port", str(free_port())],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -81,12 +81,6 @@ def test_serve_never_quotes_a_database_url(shape: str, tmp_path: Path) -> None:
     if PROBLEMS[shape] is not None:
         assert process.returncode == EXIT_CONFIG, said
         assert "does not hold a usable PostgreSQL URL" in said, said
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_help_names_the_environment_never_its_values(
