@@ -22,7 +22,7 @@ decided here too: every test module of the directory collected, none of its test
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -279,3 +279,32 @@ def note_report(item: pytest.Item, report: pytest.TestReport, directory: Path) -
         record.failed.add(report.nodeid)
     elif report.when == "call" and report.passed:
         record.passed.add(report.nodeid)
+
+
+Hooks = tuple[
+    Callable[[pytest.Config, list[pytest.Item]], None],
+    Callable[[list[pytest.Item]], None],
+    Callable[..., Generator[None, pytest.TestReport, pytest.TestReport]],
+]
+
+
+def conftest_hooks(directory: Path) -> Hooks:
+    """The three hooks a directory's conftest needs for its ``test_api_calls.py`` check:
+    ``pytest_collection_modifyitems, pytest_deselected, pytest_runtest_makereport =
+    conftest_hooks(HERE)``."""
+
+    def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+        note_collection(config, items, directory)
+
+    def pytest_deselected(items: list[pytest.Item]) -> None:
+        note_deselected(items, directory)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        report = yield
+        note_report(item, report, directory)
+        return report
+
+    return pytest_collection_modifyitems, pytest_deselected, pytest_runtest_makereport

@@ -5,7 +5,7 @@ server's record lists."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -70,18 +70,6 @@ async def operator(cluster: Cluster, database_url: str) -> AsyncIterator[Operato
 # ---- what ran of the kube suite (for the check of api-calls.yaml) ---------------------------
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    api_calls.note_collection(config, items, HERE)
-
-
-def pytest_deselected(items: list[pytest.Item]) -> None:
-    api_calls.note_deselected(items, HERE)
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(
-    item: pytest.Item, call: pytest.CallInfo[None]
-) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    report = yield
-    api_calls.note_report(item, report, HERE)
-    return report
+pytest_collection_modifyitems, pytest_deselected, pytest_runtest_makereport = (
+    api_calls.conftest_hooks(HERE)
+)
