@@ -24,6 +24,9 @@ from datetime import datetime
 from enum import Enum
 from typing import Any, Literal
 
+from rag_service.errors import ConfigError
+from rag_service.redaction import header_value_problem
+
 # Ordered, mildest first: ``?severity=error`` means "error or worse".
 SEVERITIES = ("info", "warning", "error", "critical")
 # An Alertmanager alert without a severity label (it is only a convention there).
@@ -31,6 +34,22 @@ NO_SEVERITY = "none"
 # The environment variable holding the webhooks' bearer token: rag_service's and the operator's
 # receiver read the same one, so one Secret carries Alertmanager's token to both.
 WEBHOOK_SECRET_ENV = "ALERT_WEBHOOK_SECRET"  # noqa: S105 (a variable's name, not a secret)
+
+
+def webhook_secret(value: str | None) -> str | None:
+    """``ALERT_WEBHOOK_SECRET``'s value as the bearer token the webhooks compare; None when unset
+    or empty. A value no ``Authorization`` header can carry (a line break from ``echo`` into the
+    Secret, a control character, 64 KiB) could never match: a ``ConfigError`` saying what is
+    wrong in words of its own, never quoting the value. Pure."""
+    if not value:
+        return None
+    problem = header_value_problem(value)
+    if problem is not None:
+        raise ConfigError(
+            f"{WEBHOOK_SECRET_ENV} cannot be a bearer token: {problem}; put the token alone in "
+            "its Secret key (no newline) and restart"
+        )
+    return value
 
 
 class AlertStatus(str, Enum):

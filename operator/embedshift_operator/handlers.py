@@ -304,7 +304,14 @@ async def _deleted(
             ),
         )
     else:
-        kopf.info(body, reason="RoutedToV1", message="deleted: 0 % to v2; the data is kept")
+        # kopf.event, not kopf.info: info obeys posting.level, which keeps kopf's own log lines
+        # out of Events (WARNING), and so never posted this one.
+        kopf.event(
+            body,
+            type="Normal",
+            reason="RoutedToV1",
+            message="deleted: 0 % to v2; the data is kept",
+        )
     if metrics is not None:
         metrics.forget(resource.key)
 

@@ -457,3 +457,25 @@ def test_notes_tell_alertmanager_every_receiver() -> None:
     assert "http://es-embedshift-operator.rag.svc:8081/alerts" in notes
     assert "http://es-embedshift-operator-standby.rag.svc:8081/alerts" in notes
     assert "create secret generic embedshift-alert-webhook" in notes
+
+
+@pytest.mark.parametrize(
+    ("values", "budget"),
+    [
+        ({}, True),  # two replicas by default: a drain keeps one serving
+        ({"search.replicas": "1"}, False),  # minAvailable 1 of 1 would block every drain
+        ({"search.replicas": "1", "search.autoscaling.enabled": "true"}, True),  # minReplicas 2
+        (
+            {"search.autoscaling.enabled": "true", "search.autoscaling.minReplicas": "1"},
+            False,
+        ),
+        ({"search.podDisruptionBudget.enabled": "false"}, False),
+    ],
+)
+def test_a_disruption_budget_by_default_from_two_replicas_on(
+    values: dict[str, str], budget: bool
+) -> None:
+    budgets = of_kind(render(values), "PodDisruptionBudget")
+    assert bool(budgets) is budget, budgets
+    if budget:
+        assert budgets[0]["spec"]["minAvailable"] == 1

@@ -83,6 +83,33 @@ def test_serve_never_quotes_a_database_url(shape: str, tmp_path: Path) -> None:
         assert "does not hold a usable PostgreSQL URL" in said, said
 
 
+@pytest.mark.parametrize("shape", header_values(SENTINEL))
+@pytest.mark.parametrize(
+    "command", [["serve", "--port", "1"], ["operator", "run", "--namespace", "rag"]]
+)
+def test_a_webhook_token_no_header_can_carry_is_refused_unquoted(
+    shape: str, command: list[str], tmp_path: Path
+) -> None:
+    """Both webhooks compare ALERT_WEBHOOK_SECRET with what Alertmanager sends: a value no
+    header can carry never matches, so both refuse to start (before any database or cluster),
+    saying what is wrong without quoting it."""
+    env = {
+        **os.environ,
+        "ALERT_WEBHOOK_SECRET": header_values(SENTINEL)[shape],
+        "DATABASE_URL": "postgresql://app@127.0.0.1:1/rag",
+        "EMBEDSHIFT_MIGRATION": "rag/docs",
+        "KUBECONFIG": str(tmp_path / "none"),
+    }
+    done = subprocess.run(
+        [str(EMBEDSHIFT), *command], env=env, capture_output=True, text=True, timeout=60,
+        cwd=tmp_path, check=False,
+    )  # fmt: skip
+    said = done.stdout + done.stderr
+    assert SENTINEL not in said and SENTINEL[:8] not in said, said
+    assert done.returncode == EXIT_CONFIG, said
+    assert "ALERT_WEBHOOK_SECRET cannot be a bearer token" in said, said
+
+
 def test_help_names_the_environment_never_its_values(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from embedshift_operator.cli import cluster
 from embedshift_operator.cli.flags import duration, env, port_or_off, whole
 from rag_service.alerts import WEBHOOK_SECRET_ENV as TOKEN_ENV
+from rag_service.alerts import webhook_secret
 from rag_service.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -158,7 +159,7 @@ async def _run(args: argparse.Namespace) -> int:
 
     if not args.verbose:  # a line per probe and per scrape would bury the operator's own
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    token = env(TOKEN_ENV)
+    token = webhook_secret(env(TOKEN_ENV))
     if args.receiver_port and token is None and not args.receiver_insecure:
         raise ConfigError(
             f"{TOKEN_ENV} is not set: the alert receiver would take anyone's alerts. Set it "
