@@ -143,3 +143,10 @@ def test_a_database_url_in_the_environment_is_not_shown() -> None:
     assert result.code == 0, result.err
     assert "(env DATABASE_URL)" in result.out
     assert "s3cret-pw" not in result.out
+
+
+def test_every_help_prints_as_written(tree: list[Command]) -> None:
+    """argparse %-formats help strings: a bare "0 %" once printed abort's summary as a dump of
+    argparse's internals."""
+    broken = [c.name for c in tree if "option_strings" in c.parser.format_help()]
+    assert broken == []

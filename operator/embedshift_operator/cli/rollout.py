@@ -164,7 +164,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     ):
         p = actions.add_parser(
             action,
-            help=f"{summary} (on a cluster)",
+            help=f"{summary} (on a cluster)".replace("%", "%%"),  # argparse %-formats help
             description=f"{summary[0].upper()}{summary[1:]} on the EmbeddingMigration NAME "
             f"(a merge patch through the Kubernetes API). {CHANGE_DETAILS[action]}",
             epilog=cluster.GITOPS_NOTE,
