@@ -4,6 +4,9 @@ The page is one HTML file with inline CSS and JS (``rag_service/static/dashboard
 package resource): no build step, no external assets. Every 5 s it fetches the service's JSON:
 ``/api/monitoring/dashboard`` (per-version figures), ``/api/monitoring/circuit-breaker`` and
 ``/api/monitoring/rollout`` (below: the routing row, the rollout's phase, verdicts and events).
+Those need the service's bearer token (``ALERT_WEBHOOK_SECRET``): the page itself is public, and
+asks the user for the token (a password field, kept in the tab's sessionStorage only), sends it
+as ``Authorization: Bearer`` and says so when the service refuses it (401, 403, 503).
 
 Where the phase, verdicts and events come from: the local driver (``embedshift rollout run``)
 saves the resource's status in ``embedshift_rollout_status``, next to the routing row, and the

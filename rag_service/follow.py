@@ -23,8 +23,9 @@ would not be wrong, only wasteful: the catch-up is safe under concurrency.
 
 A lost database connection (an unreachable server, a restart, a failover) is logged as one line
 without the connection string's secrets and retried with capped exponential backoff; errors a
-retry cannot fix (setup not run, budget exceeded, an embedding API that keeps failing) end the
-follower with an EmbedshiftError, so the CLI exits non-zero and its supervisor restarts it.
+retry cannot fix (setup not run, a side table that holds another embedding identity's vectors,
+budget exceeded, an embedding API that keeps failing) end the follower with an EmbedshiftError,
+so the CLI exits non-zero and its supervisor restarts it.
 
 The command line (wired by the CLI package; this module parses no flags)::
 

@@ -54,6 +54,7 @@ from rag_service.schema import (
     Query,
     category_filter,
     check_categories,
+    check_side_table_identity,
     check_target_compatible,
     connect,
     first_line,
@@ -860,6 +861,9 @@ async def worker_session(
                     f"{table} does not exist: run `embedshift migrate setup` with the same "
                     "table and target first"
                 )
+        # Before the first read: the backfill skips rows whose hash matches, whichever
+        # model's vector holds it, so a table of another identity would look complete.
+        await check_side_table_identity(reader, layout)
         await check_target_compatible(reader, layout)
         options = replace(options, categories=tuple(dict.fromkeys(options.categories)))
         await check_options(reader, layout, options, prices or PriceTable())
@@ -957,6 +961,8 @@ async def plan_run(
         layout = await inspect_source(conn, spec)
         await check_options(conn, layout, options, prices)
         setup_done = await table_exists(conn, layout.target)
+        if setup_done:  # a table of another identity would count its rows as done
+            await check_side_table_identity(conn, layout)
         stale = (
             sql.SQL(
                 "NOT EXISTS (SELECT 1 FROM {tgt} t WHERE t.id = {sid} AND t.content_hash = {h})"

@@ -8,7 +8,8 @@ One snapshot gathers, each part on its own so one failing part does not hide the
   emergency flag and reason, and the *effective* percentage (0 during an emergency);
 - with ``--service-url``, a running ``embedshift serve``'s circuit breakers
   (``GET /api/monitoring/circuit-breaker``) and key metrics
-  (``GET /api/monitoring/dashboard?range=...``).
+  (``GET /api/monitoring/dashboard?range=...``), asked with the service's bearer token
+  (``ALERT_WEBHOOK_SECRET``): a refusal (401, 403, 503) is an error saying what to do.
 
 The snapshot is a JSON-ready dict (``--json`` prints it, one object per line and refresh);
 :func:`render_snapshot` turns it into rich renderables and is pure, so it renders a captured
@@ -35,10 +36,12 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from rag_service.alerts import WEBHOOK_SECRET_ENV
 from rag_service.criteria import DASHBOARD_METRICS
 from rag_service.errors import ConfigError, EmbedshiftError
 from rag_service.progress import migration_progress
 from rag_service.providers.pricing import PriceTable, spend_text
+from rag_service.redaction import redact
 from rag_service.rollout_row import read_row
 from rag_service.schema import ROLLOUT_TABLE, connect, first_line
 from rag_service.spec import DataPlaneSpec
@@ -92,11 +95,29 @@ async def _routing(url: str, spec: DataPlaneSpec, migration: str) -> dict[str, A
     }
 
 
-async def _get_json(client: httpx.AsyncClient, path: str, **params: str) -> Any:
+# What a refusal by the service means to the one running the monitor.
+_REFUSED = {
+    401: f"the service wants its bearer token: set {WEBHOOK_SECRET_ENV} to the service's "
+    "(or pass --service-token)",
+    403: f"the service refused the token: {WEBHOOK_SECRET_ENV} (or --service-token) is not the "
+    "service's",
+}
+
+
+async def _get_json(
+    client: httpx.AsyncClient, path: str, *, token: str | None = None, **params: str
+) -> Any:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        response = await client.get(path, params=params)
+        response = await client.get(path, params=params, headers=headers)
     except httpx.HTTPError as exc:
         raise ConnectionError(f"GET {path}: {first_line(exc) or type(exc).__name__}") from None
+    if response.status_code in _REFUSED:
+        raise ConnectionError(
+            f"GET {path}: HTTP {response.status_code}: {_REFUSED[response.status_code]}"
+        )
+    if response.status_code == 503:  # the service says why: no secret set, not serving yet
+        raise ConnectionError(f"GET {path}: HTTP 503: {_detail(response, token)}")
     if response.status_code != 200:
         raise ConnectionError(f"GET {path}: HTTP {response.status_code}")
     try:
@@ -105,14 +126,25 @@ async def _get_json(client: httpx.AsyncClient, path: str, **params: str) -> Any:
         raise ConnectionError(f"GET {path}: the answer is not JSON") from None
 
 
-async def _service(service_url: str, *, range_: str, http_timeout: float) -> dict[str, Any]:
+def _detail(response: httpx.Response, token: str | None) -> str:
+    """The service's own words (FastAPI's ``detail``), one line, never the token."""
+    try:
+        detail = response.json().get("detail")
+    except (ValueError, AttributeError):
+        detail = None
+    return redact(str(detail), [token]) if isinstance(detail, str) else "unavailable"
+
+
+async def _service(
+    service_url: str, *, range_: str, http_timeout: float, token: str | None = None
+) -> dict[str, Any]:
     """The service's breakers and dashboard; a part that fails is None, its error listed."""
     out: dict[str, Any] = {"url": service_url, "circuitBreaker": None, "dashboard": None}
     errors: list[str] = []
     async with httpx.AsyncClient(base_url=service_url, timeout=http_timeout) as client:
         answers: tuple[Any, ...] = await asyncio.gather(
-            _get_json(client, "/api/monitoring/circuit-breaker"),
-            _get_json(client, "/api/monitoring/dashboard", range=range_),
+            _get_json(client, "/api/monitoring/circuit-breaker", token=token),
+            _get_json(client, "/api/monitoring/dashboard", token=token, range=range_),
             return_exceptions=True,
         )
     for key, value in zip(("circuitBreaker", "dashboard"), answers, strict=True):
@@ -135,9 +167,12 @@ async def gather_snapshot(
     range_: str = "24h",
     http_timeout: float = SERVICE_TIMEOUT_SECONDS,
     prices: PriceTable | None = None,
+    service_token: str | None = None,
 ) -> dict[str, Any]:
     """One snapshot, JSON-ready. Failures are recorded under ``errors`` (part → one line), never
-    raised: a monitor must keep showing what it can while the database or service is down."""
+    raised: a monitor must keep showing what it can while the database or service is down.
+    ``service_token``: the bearer token the service's monitoring endpoints want (its
+    ``ALERT_WEBHOOK_SECRET``); sent to ``service_url`` only, never shown."""
     snapshot: dict[str, Any] = {
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
         "migration": migration,
@@ -161,7 +196,12 @@ async def gather_snapshot(
     ]
     if service_url:
         parts.append(
-            part("service", _service(service_url, range_=range_, http_timeout=http_timeout))
+            part(
+                "service",
+                _service(
+                    service_url, range_=range_, http_timeout=http_timeout, token=service_token
+                ),
+            )
         )
     await asyncio.gather(*parts)
     if snapshot["routing"] is None and "routing" not in errors:

@@ -4,7 +4,8 @@ What ``setup`` installs next to the user's source table (which is never rewritte
 
 - the **target side table** (one per source table and target model): source id → vector, content
   hash, model, category copy. Its id references the source with ``ON DELETE CASCADE``, so deleted
-  documents lose their vectors, and dropping the side table undoes everything.
+  documents lose their vectors, and dropping the side table undoes everything. Its comment
+  records the one embedding identity whose vectors it holds (:class:`SideTableIdentity`).
 - the **pending queue** and a trigger on the source: every insert, and every update of the text,
   upserts the id with a fresh ``seq`` and notifies ``FOLLOW_CHANNEL`` (wakes ``migrate follow``).
   Workers delete only the ``(id, seq)`` pairs they read, so a change that races a worker stays
@@ -16,12 +17,15 @@ What ``setup`` installs next to the user's source table (which is never rewritte
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import random
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
@@ -330,8 +334,15 @@ async def existing_vector_type(conn: psycopg.AsyncConnection[Any], layout: Layou
     return str(row[0]) if row else "missing"
 
 
-def setup_statements(layout: Layout, *, migration: str) -> list[Query]:
-    """The idempotent DDL ``setup`` runs, in order. Pure."""
+def setup_statements(
+    layout: Layout, *, migration: str, record_identity: bool = True
+) -> list[Query]:
+    """The idempotent DDL ``setup`` runs, in order. Pure.
+
+    ``record_identity``: write the side table's identity record; ``setup`` leaves it out when
+    the table already holds that very record, as ``COMMENT`` would queue behind a ``CREATE INDEX
+    CONCURRENTLY`` on the table for nothing.
+    """
     src = ident(layout.source)
     tgt = ident(layout.target)
     queue = ident(layout.queue)
@@ -356,6 +367,15 @@ def setup_statements(layout: Layout, *, migration: str) -> list[Query]:
             sid=sid,
             vtype=layout.vector_type,
             model=sql.Literal(layout.target_spec.descriptor),
+        ),
+        *(
+            [
+                sql.SQL("COMMENT ON TABLE {} IS {}").format(
+                    tgt, sql.Literal(side_table_identity(layout.target_spec).record())
+                )
+            ]
+            if record_identity
+            else []
         ),
         sql.SQL("CREATE SEQUENCE IF NOT EXISTS {}").format(ident(layout.queue_seq)),
         sql.SQL(
@@ -587,6 +607,184 @@ async def check_target_compatible(conn: psycopg.AsyncConnection[Any], layout: La
         )
 
 
+# ---- which embedding identity a side table belongs to -------------------------------------------
+
+# Marks a side table's comment as embedshift's identity record (and its format's version), so a
+# comment written by someone else is never read as one.
+_IDENTITY_MARK = "embedshiftSideTable"
+_IDENTITY_VERSION = 1
+_TEXT_DEFAULT = re.compile(r"^'((?:[^']|'')*)'::text$")
+
+SideTableState = Literal["new", "recorded", "adoptable"]
+
+
+@dataclass(frozen=True)
+class SideTableIdentity:
+    """What decides a target's vectors. The side table is named after the source table, model
+    name and dimensions only, so targets that differ in provider or endpoint (or whose names
+    slug alike) would share it and mix their vectors: each table records the one identity it
+    holds. Price and rate limits change no vector and are not part of it; the vector type is
+    read from the column itself (:func:`check_target_compatible`)."""
+
+    provider: str
+    model: str
+    dimensions: int
+    base_url_digest: str | None  # None: the provider's default endpoint
+
+    def readable(self) -> str:
+        endpoint = (
+            f"baseURL digest {self.base_url_digest}"
+            if self.base_url_digest is not None
+            else "the provider's default baseURL"
+        )
+        return f"{self.provider}:{self.model}@{self.dimensions} ({endpoint})"
+
+    def record(self) -> str:
+        """The JSON kept as the side table's comment (``obj_description``)."""
+        return json.dumps(
+            {
+                _IDENTITY_MARK: _IDENTITY_VERSION,
+                "provider": self.provider,
+                "model": self.model,
+                "dimensions": self.dimensions,
+                "baseURLDigest": self.base_url_digest,
+            },
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_record(cls, comment: str | None) -> SideTableIdentity | None:
+        """The identity a comment records; None when it is no identity record (an older
+        embedshift wrote none). ValueError for a record this version cannot read."""
+        try:
+            raw = json.loads(comment) if comment else None
+        except ValueError:
+            return None
+        if not isinstance(raw, dict) or _IDENTITY_MARK not in raw:
+            return None
+        digest = raw.get("baseURLDigest")
+        if (
+            raw[_IDENTITY_MARK] != _IDENTITY_VERSION
+            or not isinstance(raw.get("provider"), str)
+            or not isinstance(raw.get("model"), str)
+            or type(raw.get("dimensions")) is not int
+            or not (digest is None or isinstance(digest, str))
+        ):
+            raise ValueError("unreadable identity record")
+        return cls(raw["provider"], raw["model"], raw["dimensions"], digest)
+
+
+def side_table_identity(spec: EmbeddingSpec) -> SideTableIdentity:
+    """The identity of the vectors ``spec`` makes. Pure."""
+    return SideTableIdentity(
+        provider=spec.provider.value,
+        model=spec.model,
+        dimensions=spec.dimensions,
+        base_url_digest=_endpoint_digest(spec.base_url),
+    )
+
+
+def _endpoint_digest(base_url: str | None) -> str | None:
+    """A digest of the endpoint ``base_url`` names; the URL itself is never recorded, as it may
+    carry a password. Its userinfo is left out too (credentials change no vector, and a digest
+    of a password can be guessed offline), and so are a trailing slash and the case of scheme
+    and host, which name the same endpoint. Pure."""
+    if base_url is None:
+        return None
+    text = base_url.strip()
+    try:
+        parts = urlsplit(text)
+        host = parts.hostname or ""
+        netloc = (f"[{host}]" if ":" in host else host) + (
+            f":{parts.port}" if parts.port is not None else ""
+        )
+        text = urlunsplit(
+            (parts.scheme.lower(), netloc, parts.path.rstrip("/"), parts.query, parts.fragment)
+        )
+    except ValueError:  # an invalid port or IPv6 host: digested as written
+        pass
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+async def check_side_table_identity(
+    conn: psycopg.AsyncConnection[Any], layout: Layout
+) -> SideTableState:
+    """Refuse a side table that holds another embedding identity's vectors (nothing changed).
+
+    ``new``: the table does not exist yet. ``recorded``: it records this identity.
+    ``adoptable``: made by an older embedshift, which recorded none, and every sign of its
+    model (the ``model`` column's default and values) names this target's descriptor; ``setup``
+    records the identity then, the others use the table as it is.
+    """
+    wanted = side_table_identity(layout.target_spec)
+    cur = await conn.execute(
+        "SELECT c IS NOT NULL, obj_description(c, 'pg_class') FROM to_regclass(%s) AS c",
+        [layout.target.regclass_text],
+    )
+    exists, comment = await cur.fetchone() or (False, None)
+    if not exists:
+        return "new"
+    try:
+        recorded = SideTableIdentity.from_record(comment)
+    except ValueError:
+        raise SchemaRefused(
+            f"spec.target: {layout.target} records its embedding identity in a form this "
+            "version of embedshift cannot read (a newer one wrote it); use that version "
+            "(nothing was changed)"
+        ) from None
+    if recorded == wanted:
+        return "recorded"
+    if recorded is not None:
+        raise _identity_refused(layout, recorded.readable(), wanted)
+    other = await _unrecorded_model(conn, layout)
+    if other is None:
+        return "adoptable"
+    raise _identity_refused(
+        layout, f"{other} (made by an older embedshift, which recorded no baseURL)", wanted
+    )
+
+
+async def _unrecorded_model(conn: psycopg.AsyncConnection[Any], layout: Layout) -> str | None:
+    """The model, other than the target's descriptor, that an unrecorded side table's ``model``
+    column names in its default or any row; None when it names only the target's."""
+    descriptor = layout.target_spec.descriptor
+    cur = await conn.execute(
+        """
+        SELECT pg_get_expr(d.adbin, d.adrelid) FROM pg_attribute a
+        LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+        WHERE a.attrelid = to_regclass(%s) AND a.attname = 'model' AND NOT a.attisdropped
+        """,
+        [layout.target.regclass_text],
+    )
+    column = await cur.fetchone()
+    if column is None:
+        return "an unknown model (it has no model column)"
+    default = _TEXT_DEFAULT.match(column[0] or "")
+    if default is None:
+        return "an unknown model (its model column has no default)"
+    if default[1].replace("''", "'") != descriptor:
+        return default[1].replace("''", "'")
+    cur = await conn.execute(
+        sql.SQL("SELECT model FROM {} WHERE model IS DISTINCT FROM %s LIMIT 1").format(
+            ident(layout.target)
+        ),
+        [descriptor],
+    )
+    row = await cur.fetchone()
+    return None if row is None else str(row[0])
+
+
+def _identity_refused(layout: Layout, held: str, wanted: SideTableIdentity) -> SchemaRefused:
+    return SchemaRefused(
+        f"spec.target: side table {layout.target} holds vectors of {held}, not of this spec's "
+        f"target {wanted.readable()}; the two must not share it (it is named after the table, "
+        "model and dimensions only, so their vectors would mix). Set spec.target back to what "
+        f"the table holds, or, once no routing row sends searches to it, drop it (DROP TABLE "
+        f"{layout.target} CASCADE) and run `embedshift migrate setup` again (nothing was "
+        "changed)"
+    )
+
+
 async def check_routing_row(
     conn: psycopg.AsyncConnection[Any], layout: Layout, *, migration: str
 ) -> None:
@@ -624,13 +822,24 @@ async def setup(
     conn = await connect(url, autocommit=True)
     async with conn:
         layout = await inspect_source(conn, spec)
+        state = await check_side_table_identity(conn, layout)
         await check_target_compatible(conn, layout)
         await check_routing_row(conn, layout, migration=migration)
-        statements = setup_statements(layout, migration=migration)
+        statements = setup_statements(
+            layout, migration=migration, record_identity=state != "recorded"
+        )
         rendered = [s.as_string(conn) + ";" for s in statements]
         if dry_run:
             return rendered
         await run_with_lock_retry(conn, statements, what=f"setup of {layout.target}")
+        if state == "adoptable":
+            log.warning(
+                "setup: adopted %s, made by an older embedshift that recorded no embedding "
+                "identity: its model column names only %s, so it now records %s",
+                layout.target,
+                layout.target_spec.descriptor,
+                side_table_identity(layout.target_spec).readable(),
+            )
         log.info("setup: %s ready for %s (queue %s)", layout.target, layout.source, layout.queue)
         return rendered
 

@@ -24,7 +24,8 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Final
 
 import psycopg
-from fastapi import FastAPI, Header, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CollectorRegistry
 from psycopg_pool import AsyncConnectionPool
@@ -38,6 +39,7 @@ from rag_service.alerts import (
     check_bearer,
     is_emergency,
     parse_alerts,
+    webhook_secret,
 )
 from rag_service.breaker import BreakerState, CircuitBreaker
 from rag_service.criteria import PROMQL_RANGE
@@ -48,13 +50,20 @@ from rag_service.indexes import index_state
 from rag_service.metrics import Outcome, ServiceMetrics
 from rag_service.providers import EmbeddingProvider, api_key_from_env, make_provider
 from rag_service.providers.pricing import PriceTable
-from rag_service.query_cache import QueryCache, normalise_query
+from rag_service.query_cache import (
+    PRUNE_EVERY_SECONDS,
+    SHARED_MAX_ROWS,
+    SHARED_TTL_SECONDS,
+    QueryCache,
+    normalise_query,
+)
 from rag_service.rollout_row import RoutingFollower, declare_emergency, wake_on_notify
 from rag_service.routing import Version, choose, parse_forced, request_bucket
 from rag_service.schema import (
     ROLLOUT_STATUS_TABLE,
     ROLLOUT_TABLE,
     Layout,
+    check_side_table_identity,
     database_error_text,
     ident,
     inspect_source,
@@ -73,6 +82,13 @@ READY_TIMEOUT_SECONDS = 5.0
 DRAIN_SECONDS = 30.0
 # The ASGI scope key under which a request holds the Service it is served by, to its end.
 _PINNED = "embedshift.service"
+# Every search's deadline, end to end (``serve --search-timeout``): past it the user gets a 504
+# instead of a hung request. Above the query embedding's own give-up (5 s, one retry) and the
+# statement timeout, so those fail first and take the v1 fallback while there is time for it.
+SEARCH_TIMEOUT_SECONDS: Final = 10.0
+# Every statement the service runs (``serve --statement-timeout``): a search's, the query
+# cache's, the health checks' and the routing row's, set on each connection it opens.
+STATEMENT_TIMEOUT_SECONDS: Final = 5.0
 perf_log = logging.getLogger("embedshift.performance")
 analytics_log = logging.getLogger("embedshift.analytics")
 
@@ -113,6 +129,12 @@ class ServiceSettings:
     breaker_cooldown_seconds: float = 30.0
     cache_capacity: int = 10_000
     cache_ttl_seconds: float = 3600.0
+    # The shared query-cache table's bounds, and how often this replica prunes it.
+    query_cache_ttl_seconds: float = SHARED_TTL_SECONDS
+    query_cache_max_rows: int = SHARED_MAX_ROWS
+    query_cache_prune_seconds: float = PRUNE_EVERY_SECONDS
+    search_timeout_seconds: float = SEARCH_TIMEOUT_SECONDS
+    statement_timeout_seconds: float = STATEMENT_TIMEOUT_SECONDS
     pool_size: int = 10
     prices: PriceTable = field(default_factory=PriceTable)
     source_api_key: str | None = field(default=None, repr=False)
@@ -162,7 +184,7 @@ class ServiceSettings:
             "shadow_enabled": _flag(env, "FF_USE_PARALLEL_RAG", False),
             "performance_logging": _flag(env, "FF_ENABLE_PERFORMANCE_LOGGING", False),
             "query_analytics": _flag(env, "FF_ENABLE_QUERY_ANALYTICS", False),
-            "webhook_secret": env.get(WEBHOOK_SECRET_ENV) or None,
+            "webhook_secret": webhook_secret(env.get(WEBHOOK_SECRET_ENV)),
             "source_api_key": api_key_from_env(spec.source, "source", env),
             "target_api_key": api_key_from_env(spec.target, "target", env),
         }
@@ -213,7 +235,11 @@ class SearchRequest(BaseModel):
     k: int = Field(default=5, ge=1, le=100, description="How many results (1–100).")
     category: str | None = Field(default=None, description="Only results of this category.")
     min_similarity: float | None = Field(
-        default=None, ge=-1.0, le=1.0, description="Drop results below this cosine similarity."
+        default=None,
+        ge=-1.0,
+        le=1.0,
+        allow_inf_nan=False,  # NaN passes ge/le (every comparison with it is false)
+        description="Drop results below this cosine similarity.",
     )
 
     @field_validator("query")
@@ -221,6 +247,12 @@ class SearchRequest(BaseModel):
     def _not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("query must not be empty")
+        # JSON may escape half a surrogate pair ("\ud800"): a str no encoder, hash or
+        # database takes.
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("query must be Unicode text (it holds a lone surrogate)") from None
         return value
 
 
@@ -371,8 +403,25 @@ def create_app(
     )
     app.add_middleware(_PinService)
     app.add_middleware(_BodyLimit, limit=max_body_bytes)  # added last: runs first
+    app.add_exception_handler(RequestValidationError, _invalid_request)
     _routes(app)
     return app
+
+
+async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
+    """A 422 naming each field and what is wrong with it, never echoing the input: FastAPI's
+    own answer quotes it, which is a stranger's text sent back (a lone surrogate in it could
+    not even be encoded: a 500)."""
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    return JSONResponse(
+        {
+            "detail": [
+                {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type")}
+                for e in errors
+            ]
+        },
+        status_code=422,
+    )
 
 
 class _BodyLimit:
@@ -664,6 +713,7 @@ async def _start(
     assert spec.source is not None  # from_env refuses a spec without one
 
     async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
+        await limit_statements(conn, settings.statement_timeout_seconds)
         await configure_connection(conn, ef_search=ef_search_for(spec.target, settings.ef_search))
 
     # Before anything is opened: a missing key fails start-up with nothing to clean up.
@@ -723,7 +773,10 @@ async def _start(
             pool=pool,
             capacity=settings.cache_capacity,
             ttl_seconds=settings.cache_ttl_seconds,
+            shared_ttl_seconds=settings.query_cache_ttl_seconds,
+            shared_max_rows=settings.query_cache_max_rows,
             schema=spec.database.table_name.schema,
+            error_text=lambda exc: database_error_text(exc, settings.database_url),
         ),
         follower=follower,
         breakers={
@@ -741,6 +794,7 @@ async def _start(
         shadow=None,
         rng=random.Random(),
     )
+    service.cache.start(prune_every=settings.query_cache_prune_seconds)
     if settings.shadow_enabled:
         service.shadow = ShadowComparer(
             sample_rate=settings.shadow_sample_rate,
@@ -773,6 +827,18 @@ async def _start(
     return service
 
 
+async def limit_statements(conn: psycopg.AsyncConnection[Any], seconds: float) -> None:
+    """Every later statement of ``conn``'s session runs under ``statement_timeout``: past it the
+    server cancels it, and the caller sees a psycopg error (QueryCanceled), an error for that
+    request. A session SET (as ``configure_connection``'s), not libpq's ``options``, which
+    PgBouncer refuses."""
+    await conn.execute(
+        psycopg.sql.SQL("SET statement_timeout = {}").format(
+            psycopg.sql.Literal(max(1, round(seconds * 1000)))
+        )
+    )
+
+
 async def _layout(settings: ServiceSettings) -> Layout:
     """Resolve names from the catalog; if the database is down at start, from the spec alone."""
     try:
@@ -780,7 +846,11 @@ async def _layout(settings: ServiceSettings) -> Layout:
             settings.database_url, autocommit=True, connect_timeout=10
         )
         async with conn:
+            await limit_statements(conn, settings.statement_timeout_seconds)
             layout = await inspect_source(conn, settings.spec)
+            # Refused like any record it cannot serve: v2 queries embedded by this target must
+            # not be answered from another identity's vectors.
+            await check_side_table_identity(conn, layout)
             await _warn_unless_v2_ready(conn, layout)
             return layout
     except psycopg.OperationalError as exc:
@@ -825,7 +895,9 @@ async def _shadow_run(service: Service, job: ShadowJob) -> ShadowResult:
     started = time.perf_counter()
     request = SearchRequest(query=job.query, k=job.k, category=job.category)
     # Off the request path, but bounded: a hung v2 must not stall every later comparison.
-    hits, _ = await asyncio.wait_for(service.run_search(job.other_version, request), 10)
+    hits, _ = await asyncio.wait_for(
+        service.run_search(job.other_version, request), service.settings.search_timeout_seconds
+    )
     return ShadowResult.compare(
         job, other_ids=[h.id for h in hits], latency_seconds=time.perf_counter() - started
     )
@@ -853,15 +925,50 @@ def _may_force(settings: ServiceSettings, authorization: str | None) -> None:
         raise HTTPException(403, "wrong token")
 
 
+def _service_of(request: Request) -> Service:
+    """The data plane this request is served by (see _PinService); 503 while there is none:
+    the service waits for `embedshift migrate setup` to record what to serve."""
+    service: Service | None = request.scope.get(_PINNED)
+    if service is None:
+        shared: _Shared = request.app.state.shared
+        raise HTTPException(503, f"not serving yet: {shared.waiting or 'starting'}")
+    return service
+
+
+async def _with_token(
+    request: Request, authorization: Annotated[str | None, Header()] = None
+) -> Service:
+    """The data plane, for a request carrying ALERT_WEBHOOK_SECRET as its bearer token: the
+    one check of every endpoint that takes alerts or shows them, their labels or the rollout's
+    internals. Fails closed: with no secret set they are not served at all (503), without the
+    token 401, with another 403. Async: FastAPI would run a plain function in a thread."""
+    service = _service_of(request)
+    secret = service.settings.webhook_secret
+    what = f"{request.method} {request.url.path}"
+    if not secret:
+        raise HTTPException(
+            503,
+            f"{what} is off: {WEBHOOK_SECRET_ENV} is not set on the service, and it is served "
+            "only to requests carrying that secret as their bearer token",
+        )
+    verdict = check_bearer(authorization, secret)
+    if verdict == "missing":
+        raise HTTPException(
+            401,
+            f"{what} needs Authorization: Bearer <{WEBHOOK_SECRET_ENV}>",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    if verdict == "wrong":
+        raise HTTPException(403, f"{what}: wrong token")
+    return service
+
+
+# A route parameter: the request's data plane, once its bearer token checked (_with_token).
+WithToken = Annotated[Service, Depends(_with_token)]
+
+
 def _routes(app: FastAPI) -> None:
-    def service_of(request: Request) -> Service:
-        """The data plane this request is served by (see _PinService); 503 while there is
-        none: the service waits for `embedshift migrate setup` to record what to serve."""
-        service: Service | None = request.scope.get(_PINNED)
-        if service is None:
-            shared: _Shared = request.app.state.shared
-            raise HTTPException(503, f"not serving yet: {shared.waiting or 'starting'}")
-        return service
+    service_of = _service_of
 
     @app.post("/api/rag/search", response_model=SearchResponse)
     async def search_endpoint(
@@ -899,29 +1006,51 @@ def _routes(app: FastAPI) -> None:
         version, fallback = chosen, False
         if chosen is Version.V2 and forced is None and not service.breakers[Version.V2].allow():
             version, fallback = Version.V1, True
+        deadline = settings.search_timeout_seconds
         try:
-            hits, cache_hit = await service.run_search(version, body)
-            service.breakers[version].record_success()
-        except SearchFailed as exc:
-            service.breakers[version].record_failure()
-            if forced is None:  # a forced request's failure is not v2's users' error
-                service.metrics.count_error(version=version.value, severity="error")
-            log.warning("search failed: %s", exc)
-            if version is Version.V2 and forced is None:
-                version, fallback = Version.V1, True
+            # The whole search, the v1 fallback included, within one deadline: the embedding
+            # and the statement timeouts fail sooner (and fall back); this ends what hangs.
+            async with asyncio.timeout(deadline):
                 try:
                     hits, cache_hit = await service.run_search(version, body)
                     service.breakers[version].record_success()
-                except SearchFailed as again:
+                except SearchFailed as exc:
                     service.breakers[version].record_failure()
-                    log.error("v1 fallback failed too: %s", again)
-                    _observe(service, chosen, started, "error", None, forced=forced is not None)
-                    raise HTTPException(503, "search is unavailable; see the service log") from None
-            else:
-                _observe(service, version, started, "error", None, forced=forced is not None)
-                raise HTTPException(
-                    503, f"search on {version.value} is unavailable; see the service log"
-                ) from None
+                    if forced is None:  # a forced request's failure is not v2's users' error
+                        service.metrics.count_error(version=version.value, severity="error")
+                    log.warning("search failed: %s", exc)
+                    if version is not Version.V2 or forced is not None:
+                        _observe(service, chosen, started, "error", None, forced=forced is not None)
+                        raise HTTPException(
+                            503, f"search on {version.value} is unavailable; see the service log"
+                        ) from None
+                    version, fallback = Version.V1, True
+                    try:
+                        hits, cache_hit = await service.run_search(version, body)
+                        service.breakers[version].record_success()
+                    except SearchFailed as again:
+                        service.breakers[version].record_failure()
+                        log.error("v1 fallback failed too: %s", again)
+                        _observe(service, chosen, started, "error", None, forced=forced is not None)
+                        raise HTTPException(
+                            503, "search is unavailable; see the service log"
+                        ) from None
+        except TimeoutError:
+            # An error of the version it was running on, and of the request: counted as one.
+            service.breakers[version].record_failure()
+            if forced is None:
+                service.metrics.count_error(version=version.value, severity="error")
+            _observe(service, chosen, started, "error", None, forced=forced is not None)
+            log.warning(
+                "search on %s gave up at its deadline of %gs (--search-timeout)",
+                version.value,
+                deadline,
+            )
+            raise HTTPException(
+                504,
+                f"the search did not finish within its deadline of {deadline:g} s "
+                "(embedshift serve --search-timeout); try again",
+            ) from None
         # Counted under the version the user was routed to: a v2 request served by v1 is a v2
         # fallback, so v2's error rate and latency are what v2's users experienced.
         outcome: Outcome = "fallback" if fallback else "ok"
@@ -1052,16 +1181,14 @@ def _routes(app: FastAPI) -> None:
         return JSONResponse({"ready": True, "database": {"ok": True}})
 
     @app.get("/api/monitoring/circuit-breaker")
-    async def circuit_breaker(request: Request) -> dict[str, Any]:
-        service = service_of(request)
+    async def circuit_breaker(service: WithToken) -> dict[str, Any]:
         return {v.value: service.breakers[v].snapshot() for v in Version}
 
     @app.get("/api/monitoring/dashboard")
     async def dashboard(
-        request: Request,
+        service: WithToken,
         range_: Annotated[str, Query(alias="range", pattern=PROMQL_RANGE)] = "24h",
     ) -> dict[str, Any]:
-        service = service_of(request)
         settings = service.settings
         row = service.follower.current
         summary: dict[str, dict[str, float | None]]
@@ -1092,11 +1219,10 @@ def _routes(app: FastAPI) -> None:
         }
 
     @app.get("/api/monitoring/rollout")
-    async def rollout_view(request: Request) -> dict[str, Any]:
+    async def rollout_view(service: WithToken) -> dict[str, Any]:
         """The routing row this replica follows and, when the local driver runs the rollout,
         its phase, verdicts and recent transitions; recent alerts too. ``status`` is null when
         the kopf operator runs it (the status is on the resource) or nothing has run yet."""
-        service = service_of(request)
         settings = service.settings
         row = service.follower.current
         status: dict[str, Any] | None = None
@@ -1142,18 +1268,8 @@ def _routes(app: FastAPI) -> None:
         )
 
     @app.post("/api/alerts/webhook")
-    async def alert_webhook(
-        request: Request, authorization: Annotated[str | None, Header()] = None
-    ) -> dict[str, Any]:
-        service = service_of(request)
+    async def alert_webhook(request: Request, service: WithToken) -> dict[str, Any]:
         settings = service.settings
-        if not settings.webhook_secret:
-            raise HTTPException(503, "the webhook is disabled: ALERT_WEBHOOK_SECRET is not set")
-        verdict = check_bearer(authorization, settings.webhook_secret)
-        if verdict == "missing":
-            raise HTTPException(401, "missing Authorization: Bearer token")
-        if verdict == "wrong":
-            raise HTTPException(403, "wrong token")
         try:
             payload = await request.json()
         except ValueError:
@@ -1175,6 +1291,7 @@ def _routes(app: FastAPI) -> None:
                     settings.database_url, autocommit=True, connect_timeout=5
                 )
                 async with conn:
+                    await limit_statements(conn, settings.statement_timeout_seconds)
                     await declare_emergency(
                         conn,
                         table=service.layout.rollout,
@@ -1190,18 +1307,9 @@ def _routes(app: FastAPI) -> None:
 
     @app.get("/api/alerts/webhook")
     async def recent_alerts(
-        request: Request,
+        service: WithToken,
         severity: Annotated[str | None, Query()] = None,
-        authorization: Annotated[str | None, Header()] = None,
     ) -> dict[str, Any]:
-        service = service_of(request)
-        settings = service.settings
-        if settings.webhook_secret:  # the history is as private as what may post to it
-            verdict = check_bearer(authorization, settings.webhook_secret)
-            if verdict == "missing":
-                raise HTTPException(401, "missing Authorization: Bearer token")
-            if verdict == "wrong":
-                raise HTTPException(403, "wrong token")
         if severity is not None and severity not in alerts_module.SEVERITIES:
             raise _unprocessable(
                 ["query", "severity"],

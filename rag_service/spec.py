@@ -91,8 +91,15 @@ class SpecModel(BaseModel):
     written (``768.0``), as the API server reads it, and an integer is a number (``max: 0``).
     The operator's spec models build on it too, so both validators refuse the same values."""
 
+    # No NaN or infinity anywhere: JSON has neither, so the API server never passes one, but YAML
+    # (`.nan`) does, and NaN passes every bound (each comparison with it is false).
     model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True, strict=True
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+        strict=True,
+        allow_inf_nan=False,
     )
 
     @model_validator(mode="before")
@@ -166,7 +173,43 @@ class IndexSpec(SpecModel):
     )
 
 
-_SPEC_STRING = re.compile(r"^(?P<provider>[a-z]+):(?P<model>[A-Za-z0-9._\-/]+)@(?P<dims>\d+)$")
+# A model name as providers spell them (fine-tunes "ft:…:org::id", Azure deployments, "models/…"):
+# nothing that could break out of a PromQL label, a log line or the ``provider:model@dims`` form.
+MODEL_NAME = r"[A-Za-z0-9][A-Za-z0-9._:/-]*"  # no backslash: CEL takes it as written
+# Kubernetes' names (DNS-1123): an EmbeddingMigration's, and its namespace's. A migration key,
+# ``namespace/name``, is both: it is a routing row's key and a label value in every PromQL query.
+RESOURCE_NAME = r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?"
+NAMESPACE_NAME = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+
+
+def check_migration_key(value: str, *, field: str = "--migration") -> str:
+    """``value`` when it is ``namespace/name`` as Kubernetes spells them; ConfigError otherwise."""
+    namespace, _, name = value.partition("/")
+    if not (
+        re.fullmatch(NAMESPACE_NAME, namespace)
+        and len(namespace) <= 63
+        and re.fullmatch(RESOURCE_NAME, name)
+        and len(name) <= 253
+    ):
+        raise ConfigError(
+            f"{field}: the migration key must be namespace/name in lower-case letters, digits "
+            "and - (the name may also hold .), e.g. rag/docs-to-3-small"
+        )
+    return value
+
+
+# http(s) and printable ASCII only: no other scheme, no space, no line break to inject a header.
+BASE_URL = r"https?://[!-~]+"
+_SPEC_STRING = re.compile(rf"^(?P<provider>[a-z]+):(?P<model>{MODEL_NAME})@(?P<dims>\d+)$")
+
+
+_MODEL_NAME_FIX = (
+    "model must start with a letter or digit and hold only letters, digits and . _ : / -"
+)
+_BASE_URL_FIX = (
+    "baseURL must be an http:// or https:// URL of printable ASCII, without spaces or line "
+    "breaks (percent-encode them)"
+)
 
 
 def _model_rules() -> list[dict[str, str]]:
@@ -207,6 +250,7 @@ class EmbeddingSpec(SpecModel):
         max_length=128,
         description="Model name as the provider spells it, e.g. text-embedding-3-small or "
         "gemini-embedding-001.",
+        json_schema_extra=cel_rules(cel_rule(f"self.matches('^{MODEL_NAME}$')", _MODEL_NAME_FIX)),
     )
     dimensions: int = Field(
         ge=1,
@@ -223,6 +267,7 @@ class EmbeddingSpec(SpecModel):
         alias="baseURL",
         description="API endpoint instead of the provider's default (Azure OpenAI, an "
         "OpenAI-compatible server, a proxy).",
+        json_schema_extra=cel_rules(cel_rule(f"self.matches('^{BASE_URL}$')", _BASE_URL_FIX)),
     )
     index: IndexSpec = Field(
         default_factory=IndexSpec,
@@ -253,6 +298,20 @@ class EmbeddingSpec(SpecModel):
         description="The account's tokens-per-minute limit for this model, paced to from the "
         "first request (Google sends no rate-limit headers; OpenAI's are learned and win).",
     )
+
+    @field_validator("model")
+    @classmethod
+    def _model_name(cls, value: str) -> str:
+        if not re.fullmatch(MODEL_NAME, value):
+            raise ValueError(_MODEL_NAME_FIX)
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(BASE_URL, value):
+            raise ValueError(_BASE_URL_FIX)
+        return value
 
     @model_validator(mode="after")
     def _known_model_dimensions(self) -> EmbeddingSpec:
@@ -660,14 +719,26 @@ def yaml_error_message(exc: yaml.YAMLError) -> str:
     return text
 
 
+def read_yaml(path: Path, *, what: str) -> Any:
+    """The one YAML document in ``path``; every problem (unreadable, not UTF-8, not YAML, a
+    tag that would construct a Python object) is one ConfigError line starting with ``what``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{what}: {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8"
+        ) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what}: {path} is not valid YAML{yaml_error_message(exc)}") from None
+
+
 def load_resource(path: Path) -> EmbeddingMigrationResource:
     """Read an EmbeddingMigration manifest; every problem becomes one ConfigError line."""
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--config: {path} is not valid YAML{yaml_error_message(exc)}") from None
+    raw = read_yaml(path, what="--config")
     if not isinstance(raw, dict):
         raise ConfigError(f"--config: {path} must hold one EmbeddingMigration mapping")
     if raw.get("apiVersion") != API_VERSION or raw.get("kind") != KIND:

@@ -15,7 +15,7 @@ from psycopg import sql
 
 from rag_service.indexes import index_state, opclass
 from rag_service.progress import CategoryCounts, category_counts, count_rows, open_layout
-from rag_service.schema import Layout, connect, ident
+from rag_service.schema import Layout, check_side_table_identity, connect, ident
 from rag_service.search import ef_search_for
 from rag_service.spec import DataPlaneSpec
 
@@ -66,6 +66,8 @@ async def verify(
     conn = await connect(url, autocommit=True)
     async with conn:
         layout = await open_layout(conn, spec)
+        # Counts, norms and recall would pass on another identity's vectors: refused instead.
+        await check_side_table_identity(conn, layout)
         result = Verification(target=layout.migration_target)
         await _counts(conn, layout, result)
         await _vector_checks(conn, layout, result)

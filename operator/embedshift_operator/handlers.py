@@ -51,9 +51,10 @@ from embedshift_operator.adapters.kube import (
     read_secret,
 )
 from embedshift_operator.adapters.operator_metrics import OperatorMetrics
-from embedshift_operator.adapters.postgres import ControlStore
+from embedshift_operator.adapters.postgres import DEFAULT_STATEMENT_TIMEOUT, ControlStore
 from embedshift_operator.core import (
     Action,
+    Allowlist,
     AnalysisObservation,
     Decision,
     DropSource,
@@ -63,7 +64,10 @@ from embedshift_operator.core import (
     RunJob,
     SetPercentage,
     decide,
+    refusals,
+    settle_drop,
 )
+from embedshift_operator.core.allowlist import REFUSAL_REASONS
 from embedshift_operator.resource import (
     API_VERSION,
     GROUP,
@@ -124,6 +128,12 @@ class OperatorConfig:
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     # Seconds a deletion waits for an unreachable database before it lets go (see _deleted).
     deletion_timeout: float = 300.0
+    # Seconds each statement of the control loop may run (adapters.postgres); None: no limit.
+    statement_timeout: float | None = DEFAULT_STATEMENT_TIMEOUT
+    # The images the Jobs may run and the hosts the spec's URLs may name (core.allowlist); a
+    # spec outside is held with ImageNotAllowed/EndpointNotAllowed. `operator run` sets it from
+    # --allowed-image/--allowed-endpoint (default there: the operator's own image only).
+    allowlist: Allowlist = field(default_factory=Allowlist.unrestricted)
 
 
 @dataclass
@@ -282,7 +292,7 @@ async def _deleted(
     metrics = _runtime.config.metrics
     try:
         url = await _read_database_url(resource)
-        store = ControlStore(url=url, spec=resource.spec, migration=resource.key)
+        store = _store(resource, url)
         if await store.routing() is not None:  # None: setup never ran, nothing is routed
             await store.set_percentage(
                 SetPercentage(percentage=0, reason="the EmbeddingMigration was deleted")
@@ -323,8 +333,13 @@ class _Loop:
         self._namespace = namespace
         self._name = name
         self._key = f"{namespace}/{name}"
-        self._jobs = KubeJobs(_api(), operator_image=_runtime.config.operator_image)
-        self._checker = AnalysisChecker(migration=self._key, tls=_runtime.tls)
+        config = _runtime.config
+        self._jobs = KubeJobs(
+            _api(), operator_image=config.operator_image, allowlist=config.allowlist
+        )
+        self._checker = AnalysisChecker(
+            migration=self._key, tls=_runtime.tls, allowlist=config.allowlist
+        )
         self._failures = 0
 
     async def run(self, *, stopped: kopf.DaemonStopped) -> None:
@@ -369,7 +384,11 @@ class _Loop:
         interval = parse_duration(resource.spec.analysis.interval).total_seconds()
         if database_url is None:
             # Without the database Secret nothing can be done (a Job would wait for the Secret
-            # in a Pod that cannot start): hold the phase, report the problem, retry.
+            # in a Pod that cannot start): hold the phase, report the problem, retry. A refused
+            # spec's Warning (ImageNotAllowed…) is still said: the Ready condition says it too.
+            for event in decision.of_type(EmitEvent):
+                if event.reason in REFUSAL_REASONS:
+                    emit_event(resource=resource, action=event)
             await patch_status(
                 api=_api(),
                 namespace=self._namespace,
@@ -384,8 +403,9 @@ class _Loop:
             self._count_error("database")
             self._failures += 1
             return min(interval, _backoff(self._failures))
-        await self._act(resource=resource, decision=decision, database_url=database_url)
-        new_status = decision.status
+        new_status = await self._act(
+            resource=resource, decision=decision, database_url=database_url, now=now
+        )
         if resource.metadata.generation is not None:
             new_status = new_status.model_copy(
                 update={"observed_generation": resource.metadata.generation}
@@ -421,13 +441,15 @@ class _Loop:
     ) -> Observations:
         errors: list[str] = [secret_error] if secret_error else []
         status = resource.status
+        allowlist = _runtime.config.allowlist
+        refused = refusals(resource.spec, allowlist, operator_image=_runtime.config.operator_image)
 
         async def database_then_analysis() -> tuple[
             DatabaseReading | None, AnalysisObservation | None
         ]:
             reading = None
             if database_url is not None:
-                store = ControlStore(url=database_url, spec=resource.spec, migration=resource.key)
+                store = _store(resource, database_url)
                 reading = await read_database(store, with_progress=status.phase not in NO_PROGRESS)
             receiver = _runtime.config.receiver
             if not check_due(resource.spec, status, now) or (
@@ -437,6 +459,8 @@ class _Loop:
                 return reading, None
             token = None
             prometheus = resource.spec.analysis.prometheus
+            if prometheus is not None and not allowlist.url_allowed(prometheus.url):
+                return reading, None  # refused (EndpointNotAllowed): no token read, nothing sent
             if prometheus is not None and prometheus.bearer_token_secret_ref is not None:
                 with contextlib.suppress(ConfigError):
                     token = await read_secret(
@@ -464,16 +488,20 @@ class _Loop:
             alerts=receiver.firing(resource.key) if receiver is not None else (),
             routing=routing,
             database_error="; ".join(errors) or None,
+            refusals=refused,
         )
 
     async def _act(
-        self, *, resource: EmbeddingMigration, decision: Decision, database_url: str | None
-    ) -> None:
-        store = (
-            ControlStore(url=database_url, spec=resource.spec, migration=resource.key)
-            if database_url is not None
-            else None
-        )
+        self,
+        *,
+        resource: EmbeddingMigration,
+        decision: Decision,
+        database_url: str | None,
+        now: datetime,
+    ) -> EmbeddingMigrationStatus:
+        """Carry out the decision's actions; the status to write (a DROP's outcome changes it)."""
+        status = decision.status
+        store = _store(resource, database_url) if database_url is not None else None
         for action in decision.actions:
             try:
                 if isinstance(action, RunJob):
@@ -491,7 +519,11 @@ class _Loop:
                 elif isinstance(action, DropSource):
                     if store is None:
                         raise ConfigError("no database URL: the source column cannot be dropped")
-                    await store.drop_source(action.column)
+                    error = await store.drop_source(action.column)
+                    settled = settle_drop(resource.spec, status, action, error=error, now=now)
+                    status = settled.status
+                    for event in settled.of_type(EmitEvent):
+                        emit_event(resource=resource, action=event)
             except EmbedshiftError as exc:
                 # The next tick decides again from the same status: a failed action is retried.
                 self._count_error(_action_error_kind(action))
@@ -501,6 +533,7 @@ class _Loop:
                     type(action).__name__,
                     exc,
                 )
+        return status
 
     async def aclose(self) -> None:
         await self._checker.aclose()
@@ -572,6 +605,15 @@ async def _read_database_url(resource: EmbeddingMigration) -> str:
     where = f"the Secret {resource.metadata.namespace}/{ref.name} (key {ref.key!r})"
     check_database_url(url, source=where)
     return url
+
+
+def _store(resource: EmbeddingMigration, url: str) -> ControlStore:
+    return ControlStore(
+        url=url,
+        spec=resource.spec,
+        migration=resource.key,
+        statement_timeout=_runtime.config.statement_timeout,
+    )
 
 
 def _rollout_table(resource: EmbeddingMigration) -> str:

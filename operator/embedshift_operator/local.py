@@ -13,6 +13,10 @@ The second driver of the core (the kopf operator is the other). Every tick (abou
 4. saves the status in the database (``embedshift_rollout_status``), so a killed driver resumes
    exactly where it was; Jobs it started keep running without it and are adopted on rerun.
 
+Its own statements run under ``statement_timeout`` (``--statement-timeout``, see
+:mod:`.adapters.postgres`); its Jobs' do not. A cleanup DROP's outcome is recorded by
+:func:`embedshift_operator.core.settle_drop`, as the operator records it.
+
 Secret references resolve from the environment (``rag-db``/``url`` → ``RAG_DB_URL``), falling
 back to the usual variables: ``DATABASE_URL``, ``EMBEDSHIFT_TARGET_API_KEY`` / ``OPENAI_API_KEY`` /
 ``GEMINI_API_KEY``. Children get ``DATABASE_URL`` and ``EMBEDSHIFT_{TARGET,SOURCE}_API_KEY``.
@@ -34,7 +38,11 @@ from typing import Any, Protocol
 
 import psycopg
 
-from embedshift_operator.adapters.postgres import ControlStore
+from embedshift_operator.adapters.postgres import (
+    DEFAULT_STATEMENT_TIMEOUT,
+    ControlStore,
+    control_conninfo,
+)
 from embedshift_operator.adapters.subprocess_jobs import SubprocessJobs
 from embedshift_operator.core import (
     Decision,
@@ -46,6 +54,7 @@ from embedshift_operator.core import (
     RunJob,
     SetPercentage,
     decide,
+    settle_drop,
 )
 from embedshift_operator.resource import (
     EmbeddingMigration,
@@ -154,6 +163,7 @@ class LocalDriver:
         tick_seconds: float = 1.0,
         until: frozenset[Phase] = frozenset(),
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        statement_timeout: float | None = DEFAULT_STATEMENT_TIMEOUT,
     ) -> None:
         self._path = path
         self._view = view
@@ -163,6 +173,7 @@ class LocalDriver:
         self._tick = tick_seconds
         self._until = until
         self._clock = clock
+        self._statement_timeout = statement_timeout
         self._resource = load_migration(path)  # a broken file at start is the user's error
         self._env = resolve_environment(self._resource, self._environ)
         # One runner for the driver's life: it keeps the processes it started, to reap them.
@@ -183,14 +194,22 @@ class LocalDriver:
 
     def _store(self) -> ControlStore:
         return ControlStore(
-            url=self._env.database_url, spec=self._resource.spec, migration=self.key
+            url=self._env.database_url,
+            spec=self._resource.spec,
+            migration=self.key,
+            statement_timeout=self._statement_timeout,
         )
+
+    def _control_url(self) -> str:
+        """The database as the driver's own statements reach it: under the statement timeout.
+        The Jobs get the URL as it is (``Environment.children``)."""
+        return control_conninfo(self._env.database_url, self._statement_timeout)
 
     def _make_runner(self) -> SubprocessJobs:
         key = self.key
         log_dir = self._log_dir or Path.home() / ".local/state/embedshift" / key.replace("/", "_")
         return SubprocessJobs(
-            url=self._env.database_url,
+            url=self._control_url(),
             migration=key,
             schema=self._resource.spec.database.table_name.schema,
             command=self._command,
@@ -239,14 +258,14 @@ class LocalDriver:
         decision = decide(
             self._resource.spec, status, observations, now, name=self._resource.metadata.name
         )
-        await self._act(decision, now)
+        status = await self._act(decision, now)
         try:
-            await self._store().save_status(decision.status)
+            await self._store().save_status(status)
         except DatabaseError as exc:
             self._view.warn(f"status not saved this tick ({exc}); retrying next tick")
-        self._status = decision.status
-        self._view.update(self._resource, decision.status)
-        return decision.status
+        self._status = status
+        self._view.update(self._resource, status)
+        return status
 
     def _reload(self) -> None:
         try:
@@ -291,7 +310,9 @@ class LocalDriver:
             database_error="; ".join(errors) or None,
         )
 
-    async def _act(self, decision: Decision, now: datetime) -> None:
+    async def _act(self, decision: Decision, now: datetime) -> EmbeddingMigrationStatus:
+        """Carry out the decision's actions; the status to save (a DROP's outcome changes it)."""
+        status = decision.status
         store = self._store()
         jobs = self._runner
         for action in decision.actions:
@@ -307,14 +328,19 @@ class LocalDriver:
                 elif isinstance(action, EmitEvent):
                     self._view.event(now, action.type, action.reason, action.message)
                 elif isinstance(action, DropSource):
-                    await store.drop_source(action.column)
+                    error = await store.drop_source(action.column)
+                    settled = settle_drop(self._resource.spec, status, action, error=error, now=now)
+                    status = settled.status
+                    for event in settled.of_type(EmitEvent):
+                        self._view.event(now, event.type, event.reason, event.message)
             except EmbedshiftError as exc:
                 # The next tick decides again from the same status: a failed action is retried.
                 self._view.warn(f"{type(action).__name__} failed: {exc}; retrying next tick")
+        return status
 
     async def _take_lock(self) -> None:
         """One driver per migration: a session advisory lock held for the driver's life."""
-        conn = await connect(self._env.database_url, autocommit=True)
+        conn = await connect(self._control_url(), autocommit=True)
         key = int.from_bytes(hashlib.sha256(f"rollout:{self.key}".encode()).digest()[:8], "big")
         key -= 1 << 63 if key >= 1 << 63 else 0
         cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", [key])

@@ -9,7 +9,11 @@ the operator's own series from :mod:`embedshift_operator.adapters.operator_metri
 
 The alerts keep the ``migration`` label ("namespace/name"): the operator's receiver
 (:func:`embedshift_operator.adapters.alerts.targets`) rolls that migration back when one of them
-is critical and firing. Only the rollback thresholds are critical, so an alert never rolls back
+is critical and firing. They keep the ``namespace`` label too (every rule aggregates
+``by (namespace, migration)``): the one the scrape attaches to each series (a ServiceMonitor's
+target's namespace), which the receiver requires to be the migration's
+(:func:`embedshift_operator.adapters.alerts.in_own_namespace`) unless it trusts alerts across
+namespaces. Only the rollback thresholds are critical, so an alert never rolls back
 what the operator's own analysis would keep; the success criteria page as warnings.
 """
 
@@ -63,6 +67,9 @@ MIN_REQUESTS: int = AnalysisSpec.model_fields["min_requests"].default
 FOLLOWER_LAG_SECONDS = 300
 # A label value selecting every migration: the rules aggregate by migration instead.
 _EVERY = "=~.+"
+# What every alert rule aggregates by: the migration, and the namespace the scrape attached (the
+# receiver accepts an alert for "ns/name" only with namespace="ns"; dropping it refuses them all).
+_KEEP = "namespace, migration"
 
 
 @dataclass(frozen=True)
@@ -147,15 +154,15 @@ _ALERTS: tuple[_Alert, ...] = (
 
 
 def _by_migration(query: str) -> str:
-    """A criterion's query for one migration, made to keep the ``migration`` label of every
-    migration: each ``sum`` aggregates by it. Raises if the query has a shape this does not
-    know, so a new template cannot silently lose the label."""
-    rewritten = query.replace("sum by (le) (", "sum by (le, migration) (").replace(
-        "sum(", "sum by (migration) ("
+    """A criterion's query for one migration, made to keep the ``namespace`` and ``migration``
+    labels of every migration: each ``sum`` aggregates by them. Raises if the query has a shape
+    this does not know, so a new template cannot silently lose the labels."""
+    rewritten = query.replace("sum by (le) (", f"sum by (le, {_KEEP}) (").replace(
+        "sum(", f"sum by ({_KEEP}) ("
     )
     unaggregated = "sum(" in rewritten or "sum by (le) (" in rewritten
-    if "vector(" in rewritten or unaggregated or "migration) (" not in rewritten:
-        raise ValueError(f"cannot aggregate by migration: {query}")
+    if "vector(" in rewritten or unaggregated or f"{_KEEP}) (" not in rewritten:
+        raise ValueError(f"cannot aggregate by namespace and migration: {query}")
     return rewritten
 
 
@@ -170,7 +177,7 @@ def _condition(criterion: CriterionDefault) -> str:
     limit = bound.limit()
     breach = "<" if bound.min is not None else ">"  # bounds are inclusive: equality passes
     traffic = _by_migration(requests_query(version="v2", migration=_EVERY, window=WINDOW))
-    return f"({value}) {breach} {limit:g}\nand on (migration)\n({traffic}) >= {MIN_REQUESTS}"
+    return f"({value}) {breach} {limit:g}\nand on ({_KEEP})\n({traffic}) >= {MIN_REQUESTS}"
 
 
 def _threshold_rule(alert: _Alert) -> dict[str, Any]:
@@ -196,10 +203,10 @@ def _threshold_rule(alert: _Alert) -> dict[str, Any]:
 def _lag_rule() -> dict[str, Any]:
     return {
         "alert": "EmbeddingFollowerLagging",
-        # max by migration: one alert per migration, whichever operator replica reported it
+        # max by migration: one alert per migration, whichever operator replica reported it (the
+        # operator's series carry the operator's namespace, the release's in the default install)
         "expr": (
-            "max by (migration) (embedshift_operator_follower_lag_seconds) "
-            f"> {FOLLOWER_LAG_SECONDS}"
+            f"max by ({_KEEP}) (embedshift_operator_follower_lag_seconds) > {FOLLOWER_LAG_SECONDS}"
         ),
         "for": "5m",
         "labels": {"severity": "warning"},
@@ -224,7 +231,7 @@ def _rollback_rule() -> dict[str, Any]:
     return {
         "alert": "EmbeddingMigrationRolledBack",
         "expr": (
-            "sum by (migration, reason) (increase(embedshift_operator_rollbacks_total"
+            f"sum by ({_KEEP}, reason) (increase(embedshift_operator_rollbacks_total"
             f'{{reason=~"{reasons}"}}[{WINDOW}])) > 0'
         ),
         "labels": {"severity": "warning"},

@@ -22,7 +22,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -52,6 +51,8 @@ from rag_service.spec import (
     KIND,
     MAX_HALFVEC_INDEX_DIMS,
     MAX_VECTOR_INDEX_DIMS,
+    NAMESPACE_NAME,
+    RESOURCE_NAME,
     DatabaseSpec,
     DataPlaneSpec,
     EmbeddingSpec,
@@ -60,8 +61,8 @@ from rag_service.spec import (
     SpecModel,
     cel_rule,
     cel_rules,
+    read_yaml,
     validation_message,
-    yaml_error_message,
 )
 
 # The API the resource is served under (the CRD, the operator and the CLI all address it so).
@@ -77,6 +78,7 @@ __all__ = [
     "AnalysisSpec",
     "AnalysisStatus",
     "CleanupSpec",
+    "CleanupStatus",
     "Condition",
     "ConditionType",
     "Criterion",
@@ -790,13 +792,16 @@ class ConditionType(str, Enum):
     # kstatus' abnormal-true condition: True while only a spec change moves the resource on
     # (Failed, RolledBack), so Flux and kstatus report it Failed rather than InProgress forever.
     STALLED = "Stalled"
+    # Only with cleanup.dropSource: True once the v1 column's DROP committed.
+    SOURCE_DROPPED = "SourceDropped"
 
 
 class Condition(_Status):
     """A standard Kubernetes condition."""
 
     type: ConditionType = Field(
-        description="Ready, Migrated, Verified, AnalysisPassing, RolledBack or Stalled."
+        description="Ready, Migrated, Verified, AnalysisPassing, RolledBack, Stalled or "
+        "SourceDropped (only with cleanup.dropSource)."
     )
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(description="CamelCase reason.")
@@ -828,6 +833,18 @@ class SpecHash(_Status):
     )
 
 
+class CleanupStatus(_Status):
+    """cleanup.dropSource's failed attempts since the last success: what its backoff counts."""
+
+    drop_failures: int = Field(
+        default=0, ge=0, description="Consecutive failed attempts to drop the v1 column."
+    )
+    last_failure_at: datetime | None = Field(
+        default=None, description="When the last attempt failed (the backoff counts from it)."
+    )
+    last_error: str = Field(default="", description="Why the last attempt failed.")
+
+
 class EmbeddingMigrationStatus(_Status):
     """``status``: everything the control plane decided and why, and every counter it needs."""
 
@@ -846,7 +863,13 @@ class EmbeddingMigrationStatus(_Status):
         "new Job names.",
     )
     source_dropped_at: datetime | None = Field(
-        default=None, description="When cleanup dropped the v1 column (dropSource only)."
+        default=None,
+        description="When cleanup's DROP of the v1 column committed (dropSource only).",
+    )
+    cleanup: CleanupStatus | None = Field(
+        default=None,
+        description="Failed attempts to drop the v1 column (dropSource only), retried with "
+        "backoff; absent until one fails, and again once one succeeds.",
     )
     migration: MigrationProgress = Field(
         default_factory=MigrationProgress, description="Re-embedding progress and Jobs."
@@ -874,8 +897,8 @@ class EmbeddingMigrationStatus(_Status):
 
 class Metadata(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
-    name: str = Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
-    namespace: str = Field(default="default", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    name: str = Field(min_length=1, max_length=253, pattern=f"^{RESOURCE_NAME}$")
+    namespace: str = Field(default="default", max_length=63, pattern=f"^{NAMESPACE_NAME}$")
     generation: int | None = None
     uid: str | None = None
     resource_version: str | None = Field(default=None, alias="resourceVersion")
@@ -945,12 +968,4 @@ def parse_migration(raw: Any, *, where: str) -> EmbeddingMigration:
 
 def load_migration(path: Path) -> EmbeddingMigration:
     """Read an EmbeddingMigration manifest from a YAML file (status in it, if any, is kept)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML{yaml_error_message(exc)}") from None
-    return parse_migration(raw, where=str(path))
+    return parse_migration(read_yaml(path, what="FILE"), where=str(path))

@@ -23,6 +23,7 @@ from embedshift_operator.core import (
     measure,
     plan_analysis,
 )
+from embedshift_operator.core.allowlist import Allowlist
 from embedshift_operator.resource import (
     EmbeddingMigrationSpec,
     EmbeddingMigrationStatus,
@@ -98,11 +99,19 @@ class NoPrometheus:
 class AnalysisChecker:
     """One migration's analysis checks; keeps its Prometheus client while URL and token hold.
 
-    ``tls``: the SSL context its clients use (one per process when many checkers run)."""
+    ``tls``: the SSL context its clients use (one per process when many checkers run);
+    ``allowlist``: the operator's (a Prometheus outside its endpoints is never asked)."""
 
-    def __init__(self, *, migration: str, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        migration: str,
+        tls: ssl.SSLContext | None = None,
+        allowlist: Allowlist | None = None,
+    ) -> None:
         self._migration = migration
         self._tls = tls
+        self._allowlist = allowlist
         self._source: MetricSource | None = None
         self._key: tuple[str | None, str | None] | None = None
 
@@ -119,7 +128,12 @@ class AnalysisChecker:
             await self.aclose()
             try:
                 self._source = (
-                    PrometheusSource(url=prometheus.url, bearer_token=token, tls=self._tls)
+                    PrometheusSource(
+                        url=prometheus.url,
+                        bearer_token=token,
+                        tls=self._tls,
+                        allowlist=self._allowlist,
+                    )
                     if prometheus
                     else NoPrometheus()
                 )

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from embedshift_operator import observability
-from embedshift_operator.adapters.alerts import DEFAULT_TTL, PATH, targets
+from embedshift_operator.adapters.alerts import DEFAULT_TTL, PATH, in_own_namespace, targets
 from rag_service.criteria import DEFAULT_ROLLBACK_THRESHOLDS, DEFAULT_SUCCESS_CRITERIA
 
 REPO = Path(__file__).resolve().parents[2]
@@ -22,6 +22,8 @@ RULES = REPO / "charts" / "embedshift" / "files" / "rules.yaml"
 UNIT_TESTS = Path(__file__).with_name("rules_test.yaml")
 ALERTMANAGER = REPO / "examples" / "alertmanager.yaml"
 _LABEL = re.compile(r"\{\{ \$labels\.(\w+) \}\}")
+# The label lists of a PromQL expression's aggregations ("by (...)") and matchings ("on (...)").
+_GROUPING = re.compile(r"\b(by|on) \(([^)]*)\)")
 
 
 def _tool(name: str) -> str:
@@ -71,6 +73,18 @@ def test_thresholds_come_from_the_criteria_and_criticals_roll_back() -> None:
         assert "{{ $labels.migration }}" in rule["annotations"]["summary"]
 
 
+def test_every_alert_keeps_the_namespace_label() -> None:
+    """Every aggregation and matching keeps ``namespace`` next to ``migration``: an alert without
+    it is refused by the receiver (unless it trusts alerts across namespaces), so a rule that
+    drops it would never roll anything back."""
+    for name, rule in _rules().items():
+        groupings = _GROUPING.findall(rule["expr"])
+        assert groupings, (name, rule["expr"])
+        for keyword, labels in groupings:
+            kept = {label.strip() for label in labels.split(",")}
+            assert {"namespace", "migration"} <= kept, (name, keyword, labels)
+
+
 def _with_annotations(unit_tests: dict[str, Any]) -> dict[str, Any]:
     """promtool compares annotations too: take them from the rule, labels substituted."""
     rules = _rules()
@@ -79,8 +93,10 @@ def _with_annotations(unit_tests: dict[str, Any]) -> dict[str, Any]:
             annotations = rules[check["alertname"]]["annotations"]
             for alert in check.get("exp_alerts", []):
                 labels = alert["exp_labels"]
-                # what fires reaches the operator's receiver for that migration
+                # what fires reaches the operator's receiver for that migration, and passes its
+                # namespace check: the alert's namespace label is the migration's namespace
                 assert targets({k: str(v) for k, v in labels.items()}) == {labels["migration"]}
+                assert in_own_namespace(labels["migration"], labels), labels
                 filled = {k: _fill(v, labels) for k, v in annotations.items()}
                 assert not any("{{" in v for v in filled.values()), filled
                 alert["exp_annotations"] = filled

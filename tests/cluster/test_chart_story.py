@@ -537,7 +537,12 @@ def _observed(story: Story) -> bool:
 
 
 def _alert(key: str) -> dict[str, Any]:
-    labels = {"alertname": "EmbeddingV2ErrorRate", "migration": key, "severity": "critical"}
+    labels = {
+        "alertname": "EmbeddingV2ErrorRate",
+        "migration": key,
+        "namespace": key.partition("/")[0],  # the receiver takes alerts of its own namespace
+        "severity": "critical",
+    }
     return {
         "version": "4",
         "groupKey": '{}:{alertname="EmbeddingV2ErrorRate"}',

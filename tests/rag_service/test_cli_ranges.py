@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from embedshift_operator.cli import flags, main, rollout
+from embedshift_operator.cli import flags, main, operator, rollout
 from tests.helpers import cli, cli_subprocess
 from tests.rag_service.cli_tree import Command, leaves, long_flag, options
 
@@ -33,11 +33,19 @@ BAD: dict[Callable[[str], Any], tuple[str, ...]] = {
     flags.fraction: ("-0.1", "1.5", "nan", "inf", "high"),
     flags.ef_search: ("0", "-1", "1001", "99999999999999999999", "nan"),
     flags.duration: ("0s", "-5m", "5", "nan", "inf", "99999999999999h"),
+    flags.duration_or_off: ("-5m", "5", "nan", "inf", "99999999999999h"),
     flags.promql_range: ("0s", "-1h", "1.5h", "nan", "inf", "24"),
     flags.shard: ("2/2", "-1/2", "0/0", "1/-2", "1.5/2", "nan/2", "3"),
 }
-# Types that take no number: files, phase names.
-NOT_NUMERIC: set[Any] = {Path, flags.config_file, rollout._phases}
+# Types that take no number: files, phase names, migration keys, allowlist patterns.
+NOT_NUMERIC: set[Any] = {
+    Path,
+    flags.config_file,
+    flags.migration_key,
+    rollout._phases,
+    operator._image_pattern,
+    operator._endpoint_pattern,
+}
 
 
 def typed_flags() -> list[tuple[Command, argparse.Action]]:

@@ -10,12 +10,15 @@ refresh the screenshot in the docs; otherwise it goes to a temporary directory.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
 from pathlib import Path
@@ -55,6 +58,7 @@ from tests.service_harness import Running, serving
 TABLE = "page_docs"
 MIGRATION = "rag/page"
 SECRET = "page-webhook-s3cret"
+AUTH = {"Authorization": f"Bearer {SECRET}"}
 
 
 # ---- the browser ---------------------------------------------------------------------------------
@@ -67,9 +71,8 @@ def chromium() -> str:
     return found
 
 
-async def browse(url: str, *, tmp: Path, screenshot: Path | None = None) -> str:
-    """The DOM after the page's JS ran (``--virtual-time-budget`` lets its fetches finish), or
-    with ``screenshot`` a PNG of the page written there."""
+async def browse(url: str, *, tmp: Path) -> str:
+    """The DOM after the page's JS ran (``--virtual-time-budget`` lets its fetches finish)."""
     args = [
         chromium(),
         "--headless",
@@ -79,11 +82,8 @@ async def browse(url: str, *, tmp: Path, screenshot: Path | None = None) -> str:
         "--hide-scrollbars",
         f"--user-data-dir={tmp / 'profile'}",
         "--virtual-time-budget=4000",
+        "--dump-dom",
     ]
-    if screenshot is not None:
-        args += ["--window-size=1200,1300", f"--screenshot={screenshot}"]
-    else:
-        args.append("--dump-dom")
     process = await asyncio.create_subprocess_exec(
         *args,
         url,
@@ -96,38 +96,83 @@ async def browse(url: str, *, tmp: Path, screenshot: Path | None = None) -> str:
 
 
 class LivePage:
-    """A page left open in headless Chromium, read through the DevTools protocol (a websocket):
-    for what happens after the first load, which ``--dump-dom`` cannot see."""
+    """A page left open in headless Chromium, driven through the DevTools protocol (a
+    websocket): typed into as a user would, and read after its first load, which ``--dump-dom``
+    cannot see."""
 
     def __init__(self, ws: websockets.ClientConnection) -> None:
         self._ws = ws
         self._next = 0
 
-    async def text_of(self, element_id: str) -> str:
+    async def _call(self, method: str, **params: object) -> dict[str, object]:
         self._next += 1
-        expression = f"document.getElementById({json.dumps(element_id)}).textContent"
-        await self._ws.send(
-            json.dumps(
-                {
-                    "id": self._next,
-                    "method": "Runtime.evaluate",
-                    "params": {"expression": expression, "returnByValue": True},
-                }
-            )
-        )
+        await self._ws.send(json.dumps({"id": self._next, "method": method, "params": params}))
         while True:
             message = json.loads(await self._ws.recv())
             if message.get("id") == self._next:
-                result = message["result"]
-                # Before the page has loaded there is no such element yet: nothing shown.
-                if "exceptionDetails" in result:
-                    return ""
-                return str(result["result"]["value"])
+                result: dict[str, object] = message["result"]
+                return result
+
+    async def evaluate(self, expression: str) -> object:
+        """The value of a JavaScript expression in the page; None when it throws (before the
+        page has loaded, there is no such element yet: nothing shown)."""
+        result = await self._call("Runtime.evaluate", expression=expression, returnByValue=True)
+        if "exceptionDetails" in result:
+            return None
+        value = result["result"]
+        assert isinstance(value, dict)
+        return value.get("value")
+
+    async def text_of(self, element_id: str) -> str:
+        value = await self.evaluate(
+            f"document.getElementById({json.dumps(element_id)}).textContent"
+        )
+        return "" if value is None else str(value)
+
+    async def html(self) -> str:
+        return str(await self.evaluate("document.documentElement.outerHTML"))
+
+    async def enter_token(self, token: str) -> None:
+        """Type ``token`` into the page's token field and submit it, as a user does (once the
+        page has loaded and refreshed: a user sees it first)."""
+        for _ in range(400):
+            if await self.evaluate("document.body.dataset.state"):
+                break
+            await asyncio.sleep(0.05)
+        typed = await self._call(
+            "Runtime.evaluate",
+            expression=f"document.getElementById('token').value = {json.dumps(token)};"
+            " document.getElementById('token-form').requestSubmit();",
+        )
+        assert "exceptionDetails" not in typed, typed
+
+    async def wait_for_state(self, state: str, *, within: float = 20.0) -> None:
+        """Until the page's last refresh ended in ``state`` (``document.body.dataset.state``)."""
+        seen: object = None
+        for _ in range(int(within / 0.05)):
+            seen = await self.evaluate("document.body.dataset.state")
+            if seen == state:
+                return
+            await asyncio.sleep(0.05)
+        said = await self.text_of("error")
+        raise AssertionError(f"the page never reached {state!r} (last {seen!r}: {said!r})")
+
+    async def screenshot(self, path: Path) -> None:
+        shot = await self._call(
+            "Page.captureScreenshot",
+            format="png",
+            captureBeyondViewport=True,
+            clip={"x": 0, "y": 0, "width": 1200, "height": 1300, "scale": 1},
+        )
+        data = shot["data"]
+        assert isinstance(data, str)
+        await asyncio.to_thread(path.write_bytes, base64.b64decode(data))
 
 
 @asynccontextmanager
 async def live_page(url: str, *, tmp: Path) -> AsyncIterator[LivePage]:
-    profile = tmp / "live-profile"
+    # A profile of its own: a second page must not read the first one's DevToolsActivePort.
+    profile = Path(tempfile.mkdtemp(prefix="live-profile-", dir=tmp))
     process = await asyncio.create_subprocess_exec(
         chromium(),
         "--headless",
@@ -135,6 +180,8 @@ async def live_page(url: str, *, tmp: Path) -> AsyncIterator[LivePage]:
         "--disable-gpu",
         "--no-first-run",
         "--remote-debugging-port=0",  # Chromium picks one and writes it to DevToolsActivePort
+        "--hide-scrollbars",
+        "--window-size=1200,1300",
         f"--user-data-dir={profile}",
         url,
         stdout=asyncio.subprocess.DEVNULL,
@@ -393,8 +440,8 @@ async def test_the_page_shows_what_the_apis_report(
         await traffic(svc)
         alert = await post_alert(svc.client, "HighLatency", "warning", "v2 p95 above 500 ms")
         assert alert.status_code == 200, alert.text
-        figures = (await svc.client.get("/api/monitoring/dashboard")).json()["versions"]
-        saved = await save_local_status(database_url, spec, figures)
+        figures = (await svc.client.get("/api/monitoring/dashboard", headers=AUTH)).json()
+        saved = await save_local_status(database_url, spec, figures["versions"])
 
         page = await svc.client.get("/dashboard")
         assert page.status_code == 200
@@ -403,10 +450,17 @@ async def test_the_page_shows_what_the_apis_report(
         assert "default-src 'none'" in page.headers["content-security-policy"]
         assert not re.search(r"""(src|href)=["']?(https?:)?//""", page.text)
 
-        dom = Dom(await browse(f"{svc.url}/dashboard", tmp=tmp_path))
-        dashboard = (await svc.client.get("/api/monitoring/dashboard")).json()
-        breakers = (await svc.client.get("/api/monitoring/circuit-breaker")).json()
-        rollout = (await svc.client.get("/api/monitoring/rollout")).json()
+        async with live_page(f"{svc.url}/dashboard", tmp=tmp_path) as live:
+            await live.wait_for_state("needs-token")  # nothing shown to a stranger
+            await live.enter_token(SECRET)
+            await live.wait_for_state("ok")
+            html = await live.html()
+            await live.screenshot(screenshot)
+        dom = Dom(html)
+        assert SECRET not in html  # the field is emptied once the token is taken
+        dashboard = (await svc.client.get("/api/monitoring/dashboard", headers=AUTH)).json()
+        breakers = (await svc.client.get("/api/monitoring/circuit-breaker", headers=AUTH)).json()
+        rollout = (await svc.client.get("/api/monitoring/rollout", headers=AUTH)).json()
 
         assert dom.body_attrs.get("data-loaded") == "true", "the page's JS did not finish"
         assert dom.by_id["error"] == ""
@@ -442,7 +496,6 @@ async def test_the_page_shows_what_the_apis_report(
         assert len(transitions) == 3
         assert any("HighLatency" in t for kind, t in dom.events if kind == "alert")
 
-        await browse(f"{svc.url}/dashboard", tmp=tmp_path, screenshot=screenshot)
         png = await asyncio.to_thread(screenshot.read_bytes)
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -456,17 +509,20 @@ async def test_without_a_local_status_the_page_says_where_the_rest_is(
         set_percentage(database_url, 25)
 
         async def followed() -> bool:
-            view = (await svc.client.get("/api/monitoring/rollout")).json()
+            view = (await svc.client.get("/api/monitoring/rollout", headers=AUTH)).json()
             return bool(view["routing"]["percentage"] == 25)
 
         for _ in range(100):
             if await followed():
                 break
             await asyncio.sleep(0.05)
-        view = (await svc.client.get("/api/monitoring/rollout")).json()
+        view = (await svc.client.get("/api/monitoring/rollout", headers=AUTH)).json()
         assert view["status"] is None and view["statusError"] is None
 
-        dom = Dom(await browse(f"{svc.url}/dashboard", tmp=tmp_path))
+        async with live_page(f"{svc.url}/dashboard", tmp=tmp_path) as live:
+            await live.enter_token(SECRET)
+            await live.wait_for_state("ok")
+            dom = Dom(await live.html())
         assert dom.by_id["percentage"] == "25"
         assert dom.by_id["phase"] == "unknown here"
         assert "kubectl describe embeddingmigration" in dom.by_id["status-note"]
@@ -485,6 +541,48 @@ async def test_the_page_reports_an_unreachable_api(tmp_path: Path) -> None:
     assert dom.by_id["percentage"] == "—"
 
 
+async def test_the_page_asks_for_the_token_and_says_when_it_is_refused(
+    database_url: str, spec: DataPlaneSpec, tmp_path: Path
+) -> None:
+    """The page is public, the rollout is not: it asks for the service's token (a password
+    field), keeps it in the tab's sessionStorage only, and says what is wrong when the service
+    refuses it: no token, a wrong one, a service with no ALERT_WEBHOOK_SECRET."""
+    async with (
+        serving(settings_for(database_url, spec)) as svc,
+        live_page(f"{svc.url}/dashboard", tmp=tmp_path) as page,
+    ):
+        await page.wait_for_state("needs-token")
+        assert "needs the service's token" in await page.text_of("error")
+        assert await page.text_of("percentage") == "—"  # nothing of the rollout shown
+        assert await page.evaluate("document.getElementById('token').type") == "password"
+        await page.enter_token("not-the-secret")
+        await page.wait_for_state("wrong-token")
+        assert "refused this token" in await page.text_of("error")
+        await page.enter_token(SECRET)
+        await page.wait_for_state("ok")
+        assert await page.text_of("error") == ""
+        assert await page.text_of("token-state") == "token set for this tab"
+        kept = await page.evaluate(
+            "JSON.stringify([sessionStorage.getItem('embedshift.token'), localStorage.length,"
+            " document.cookie, location.href, document.getElementById('token').value])"
+        )
+        assert json.loads(str(kept)) == [SECRET, 0, "", f"{svc.url}/dashboard", ""]
+        await page.evaluate("document.getElementById('forget').click()")
+        await page.wait_for_state("needs-token")
+        assert await page.evaluate("sessionStorage.getItem('embedshift.token')") is None
+
+    no_secret = replace(settings_for(database_url, spec), webhook_secret=None)
+    async with (
+        serving(no_secret) as svc,
+        live_page(f"{svc.url}/dashboard", tmp=tmp_path) as page,
+    ):
+        await page.enter_token(SECRET)
+        await page.wait_for_state("unavailable")
+        said = await page.text_of("error")
+        assert said.startswith("The service does not show the rollout:")
+        assert "ALERT_WEBHOOK_SECRET is not set on the service" in said
+
+
 async def test_the_page_refreshes_itself_and_shows_an_emergency(
     database_url: str, spec: DataPlaneSpec, tmp_path: Path
 ) -> None:
@@ -501,6 +599,7 @@ async def test_the_page_refreshes_itself_and_shows_an_emergency(
                     await asyncio.sleep(0.075)
                 raise AssertionError(f"#{element_id} never showed {text!r}")
 
+            await page.enter_token(SECRET)
             await shows("percentage", "25")
             assert await page.text_of("emergency") == "no"
             alert = await post_alert(svc.client, "V2ErrorRate", "critical", "v2 errors above 5 %")

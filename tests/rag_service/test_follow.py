@@ -214,6 +214,9 @@ async def test_stop_finishes_the_batch_in_flight_and_a_later_run_finds_only_the_
     openai_provider: OpenAIFactory,
 ) -> None:
     spec = spec_for(corpus, OPENAI)
+    # The endpoint the vectors come from, as the command line's run below names it.
+    target = spec.target.model_copy(update={"base_url": embedding_server.openai_base_url})
+    spec = spec.model_copy(update={"target": target})
     await backfill(database_url, spec, openai_provider(dimensions=64))
     embedding_server.latency = 0.3  # a slow API: batches are still embedding when stop comes
     changed = 100

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +27,13 @@ from rag_service.schema import setup
 from rag_service.service import ServiceSettings
 from rag_service.spec import DataPlaneSpec
 from rag_service.testing.corpus import corpus_spec, create_corpus
-from tests.helpers import cli_async
+from tests.helpers import cli, cli_async
 from tests.helpers import flags as cli_flags
 from tests.service_harness import serving
 
 TABLE = "mon_docs"
 MIGRATION = "rag/mon"
+SECRET = "monitor-s3cret-token"
 DOCUMENTS = 90
 MIGRATED = 30
 ROOT = Path(__file__).resolve().parents[2]
@@ -124,10 +125,16 @@ async def test_emergency_shows_zero_effective_percentage(
 
 
 async def test_monitor_reads_a_running_service(
-    capsys: pytest.CaptureFixture[str], world: World
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, world: World
 ) -> None:
+    """With the service's token from ALERT_WEBHOOK_SECRET, as the monitor reads it by default."""
+    monkeypatch.setenv("ALERT_WEBHOOK_SECRET", SECRET)
     settings = ServiceSettings(
-        database_url=world.url, spec=world.spec, migration=MIGRATION, reread_seconds=0.5
+        database_url=world.url,
+        spec=world.spec,
+        migration=MIGRATION,
+        reread_seconds=0.5,
+        webhook_secret=SECRET,
     )
     # Users whose sticky bucket the 25 % route to v1, v2, v1 (a forced version would be
     # counted apart, never in what the dashboard and the criteria read).
@@ -161,6 +168,60 @@ async def test_monitor_reads_a_running_service(
         assert "circuit breakers" in text and "closed" in text
         assert "key metrics over 1h (from service)" in text
         assert "the service routes 25 % to v2" in text
+        assert SECRET not in result.out + result.err
+
+
+async def test_monitor_says_what_to_do_when_the_service_refuses_it(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, world: World
+) -> None:
+    """No token, a wrong one, a service without ALERT_WEBHOOK_SECRET: each a clear error (exit
+    code 1, the rest of the snapshot still shown), the token never printed."""
+    monkeypatch.delenv("ALERT_WEBHOOK_SECRET", raising=False)
+    settings = ServiceSettings(
+        database_url=world.url, spec=world.spec, migration=MIGRATION, webhook_secret=SECRET
+    )
+
+    async def service_error(url: str, *flags: str) -> str:
+        result = await cli_async(
+            capsys, "monitor", *world.flags, "--service-url", url, *flags, "--json"
+        )
+        assert result.code == 1, result.err
+        assert SECRET not in result.out + result.err and "wrong-one" not in result.out
+        snapshot = json.loads(result.out)
+        assert snapshot["routing"]["effectivePercentage"] == 25  # the rest is still there
+        assert snapshot["service"]["circuitBreaker"] is None
+        return str(snapshot["errors"]["service"])
+
+    async with serving(settings) as svc:
+        missing = await service_error(svc.url)
+        assert "GET /api/monitoring/circuit-breaker: HTTP 401" in missing
+        assert "the service wants its bearer token: set ALERT_WEBHOOK_SECRET" in missing
+        wrong = await service_error(svc.url, "--service-token", "wrong-one")
+        assert "HTTP 403: the service refused the token" in wrong
+        monkeypatch.setenv("ALERT_WEBHOOK_SECRET", SECRET)
+        right = await cli_async(capsys, "monitor", *world.flags, "--service-url", svc.url)
+        assert right.code == 0 and "circuit breakers" in right.out, right.out + right.err
+        assert SECRET not in right.out + right.err
+    async with serving(replace(settings, webhook_secret=None)) as svc:
+        off = await service_error(svc.url)
+        assert "HTTP 503" in off and "ALERT_WEBHOOK_SECRET is not set on the service" in off
+        text = await cli_async(capsys, "monitor", *world.flags, "--service-url", svc.url)
+        assert "ALERT_WEBHOOK_SECRET is not set on the service" in " ".join(text.out.split())
+
+
+def test_monitor_help_says_whether_the_token_is_set_never_what_it_is(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def shown() -> str:
+        with pytest.raises(SystemExit):
+            cli(capsys, "monitor", "--help")
+        return " ".join(capsys.readouterr().out.split())
+
+    monkeypatch.delenv("ALERT_WEBHOOK_SECRET", raising=False)
+    assert "(env ALERT_WEBHOOK_SECRET: unset)" in shown()
+    monkeypatch.setenv("ALERT_WEBHOOK_SECRET", SECRET)
+    text = shown()
+    assert "(env ALERT_WEBHOOK_SECRET: set)" in text and SECRET not in text
 
 
 def _bucket_version(user: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from rag_service.providers.local import LocalProvider
-from rag_service.query_cache import QueryCache
+from rag_service.query_cache import QueryCache, cache_key
 from rag_service.schema import QUERY_CACHE_TABLE, query_cache_table
 from rag_service.search import configure_connection
 
@@ -102,6 +103,92 @@ async def test_an_unreachable_database_costs_the_cache_not_the_answer() -> None:
     lookup = await cache.embed(provider, "anything")
     assert lookup.hit is False and lookup.vector.shape == (32,)
     assert (await cache.embed(provider, "anything")).hit is True  # memory still works
+    assert (await cache.prune()).failed  # pruning too degrades: logged, never raised
     await cache.aclose()
-    assert cache.shared_errors >= 2  # the failed read and the failed write, both logged
+    assert cache.shared_errors >= 3  # the failed read, write and prune, all logged
     await pool.close()
+
+
+# ---- the shared table's bounds: a TTL and a row cap --------------------------------------------
+
+
+def age_rows(url: str, *, older_than_now: dict[str, float]) -> None:
+    """Make the rows of the named queries as old as given (seconds): what time would do."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        for query, seconds in older_than_now.items():
+            conn.execute(
+                f"UPDATE {QUERY_CACHE_TABLE} SET created_at = now() - make_interval(secs => %s) "
+                "WHERE query_hash = %s",
+                [seconds, cache_key("local:hash@768", query)],
+            )
+
+
+def cached_queries(url: str, queries: list[str]) -> set[str]:
+    """Which of ``queries`` have a row in the shared table."""
+    keys = {cache_key("local:hash@768", q): q for q in queries}
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(f"SELECT query_hash FROM {QUERY_CACHE_TABLE}").fetchall()
+    return {keys[bytes(r[0])] for r in rows if bytes(r[0]) in keys}
+
+
+async def fill(pool: AsyncConnectionPool[Any], queries: list[str]) -> None:
+    writer = QueryCache(pool=pool)
+    provider = LocalProvider(model="hash", dimensions=768)
+    for query in queries:
+        await writer.embed(provider, query)
+    await writer.aclose()
+
+
+async def test_a_row_past_the_ttl_is_not_served_and_is_pruned(
+    pool: AsyncConnectionPool[Any], database_url: str
+) -> None:
+    queries = [f"opening hours of pool {i}" for i in range(8)]
+    await fill(pool, queries)
+    expired, fresh = queries[:5], queries[5:]
+    age_rows(database_url, older_than_now={q: 7200.0 for q in expired})
+    provider = LocalProvider(model="hash", dimensions=768)
+
+    # A replica with nothing in memory: the fresh rows are hits, an expired one is embedded anew.
+    reader = QueryCache(pool=pool, shared_ttl_seconds=3600.0)
+    assert (await reader.embed(provider, fresh[0])).hit is True
+    stale = await reader.embed(provider, expired[0])
+    assert stale.hit is False and stale.usage.tokens > 0
+    await reader.aclose()  # which writes it again, as new
+
+    pruned = await QueryCache(pool=pool, shared_ttl_seconds=3600.0).prune()
+    assert (pruned.expired, pruned.beyond_cap, pruned.failed) == (4, 0, False)
+    assert cached_queries(database_url, queries) == {*fresh, expired[0]}
+
+
+async def test_the_oldest_rows_beyond_the_cap_go_in_limited_batches(
+    pool: AsyncConnectionPool[Any], database_url: str
+) -> None:
+    queries = [f"question {i:02d}" for i in range(25)]
+    await fill(pool, queries)
+    age_rows(database_url, older_than_now={q: 600.0 - i for i, q in enumerate(queries)})
+    newest = set(queries[-10:])
+    # At most 2 batches of 4 rows per round: a round never holds the table for long.
+    cache = QueryCache(pool=pool, shared_max_rows=10, prune_batch=4, prune_max_batches=2)
+    first = await cache.prune()
+    assert (first.expired, first.beyond_cap) == (0, 8)
+    assert cached_queries(database_url, queries) == set(queries[8:])  # the oldest went first
+    second = await cache.prune()
+    assert second.beyond_cap == 7
+    assert cached_queries(database_url, queries) == newest
+    assert (await cache.prune()).beyond_cap == 0  # at the cap: nothing more to do
+    await cache.aclose()
+
+
+async def test_the_pruner_runs_in_the_background_until_closed(
+    pool: AsyncConnectionPool[Any], database_url: str
+) -> None:
+    queries = [f"background {i}" for i in range(6)]
+    await fill(pool, queries)
+    cache = QueryCache(pool=pool, shared_max_rows=2)
+    cache.start(prune_every=0.1)
+    for _ in range(100):
+        if len(cached_queries(database_url, queries)) == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert len(cached_queries(database_url, queries)) == 2
+    await cache.aclose()

@@ -33,6 +33,7 @@ from rag_service.spec import DataPlaneSpec, ProviderName
 from rag_service.testing import EmbeddingServer
 from rag_service.testing.corpus import corpus_spec, create_corpus
 from rag_service.testing.service_process import free_port, start_serve, wait_healthy
+from tests.embedding_fixtures import EMBEDDING_API_KEY
 from tests.helpers import cli, routed_percentage
 from tests.service_harness import serving
 
@@ -81,6 +82,14 @@ async def set_percentage(url: str, migration: str, percentage: int) -> None:
             percentage=percentage,
             reason="test",
         )
+
+
+@pytest.fixture(scope="module")
+def embedding_server() -> Iterator[EmbeddingServer]:
+    """One embedding API (one baseURL) for the module: its tests set up one table, and a side
+    table holds the vectors of one endpoint only."""
+    with EmbeddingServer(api_key=EMBEDDING_API_KEY) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

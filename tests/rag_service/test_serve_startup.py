@@ -109,12 +109,17 @@ def test_embedshift_serve_binds_serves_and_logs_the_warning(
         "--database-url", database_url, "--table", table, "--category-column", "category",
         "--source-column", "embedding", "--source", "local:hash@32", "--target", "local:hash@64",
     ]  # fmt: skip
-    process, base = start_serve(flags, env=dict(os.environ), log=log)
+    env = {k: v for k, v in os.environ.items() if k != "ALERT_WEBHOOK_SECRET"}
+    process, base = start_serve(flags, env=env, log=log)
     try:
         wait_healthy(process, base, log, version="v1", timeout=60)
         found = httpx.post(f"{base}/api/rag/search", json={"query": "pool hours"}, timeout=10)
         assert found.status_code == 200, found.text
         assert found.json()["version"] == "v1"
+        # Without the secret, what shows the rollout is not served to anyone: fail closed.
+        closed = httpx.get(f"{base}/api/monitoring/rollout", timeout=10)
+        assert closed.status_code == 503, closed.text
+        assert "ALERT_WEBHOOK_SECRET is not set" in closed.json()["detail"]
     finally:
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=30)
@@ -123,6 +128,9 @@ def test_embedshift_serve_binds_serves_and_logs_the_warning(
     assert "Application shutdown complete" in text
     assert f"listening on {base}" in text
     assert "WARNING embedshift.service: v2 side table" in text and "does not exist" in text
+    # Said once, at start-up: what is off without ALERT_WEBHOOK_SECRET.
+    (unset,) = [line for line in text.splitlines() if "ALERT_WEBHOOK_SECRET is not set" in line]
+    assert "WARNING embedshift.serve" in unset and "/api/monitoring/rollout" in unset
     assert "Traceback" not in text
 
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass, replace
 
 import psycopg
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from psycopg import sql
 
 from rag_service.criteria import DASHBOARD_METRICS, metric_query
 from rag_service.errors import ConfigError
@@ -18,7 +20,7 @@ from rag_service.migrate import RunOptions, run_migration
 from rag_service.prometheus import PrometheusClient
 from rag_service.providers.openai import OpenAIProvider
 from rag_service.routing import bucket
-from rag_service.schema import setup
+from rag_service.schema import ident, layout_for, setup
 from rag_service.service import MAX_BODY_BYTES, ServiceSettings
 from rag_service.spec import EmbeddingSpec
 from rag_service.testing import EmbeddingServer
@@ -28,6 +30,7 @@ from tests.prometheus_fixtures import PrometheusFactory
 from tests.service_harness import Running, serving
 
 SECRET = "webhook-s3cret"
+AUTH = {"Authorization": f"Bearer {SECRET}"}
 TABLE = "svc_docs"
 MIGRATION = "rag/svc"
 
@@ -357,14 +360,14 @@ async def test_failing_v2_provider_falls_back_to_v1_and_recovers(world: World) -
             answer = await search(svc.client, f"broken query {i}", headers={"X-User-Id": "u1"})
             assert answer["version"] == "v1" and answer["fallback"] is True  # no 5xx
             assert answer["results"]
-        breaker = (await svc.client.get("/api/monitoring/circuit-breaker")).json()
+        breaker = (await svc.client.get("/api/monitoring/circuit-breaker", headers=AUTH)).json()
         assert breaker["v2"]["state"] == "open"
         assert (await svc.client.get("/api/rag/v2/health")).status_code == 503
         world.api.configure({"error_rate": 0.0})
         await asyncio.sleep(world.settings.breaker_cooldown_seconds + 0.2)
         answer = await search(svc.client, "recovered query", headers={"X-User-Id": "u1"})
         assert answer["version"] == "v2" and answer["fallback"] is False
-        breaker = (await svc.client.get("/api/monitoring/circuit-breaker")).json()
+        breaker = (await svc.client.get("/api/monitoring/circuit-breaker", headers=AUTH)).json()
         assert breaker["v2"]["state"] == "closed"
 
 
@@ -414,16 +417,19 @@ async def test_health_metrics_and_dashboard(world: World) -> None:
         ):
             assert name in text, name
         assert 'le="0.8"' in text and 'le="1.2"' in text
-        dashboard = (await svc.client.get("/api/monitoring/dashboard?range=24h")).json()
-        assert dashboard["source"] == "service" and dashboard["percentage"] == 0
-        assert set(dashboard["versions"]) >= {"v1", "v2"}
-        # The range is a PromQL range, as the criteria's queries need it.
-        bad_range = await svc.client.get("/api/monitoring/dashboard?range=0h")
-        assert bad_range.status_code == 422
         disabled = await svc.client.post(
             "/api/alerts/webhook", json={}, headers={"Authorization": "Bearer x"}
         )
         assert disabled.status_code == 503  # no secret configured: the webhook is off
+    async with serving(world.settings) as svc:
+        await search(svc.client)
+        url = "/api/monitoring/dashboard?range=24h"
+        dashboard = (await svc.client.get(url, headers=AUTH)).json()
+        assert dashboard["source"] == "service" and dashboard["percentage"] == 0
+        assert set(dashboard["versions"]) >= {"v1", "v2"}
+        # The range is a PromQL range, as the criteria's queries need it.
+        bad_range = await svc.client.get("/api/monitoring/dashboard?range=0h", headers=AUTH)
+        assert bad_range.status_code == 422
 
 
 async def test_prometheus_scrapes_the_contract_metrics(
@@ -481,10 +487,12 @@ async def test_prometheus_scrapes_the_contract_metrics(
             }
         # A second replica whose dashboard reads Prometheus instead of its own counters.
         async with serving(replace(world.settings, prometheus_url=prom.url)) as reader:
-            dashboard = (await reader.client.get("/api/monitoring/dashboard?range=5m")).json()
+            dashboard = (
+                await reader.client.get("/api/monitoring/dashboard?range=5m", headers=AUTH)
+            ).json()
         assert dashboard["source"] == "prometheus"
         # One shape whatever the source: the same versions and the same keys.
-        own = (await svc.client.get("/api/monitoring/dashboard?range=5m")).json()
+        own = (await svc.client.get("/api/monitoring/dashboard?range=5m", headers=AUTH)).json()
         assert own["source"] == "service"
         assert set(own["versions"]) == set(dashboard["versions"]) == {"v1", "v2"}
         for version in ("v1", "v2"):
@@ -585,3 +593,191 @@ async def test_a_failure_without_fallback_is_a_503_that_leaks_nothing(world: Wor
         assert "unavailable" in body
         for secret in (EMBEDDING_API_KEY, "SELECT", "embedshift_svc", "Traceback"):
             assert secret not in body
+
+
+# ---- who may read the rollout ----------------------------------------------------------------
+
+# What shows alerts, their labels or the rollout's internals: served only to the bearer token.
+PRIVATE = (
+    "/api/monitoring/rollout",
+    "/api/monitoring/dashboard",
+    "/api/monitoring/circuit-breaker",
+    "/api/alerts/webhook",
+)
+PUBLIC = ("/healthz", "/readyz", "/api/rag/v1/health", "/api/rag/v2/health", "/metrics")
+
+
+async def test_nobody_without_the_token_reads_the_rollout(world: World) -> None:
+    """Each endpoint that shows alerts or the rollout answers 401 without the bearer token, 403
+    with another and 200 with ALERT_WEBHOOK_SECRET; with no secret set it is not served at all
+    (503), whatever the request carries. Probes, metrics, the search and the page stay open."""
+    alert = {"type": "v2_p95_secret_label", "severity": "warning", "value": 0.9, "threshold": 0.8}
+    async with serving(world.settings) as svc:
+        posted = await svc.client.post("/api/alerts/webhook", json=alert, headers=AUTH)
+        assert posted.status_code == 200, posted.text
+        for path in PRIVATE:
+            bare = await svc.client.get(path)
+            assert bare.status_code == 401, (path, bare.text)
+            assert bare.headers["www-authenticate"] == "Bearer"
+            assert "Authorization: Bearer <ALERT_WEBHOOK_SECRET>" in bare.json()["detail"]
+            wrong = await svc.client.get(path, headers={"Authorization": "Bearer not-it"})
+            assert wrong.status_code == 403, (path, wrong.text)
+            other = await svc.client.get(path, headers={"Authorization": f"Basic {SECRET}"})
+            assert other.status_code == 401, (path, other.text)
+            for refused in (bare, wrong, other):
+                assert alert["type"] not in refused.text
+            right = await svc.client.get(path, headers=AUTH)
+            assert right.status_code == 200, (path, right.text)
+        rollout = (await svc.client.get("/api/monitoring/rollout", headers=AUTH)).json()
+        assert [a["type"] for a in rollout["alerts"]] == [alert["type"]]
+        for path in (*PUBLIC, "/dashboard"):
+            assert (await svc.client.get(path)).status_code == 200, path
+        assert (await search(svc.client))["results"]
+
+    no_secret = replace(world.settings, webhook_secret=None, allow_version_override=False)
+    async with serving(no_secret) as svc:
+        for path in PRIVATE:
+            for headers in ({}, AUTH):
+                closed = await svc.client.get(path, headers=headers)
+                assert closed.status_code == 503, (path, closed.text)
+                assert "ALERT_WEBHOOK_SECRET is not set" in closed.json()["detail"]
+        posted = await svc.client.post("/api/alerts/webhook", json=alert, headers=AUTH)
+        assert posted.status_code == 503 and "ALERT_WEBHOOK_SECRET is not set" in posted.text
+        for path in (*PUBLIC, "/dashboard"):
+            assert (await svc.client.get(path)).status_code == 200, path
+        assert (await search(svc.client))["results"]
+
+
+# ---- deadlines --------------------------------------------------------------------------------
+
+
+def counter(text: str, name: str, **labels: str) -> float:
+    """A sample of ``/metrics``' ``text``: the one of ``name`` with ``labels`` (0 when none)."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+async def test_every_pooled_connection_runs_under_the_statement_timeout(world: World) -> None:
+    async def slow_statement(svc: Running) -> tuple[str, float]:
+        """The pooled session's statement_timeout, and how long a 5 s statement ran on it."""
+        async with svc.app_service.pool.connection() as conn:
+            shown = await (await conn.execute("SHOW statement_timeout")).fetchone()
+            started = time.monotonic()
+            with pytest.raises(psycopg.errors.QueryCanceled):
+                await conn.execute("SELECT pg_sleep(5)")
+            ran = time.monotonic() - started
+            await conn.execute("SELECT 1")  # and the connection serves on
+            return str((shown or [""])[0]), ran
+
+    async with serving(replace(world.settings, statement_timeout_seconds=0.75)) as svc:
+        shown, ran = await slow_statement(svc)
+        assert shown == "750ms" and 0.7 <= ran < 3, (shown, ran)
+    async with serving(world.settings) as svc:  # the default
+        async with svc.app_service.pool.connection() as conn:
+            default = await (await conn.execute("SHOW statement_timeout")).fetchone()
+        assert default is not None and default[0] == "5s"
+
+
+async def test_a_statement_past_its_timeout_is_an_error_of_that_search_only(world: World) -> None:
+    """v2's side table locked (say, by a schema change): the v2 search statement is cancelled
+    at the statement timeout and v1 answers (a fallback), instead of the request waiting for
+    the lock; the next search is v2's again."""
+    set_row(world.url, percentage=100)
+    target = layout_for(world.settings.spec, id_type="bigint").target
+    async with serving(replace(world.settings, statement_timeout_seconds=0.5)) as svc:
+        await eventually(lambda: _at(svc, 100), within=2)
+        with psycopg.connect(world.url) as locker:
+            locker.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(ident(target)))
+            started = time.monotonic()
+            answer = await search(svc.client, "locked table query", headers={"X-User-Id": "u1"})
+            elapsed = time.monotonic() - started
+            locker.rollback()
+        assert answer["version"] == "v1" and answer["fallback"] is True and answer["results"]
+        assert elapsed < 3, elapsed
+        again = await search(svc.client, "unlocked table query", headers={"X-User-Id": "u1"})
+        assert again["version"] == "v2" and again["fallback"] is False
+        text = (await svc.client.get("/metrics")).text
+        assert counter(text, "embedshift_errors_total", version="v2", severity="error") == 1
+
+
+async def test_a_search_past_its_deadline_is_a_504_counted_as_an_error(world: World) -> None:
+    """A hung embedding API (3 s per call, under the query embedding's own 5 s give-up): the
+    search ends at --search-timeout with a 504 saying so, counted as a v2 error; the service
+    serves on."""
+    set_row(world.url, percentage=100)
+    async with serving(replace(world.settings, search_timeout_seconds=1.0)) as svc:
+        await eventually(lambda: _at(svc, 100), within=2)
+        world.api.configure({"latency": 3.0})
+        started = time.monotonic()
+        response = await svc.client.post(
+            "/api/rag/search", json={"query": "slow embedding"}, headers={"X-User-Id": "u1"}
+        )
+        elapsed = time.monotonic() - started
+        assert response.status_code == 504, response.text
+        detail = response.json()["detail"]
+        assert "deadline of 1 s" in detail and "--search-timeout" in detail
+        assert 0.9 <= elapsed < 2.5, elapsed
+        text = (await svc.client.get("/metrics")).text
+        requests = "embedshift_search_requests_total"
+        assert counter(text, requests, version="v2", outcome="error") == 1
+        assert counter(text, requests, version="v2", outcome="ok") == 0
+        assert counter(text, "embedshift_errors_total", version="v2", severity="error") == 1
+        world.api.configure({"latency": 0.0})
+        answer = await search(svc.client, "fast embedding", headers={"X-User-Id": "u1"})
+        assert answer["version"] == "v2" and answer["results"]
+
+
+async def test_the_service_keeps_the_shared_query_cache_bounded(world: World) -> None:
+    """With --query-cache-max-rows 5 a replica prunes the shared table in the background."""
+    settings = replace(world.settings, query_cache_max_rows=5, query_cache_prune_seconds=0.2)
+    async with serving(settings) as svc:
+        for i in range(12):
+            await search(svc.client, f"bounded cache query {i}")
+        await svc.app_service.cache.flush()
+
+        async def bounded() -> bool:
+            with psycopg.connect(world.url) as conn:
+                row = conn.execute("SELECT count(*) FROM embedshift_query_cache").fetchone()
+            return row is not None and row[0] <= 5
+
+        await eventually(bounded, within=10)
+
+
+async def test_a_deadline_that_ends_a_running_statement_leaves_the_service_whole(
+    world: World,
+) -> None:
+    """The deadline (0.5 s) before the statement timeout (5 s): the search waiting on v2's locked
+    side table is a 504 at the deadline, its statement does not keep waiting on the server, and
+    the pool serves every later search."""
+    set_row(world.url, percentage=100)
+    target = layout_for(world.settings.spec, id_type="bigint").target
+    async with serving(replace(world.settings, search_timeout_seconds=0.5)) as svc:
+        await eventually(lambda: _at(svc, 100), within=2)
+        with psycopg.connect(world.url) as locker:
+            locker.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(ident(target)))
+            started = time.monotonic()
+            response = await svc.client.post(
+                "/api/rag/search", json={"query": "waits on a lock"}, headers={"X-User-Id": "u1"}
+            )
+            took = time.monotonic() - started
+            assert response.status_code == 504, response.text
+            assert took < 2, took
+
+            async def nothing_waits() -> bool:
+                with psycopg.connect(world.url) as conn:
+                    row = conn.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND datname = current_database()"
+                    ).fetchone()
+                return row is not None and row[0] == 0
+
+            await eventually(nothing_waits, within=3)
+            locker.rollback()
+        for i in range(world.settings.pool_size + 2):
+            answer = await search(
+                svc.client, f"after the deadline {i}", headers={"X-User-Id": "u1"}
+            )
+            assert answer["version"] == "v2", answer

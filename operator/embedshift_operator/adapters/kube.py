@@ -14,7 +14,10 @@ as ``secretKeyRef`` env, never as values.
 
 Pure builders (:func:`job_manifest`, :func:`follower_manifest`, :func:`config_map_manifest`)
 return plain dicts; :class:`KubeJobs` sends them through the official client (synchronous, so
-each call runs in :func:`asyncio.to_thread`).
+each call runs in :func:`asyncio.to_thread`). :class:`KubeJobs` creates nothing for a spec whose
+image or providers' ``baseURL`` the operator's allowlist refuses
+(:func:`embedshift_operator.core.allowlist.job_refusals`): the handlers hold such a spec before
+asking, and this is the last word where the Job would be created.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException, OpenApiException
 from urllib3.exceptions import HTTPError
 
+from embedshift_operator.core.allowlist import Allowlist, job_refusals
 from embedshift_operator.core.jobs import MAX_NAME, config_name
 from embedshift_operator.core.model import EnsureFollower, JobObservation, RunJob
 from embedshift_operator.resource import (
@@ -271,7 +275,7 @@ def _image(resource: EmbeddingMigration, operator_image: str | None) -> str:
     if not image:
         raise ConfigError(
             "spec.migration.image: not set and the operator's own image is unknown; set it "
-            "(or the operator's EMBEDSHIFT_OPERATOR_IMAGE)"
+            "(or the operator's --operator-image, env EMBEDSHIFT_IMAGE)"
         )
     return image
 
@@ -468,14 +472,22 @@ class KubeJobs:
     """Runs RunJob and EnsureFollower actions as Jobs and a Deployment in the resource's namespace.
 
     ``api`` is a configured :class:`kubernetes.client.ApiClient`; ``operator_image`` is the image
-    used when ``spec.migration.image`` is not set (the operator's own).
+    used when ``spec.migration.image`` is not set (the operator's own); ``allowlist``: the
+    operator's (default: any image, any host), checked before each Job or follower is created.
     """
 
-    def __init__(self, api: client.ApiClient, *, operator_image: str | None) -> None:
+    def __init__(
+        self,
+        api: client.ApiClient,
+        *,
+        operator_image: str | None,
+        allowlist: Allowlist | None = None,
+    ) -> None:
         self._core = client.CoreV1Api(api)
         self._batch = client.BatchV1Api(api)
         self._apps = client.AppsV1Api(api)
         self._operator_image = operator_image
+        self._allowlist = allowlist or Allowlist.unrestricted()
         # A failed Job's Pod message by the Job's uid: read once, not on every tick for a week.
         self._terminations: dict[str, str] = {}
 
@@ -519,7 +531,9 @@ class KubeJobs:
         return self._terminations[key]
 
     async def run_job(self, resource: EmbeddingMigration, action: RunJob) -> bool:
-        """Create the Job (and its ConfigMap). True when created; False when it already exists."""
+        """Create the Job (and its ConfigMap). True when created; False when it already exists.
+        ConfigError, creating nothing, when the allowlist refuses the spec's image or a host."""
+        self._check_allowed(resource)
         manifest = job_manifest(resource, action, operator_image=self._operator_image)
         await self._ensure_config(resource)
         ns = resource.metadata.namespace
@@ -531,7 +545,9 @@ class KubeJobs:
 
     async def ensure_follower(self, resource: EmbeddingMigration, action: EnsureFollower) -> bool:
         """Keep exactly one follower Deployment: delete this migration's followers under other
-        names, create this one if missing. True when it was created."""
+        names, create this one if missing. True when it was created. ConfigError, changing
+        nothing, when the allowlist refuses the spec's image or a host."""
+        self._check_allowed(resource)
         manifest = follower_manifest(resource, action, operator_image=self._operator_image)
         ns = resource.metadata.namespace
         selector = label_selector(migration_labels(resource, COMPONENT_FOLLOWER))
@@ -556,6 +572,11 @@ class KubeJobs:
             f"create Deployment {ns}/{action.name}",
             lambda: self._apps.create_namespaced_deployment(namespace=ns, body=body),
         )
+
+    def _check_allowed(self, resource: EmbeddingMigration) -> None:
+        found = job_refusals(resource.spec, self._allowlist, operator_image=self._operator_image)
+        if found:
+            raise ConfigError("; ".join(r.message for r in found))
 
     async def _delete_deployment(self, ns: str, name: str) -> None:
         def call() -> object:

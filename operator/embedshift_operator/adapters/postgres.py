@@ -10,19 +10,32 @@
 
 Every database failure becomes :class:`rag_service.errors.DatabaseError` with one line and no
 password, so drivers can turn it into a condition and retry instead of crashing.
+
+Every statement the control loop sends runs under ``statement_timeout`` (``--statement-timeout``
+of ``operator run`` and ``rollout run``, :data:`DEFAULT_STATEMENT_TIMEOUT`): a database that
+hangs (a lock queue, a stuck replica) costs a tick that many seconds and an observation error the
+core holds on to (Ready False, DatabaseUnreachable), never a loop stuck on one statement. It is
+set when each connection opens, through libpq's ``options`` (:func:`control_conninfo`), so the
+progress queries rag_service runs on the loop's behalf have it too. The Jobs' statements never
+do: their ``DATABASE_URL`` is the Secret's, untouched (a backfill or an index build may run long).
+A pooler that refuses the ``options`` startup parameter (PgBouncer unless it is listed in its
+``ignore_startup_parameters``) needs ``--statement-timeout 0``, which sends none.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from embedshift_operator.core.model import ProgressObservation, RoutingObservation, SetPercentage
 from embedshift_operator.resource import EmbeddingMigrationSpec, EmbeddingMigrationStatus
-from rag_service.errors import DatabaseError
+from rag_service.errors import DatabaseError, EmbedshiftError
 from rag_service.identifiers import TableName
 from rag_service.progress import migration_progress
 from rag_service.rollout_row import read_row, write_percentage
@@ -35,16 +48,45 @@ from rag_service.schema import (
 )
 
 STATUS_TABLE = ROLLOUT_STATUS_TABLE
+# Seconds any one statement of the control loop may run (see the module's docstring).
+DEFAULT_STATEMENT_TIMEOUT = 10.0
 
-__all__ = ["STATUS_TABLE", "ControlStore"]
+__all__ = ["DEFAULT_STATEMENT_TIMEOUT", "STATUS_TABLE", "ControlStore", "control_conninfo"]
+
+_T = TypeVar("_T")
+
+
+def control_conninfo(url: str, statement_timeout: float | None) -> str:
+    """``url`` as the control loop connects with it: every statement of its sessions cancelled
+    after ``statement_timeout`` seconds (libpq's ``options``, after any the URL or
+    ``PGOPTIONS`` already sets). None or 0: ``url`` unchanged. A string libpq cannot parse is
+    returned as it is, for :func:`rag_service.schema.connect` to refuse without quoting it."""
+    if not statement_timeout:
+        return url
+    try:
+        options = conninfo_to_dict(url).get("options") or os.environ.get("PGOPTIONS", "")
+    except psycopg.ProgrammingError:
+        return url
+    milliseconds = max(1, round(statement_timeout * 1000))
+    return make_conninfo(url, options=f"{options} -c statement_timeout={milliseconds}".strip())
 
 
 class ControlStore:
     """One migration's control-plane rows. Opens a short connection per call: a driver ticks
-    every second or so, and a dropped connection must cost one tick, not the driver."""
+    every second or so, and a dropped connection must cost one tick, not the driver.
+    ``statement_timeout``: seconds each statement may run (None: no limit)."""
 
-    def __init__(self, *, url: str, spec: EmbeddingMigrationSpec, migration: str) -> None:
+    def __init__(
+        self,
+        *,
+        url: str,
+        spec: EmbeddingMigrationSpec,
+        migration: str,
+        statement_timeout: float | None = DEFAULT_STATEMENT_TIMEOUT,
+    ) -> None:
         self._url = url
+        self._conninfo = control_conninfo(url, statement_timeout)
+        self._timeout = statement_timeout
         self._spec = spec
         self._migration = migration
         schema = spec.database.table_name.schema
@@ -57,7 +99,27 @@ class ControlStore:
 
     def with_spec(self, spec: EmbeddingMigrationSpec) -> ControlStore:
         """The same migration under an edited spec (the driver re-reads the file each tick)."""
-        return ControlStore(url=self._url, spec=spec, migration=self._migration)
+        return ControlStore(
+            url=self._url, spec=spec, migration=self._migration, statement_timeout=self._timeout
+        )
+
+    async def _run(self, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[_T]]) -> _T:
+        """``work`` on a short connection under the statement timeout."""
+
+        async def timed(conn: psycopg.AsyncConnection[Any]) -> _T:
+            try:
+                return await work(conn)
+            except psycopg.errors.QueryCanceled:
+                raise DatabaseError(self._timed_out()) from None
+
+        return await with_connection(self._conninfo, timed)
+
+    def _timed_out(self) -> str:
+        return (
+            f"database: a statement ran longer than the control loop's statement timeout "
+            f"({self._timeout:g} s) and was cancelled; if the database is only slow, raise "
+            "--statement-timeout"
+        )
 
     async def ensure_tables(self) -> None:
         async def work(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -71,7 +133,7 @@ class ControlStore:
                 ).format(ident(self._status_table))
             )
 
-        await with_connection(self._url, work)
+        await self._run(work)
 
     async def load_status(self) -> EmbeddingMigrationStatus | None:
         async def work(conn: psycopg.AsyncConnection[Any]) -> Any:
@@ -83,7 +145,7 @@ class ControlStore:
             )
             return await cur.fetchone()
 
-        row = await with_connection(self._url, work)
+        row = await self._run(work)
         return None if row is None else EmbeddingMigrationStatus.model_validate(row[0])
 
     async def save_status(self, status: EmbeddingMigrationStatus) -> None:
@@ -99,7 +161,7 @@ class ControlStore:
                 [self._migration, document],
             )
 
-        await with_connection(self._url, work)
+        await self._run(work)
 
     async def routing(self) -> RoutingObservation | None:
         """The routing row, or None before ``setup`` created it."""
@@ -113,7 +175,7 @@ class ControlStore:
                 return None
             return await read_row(conn, table=self._rollout_table, migration=self._migration)
 
-        row = await with_connection(self._url, work)
+        row = await self._run(work)
         if row is None:
             return None
         return RoutingObservation(
@@ -131,12 +193,14 @@ class ControlStore:
                 clear_emergency=action.clear_emergency,
             )
 
-        await with_connection(self._url, work)
+        await self._run(work)
 
     async def progress(self) -> ProgressObservation:
         """Counts per category, failed batches and the oldest queued change's age."""
         try:
-            progress = await migration_progress(self._url, self._spec.data_plane, errors=0)
+            progress = await migration_progress(self._conninfo, self._spec.data_plane, errors=0)
+        except psycopg.errors.QueryCanceled:
+            raise DatabaseError(self._timed_out()) from None
         except psycopg.Error as exc:
             raise DatabaseError(f"database: {first_line(exc)}") from None
         return ProgressObservation(
@@ -148,8 +212,13 @@ class ControlStore:
             by_category={c.category: (c.source, c.current) for c in progress.categories},
         )
 
-    async def drop_source(self, column: str) -> None:
-        """Cleanup: drop the v1 embedding column (only ever asked for with dropSource)."""
+    async def drop_source(self, column: str) -> str | None:
+        """Cleanup: drop the v1 embedding column (only ever asked for with dropSource).
+
+        None once the column is gone (dropped now, or already); else why it is not, one line
+        without secrets. Never raises: the outcome is the core's to record
+        (:func:`embedshift_operator.core.settle_drop`), and a failure is retried with backoff.
+        """
         table = self._spec.database.table_name
 
         async def work(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -160,4 +229,8 @@ class ControlStore:
                 )
             )
 
-        await with_connection(self._url, work)
+        try:
+            await self._run(work)
+        except EmbedshiftError as exc:
+            return str(exc)
+        return None

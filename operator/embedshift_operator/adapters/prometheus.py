@@ -11,6 +11,9 @@ ratio or quantile over a window without requests) → ``None``, no data. Everyth
 :class:`~embedshift_operator.core.analysis.MetricSourceError` with one line naming the query and
 the cause: several series (aggregate the query), a PromQL error, an HTTP error, Prometheus
 unreachable or slower than ``timeout``. The bearer token never appears in a message or a repr.
+
+With the operator's ``allowlist`` (``--allowed-endpoint``), a URL whose host is not allowed is
+refused here, where the token would be attached: no request, so no token, ever reaches it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Self
 
+from embedshift_operator.core.allowlist import PROMETHEUS_URL, Allowlist, url_refusal
 from embedshift_operator.core.analysis import MetricSourceError
+from rag_service.errors import ConfigError
 from rag_service.prometheus import PrometheusClient, PrometheusError
 
 __all__ = ["DEFAULT_TIMEOUT", "PrometheusSource"]
@@ -38,7 +43,9 @@ class PrometheusSource:
     ``url``: Prometheus's base URL, including any route prefix. ``bearer_token``: sent as
     ``Authorization: Bearer …`` (e.g. from ``spec.analysis.prometheus.bearerTokenSecretRef``).
     ``headers``: sent with every query (e.g. a tenant header). ``timeout``: seconds one query
-    may take in all. A bad URL or token raises :class:`rag_service.errors.ConfigError`.
+    may take in all. ``allowlist``: the operator's; a host outside its endpoints is refused
+    before any request (``spec.analysis.prometheus.url`` is where the operator's URL comes from).
+    A bad URL or token, or a refused host, raises :class:`rag_service.errors.ConfigError`.
     """
 
     def __init__(
@@ -49,7 +56,11 @@ class PrometheusSource:
         timeout: float = DEFAULT_TIMEOUT,
         headers: Mapping[str, str] | None = None,
         tls: ssl.SSLContext | None = None,
+        allowlist: Allowlist | None = None,
     ) -> None:
+        refusal = url_refusal(PROMETHEUS_URL, url, allowlist) if allowlist is not None else None
+        if refusal is not None:  # names the host only, never the URL (it may hold a password)
+            raise ConfigError(refusal.message)
         self._client = PrometheusClient(
             url=url, timeout=timeout, bearer_token=bearer_token, headers=headers, tls=tls
         )

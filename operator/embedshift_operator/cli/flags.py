@@ -15,10 +15,17 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from embedshift_operator.adapters.postgres import DEFAULT_STATEMENT_TIMEOUT
 from embedshift_operator.resource import parse_duration
 from rag_service.criteria import PROMQL_RANGE
 from rag_service.errors import ConfigError
-from rag_service.spec import DataPlaneSpec, EmbeddingSpec, load_resource, validation_message
+from rag_service.spec import (
+    DataPlaneSpec,
+    EmbeddingSpec,
+    check_migration_key,
+    load_resource,
+    validation_message,
+)
 
 if TYPE_CHECKING:  # the data plane (numpy, the SDKs) is loaded by the commands that use it
     from rag_service.migrate import Shard
@@ -127,6 +134,7 @@ def add_spec_flags(parser: argparse.ArgumentParser, *, migration_help: str | Non
     )
     g.add_argument(
         "--migration",
+        type=migration_key,
         default=env("EMBEDSHIFT_MIGRATION"),
         help=migration_help
         or "routing key namespace/name (default: the manifest's, else default/<table>)",
@@ -221,6 +229,16 @@ def shard(value: str) -> Shard:
         raise argparse.ArgumentTypeError(str(exc).removeprefix("--shard: ")) from None
 
 
+def migration_key(value: str) -> str:
+    """``namespace/name``; empty means none given (``serve`` then serves its flags)."""
+    if not value.strip():
+        return value
+    try:
+        return check_migration_key(value, field="")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix(": ")) from None
+
+
 def promql_range(value: str) -> str:
     """A Prometheus range (``24h``), as :func:`rag_service.criteria.metric_query` accepts it."""
     if not re.match(PROMQL_RANGE, value):
@@ -265,6 +283,29 @@ def duration(value: str) -> float:
     if seconds <= 0:
         raise argparse.ArgumentTypeError(f"{value!r} must be longer than zero, e.g. 5m")
     return seconds
+
+
+def duration_or_off(value: str) -> float | None:
+    """A positive Go duration in seconds, or 0 (off): None."""
+    if value.strip() in ("0", "0s"):
+        return None
+    return duration(value)
+
+
+def add_statement_timeout_flag(parser: argparse.ArgumentParser) -> None:
+    """``--statement-timeout``, for the drivers of the control loop (``operator run``,
+    ``rollout run``); see :mod:`embedshift_operator.adapters.postgres`."""
+    parser.add_argument(
+        "--statement-timeout",
+        type=duration_or_off,
+        default=DEFAULT_STATEMENT_TIMEOUT,
+        metavar="DURATION",
+        help="cancel any one statement of the control loop (the routing row, progress, status) "
+        "after this long: a hung database is a held observation error, not a stuck loop. The "
+        "Jobs' statements (migrate, index, verify) never have it. A Go duration; 0 sends none, "
+        f"for a pooler that refuses libpq's options parameter (default "
+        f"{DEFAULT_STATEMENT_TIMEOUT:g}s)",
+    )
 
 
 def _port(value: str, low: int) -> int:

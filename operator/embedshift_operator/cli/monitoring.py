@@ -18,12 +18,14 @@ from embedshift_operator.cli.flags import (
     EF_SEARCH_HELP,
     add_spec_flags,
     ef_search,
+    env,
     interval,
     positive,
     promql_range,
     resolve,
     whole,
 )
+from rag_service.alerts import WEBHOOK_SECRET_ENV, webhook_secret
 from rag_service.compare import (
     BASELINE_FILE,
     DEFAULT_SAMPLE,
@@ -122,6 +124,15 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument(
         "--service-url",
         help="a running `embedshift serve`, e.g. http://localhost:8080, for breakers and metrics",
+    )
+    token = env(WEBHOOK_SECRET_ENV)
+    p.add_argument(
+        "--service-token",
+        default=token,
+        metavar="TOKEN",
+        help="the bearer token --service-url's monitoring endpoints want: the service's "
+        f"{WEBHOOK_SECRET_ENV}, read from that variable (better than this flag, which `ps` "
+        "shows); never printed" + ("" if token else f" (env {WEBHOOK_SECRET_ENV}: unset)"),
     )
     p.add_argument(
         "--range",
@@ -282,6 +293,8 @@ async def _monitor_command(args: argparse.Namespace) -> int:
                 "e.g. http://localhost:8080"
             )
         service_url = service_url.rstrip("/")
+    # A value no Authorization header can carry is refused now, in words that do not quote it.
+    token = webhook_secret(args.service_token) if service_url else None
 
     async def gather() -> dict[str, Any]:
         return await gather_snapshot(
@@ -291,6 +304,7 @@ async def _monitor_command(args: argparse.Namespace) -> int:
             service_url=service_url,
             range_=args.range_,
             prices=prices,
+            service_token=token,
         )
 
     console = Console(file=sys.stdout, highlight=False)

@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from embedshift_operator.cli import cluster
-from embedshift_operator.cli.flags import duration, env, port_or_off, whole
+from embedshift_operator.cli.flags import (
+    add_statement_timeout_flag,
+    duration,
+    env,
+    port_or_off,
+    positive,
+    whole,
+)
 from rag_service.alerts import WEBHOOK_SECRET_ENV as TOKEN_ENV
 from rag_service.alerts import webhook_secret
 from rag_service.errors import ConfigError
@@ -121,12 +128,55 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help=f"accept alerts without a token when {TOKEN_ENV} is unset (only behind a "
         "NetworkPolicy: anyone who can reach the port can roll a migration back)",
     )
+    ports.add_argument(
+        "--trust-alerts-across-namespaces",
+        action="store_true",
+        help="accept an alert for NS/NAME whatever its namespace label says (default: only when "
+        "it is NS, the label the Prometheus Operator forces onto a namespace's own rules, so a "
+        "rule in one namespace cannot roll back a migration in another)",
+    )
+    ports.add_argument(
+        "--max-firing-alerts",
+        type=positive,
+        metavar="N",
+        help="firing alerts the receiver holds over every migration it serves; past it the "
+        "oldest of the migration holding the most are dropped, and counted (default: the "
+        "receiver's DEFAULT_MAX_FIRING, 10000)",
+    )
     run.add_argument(
         "--operator-image",
         default=env("EMBEDSHIFT_IMAGE"),
         metavar="IMAGE",
         help="the image the Jobs and the follower run when spec.migration.image names none "
         "(env EMBEDSHIFT_IMAGE)",
+    )
+    allowed = run.add_argument_group(
+        "what a migration may use (the operator's allowlists; a spec outside is held with a "
+        "Ready=False condition and a Warning Event, and nothing is run or sent)"
+    )
+    allowed.add_argument(
+        "--allowed-image",
+        action="append",
+        dest="allowed_images",
+        type=_image_pattern,
+        metavar="PATTERN",
+        help="an image spec.migration.image may name (repeatable): * (any image), a repository "
+        "(any tag or digest: ghcr.io/embedshift/embedshift, not ghcr.io/embedshift/"
+        "embedshift-evil), a prefix ending in / (ghcr.io/embedshift/), or an image with a tag "
+        "or digest (exactly that one); --operator-image is always allowed. Outside: "
+        "ImageNotAllowed (default: none, so only --operator-image)",
+    )
+    allowed.add_argument(
+        "--allowed-endpoint",
+        action="append",
+        dest="allowed_endpoints",
+        type=_endpoint_pattern,
+        metavar="HOST",
+        help="a host spec.analysis.prometheus.url and the providers' baseURL may name "
+        "(repeatable): a host (any port: prometheus.monitoring.svc), HOST:PORT, *.DOMAIN (the "
+        "names under it: *.openai.azure.com), an IP ([fd00::1] for IPv6) or *. Outside: "
+        "EndpointNotAllowed, and the Prometheus bearer token is never sent there (default: "
+        "none, so any host)",
     )
     run.add_argument(
         "--deletion-timeout",
@@ -145,6 +195,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     run.add_argument(
         "--context", metavar="NAME", help="the kubeconfig context (default: its current context)"
     )
+    add_statement_timeout_flag(run)
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     run.set_defaults(handler=_run)
 
@@ -154,8 +205,9 @@ async def _run(args: argparse.Namespace) -> int:
     from prometheus_client import CollectorRegistry, start_http_server
 
     from embedshift_operator import handlers
-    from embedshift_operator.adapters.alerts import AlertReceiver
+    from embedshift_operator.adapters.alerts import DEFAULT_MAX_FIRING, AlertReceiver
     from embedshift_operator.adapters.operator_metrics import OperatorMetrics
+    from embedshift_operator.core.allowlist import Allowlist
 
     if not args.verbose:  # a line per probe and per scrape would bury the operator's own
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
@@ -177,7 +229,16 @@ async def _run(args: argparse.Namespace) -> int:
         )
 
     registry = CollectorRegistry()
-    receiver = AlertReceiver(token=token) if args.receiver_port else None
+    receiver = (
+        AlertReceiver(
+            token=token,
+            trust_across_namespaces=args.trust_alerts_across_namespaces,
+            max_firing=args.max_firing_alerts or DEFAULT_MAX_FIRING,
+            registry=registry,
+        )
+        if args.receiver_port
+        else None
+    )
     handlers.configure(
         handlers.OperatorConfig(
             kube=kube,
@@ -185,6 +246,11 @@ async def _run(args: argparse.Namespace) -> int:
             receiver=receiver,
             metrics=OperatorMetrics(registry=registry),
             deletion_timeout=args.deletion_timeout,
+            statement_timeout=args.statement_timeout,
+            allowlist=Allowlist(
+                images=tuple(args.allowed_images or ()),
+                endpoints=tuple(args.allowed_endpoints or ()),
+            ),
         )
     )
     # Started before kopf: kopf treats tasks created after it starts as its own and cancels
@@ -222,6 +288,26 @@ async def _run(args: argparse.Namespace) -> int:
             metrics.server_close()
         handlers.configure(handlers.OperatorConfig())
     return 0
+
+
+def _image_pattern(text: str) -> str:
+    """An ``--allowed-image`` pattern, checked (argparse's one-line error otherwise)."""
+    from embedshift_operator.core.allowlist import image_pattern_problem
+
+    problem = image_pattern_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
+    return text
+
+
+def _endpoint_pattern(text: str) -> str:
+    """An ``--allowed-endpoint`` pattern, checked (argparse's one-line error otherwise)."""
+    from embedshift_operator.core.allowlist import endpoint_pattern_problem
+
+    problem = endpoint_pattern_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
+    return text
 
 
 def _check_peering(

@@ -32,7 +32,7 @@ from rich.text import Text
 from embedshift_operator.adapters.postgres import ControlStore
 from embedshift_operator.adapters.prometheus import PrometheusSource
 from embedshift_operator.cli import cluster
-from embedshift_operator.cli.flags import interval, promql_range
+from embedshift_operator.cli.flags import add_statement_timeout_flag, interval, promql_range
 from embedshift_operator.core import MetricSourceError, plan_analysis
 from embedshift_operator.local import LocalDriver, prometheus_token, resolve_environment
 from embedshift_operator.replay import (
@@ -139,6 +139,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         type=Path,
         help="where each Job's output goes (default ~/.local/state/embedshift/NS_NAME)",
     )
+    add_statement_timeout_flag(p)
     p.set_defaults(handler=_run)
 
     p = actions.add_parser(
@@ -381,6 +382,7 @@ async def _run(args: argparse.Namespace) -> int:
             log_dir=args.log_dir,
             tick_seconds=args.tick,
             until=args.until,
+            statement_timeout=args.statement_timeout,
         )
         status = await driver.run(stop)
     else:
@@ -392,6 +394,7 @@ async def _run(args: argparse.Namespace) -> int:
                 log_dir=args.log_dir,
                 tick_seconds=args.tick,
                 until=args.until,
+                statement_timeout=args.statement_timeout,
             )
             status = await driver.run(stop)
     for sig in (signal.SIGINT, signal.SIGTERM):

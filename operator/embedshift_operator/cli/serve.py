@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from embedshift_operator.cli.flags import (
     EF_SEARCH_HELP,
     add_spec_flags,
+    duration,
     ef_search,
     env,
     fraction,
@@ -35,7 +36,12 @@ log = logging.getLogger("embedshift.serve")
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``serve`` to the ``embedshift`` command line."""
-    from rag_service.service import MAX_BODY_BYTES
+    from rag_service.query_cache import SHARED_MAX_ROWS, SHARED_TTL_SECONDS
+    from rag_service.service import (
+        MAX_BODY_BYTES,
+        SEARCH_TIMEOUT_SECONDS,
+        STATEMENT_TIMEOUT_SECONDS,
+    )
 
     serve = commands.add_parser(
         "serve",
@@ -55,7 +61,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "database, once there is a record). The guide's FF_* flags are honoured: "
         "FF_NEW_EMBEDDINGS_PERCENTAGE (start-up default), FF_ENABLE_GRADUAL_MIGRATION=false "
         "(pin v1), FF_USE_PARALLEL_RAG (shadow comparison), FF_ENABLE_PERFORMANCE_LOGGING, "
-        "FF_ENABLE_QUERY_ANALYTICS. ALERT_WEBHOOK_SECRET enables POST /api/alerts/webhook.",
+        "FF_ENABLE_QUERY_ANALYTICS. ALERT_WEBHOOK_SECRET enables POST /api/alerts/webhook and "
+        "what shows alerts or the rollout (GET /api/alerts/webhook, /api/monitoring/rollout, "
+        "/api/monitoring/dashboard, /api/monitoring/circuit-breaker), each only for requests "
+        "carrying it as their bearer token (401 without, 403 with another); unset, they answer "
+        "503. /healthz, /readyz, the v1/v2 health, /metrics, the search and the /dashboard page "
+        "itself stay open.",
     )
     add_spec_flags(
         serve,
@@ -138,14 +149,57 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="share of requests, 0-1, also run on the other version for comparison "
         "(with FF_USE_PARALLEL_RAG=true)",
     )
+    serve.add_argument(
+        "--search-timeout",
+        type=interval,
+        default=SEARCH_TIMEOUT_SECONDS,
+        metavar="SECONDS",
+        help="every search's deadline, end to end (the v1 fallback included): past it the "
+        "request is answered 504 and counted as an error of the version it was routed to",
+    )
+    serve.add_argument(
+        "--statement-timeout",
+        type=interval,
+        default=STATEMENT_TIMEOUT_SECONDS,
+        metavar="SECONDS",
+        help="PostgreSQL's statement_timeout on every connection the service opens: a slower "
+        "statement is cancelled and is an error of that request (a v2 search falls back to v1)",
+    )
+    serve.add_argument(
+        "--query-cache-ttl",
+        type=duration,
+        default=f"{SHARED_TTL_SECONDS / 3600:g}h",
+        metavar="DURATION",
+        help="how long a query's embedding is reused from the shared query-cache table "
+        "(embedshift_query_cache), as a Go duration (30m, 72h); older rows are never served "
+        "and are deleted in the background",
+    )
+    serve.add_argument(
+        "--query-cache-max-rows",
+        type=positive,
+        default=SHARED_MAX_ROWS,
+        metavar="N",
+        help="the most rows the shared query-cache table keeps: the oldest beyond it are "
+        "deleted in the background (every few minutes, in small batches)",
+    )
     serve.set_defaults(handler=_serve)
 
 
 async def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from rag_service.alerts import WEBHOOK_SECRET_ENV, webhook_secret
     from rag_service.service import create_app
 
+    # Refused at start-up, not only once the record to serve has come.
+    if webhook_secret(env(WEBHOOK_SECRET_ENV)) is None:
+        log.warning(
+            "%s is not set: POST /api/alerts/webhook and what shows alerts or the rollout "
+            "(GET /api/alerts/webhook, /api/monitoring/rollout, /api/monitoring/dashboard, "
+            "/api/monitoring/circuit-breaker, so the /dashboard page too) answer 503; set it "
+            "to serve them to requests carrying it as their bearer token",
+            WEBHOOK_SECRET_ENV,
+        )
     settings, watch = await _what_to_serve(args)
     listener = _listen(args.host, args.port)
     config = uvicorn.Config(
@@ -184,6 +238,10 @@ def _settings(
         shadow_sample_rate=args.shadow_sample_rate,
         prices=prices,
         allow_version_override=args.allow_version_override,
+        search_timeout_seconds=args.search_timeout,
+        statement_timeout_seconds=args.statement_timeout,
+        query_cache_ttl_seconds=args.query_cache_ttl,
+        query_cache_max_rows=args.query_cache_max_rows,
     )
 
 

@@ -3,6 +3,7 @@
 No clock, no I/O, no kopf, kubernetes, httpx or psycopg (an import-linter contract says so).
 """
 
+from embedshift_operator.core.allowlist import Allowlist, Refusal, refusals
 from embedshift_operator.core.analysis import (
     AnalysisPlan,
     MetricSource,
@@ -11,7 +12,7 @@ from embedshift_operator.core.analysis import (
     measure,
     plan_analysis,
 )
-from embedshift_operator.core.decide import decide
+from embedshift_operator.core.decide import decide, settle_drop
 from embedshift_operator.core.jobs import follower_name, job_name
 from embedshift_operator.core.model import (
     Action,
@@ -31,6 +32,7 @@ from embedshift_operator.core.model import (
 
 __all__ = [
     "Action",
+    "Allowlist",
     "AnalysisObservation",
     "AnalysisPlan",
     "Decision",
@@ -43,6 +45,7 @@ __all__ = [
     "MetricSourceError",
     "Observations",
     "ProgressObservation",
+    "Refusal",
     "RoutingObservation",
     "RunJob",
     "SetPercentage",
@@ -52,4 +55,6 @@ __all__ = [
     "job_name",
     "measure",
     "plan_analysis",
+    "refusals",
+    "settle_drop",
 ]

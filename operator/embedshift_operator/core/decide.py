@@ -21,6 +21,13 @@ The rules (DESIGN.md "Phases"), in the order they are applied each tick:
 4. The follower runs from Migrating on; the routing row is kept at the effective percentage
    (repaired if it drifted); conditions are derived from the phase and the last check.
 
+A spec naming what the operator may not use (``Observations.refusals``: an image or a host
+outside its allowlists, :mod:`embedshift_operator.core.allowlist`) is **held**: its changes are
+not taken in (the spec hash stays, so they are once it is allowed), no Job, follower, step,
+retry or cleanup runs, and no percentage rises; the safety rules (alerts, the emergency flag,
+``maxPercentage``, rollback thresholds) still act. Ready is False and Stalled True with the
+refusal's reason (ImageNotAllowed, EndpointNotAllowed), and a Warning Event says it once.
+
 RolledBack holds 0 % until a spec hash changes (a Git commit), or, after a manual rollback,
 until ``maxPercentage`` is raised again. Failed holds until the spec changes.
 """
@@ -31,6 +38,7 @@ from collections.abc import Callable
 from datetime import datetime
 
 from embedshift_operator.core.analysis import all_passing, breached_thresholds, evaluate
+from embedshift_operator.core.cleanup import drop_due, drop_outcome, source_condition
 from embedshift_operator.core.jobs import follower_name, job_name
 from embedshift_operator.core.model import (
     Action,
@@ -65,7 +73,7 @@ from embedshift_operator.resource import (
 )
 from rag_service.criteria import Verdict
 
-__all__ = ["decide"]
+__all__ = ["decide", "settle_drop"]
 
 _Done = Callable[[], None]  # what follows a Job's success
 
@@ -106,6 +114,27 @@ def decide(
     return Decision(status=tick.status, actions=tuple(tick.actions))
 
 
+def settle_drop(
+    spec: EmbeddingMigrationSpec,
+    status: EmbeddingMigrationStatus,
+    action: DropSource,
+    *,
+    error: str | None,
+    now: datetime,
+) -> Decision:
+    """What a :class:`DropSource` the driver ran changes, ``error`` None when it committed: the
+    status to save instead of the decision's (``sourceDroppedAt``, or the failure its backoff
+    counts, and the SourceDropped condition) and the Event to emit (a failure's is a Warning).
+    Pure; both drivers call it (:mod:`embedshift_operator.core.cleanup`)."""
+    settled, reason, message = drop_outcome(spec, status, action, error=error, now=now)
+    tick = _Tick(spec, settled, Observations(), now, "")
+    dropped = next(c for c in tick.conditions() if c.type is ConditionType.SOURCE_DROPPED)
+    others = [c for c in settled.conditions if c.type is not ConditionType.SOURCE_DROPPED]
+    tick.set(conditions=[*others, dropped])
+    tick.event(reason, message, warning=error is not None)
+    return Decision(status=tick.status, actions=tuple(tick.actions))
+
+
 class _Tick:
     """One call of :func:`decide`: the status being built and the actions gathered."""
 
@@ -125,12 +154,16 @@ class _Tick:
         self.actions: list[Action] = []
         self._routed = False  # a SetPercentage was issued this tick
         self._clearing_emergency = False  # a SetPercentage this tick clears the emergency flag
+        self._entered = False  # a transition happened this tick (its message is status.message)
+        self.refused = bool(observations.refusals)  # the spec is held (see the module doc)
 
     # ---- the rules, in order ------------------------------------------------------------------
 
     def run(self) -> None:
         hashes = spec_hash(self.spec)
-        if self.status.spec_hash is None:
+        if self.refused:
+            pass  # a held spec's changes wait until it is allowed
+        elif self.status.spec_hash is None:
             self.set(spec_hash=hashes)
             self.enter(Phase.PREPARING, "Started", "migration started: running setup")
         else:
@@ -138,8 +171,10 @@ class _Tick:
         self.record_progress()
         if not (self.safety() or self.manual_cap()):
             self.phase_work()
-        self.follower()
+        if not self.refused:
+            self.follower()
         self.reconcile_routing()
+        self.report_refusal()
         self.set(conditions=self.conditions())
 
     def spec_changes(self, new: SpecHash) -> None:
@@ -193,7 +228,12 @@ class _Tick:
         if cap == 0 and phase in (*_ROUTED, Phase.SUCCEEDED):
             self.roll_back(_MANUAL, "spec.rollout.maxPercentage is 0: manual rollback")
             return True
-        if cap > 0 and phase is Phase.ROLLED_BACK and self.rolled_back_by() == _MANUAL:
+        if (
+            cap > 0
+            and phase is Phase.ROLLED_BACK
+            and self.rolled_back_by() == _MANUAL
+            and not self.refused
+        ):
             self.start_rollout(
                 "Retrying", f"spec.rollout.maxPercentage raised to {cap}: retrying from step 1"
             )
@@ -202,6 +242,8 @@ class _Tick:
 
     def phase_work(self) -> None:
         phase = self.status.phase
+        if self.refused and phase not in _ROUTED:
+            return  # held: nothing runs (a routed step still rolls back: see step())
         if phase is Phase.PENDING:
             self.enter(Phase.PREPARING, "Started", "migration started: running setup")
         elif phase is Phase.PREPARING:
@@ -342,7 +384,9 @@ class _Tick:
         index = min(self.status.step_index, len(steps) - 1)
         current = steps[index]
         wanted = min(current.percentage, spec.rollout.max_percentage)
-        if wanted != self.status.percentage:
+        if wanted != self.status.percentage and not (
+            self.refused and wanted > self.status.percentage
+        ):
             self.route(wanted, f"step {index + 1}: {wanted} % (maxPercentage caps it)")
         checked = self.obs.analysis is not None
         if self.obs.analysis is not None:
@@ -351,6 +395,8 @@ class _Tick:
             if breached:
                 self.roll_back("ThresholdBreached", self.breach_message(breached))
                 return
+        if self.refused:
+            return  # held: no pause, promotion or success until the spec is allowed
         last = index == len(steps) - 1
         resting = Phase.PROMOTED if last else Phase.PROGRESSING
         if spec.rollout.paused:
@@ -424,20 +470,10 @@ class _Tick:
         return ""
 
     def cleanup(self) -> None:
-        cleanup = self.spec.cleanup
-        column = self.spec.database.source_embedding_column
-        if not cleanup.drop_source or column is None or self.status.source_dropped_at:
-            return
-        since = self.status.phase_started_at or self.now
-        due = since + parse_duration(cleanup.retain_source_for)
-        if self.now < due:
-            return
-        self.actions.append(DropSource(column=column))
-        self.set(source_dropped_at=self.now)
-        self.event(
-            "SourceDropped",
-            f"cleanup.dropSource: dropping {column} after {cleanup.retain_source_for}",
-        )
+        # Recorded by settle_drop once the driver ran it (core.cleanup), never here.
+        drop = drop_due(self.spec, self.status, self.now)
+        if drop is not None:
+            self.actions.append(drop)
 
     # ---- follower, routing, progress, conditions ------------------------------------------------
 
@@ -477,15 +513,38 @@ class _Tick:
             )
         )
 
+    def refusal(self) -> tuple[str, str] | None:
+        """(reason, message) of a held spec: the first refusal's reason, every message."""
+        found = self.obs.refusals
+        if not found:
+            return None
+        return found[0].reason, "; ".join(r.message for r in found)
+
+    def report_refusal(self) -> None:
+        """A Warning Event when the spec is refused, or refused for another reason: once, not
+        every tick (the Ready condition keeps saying it); the message becomes status.message
+        unless a transition (a rollback) wrote its own this tick."""
+        refusal = self.refusal()
+        if refusal is None:
+            return
+        before = next((c for c in self.status.conditions if c.type is ConditionType.READY), None)
+        if before is None or (before.reason, before.message) != refusal:
+            self.event(*refusal, warning=True)
+        if not self._entered:
+            self.set(message=refusal[1])
+
     def conditions(self) -> list[Condition]:
         phase = self.status.phase
+        refusal = self.refusal()
         migrated = phase in (*_ROUTED, Phase.INDEXING, Phase.VERIFYING, Phase.SUCCEEDED) or (
             phase is Phase.ROLLED_BACK
         )
         verification = self.status.verification
         analysis = self.status.analysis
         wanted: list[tuple[ConditionType, str, str, str]] = []
-        if self.obs.database_error:
+        if refusal is not None:
+            wanted.append((ConditionType.READY, "False", *refusal))
+        elif self.obs.database_error:
             wanted.append(
                 (ConditionType.READY, "False", "DatabaseUnreachable", self.obs.database_error)
             )
@@ -528,7 +587,17 @@ class _Tick:
             wanted.append((ConditionType.ROLLED_BACK, "False", "NotRolledBack", ""))
         # kstatus (Flux) reads Stalled=True as Failed; Ready=False alone reads as InProgress for
         # ever. Present as False otherwise, as RolledBack is: kstatus reads False as absent.
-        if phase in _STALLED:
+        if refusal is not None:
+            reason, message = refusal
+            wanted.append(
+                (
+                    ConditionType.STALLED,
+                    "True",
+                    reason,
+                    f"{message} (held until the spec or the operator's allowlist changes)",
+                )
+            )
+        elif phase in _STALLED:
             wanted.append(
                 (
                     ConditionType.STALLED,
@@ -539,6 +608,9 @@ class _Tick:
             )
         else:
             wanted.append((ConditionType.STALLED, "False", "NotStalled", ""))
+        dropped = source_condition(self.spec, self.status)
+        if dropped is not None:
+            wanted.append(dropped)
         previous = {c.type: c for c in self.status.conditions}
         result = []
         for kind, state, reason, message in wanted:
@@ -591,6 +663,7 @@ class _Tick:
             message=message,
         )
         history = [*self.status.history, entry][-HISTORY_LIMIT:]
+        self._entered = True
         started = self.now if phase is not self.status.phase else self.status.phase_started_at
         self.set(phase=phase, history=history, message=message, phase_started_at=started)
         self.event(reason, message, warning=warning)

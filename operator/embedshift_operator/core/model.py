@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from embedshift_operator.core.allowlist import Refusal
 from embedshift_operator.resource import EmbeddingMigrationStatus, JobKind, JobState
 
 
@@ -77,6 +78,8 @@ class Observations:
     alerts: tuple[str, ...] = ()  # firing alerts labelled with this migration
     routing: RoutingObservation | None = None
     database_error: str | None = None  # the database could not be read (a condition, not a crash)
+    # What the spec names and the operator may not use (core.allowlist): the spec is held.
+    refusals: tuple[Refusal, ...] = ()
 
 
 # ---- actions -----------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from tests.helpers import PYTHON, cli, cli_subprocess
 from tests.operator.kube.conftest import Cluster
 from tests.operator.kube.harness import (
     GROUP,
+    IMAGE,
     KEY,
     NAME,
     NS,
@@ -148,7 +149,8 @@ async def start(kubeconfig: Path, tmp_path: Path) -> AsyncIterator[Callable[...,
         environ.update(env or {})
         process = OperatorProcess(
             log=tmp_path / f"operator-{len(started)}.log",
-            argv=["--kubeconfig", str(kubeconfig), *argv],
+            # The harness's migrations name IMAGE; `operator run` runs only its own by default.
+            argv=["--kubeconfig", str(kubeconfig), "--allowed-image", IMAGE, *argv],
             env=environ,
         )
         started.append(process)
@@ -265,7 +267,12 @@ async def test_operator_run_serves_its_namespace_and_stops_on_sigterm(
 
 def alertmanager_payload(*, status: str = "firing") -> dict[str, Any]:
     """An Alertmanager (v4) webhook body with one critical alert for rag/docs."""
-    labels = {"alertname": "EmbeddingV2ErrorRate", "migration": KEY, "severity": "critical"}
+    labels = {
+        "alertname": "EmbeddingV2ErrorRate",
+        "migration": KEY,
+        "namespace": KEY.partition("/")[0],  # the receiver takes alerts of its own namespace
+        "severity": "critical",
+    }
     return {
         "version": "4",
         "groupKey": '{}:{alertname="EmbeddingV2ErrorRate"}',

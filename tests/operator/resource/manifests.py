@@ -178,6 +178,44 @@ CEL_BAD = [
         "exactly 1536 dimensions",
     ),
     Bad(
+        "model-breaking-promql",
+        _target(provider="local", model='hash"} or vector(1) #', dimensions=8),
+        "spec.target.model",
+        "only letters, digits",
+    ),
+    Bad(
+        "source-model-with-newline",
+        edited({"source": {"provider": "local", "model": "hash\nX: 1", "dimensions": 8}}),
+        "spec.source.model",
+        "only letters, digits",
+    ),
+    Bad(
+        "base-url-not-http",
+        _target(
+            provider="openai",
+            model="text-embedding-3-small",
+            dimensions=8,
+            baseURL="file:///etc/passwd",
+        ),
+        "spec.target.baseURL",
+        "http:// or https://",
+    ),
+    Bad(
+        "source-base-url-with-newline",
+        edited(
+            {
+                "source": {
+                    "provider": "openai",
+                    "model": "text-embedding-3-small",
+                    "dimensions": 8,
+                    "baseURL": "http://a/v1\nHost: b",
+                }
+            }
+        ),
+        "spec.source.baseURL",
+        "http:// or https://",
+    ),
+    Bad(
         "3-small-over-1536",
         _target(provider="openai", model="text-embedding-3-small", dimensions=1537),
         "spec.target.dimensions",
