@@ -252,7 +252,8 @@ def serve_flags(source_dims: int) -> list[str]:
     ]  # fmt: skip
 
 
-# The forced v2 searches below need the override's bearer token (the webhook's secret).
+# The forced v2 searches below need the override's bearer token (the webhook's secret), and so
+# does GET /api/monitoring/circuit-breaker (the HTTP-only floor).
 BENCH_TOKEN = secrets.token_hex(16)
 
 
@@ -386,7 +387,9 @@ async def http_floor_run(service: Target, concurrency: int, n: int) -> Run:
 
     async def one(worker: int, item: int) -> None:
         del item
-        response = await service.clients[worker].get("/api/monitoring/circuit-breaker")
+        response = await service.clients[worker].get(
+            "/api/monitoring/circuit-breaker", headers={"Authorization": f"Bearer {BENCH_TOKEN}"}
+        )
         assert response.status_code == 200, response.text
         response.json()
 

@@ -33,6 +33,7 @@ from rag_service.schema import (
     table_exists,
 )
 from rag_service.spec import DataPlaneSpec, validation_message
+from rag_service.statement_timeout import STATEMENT_TIMEOUT_SECONDS, limit_statements
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,11 @@ async def read_routing(url: str, spec: DataPlaneSpec, *, migration: str) -> Rout
 
 
 async def read_recorded(
-    url: str, *, migration: str, schema: str | None = None
+    url: str,
+    *,
+    migration: str,
+    schema: str | None = None,
+    statement_timeout_seconds: float = STATEMENT_TIMEOUT_SECONDS,
 ) -> DataPlaneSpec | None:
     """The data plane ``migrate setup`` recorded for ``migration`` (table, columns, v1 column,
     both models), or None when no routing row holds one.
@@ -98,9 +103,11 @@ async def read_recorded(
     The routing table lives next to the source table, whose schema is what is being looked up,
     so every schema's routing table is read; ``schema`` (a table the caller was given) picks
     one when several hold the key. DatabaseUnavailable when the database cannot be reached.
+    Its statements run under ``statement_timeout_seconds``, as the service's own do.
     """
     conn = await connect(url, autocommit=True)
     async with conn:
+        await limit_statements(conn, statement_timeout_seconds)
         cur = await conn.execute(
             "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
             "WHERE c.relname = %s AND c.relkind = 'r' AND has_table_privilege(c.oid, 'SELECT') "
@@ -195,6 +202,8 @@ class RoutingFollower:
     ``on_record`` is called (without arguments, on the event loop) after the first read of the
     row and whenever the data plane recorded in it changes (``migrate setup`` recorded another
     spec for the key): ``embedshift serve`` then reads the record again and switches to it.
+    Its connection's statements (the re-reads) run under ``statement_timeout_seconds``, as the
+    service's pooled ones do; the LISTEN waiting between them is no statement.
     """
 
     def __init__(
@@ -206,8 +215,10 @@ class RoutingFollower:
         schema: str | None = None,
         reread_seconds: float = 5.0,
         on_record: Callable[[], None] | None = None,
+        statement_timeout_seconds: float = STATEMENT_TIMEOUT_SECONDS,
     ) -> None:
         self._url = url
+        self._statement_timeout = statement_timeout_seconds
         self._migration = migration
         self._table = TableName(ROLLOUT_TABLE, schema)
         self._reread = reread_seconds
@@ -289,6 +300,7 @@ class RoutingFollower:
                     self._url, autocommit=True, connect_timeout=5
                 )
                 async with conn:
+                    await limit_statements(conn, self._statement_timeout)
                     await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(ROLLOUT_CHANNEL)))
                     await self._read(conn)
                     backoff = 0.5
@@ -310,16 +322,25 @@ class RoutingFollower:
                 backoff = min(backoff * 2, 10.0)
 
 
-async def wake_on_notify(url: str, *, migration: str, every: float, wake: asyncio.Event) -> None:
+async def wake_on_notify(
+    url: str,
+    *,
+    migration: str,
+    every: float,
+    wake: asyncio.Event,
+    statement_timeout_seconds: float = STATEMENT_TIMEOUT_SECONDS,
+) -> None:
     """Set ``wake`` at once, whenever a NOTIFY on ``embedshift_rollout`` names ``migration``
     (``migrate setup`` sends one), right after each LISTEN starts, and at least every ``every``
     seconds, the database reachable or not. Runs until cancelled; what to read on a wake is
-    the caller's (``embedshift serve`` waiting for the record of its migration)."""
+    the caller's (``embedshift serve`` waiting for the record of its migration). Its
+    connection runs under ``statement_timeout_seconds``, as the service's do."""
     wake.set()  # read once at once, before the first connection succeeds or fails
     while True:
         try:
             conn = await psycopg.AsyncConnection.connect(url, autocommit=True, connect_timeout=5)
             async with conn:
+                await limit_statements(conn, statement_timeout_seconds)
                 await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(ROLLOUT_CHANNEL)))
                 wake.set()  # a record written before the LISTEN started is read now
                 while True:

@@ -446,7 +446,7 @@ def setup_statements(
             "    updated_at timestamptz NOT NULL DEFAULT now()\n"
             ")"
         ).format(ident(layout.rollout)),
-        query_cache_table(layout.source.schema),
+        *query_cache_table(layout.source.schema),
         # A new row routes 0 %. An existing row keeps its percentage, and its target too while
         # it routes traffic (percentage > 0) to another side table: ``check_routing_row`` refuses
         # that case with a message first; the WHERE keeps a row raised meanwhile as it is.
@@ -472,17 +472,25 @@ def setup_statements(
     return statements
 
 
-def query_cache_table(schema: str | None) -> Query:
-    """The search service's shared query-embedding cache (see ``rag_service.query_cache``)."""
-    return sql.SQL(
-        "CREATE TABLE IF NOT EXISTS {} (\n"
-        "    descriptor text NOT NULL,\n"
-        "    query_hash bytea NOT NULL,\n"
-        "    embedding vector NOT NULL,\n"
-        "    created_at timestamptz NOT NULL DEFAULT now(),\n"
-        "    PRIMARY KEY (descriptor, query_hash)\n"
-        ")"
-    ).format(ident(TableName(QUERY_CACHE_TABLE, schema)))
+def query_cache_table(schema: str | None) -> list[Query]:
+    """The search service's shared query-embedding cache (see ``rag_service.query_cache``), in
+    order and idempotent: the table, and an index on ``created_at``, by which the background
+    prune filters (past the TTL) and orders (the oldest over the row cap)."""
+    table = ident(TableName(QUERY_CACHE_TABLE, schema))
+    return [
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {} (\n"
+            "    descriptor text NOT NULL,\n"
+            "    query_hash bytea NOT NULL,\n"
+            "    embedding vector NOT NULL,\n"
+            "    created_at timestamptz NOT NULL DEFAULT now(),\n"
+            "    PRIMARY KEY (descriptor, query_hash)\n"
+            ")"
+        ).format(table),
+        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (created_at)").format(
+            sql.Identifier(derived_identifier(QUERY_CACHE_TABLE, "created_at")), table
+        ),
+    ]
 
 
 # The descriptors are the record ``embedshift serve --migration KEY`` serves from: the data plane

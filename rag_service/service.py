@@ -73,6 +73,8 @@ from rag_service.schema import (
 from rag_service.search import Hit, configure_connection, ef_search_for, search
 from rag_service.shadow import ShadowComparer, ShadowJob, ShadowResult
 from rag_service.spec import DataPlaneSpec
+from rag_service.statement_timeout import STATEMENT_TIMEOUT_SECONDS as STATEMENT_TIMEOUT_SECONDS
+from rag_service.statement_timeout import limit_statements
 
 log = logging.getLogger("embedshift.service")
 # How long /readyz waits for a database connection: within the chart's probe timeout (10 s).
@@ -86,9 +88,6 @@ _PINNED = "embedshift.service"
 # instead of a hung request. Above the query embedding's own give-up (5 s, one retry) and the
 # statement timeout, so those fail first and take the v1 fallback while there is time for it.
 SEARCH_TIMEOUT_SECONDS: Final = 10.0
-# Every statement the service runs (``serve --statement-timeout``): a search's, the query
-# cache's, the health checks' and the routing row's, set on each connection it opens.
-STATEMENT_TIMEOUT_SECONDS: Final = 5.0
 perf_log = logging.getLogger("embedshift.performance")
 analytics_log = logging.getLogger("embedshift.analytics")
 
@@ -210,6 +209,8 @@ class RecordWatch:
     migration: str
     waiting: str
     reread_seconds: float = 5.0
+    # The record's wait (LISTEN) connection's statement_timeout, as the service's pool's.
+    statement_timeout_seconds: float = STATEMENT_TIMEOUT_SECONDS
 
 
 @dataclass
@@ -558,6 +559,7 @@ async def _follow_record(app: FastAPI, watch: RecordWatch, changed: asyncio.Even
                         migration=watch.migration,
                         every=watch.reread_seconds,
                         wake=changed,
+                        statement_timeout_seconds=watch.statement_timeout_seconds,
                     ),
                     name="embedshift-record-wait",
                 )
@@ -760,6 +762,7 @@ async def _start(
             schema=spec.database.table_name.schema,
             reread_seconds=settings.reread_seconds,
             on_record=on_record,
+            statement_timeout_seconds=settings.statement_timeout_seconds,
         )
         await follower.start()
     metrics = shared.metrics
@@ -825,18 +828,6 @@ async def _start(
         settings.default_percentage,
     )
     return service
-
-
-async def limit_statements(conn: psycopg.AsyncConnection[Any], seconds: float) -> None:
-    """Every later statement of ``conn``'s session runs under ``statement_timeout``: past it the
-    server cancels it, and the caller sees a psycopg error (QueryCanceled), an error for that
-    request. A session SET (as ``configure_connection``'s), not libpq's ``options``, which
-    PgBouncer refuses."""
-    await conn.execute(
-        psycopg.sql.SQL("SET statement_timeout = {}").format(
-            psycopg.sql.Literal(max(1, round(seconds * 1000)))
-        )
-    )
 
 
 async def _layout(settings: ServiceSettings) -> Layout:

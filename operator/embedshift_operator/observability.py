@@ -93,10 +93,13 @@ _RUNBOOK_LATENCY = (
     "(a cold cache embeds every query), that the ANN index exists (`embedshift migrate status`; "
     "`embedshift migrate index` builds it) and the embedding API's response times."
 )
+# The search service answers these reads only with its ALERT_WEBHOOK_SECRET as a bearer token.
+_AUTH = '-H "Authorization: Bearer $ALERT_WEBHOOK_SECRET"'
 _RUNBOOK_ERRORS = (
-    "Read the v2 errors: `curl $SERVICE/api/alerts/webhook?severity=error` and the service's "
-    "log; check the target API key and rate limits and "
-    "`curl $SERVICE/api/monitoring/circuit-breaker`. Fallbacks count as errors: v1 answered."
+    f'Read the v2 errors: `curl "$SERVICE/api/alerts/webhook?severity=error" {_AUTH}` and the '
+    "service's log; check the target API key and rate limits and "
+    f"`curl $SERVICE/api/monitoring/circuit-breaker {_AUTH}`. Fallbacks count as errors: v1 "
+    "answered."
 )
 _ROLLBACK_NOTE = (
     " Critical: the operator's receiver rolls this migration back to 0 % while it fires; "

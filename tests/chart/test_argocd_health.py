@@ -18,12 +18,19 @@ from kubernetes import client
 
 from embedshift_operator.adapters.kube import patch_spec, patch_status
 from embedshift_operator.core import decide
+from embedshift_operator.core.allowlist import (
+    ENDPOINT_NOT_ALLOWED,
+    IMAGE_NOT_ALLOWED,
+    Allowlist,
+    refusals,
+)
 from embedshift_operator.core.model import Observations
 from embedshift_operator.handlers import held_status
 from embedshift_operator.resource import (
     GROUP,
     PLURAL,
     VERSION,
+    ConditionType,
     EmbeddingMigrationStatus,
     Phase,
 )
@@ -146,6 +153,59 @@ def test_the_messages_say_why() -> None:
         "Progressing",
         f"Pending at 0% to v2 (DatabaseUnreachable): {UNREACHABLE}",
     )
+
+
+@pytest.mark.parametrize(
+    ("parts", "allowlist", "reason"),
+    [
+        (
+            {"migration": {"image": "evil.example/x:1"}},
+            Allowlist(images=("ghcr.io/embedshift/embedshift",)),
+            IMAGE_NOT_ALLOWED,
+        ),
+        (
+            {},
+            Allowlist(images=("*",), endpoints=("prometheus.monitoring.svc",)),
+            ENDPOINT_NOT_ALLOWED,
+        ),
+    ],
+)
+@pytest.mark.parametrize("phase", [Phase.PENDING, Phase.PROGRESSING, Phase.SUCCEEDED])
+def test_a_spec_the_allowlists_refuse_is_degraded_saying_why(
+    parts: dict[str, Any], allowlist: Allowlist, reason: str, phase: Phase
+) -> None:
+    """The operator holds a spec naming an image or a host outside its allowlists (Stalled True
+    with the refusal's reason) in whatever phase it was: Degraded, whatever that phase, with
+    the Stalled condition's reason and message (what to change), not Progressing for ever."""
+    spec = make_spec(**parts)
+    start = EmbeddingMigrationStatus() if phase is Phase.PENDING else status_at(spec, phase)
+    refused = Observations(refusals=refusals(spec, allowlist, operator_image="ghcr.io/e/e:1"))
+    status = decide(spec, start, refused, T0 + timedelta(minutes=1), name="docs").status
+    assert status.phase is phase  # held where it was
+    stalled = next(c for c in status.conditions if c.type is ConditionType.STALLED)
+    assert (stalled.status, stalled.reason) == ("True", reason)
+    obj = {"metadata": {"generation": 1}, "status": status.model_dump(mode="json", by_alias=True)}
+    assert health(obj) == (
+        "Degraded",
+        f"{phase.value} at {status.percentage}% to v2 ({reason}): {stalled.message}",
+    )
+
+
+def test_failed_and_rolled_back_say_ready_not_stalled() -> None:
+    """Stalled is True in Failed and RolledBack too: still Degraded, and the message is the
+    Ready condition's, as before (Stalled repeats it with the phase)."""
+    for phase in (Phase.FAILED, Phase.ROLLED_BACK):
+        status = decided(phase)
+        ready = next(c for c in status.conditions if c.type is ConditionType.READY)
+        stalled = next(c for c in status.conditions if c.type is ConditionType.STALLED)
+        assert stalled.status == "True"
+        obj = {
+            "metadata": {"generation": 1},
+            "status": status.model_dump(mode="json", by_alias=True),
+        }
+        verdict, message = health(obj)
+        assert verdict == "Degraded" and message.endswith(f": {ready.message}"), message
+        assert stalled.message not in message, message
 
 
 async def test_a_status_older_than_the_spec_is_progressing(api: client.ApiClient, ns: str) -> None:

@@ -24,7 +24,8 @@ async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
 @pytest.fixture
 async def pool(database_url: str) -> AsyncIterator[AsyncConnectionPool[Any]]:
     with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(query_cache_table(None))
+        for statement in query_cache_table(None):
+            conn.execute(statement)
         conn.execute(f"TRUNCATE {QUERY_CACHE_TABLE}")
     pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
         database_url, min_size=1, max_size=4, configure=_configure, kwargs={"autocommit": True}
@@ -110,6 +111,20 @@ async def test_an_unreachable_database_costs_the_cache_not_the_answer() -> None:
 
 
 # ---- the shared table's bounds: a TTL and a row cap --------------------------------------------
+
+
+def test_the_table_has_an_index_on_created_at_and_its_statements_rerun(database_url: str) -> None:
+    """The prune filters and orders by ``created_at``: an index on it, made by statements that
+    run again (as every ``migrate setup`` does) without an error or a second index."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for _ in range(2):
+            for statement in query_cache_table(None):
+                conn.execute(statement)
+        indexes = conn.execute(
+            "SELECT indexdef FROM pg_indexes WHERE tablename = %s AND indexdef LIKE %s",
+            [QUERY_CACHE_TABLE, "%(created_at)%"],
+        ).fetchall()
+    assert len(indexes) == 1 and "btree (created_at)" in indexes[0][0], indexes
 
 
 def age_rows(url: str, *, older_than_now: dict[str, float]) -> None:

@@ -284,6 +284,7 @@ async def _what_to_serve(
         waiting=f"waiting for `embedshift migrate setup` to record {key} in "
         f"{describe_url(args.database_url)}",
         reread_seconds=args.reread_seconds,
+        statement_timeout_seconds=args.statement_timeout,
     )
     return first, watch
 
@@ -337,7 +338,10 @@ async def _resolve(
         )
     try:
         recorded = await read_recorded(
-            args.database_url, migration=key, schema=table.schema if table else None
+            args.database_url,
+            migration=key,
+            schema=table.schema if table else None,
+            statement_timeout_seconds=args.statement_timeout,
         )
     except DatabaseUnavailable as exc:
         if not by_flags:

@@ -33,28 +33,41 @@ if generation ~= nil and status.observedGeneration ~= nil
 end
 
 local ready = nil
+local stalled = nil
 if status.conditions ~= nil then
   for _, condition in ipairs(status.conditions) do
     if condition.type == "Ready" then
       ready = condition
+    elseif condition.type == "Stalled" and condition.status == "True" then
+      stalled = condition
     end
   end
 end
 
 local phase = status.phase
+-- Stalled True: nothing moves until a person acts. In Failed and RolledBack (Degraded anyway)
+-- Ready says why; in any other phase it is the operator refusing the spec (ImageNotAllowed,
+-- EndpointNotAllowed: its allowlists), and Stalled's message says what to change.
+local held = stalled ~= nil and not degraded[phase]
+local why = ready
+if held then
+  why = stalled
+end
 local message = string.format("%s at %d%% to v2", phase, status.percentage or 0)
-if ready ~= nil then
+if why ~= nil then
   -- The Ready reason is the phase itself unless something else holds it (DatabaseUnreachable).
-  if ready.reason ~= nil and ready.reason ~= "" and ready.reason ~= phase then
-    message = message .. " (" .. ready.reason .. ")"
+  if why.reason ~= nil and why.reason ~= "" and why.reason ~= phase then
+    message = message .. " (" .. why.reason .. ")"
   end
-  if ready.message ~= nil and ready.message ~= "" then
-    message = message .. ": " .. ready.message
+  if why.message ~= nil and why.message ~= "" then
+    message = message .. ": " .. why.message
   end
 end
 hs.message = message
 
-if healthy[phase] then
+if held then
+  hs.status = "Degraded"
+elseif healthy[phase] then
   hs.status = "Healthy"
 elseif suspended[phase] then
   hs.status = "Suspended"
