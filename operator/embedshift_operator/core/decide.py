@@ -585,32 +585,37 @@ class _Tick:
             )
         else:
             wanted.append((ConditionType.ROLLED_BACK, "False", "NotRolledBack", ""))
-        # kstatus (Flux) reads Stalled=True as Failed; Ready=False alone reads as InProgress for
-        # ever. Present as False otherwise, as RolledBack is: kstatus reads False as absent.
-        if refusal is not None:
-            reason, message = refusal
-            wanted.append(
-                (
-                    ConditionType.STALLED,
-                    "True",
-                    reason,
-                    f"{message} (held until the spec or the operator's allowlist changes)",
-                )
-            )
-        elif phase in _STALLED:
-            wanted.append(
-                (
-                    ConditionType.STALLED,
-                    "True",
-                    self.entered_by(phase) or phase.value,
-                    f"{phase.value}: {self.status.message} (held until the spec changes)",
-                )
-            )
-        else:
-            wanted.append((ConditionType.STALLED, "False", "NotStalled", ""))
+        wanted.append(self.stalled(refusal))
         dropped = source_condition(self.spec, self.status)
         if dropped is not None:
             wanted.append(dropped)
+        return self.stamped(wanted)
+
+    def stalled(self, refusal: tuple[str, str] | None) -> tuple[ConditionType, str, str, str]:
+        """Stalled: kstatus (Flux) reads Stalled=True as Failed; Ready=False alone reads as
+        InProgress for ever. Present as False otherwise, as RolledBack is: kstatus reads False
+        as absent."""
+        if refusal is not None:
+            reason, message = refusal
+            return (
+                ConditionType.STALLED,
+                "True",
+                reason,
+                f"{message} (held until the spec or the operator's allowlist changes)",
+            )
+        phase = self.status.phase
+        if phase in _STALLED:
+            return (
+                ConditionType.STALLED,
+                "True",
+                self.entered_by(phase) or phase.value,
+                f"{phase.value}: {self.status.message} (held until the spec changes)",
+            )
+        return (ConditionType.STALLED, "False", "NotStalled", "")
+
+    def stamped(self, wanted: list[tuple[ConditionType, str, str, str]]) -> list[Condition]:
+        """``wanted`` as Conditions, each keeping its lastTransitionTime unless its status
+        changed."""
         previous = {c.type: c for c in self.status.conditions}
         result = []
         for kind, state, reason, message in wanted:
