@@ -1,14 +1,38 @@
-"""Where a migration stands, read from the data: ``embedshift migrate status`` and verify's counts.
+"""Where a migration stands: ``embedshift migrate status``, the control loop's observation, and
+verify's counts.
 
-Counts come from the source and side tables themselves (what is true now), spend and errors from
-``embedding_migration_status`` (what the workers did).
+Two ways to count the same figures (per category: embeddable source rows, of those the ones with
+a current vector, stale vectors, rows without text):
+
+- **maintained** (``migrate status``, and every tick of the operator and ``rollout run``): costs
+  O(changes), never O(corpus). The counters ``setup`` installs (:func:`rag_service.schema.
+  counter_statements`) hold, per category, the source rows with and without text and the side
+  table's rows; the change queue holds every row whose vector may not be current. Every vector
+  of a row that is *not* queued is current and carries the row's category, because each change
+  that could make it otherwise (an insert, a new text or category) queues the row in the
+  writer's own transaction, and a worker removes a queue entry only in the transaction that
+  settles it (hash-guarded). So::
+
+      current(c) = vectors(c) - queued rows with a vector whose copy says c
+                              + queued rows in c whose vector is current
+
+  and stale is counted over the queued rows alone. The queue is read row by row through the
+  primary keys (``OFFSET 0`` keeps the planner from turning that into a hash join that would
+  read the whole source), so a tick reads the counters, the queue and nothing of the corpus.
+- **exact** (``migrate verify``, ``migrate status --exact``): one pass over source ⟕ target,
+  compared with the maintained figures of the same snapshot; on a difference the counters are
+  counted again and any vector the queue should hold is queued (:func:`check_counters`).
+
+Spend and errors come from ``embedding_migration_status`` (what the workers did).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from datetime import datetime
+from typing import Any, Literal
 
 import psycopg
 from psycopg import sql
@@ -18,11 +42,33 @@ from rag_service.schema import (
     Layout,
     category_filter,
     connect,
+    counter_lock,
     ident,
     inspect_source,
+    seed_counters,
     table_exists,
 )
 from rag_service.spec import DataPlaneSpec
+
+log = logging.getLogger(__name__)
+
+CountsKind = Literal["maintained", "exact"]
+# Counter rows a fold would remove before a reader folds them (one short statement): few enough
+# that summing them costs nothing, many enough that a busy source is not folded on every tick.
+COMPACT_AFTER = 200
+# What ``as_dict`` reports, and how each figure was obtained when the counts are maintained:
+# read from counters and the queue, or read directly (these are exact whatever the mode).
+MAINTAINED_FIGURES = ("total", "migrated", "pending", "stale", "byCategory")
+EXACT_FIGURES = (
+    "queued",
+    "oldestPendingSeconds",
+    "batches",
+    "failedBatches",
+    "tokens",
+    "costUSD",
+    "recentErrors",
+)
+_FIGURES = ("source", "current", "stale", "no_text")
 
 
 @dataclass(frozen=True)
@@ -38,6 +84,53 @@ class CategoryCounts:
         return self.source - self.current
 
 
+@dataclass(frozen=True)
+class MaintainedCounts:
+    """The counters' reading (:func:`maintained_counts`)."""
+
+    categories: list[CategoryCounts]
+    vectors: int  # side-table rows
+    seeded_at: datetime  # when they were last counted whole
+    foldable: int  # counter rows a fold would remove
+
+
+@dataclass(frozen=True)
+class CountersCheck:
+    """The maintained figures against the full comparison of the same snapshot."""
+
+    drift: dict[str, dict[str, list[int]]]  # category → figure → [maintained, exact]
+    requeued: int = 0  # vectors found not current yet not queued, queued by the re-seed
+
+    @property
+    def agreed(self) -> bool:
+        return not self.drift
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "agreed": self.agreed,
+            "drift": self.drift,
+            "reseeded": not self.agreed,
+            "requeued": self.requeued,
+        }
+
+    def describe(self) -> str:
+        if self.agreed:
+            return "the maintained counters agree with the full comparison"
+        figures = "; ".join(
+            f"{category or '(none)'} {name} {values[0]} vs {values[1]}"
+            for category, names in self.drift.items()
+            for name, values in names.items()
+        )
+        return (
+            f"the maintained counters had drifted ({figures}: maintained vs exact); counted again"
+            + (
+                f", and {self.requeued} vectors that were not current but not queued were queued"
+                if self.requeued
+                else ""
+            )
+        )
+
+
 @dataclass
 class MigrationProgress:
     target: str
@@ -51,11 +144,16 @@ class MigrationProgress:
     cost_usd: float = 0.0
     tokens_by_category: dict[str, int] = field(default_factory=dict)
     recent_errors: list[dict[str, Any]] = field(default_factory=list)
+    counts: CountsKind = "exact"  # how the per-category figures were obtained
+    counted_since: datetime | None = None  # maintained: when the counters were last seeded
+    counters: CountersCheck | None = None  # exact: the maintained figures compared
+    note: str | None = None  # why the counts are exact when maintained ones were asked for
 
     def total(self, attribute: str) -> int:
         return sum(int(getattr(c, attribute)) for c in self.categories)
 
     def as_dict(self) -> dict[str, Any]:
+        maintained = self.counts == "maintained"
         return {
             "target": self.target,
             "total": self.total("source"),
@@ -72,13 +170,22 @@ class MigrationProgress:
                 c.category: {**asdict(c), "pending": c.pending} for c in self.categories
             },
             "recentErrors": self.recent_errors,
+            "counts": self.counts,
+            "figures": {
+                "maintained": list(MAINTAINED_FIGURES) if maintained else [],
+                "exact": list(EXACT_FIGURES if maintained else MAINTAINED_FIGURES + EXACT_FIGURES),
+            },
+            "countersSeededAt": self.counted_since.isoformat() if self.counted_since else None,
+            "countersCheck": self.counters.as_dict() if self.counters else None,
+            "countsNote": self.note,
         }
 
 
 async def category_counts(
     conn: psycopg.AsyncConnection[Any], layout: Layout
 ) -> list[CategoryCounts]:
-    """Per-category source, current and stale counts, in one pass over source ⟕ target."""
+    """Per-category source, current and stale counts, in one pass over source ⟕ target: the
+    exact comparison, O(corpus)."""
     cur = await conn.execute(
         sql.SQL(
             "SELECT COALESCE({cat}, '') AS category,\n"
@@ -98,6 +205,157 @@ async def category_counts(
         )
     )
     return [CategoryCounts(*row) for row in await cur.fetchall()]
+
+
+def _maintained_query(layout: Layout) -> sql.Composed:
+    """Per category: the counters summed, corrected by the queued rows (module docstring).
+    Reads the counter rows of this target and, through the primary keys, each queued row's
+    source and side-table row. Pure."""
+    return sql.SQL(
+        "WITH queued AS (\n"
+        "    SELECT src.category AS s_category, COALESCE(vec.category, '') AS t_category,\n"
+        "        vec.content_hash IS NOT NULL AS has_vector,\n"
+        "        src.embeddable AND vec.content_hash = src.content_hash AS current,\n"
+        "        vec.content_hash <> src.content_hash AS stale\n"
+        "    FROM {queue} q\n"
+        "    JOIN LATERAL (\n"
+        "        SELECT COALESCE({cat}, '') AS category, {embeddable} AS embeddable,\n"
+        "            {hash} AS content_hash\n"
+        "        FROM {src} s WHERE {sid} = q.id OFFSET 0\n"
+        "    ) src ON true\n"
+        "    LEFT JOIN LATERAL (\n"
+        "        SELECT t.category, t.content_hash FROM {tgt} t WHERE t.id = q.id OFFSET 0\n"
+        "    ) vec ON true\n"
+        "), parts AS (\n"
+        "    SELECT category, embeddable, no_text, vectors, 0 AS corrected, 0 AS stale,\n"
+        "        1 AS counter_rows, seeded_at\n"
+        "    FROM {counts} WHERE target_table = {target}\n"
+        "    UNION ALL SELECT t_category, 0, 0, 0, -1, 0, 0, NULL FROM queued WHERE has_vector\n"
+        "    UNION ALL SELECT s_category, 0, 0, 0, 1, 0, 0, NULL FROM queued WHERE current\n"
+        "    UNION ALL SELECT s_category, 0, 0, 0, 0, 1, 0, NULL FROM queued WHERE stale\n"
+        ")\n"
+        "SELECT category, sum(embeddable)::bigint, (sum(vectors) + sum(corrected))::bigint,\n"
+        "    sum(stale)::bigint, sum(no_text)::bigint, sum(vectors)::bigint,\n"
+        "    sum(counter_rows)::bigint, max(seeded_at)\n"
+        "FROM parts GROUP BY category ORDER BY category"
+    ).format(
+        queue=ident(layout.queue),
+        cat=layout.s_category,
+        embeddable=layout.s_embeddable,
+        hash=layout.s_hash,
+        src=ident(layout.source),
+        sid=layout.s_id,
+        tgt=ident(layout.target),
+        counts=ident(layout.counts),
+        target=sql.Literal(str(layout.target)),
+    )
+
+
+async def maintained_counts(
+    conn: psycopg.AsyncConnection[Any], layout: Layout
+) -> MaintainedCounts | None:
+    """The per-category figures from the counters and the queue, O(changes); None when the
+    counters were never seeded (a setup by an older embedshift)."""
+    if not await table_exists(conn, layout.counts):
+        return None
+    cur = await conn.execute(_maintained_query(layout))
+    rows = await cur.fetchall()
+    seeded = [r[7] for r in rows if r[7] is not None]
+    if not seeded:
+        return None
+    return MaintainedCounts(
+        # A category no source row has any more (its counters net to zero) is not shown, as
+        # the exact comparison, which groups the source's rows, does not show it.
+        categories=[CategoryCounts(*r[:5]) for r in rows if r[1] or r[4]],
+        vectors=sum(int(r[5]) for r in rows),
+        seeded_at=max(seeded),
+        foldable=sum(int(r[6]) for r in rows) - sum(1 for r in rows if r[6]),
+    )
+
+
+async def compact_counters(conn: psycopg.AsyncConnection[Any], layout: Layout) -> None:
+    """Fold this target's counter rows into one per category, in one short transaction.
+
+    Its DELETE takes only the committed rows it sees and the INSERT adds back their sums, so a
+    writer adding rows meanwhile is neither waited for nor lost, and two folds at once each
+    move only what they deleted. A seed running (:func:`rag_service.schema.seed_counters`, which
+    replaces every row) holds the counter lock: this fold skips its turn. Best effort: a
+    read-only session (a replica, a read-only role) leaves it to the next reader that can
+    write. ``conn`` must be in autocommit mode.
+    """
+    try:
+        async with conn.transaction():
+            cur = await conn.execute(
+                "SELECT pg_try_advisory_xact_lock(hashtextextended(%s, 0))", [counter_lock(layout)]
+            )
+            locked = await cur.fetchone()
+            if not locked or not locked[0]:
+                return
+            await conn.execute(
+                sql.SQL(
+                    "WITH moved AS (\n"
+                    "    DELETE FROM {counts} WHERE target_table = {target}\n"
+                    "    RETURNING category, embeddable, no_text, vectors, seeded_at\n"
+                    ")\n"
+                    "INSERT INTO {counts} (target_table, category, embeddable, no_text, vectors, "
+                    "seeded_at)\n"
+                    "SELECT {target}, category, sum(embeddable), sum(no_text), sum(vectors), "
+                    "max(seeded_at)\n"
+                    "FROM moved GROUP BY category\n"
+                    "HAVING sum(embeddable) <> 0 OR sum(no_text) <> 0 OR sum(vectors) <> 0\n"
+                    "    OR max(seeded_at) IS NOT NULL"
+                ).format(counts=ident(layout.counts), target=sql.Literal(str(layout.target)))
+            )
+    except (
+        psycopg.errors.ReadOnlySqlTransaction,
+        psycopg.errors.InsufficientPrivilege,
+        psycopg.errors.ObjectNotInPrerequisiteState,  # a hot standby refuses advisory locks
+        psycopg.errors.FeatureNotSupported,
+    ) as exc:
+        log.debug("counters of %s not folded: %s", layout.target, exc)
+
+
+def counts_drift(
+    maintained: Sequence[CategoryCounts], exact: Sequence[CategoryCounts]
+) -> dict[str, dict[str, list[int]]]:
+    """Category → figure → [maintained, exact] for every figure that differs. Pure."""
+    zero = CategoryCounts("", 0, 0, 0, 0)
+    mine = {c.category: c for c in maintained}
+    theirs = {c.category: c for c in exact}
+    drift: dict[str, dict[str, list[int]]] = {}
+    for category in sorted(mine.keys() | theirs.keys()):
+        a, b = mine.get(category, zero), theirs.get(category, zero)
+        differs = {
+            name: [getattr(a, name), getattr(b, name)]
+            for name in _FIGURES
+            if getattr(a, name) != getattr(b, name)
+        }
+        if differs:
+            drift[category] = differs
+    return drift
+
+
+async def check_counters(
+    conn: psycopg.AsyncConnection[Any], layout: Layout
+) -> tuple[list[CategoryCounts], CountersCheck | None]:
+    """The exact per-category counts, and how the maintained ones compare (None: the counters
+    were never seeded). One REPEATABLE READ snapshot for both, so a concurrent write cannot
+    pass for drift. On drift, the counters are counted again and any vector the queue should
+    hold is queued (:func:`rag_service.schema.seed_counters`), and the check says so.
+    ``conn`` must be in autocommit mode."""
+    async with conn.transaction():
+        await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        exact = await category_counts(conn, layout)
+        maintained = await maintained_counts(conn, layout)
+    if maintained is None:
+        return exact, None
+    drift = counts_drift(maintained.categories, exact)
+    if not drift:
+        return exact, CountersCheck(drift={})
+    requeued = await seed_counters(conn, layout, repair=True)
+    check = CountersCheck(drift=drift, requeued=requeued)
+    log.warning("%s: %s", layout.target, check.describe())
+    return exact, check
 
 
 async def count_rows(conn: psycopg.AsyncConnection[Any], table: Any) -> int:
@@ -122,21 +380,23 @@ async def queue_lag(
     """Seconds since the oldest queued change a worker would serve was queued; None if none is.
 
     Filtered like the catch-up's own read, so a change outside ``spec.migration.categories``
-    (which no worker serves) does not show as ever-growing lag. ``clock_timestamp()``, not
-    ``now()``: ``conn`` may be inside a transaction that started long ago.
+    (which no worker serves) does not show as ever-growing lag. Each queued row's category is
+    looked up by its key (a scalar subquery, never turned into a join that reads the source
+    whole). ``clock_timestamp()``, not ``now()``: ``conn`` may be inside a transaction that
+    started long ago.
     """
+    served = (
+        sql.SQL("COALESCE((SELECT ({cats}) IS TRUE FROM {src} s WHERE {sid} = q.id), true)").format(
+            cats=category_filter(layout, categories), src=ident(layout.source), sid=layout.s_id
+        )
+        if categories
+        else sql.SQL("true")
+    )
     cur = await conn.execute(
         sql.SQL(
             "SELECT EXTRACT(EPOCH FROM clock_timestamp() - min(q.enqueued_at))::float8\n"
-            "FROM {queue} q LEFT JOIN {src} s ON {sid} = q.id\n"
-            "WHERE s.{sid_col} IS NULL OR {cats}"
-        ).format(
-            queue=ident(layout.queue),
-            src=ident(layout.source),
-            sid=layout.s_id,
-            sid_col=sql.Identifier(layout.id_column),
-            cats=category_filter(layout, categories),
-        )
+            "FROM {queue} q WHERE {served}"
+        ).format(queue=ident(layout.queue), served=served)
     )
     row = await cur.fetchone()
     return None if row is None or row[0] is None else max(0.0, float(row[0]))
@@ -155,39 +415,86 @@ async def oldest_pending_seconds(
     return await queue_lag(conn_or_url, layout, spec.migration.categories)
 
 
+async def failed_batches(conn: psycopg.AsyncConnection[Any], layout: Layout) -> int:
+    """Failed batches recorded for this target (an index-only count: (target_table, status))."""
+    cur = await conn.execute(
+        sql.SQL("SELECT count(*) FROM {} WHERE target_table = %s AND status = 'failed'").format(
+            ident(layout.status)
+        ),
+        [str(layout.target)],
+    )
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
 async def migration_progress(
-    url: str, spec: DataPlaneSpec, *, errors: int = 5
+    url: str,
+    spec: DataPlaneSpec,
+    *,
+    errors: int = 5,
+    exact: bool = False,
+    spend: bool = True,
 ) -> MigrationProgress:
+    """Where the migration stands. Maintained counts unless ``exact`` (module docstring); a
+    target whose counters were never seeded is counted exactly, and ``note`` says why.
+
+    ``spend``: also sum the batches' tokens and cost (a pass over this target's status rows, one
+    per batch; the control loop's observation needs only the failed ones). ``errors``: how many
+    recent failures to list.
+    """
     conn = await connect(url, autocommit=True)
     async with conn:
         layout = await open_layout(conn, spec)
         progress = MigrationProgress(target=layout.migration_target)
-        progress.categories = await category_counts(conn, layout)
-        progress.target_rows = await count_rows(conn, layout.target)
+        maintained = None if exact else await maintained_counts(conn, layout)
+        if maintained is not None:
+            progress.counts = "maintained"
+            progress.categories = maintained.categories
+            progress.target_rows = maintained.vectors
+            progress.counted_since = maintained.seeded_at
+            if maintained.foldable >= COMPACT_AFTER:
+                await compact_counters(conn, layout)
+        else:
+            progress.categories, progress.counters = await check_counters(conn, layout)
+            progress.target_rows = await count_rows(conn, layout.target)
+            if not exact:
+                progress.note = (
+                    f"{layout.target} has no maintained counters (set up by an older "
+                    "embedshift): counted by a full comparison; run `embedshift migrate setup` "
+                    "again to install them"
+                )
         progress.queued = await count_rows(conn, layout.queue)
         progress.oldest_pending_seconds = await queue_lag(conn, layout, spec.migration.categories)
-        cur = await conn.execute(
-            sql.SQL(
-                "SELECT count(*) FILTER (WHERE status = 'done'),"
-                " count(*) FILTER (WHERE status = 'failed'),"
-                " COALESCE(sum(tokens), 0), COALESCE(sum(cost_usd), 0)"
-                " FROM {} WHERE target_table = %s"
-            ).format(ident(layout.status)),
-            [str(layout.target)],
-        )
-        row = await cur.fetchone()
-        if row:
-            progress.batches, progress.failed_batches = int(row[0]), int(row[1])
-            progress.tokens, progress.cost_usd = int(row[2]), float(row[3])
-        cur = await conn.execute(
-            sql.SQL(
-                "SELECT finished_at, shard, first_id, last_id, error FROM {} "
-                "WHERE target_table = %s AND status = 'failed' ORDER BY id DESC LIMIT %s"
-            ).format(ident(layout.status)),
-            [str(layout.target), errors],
-        )
-        progress.recent_errors = [
-            {"at": r[0].isoformat(), "shard": r[1], "firstId": r[2], "lastId": r[3], "error": r[4]}
-            for r in await cur.fetchall()
-        ]
+        progress.failed_batches = await failed_batches(conn, layout)
+        if spend:
+            cur = await conn.execute(
+                sql.SQL(
+                    "SELECT count(*) FILTER (WHERE status = 'done'),"
+                    " COALESCE(sum(tokens), 0), COALESCE(sum(cost_usd), 0)"
+                    " FROM {} WHERE target_table = %s"
+                ).format(ident(layout.status)),
+                [str(layout.target)],
+            )
+            row = await cur.fetchone()
+            if row:
+                progress.batches, progress.tokens = int(row[0]), int(row[1])
+                progress.cost_usd = float(row[2])
+        if errors > 0:
+            cur = await conn.execute(
+                sql.SQL(
+                    "SELECT finished_at, shard, first_id, last_id, error FROM {} "
+                    "WHERE target_table = %s AND status = 'failed' ORDER BY id DESC LIMIT %s"
+                ).format(ident(layout.status)),
+                [str(layout.target), errors],
+            )
+            progress.recent_errors = [
+                {
+                    "at": r[0].isoformat(),
+                    "shard": r[1],
+                    "firstId": r[2],
+                    "lastId": r[3],
+                    "error": r[4],
+                }
+                for r in await cur.fetchall()
+            ]
         return progress

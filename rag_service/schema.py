@@ -17,6 +17,7 @@ What ``setup`` installs next to the user's source table (which is never rewritte
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -56,6 +57,8 @@ ROLLOUT_STATUS_TABLE = "embedshift_rollout_status"
 # in the status rows), so one LISTEN serves a process that follows many targets.
 FOLLOW_CHANNEL = "embedshift_pending"
 QUERY_CACHE_TABLE = "embedshift_query_cache"
+# The maintained progress counters of every target in the schema (see ``counter_statements``).
+COUNTS_TABLE = "embedshift_progress_counts"
 
 _TEXT_TYPES = {"text", "character varying", "character", "citext"}
 _LOCK_TIMEOUT = "2s"
@@ -123,6 +126,22 @@ class Layout:
     @property
     def migration_target(self) -> str:
         return self.target_spec.descriptor
+
+    # The maintained counters' names: derived, not fields, so every Layout has them.
+    @property
+    def counts(self) -> TableName:
+        return self.source.sibling(COUNTS_TABLE)
+
+    @property
+    def source_counter(self) -> TableName:
+        return self.source.sibling(derived_identifier(self.target.name, "count_source"))
+
+    @property
+    def vector_counter(self) -> TableName:
+        return self.source.sibling(derived_identifier(self.target.name, "count_vectors"))
+
+    def counter_trigger(self, event: str) -> str:
+        return derived_identifier(self.target.name, "count", event)
 
 
 @dataclass(frozen=True)
@@ -398,6 +417,7 @@ def setup_statements(
             src=src,
             fn=ident(layout.trigger_function),
         ),
+        *counter_statements(layout),
         sql.SQL(
             "CREATE TABLE IF NOT EXISTS {status} (\n"
             "    id bigserial PRIMARY KEY,\n"
@@ -572,12 +592,19 @@ def _trigger_function(layout: Layout) -> Query:
     copied here: a copy made by the trigger cannot see a vector row that a worker has written but
     not yet committed, and would be lost; the catch-up refreshes the copy instead (no re-embed).
 
+    Compared as bytes (``::text COLLATE "C"``): a ``citext`` column, or one with a
+    case-insensitive collation, calls 'Pool' and 'pool' equal, yet their content hashes differ;
+    an unqueued change would leave a stale vector that nothing re-embeds (and the maintained
+    counters, which take every unqueued vector as current, would count it as migrated).
+
     The NOTIFY wakes ``migrate follow``. PostgreSQL delivers it at commit (never for a rollback)
     and folds identical notifications of one transaction into one, so a bulk UPDATE of a million
     rows costs one message, not a million.
     """
     changed = [sql.SQL("TG_OP = 'INSERT'")] + [
-        sql.SQL("NEW.{0} IS DISTINCT FROM OLD.{0}").format(sql.Identifier(column))
+        sql.SQL('NEW.{0}::text COLLATE "C" IS DISTINCT FROM OLD.{0}::text COLLATE "C"').format(
+            sql.Identifier(column)
+        )
         for column in (layout.text_column, layout.category_column)
         if column
     ]
@@ -601,6 +628,297 @@ def _trigger_function(layout: Layout) -> Query:
         channel=sql.Literal(FOLLOW_CHANNEL),
         payload=sql.Literal(str(layout.target)),
     )
+
+
+# ---- maintained progress counters -----------------------------------------------------------
+#
+# What the control loop reads every tick must cost O(changes), never O(corpus) (DESIGN.md, Data).
+# Per (target, category) three numbers are maintained: embeddable source rows, source rows
+# without text, and side-table rows (by the side table's category copy). Statement-level AFTER
+# triggers with transition tables add one signed row per category per statement to
+# ``COUNTS_TABLE``; nothing is ever updated in place, so concurrent writers of the source never
+# wait on a shared counter row, and a rolled-back statement's rows roll back with it. The
+# control loop folds the rows into one per category now and then
+# (:func:`rag_service.progress.compact_counters`). What is migrated, stale or pending is derived
+# from these and the change queue (:mod:`rag_service.progress`).
+#
+# PostgreSQL's rules for transition tables shape this: one event per trigger (so INSERT, UPDATE
+# and DELETE are three triggers), no ``UPDATE OF`` column list (so every UPDATE of the source
+# fires, and the function adds a row only when a category's numbers changed), AFTER ... FOR EACH
+# STATEMENT only. COPY, ``ON CONFLICT DO UPDATE`` and foreign-key cascades fire them too (a
+# cascaded DELETE of n side rows is one statement with n old rows). TRUNCATE has no transition
+# table: its trigger adds the negation of what is counted.
+
+_COUNTER_EVENTS = ("insert", "update", "delete", "truncate")
+_SEED_ATTEMPTS = 5
+
+
+def counter_statements(layout: Layout) -> list[Query]:
+    """The counters' table, functions and triggers, idempotent and in order. Pure."""
+    counts = ident(layout.counts)
+    statements: list[Query] = [
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {} (\n"
+            "    target_table text NOT NULL,\n"
+            "    category text NOT NULL,\n"
+            "    embeddable bigint NOT NULL DEFAULT 0,\n"
+            "    no_text bigint NOT NULL DEFAULT 0,\n"
+            "    vectors bigint NOT NULL DEFAULT 0,\n"
+            "    seeded_at timestamptz\n"
+            ")"
+        ).format(counts),
+        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (target_table)").format(
+            sql.Identifier(derived_identifier(COUNTS_TABLE, "target")), counts
+        ),
+        _counter_function(
+            layout,
+            layout.source_counter,
+            category=sql.SQL("COALESCE({}, '')").format(layout.s_category),
+            embeddable=layout.s_embeddable,
+            alias="s",
+        ),
+        _counter_function(
+            layout,
+            layout.vector_counter,
+            category=sql.SQL("COALESCE(t.category, '')"),
+            embeddable=None,
+            alias="t",
+        ),
+    ]
+    for table, function in (
+        (layout.source, layout.source_counter),
+        (layout.target, layout.vector_counter),
+    ):
+        for event in _COUNTER_EVENTS:
+            referencing = {
+                "insert": "REFERENCING NEW TABLE AS embedshift_new ",
+                "update": "REFERENCING OLD TABLE AS embedshift_old NEW TABLE AS embedshift_new ",
+                "delete": "REFERENCING OLD TABLE AS embedshift_old ",
+                "truncate": "",
+            }[event]
+            statements.append(
+                sql.SQL(
+                    "CREATE OR REPLACE TRIGGER {name} AFTER {event} ON {table}\n"
+                    "    {referencing}FOR EACH STATEMENT EXECUTE FUNCTION {fn}()"
+                ).format(
+                    name=sql.Identifier(layout.counter_trigger(event)),
+                    event=sql.SQL(event.upper()),
+                    table=ident(table),
+                    referencing=sql.SQL(referencing),
+                    fn=ident(function),
+                )
+            )
+    return statements
+
+
+def _counter_function(
+    layout: Layout,
+    name: TableName,
+    *,
+    category: sql.Composable,
+    embeddable: sql.Composable | None,
+    alias: str,
+) -> Query:
+    """One trigger function for all four events of one table. ``embeddable``: the source's
+    (its rows count as embeddable or without text); None: the side table's (its rows count as
+    vectors). ``category`` and ``embeddable`` read a row aliased ``alias``. Pure."""
+    if embeddable is None:
+        counted = sql.SQL("0::bigint, 0::bigint, sum(c.n)")
+        nonzero = sql.SQL("sum(c.n) <> 0")
+        negated = sql.SQL("0, 0, -sum(vectors)")
+        negated_nonzero = sql.SQL("sum(vectors) <> 0")
+        embeddable = sql.SQL("true")
+    else:
+        counted = sql.SQL(
+            "COALESCE(sum(c.n) FILTER (WHERE c.embeddable), 0),"
+            " COALESCE(sum(c.n) FILTER (WHERE NOT c.embeddable), 0), 0::bigint"
+        )
+        nonzero = sql.SQL(
+            "COALESCE(sum(c.n) FILTER (WHERE c.embeddable), 0) <> 0"
+            " OR COALESCE(sum(c.n) FILTER (WHERE NOT c.embeddable), 0) <> 0"
+        )
+        negated = sql.SQL("-sum(embeddable), -sum(no_text), 0")
+        negated_nonzero = sql.SQL("sum(embeddable) <> 0 OR sum(no_text) <> 0")
+    rows = sql.SQL(
+        "SELECT {category} AS category, {embeddable} AS embeddable, {sign}::bigint AS n "
+        "FROM {transition} {alias}"
+    )
+
+    def side(transition: str, sign: int) -> sql.Composable:
+        return rows.format(
+            category=category,
+            embeddable=embeddable,
+            sign=sql.Literal(sign),
+            transition=sql.Identifier(transition),
+            alias=sql.Identifier(alias),
+        )
+
+    def add(source: sql.Composable) -> sql.Composable:
+        return sql.SQL(
+            "INSERT INTO {counts} (target_table, category, embeddable, no_text, vectors)\n"
+            "        SELECT {target}, c.category, {counted} FROM ({source}) c\n"
+            "        GROUP BY c.category HAVING {nonzero};"
+        ).format(
+            counts=ident(layout.counts),
+            target=sql.Literal(str(layout.target)),
+            counted=counted,
+            source=source,
+            nonzero=nonzero,
+        )
+
+    return sql.SQL(
+        "CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $embedshift$\n"
+        "BEGIN\n"
+        "    IF TG_OP = 'INSERT' THEN\n"
+        "        {insert}\n"
+        "    ELSIF TG_OP = 'DELETE' THEN\n"
+        "        {delete}\n"
+        "    ELSIF TG_OP = 'UPDATE' THEN\n"
+        "        {update}\n"
+        "    ELSE\n"
+        # TRUNCATE holds ACCESS EXCLUSIVE: no writer of this table is in flight, so what is
+        # counted for it now is exactly what the truncate removed.
+        "        INSERT INTO {counts} (target_table, category, embeddable, no_text, vectors)\n"
+        "        SELECT {target}, category, {negated} FROM {counts}\n"
+        "        WHERE target_table = {target} GROUP BY category HAVING {negated_nonzero};\n"
+        "    END IF;\n"
+        "    RETURN NULL;\n"
+        "END\n"
+        "$embedshift$"
+    ).format(
+        fn=ident(name),
+        insert=add(side("embedshift_new", 1)),
+        delete=add(side("embedshift_old", -1)),
+        update=add(
+            sql.SQL("{} UNION ALL {}").format(side("embedshift_new", 1), side("embedshift_old", -1))
+        ),
+        counts=ident(layout.counts),
+        target=sql.Literal(str(layout.target)),
+        negated=negated,
+        negated_nonzero=negated_nonzero,
+    )
+
+
+def seed_statements(layout: Layout) -> list[Query]:
+    """Count the source and side table once and make that the counters' whole state. Pure.
+
+    Run in one REPEATABLE READ transaction (:func:`seed_counters`): the DELETE removes exactly the
+    counter rows its snapshot sees, whose changes the counts of the same snapshot include; rows
+    of transactions it does not see stay and add on top. The ``''`` row carries ``seeded_at``:
+    it marks the target as seeded even when it has no rows, and a fold keeps it.
+    """
+    target = sql.Literal(str(layout.target))
+    return [
+        sql.SQL("DELETE FROM {} WHERE target_table = {}").format(ident(layout.counts), target),
+        sql.SQL(
+            "INSERT INTO {counts} (target_table, category, embeddable, no_text, vectors, "
+            "seeded_at)\n"
+            "SELECT {target}, category, sum(embeddable), sum(no_text), sum(vectors),\n"
+            "    CASE WHEN category = '' THEN now() END\n"
+            "FROM (\n"
+            "    SELECT COALESCE({cat}, '') AS category, count(*) FILTER (WHERE {embeddable})"
+            " AS embeddable,\n"
+            "        count(*) FILTER (WHERE NOT {embeddable}) AS no_text, 0 AS vectors\n"
+            "    FROM {src} s GROUP BY 1\n"
+            "    UNION ALL\n"
+            "    SELECT COALESCE(t.category, ''), 0, 0, count(*) FROM {tgt} t GROUP BY 1\n"
+            "    UNION ALL SELECT '', 0, 0, 0\n"
+            ") c GROUP BY category"
+        ).format(
+            counts=ident(layout.counts),
+            target=target,
+            cat=layout.s_category,
+            embeddable=layout.s_embeddable,
+            src=ident(layout.source),
+            tgt=ident(layout.target),
+        ),
+    ]
+
+
+def requeue_statement(layout: Layout) -> Query:
+    """Queue every vector that is not current (or whose category copy is not the row's) and is
+    not queued: what the counters' reading takes for granted, restored. Pure.
+
+    Only ever found after writes that bypassed the trigger (a trigger disabled, a replica's
+    ``session_replication_role``, the queue emptied by hand); the catch-up then settles them
+    as it settles any change. Returns the ids queued.
+    """
+    return sql.SQL(
+        "INSERT INTO {queue} (id, seq)\n"
+        "SELECT t.id, nextval({seq}) FROM {tgt} t JOIN {src} s ON {sid} = t.id\n"
+        "WHERE ({embeddable} AND t.content_hash = {hash}"
+        " AND t.category IS NOT DISTINCT FROM {cat}) IS NOT TRUE\n"
+        "  AND NOT EXISTS (SELECT 1 FROM {queue} q WHERE q.id = t.id)\n"
+        "ON CONFLICT (id) DO NOTHING RETURNING id"
+    ).format(
+        queue=ident(layout.queue),
+        seq=sql.Literal(str(ident(layout.queue_seq).as_string())),
+        tgt=ident(layout.target),
+        src=ident(layout.source),
+        sid=layout.s_id,
+        embeddable=layout.s_embeddable,
+        hash=layout.s_hash,
+        cat=layout.s_category,
+    )
+
+
+async def seed_counters(
+    conn: psycopg.AsyncConnection[Any], layout: Layout, *, repair: bool = False
+) -> int:
+    """Count once, exactly (:func:`seed_statements`); with ``repair``, first queue the vectors
+    the counters' reading would take for current (:func:`requeue_statement`), in the same
+    snapshot. Returns how many were queued. ``conn`` must be in autocommit mode.
+
+    Not in ``setup``'s DDL transaction: there the CREATE TRIGGERs hold the source's SHARE ROW
+    EXCLUSIVE lock, and a full count under it would stop the application's writes for as long
+    as it reads (seconds on millions of rows). After that transaction commits the triggers
+    count every change; this snapshot's DELETE drops the counter rows of the changes it sees
+    and keeps the others, so none is missed or counted twice.
+
+    Writers only ever add counter rows, which never conflict with the DELETE; a fold deletes
+    rows too, so seeds and folds take the target's counter lock (:func:`counter_lock`): the seed
+    waits for it (a session lock, taken before its snapshot), a fold that finds it held skips
+    its turn. A serialization failure all the same is retried.
+    """
+    lock = counter_lock(layout)
+    await conn.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", [lock])
+    try:
+        return await _seed_locked(conn, layout, repair=repair)
+    finally:
+        # A session that was lost has released its lock already; its error is the one to see.
+        with contextlib.suppress(psycopg.OperationalError):
+            await conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", [lock])
+
+
+def counter_lock(layout: Layout) -> str:
+    """The advisory lock that keeps a seed and a fold of ``layout``'s counters apart. Pure."""
+    return f"embedshift:{layout.target}:counters"
+
+
+async def _seed_locked(conn: psycopg.AsyncConnection[Any], layout: Layout, *, repair: bool) -> int:
+    for attempt in range(1, _SEED_ATTEMPTS + 1):
+        try:
+            async with conn.transaction():
+                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                queued = 0
+                if repair:
+                    cur = await conn.execute(requeue_statement(layout))
+                    queued = len(await cur.fetchall())
+                    if queued:
+                        await conn.execute(
+                            "SELECT pg_notify(%s, %s)", [FOLLOW_CHANNEL, str(layout.target)]
+                        )
+                for statement in seed_statements(layout):
+                    await conn.execute(statement)
+            return queued
+        except psycopg.errors.SerializationFailure:
+            if attempt == _SEED_ATTEMPTS:
+                raise DatabaseError(
+                    f"counting {layout.target}'s progress: concurrent changes kept interrupting "
+                    f"it ({attempt} tries); run `embedshift migrate setup` again"
+                ) from None
+            await asyncio.sleep(0.2 * attempt * random.uniform(0.5, 1.0))
+    raise AssertionError("unreachable")
 
 
 async def check_target_compatible(conn: psycopg.AsyncConnection[Any], layout: Layout) -> None:
@@ -837,9 +1155,12 @@ async def setup(
             layout, migration=migration, record_identity=state != "recorded"
         )
         rendered = [s.as_string(conn) + ";" for s in statements]
+        rendered.append("-- then, once, in a REPEATABLE READ transaction: the counters' seed")
+        rendered += [s.as_string(conn) + ";" for s in seed_statements(layout)]
         if dry_run:
             return rendered
         await run_with_lock_retry(conn, statements, what=f"setup of {layout.target}")
+        await seed_counters(conn, layout)
         if state == "adoptable":
             log.warning(
                 "setup: adopted %s, made by an older embedshift that recorded no embedding "
