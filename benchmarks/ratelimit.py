@@ -22,6 +22,14 @@ server's own record of every request:
     .venv/bin/python benchmarks/ratelimit.py [--tpm 1000000 --duration 70 --providers 1 ...]
     .venv/bin/python benchmarks/ratelimit.py --limiter sliding --window 10 --reset-report empty
     .venv/bin/python benchmarks/ratelimit.py --matrix [--jobs 3]   # every cell, one table
+    .venv/bin/python benchmarks/ratelimit.py --foreign openai --window 4 [--rpw 40]
+    .venv/bin/python benchmarks/ratelimit.py --foreign-matrix   # issue 17 §3's limiters
+
+``--foreign`` runs against ``rag_service.testing.foreign_limiter`` instead: a sliding window
+written apart from the pacer (its own tokenizer, OpenAI's or Azure's header conventions). The
+budget there is tokens admitted in the whole windows from the
+first admission ÷ LIMIT per window × windows, for the tokens (the requests' share is printed
+too: a requests limit spent with tokens to spare is budget left unused).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -171,15 +180,25 @@ def steady_state(
     return {"start": t0, "end": t1, "per_minute": tokens / (t1 - t0) * 60}
 
 
-def run_cell(args: argparse.Namespace) -> dict[str, Any]:
-    """One run: start the server, backfill, measure from the server's record."""
-    process, url = start_server(args)
+def backfill_against(
+    start: Callable[[argparse.Namespace], tuple[subprocess.Popen[str], str]],
+    args: argparse.Namespace,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Start a server with ``start``, backfill through it, and return the run and the server's
+    own record of it; the server is stopped whatever happens."""
+    process, url = start(args)
     try:
         run = asyncio.run(backfill(args, url))
         stats = server_stats(url)
     finally:
         process.terminate()
         process.wait(timeout=10)
+    return run, stats
+
+
+def run_cell(args: argparse.Namespace) -> dict[str, Any]:
+    """One run: start the server, backfill, measure from the server's record."""
+    run, stats = backfill_against(start_server, args)
     records: list[dict[str, Any]] = stats["records"]
     limiter = make_limiter(
         args.tpm,
@@ -213,7 +232,97 @@ def run_cell(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def start_foreign(args: argparse.Namespace) -> tuple[subprocess.Popen[str], str]:
+    flags = [
+        f"--tokens={max(1, round(args.tpm * args.window / 60))}",
+        f"--window={args.window}",
+        f"--headers={args.foreign}",
+        f"--reset-format={args.reset_format}",
+        f"--latency={args.latency}",
+    ]
+    if args.rpw:
+        flags.append(f"--rpw={args.rpw}")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "rag_service.testing.foreign_limiter", "--port=0", *flags],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert process.stdout is not None
+    return process, process.stdout.readline().strip()
+
+
+def run_foreign(args: argparse.Namespace) -> dict[str, Any]:
+    """One run against the foreign limiter; the budget is the binding limit's (see above)."""
+    run, stats = backfill_against(start_foreign, args)
+    records: list[dict[str, Any]] = stats["records"]
+    admitted = [r for r in records if r["status"] == 200]
+    window = stats["window"]
+    t0 = admitted[0]["time"]
+    end = run["deadline"] - stats["monotonic_origin"]
+    windows = int((end - t0) // window)
+    counted = [r for r in admitted if r["time"] < t0 + windows * window]
+    tokens_share = sum(r["tokens"] for r in counted) / (stats["tokens_limit"] * windows)
+    requests_share = (
+        len(counted) / (stats["requests_limit"] * windows) if stats["requests_limit"] else 0.0
+    )
+    refused = sum(1 for r in records if r["status"] == 429)
+    return {
+        "limiter": f"foreign {args.foreign}",
+        "window": window,
+        "reset_report": args.reset_format,
+        "rpw": args.rpw,
+        "providers": args.providers,
+        "tpm": args.tpm,
+        "limit": stats["tokens_limit"],
+        "elapsed": run["elapsed"],
+        "embedded": run["embedded"],
+        "ratio": run["ratio"],
+        "learned": run["styles"],
+        "requests": len(records),
+        "refused": refused,
+        "ok_tokens": sum(r["tokens"] for r in admitted),
+        # The tokens are what a backfill needs: a requests limit reached with tokens to spare
+        # is budget left unused (the pacer's requests were too small), not a limit met.
+        "budget": tokens_share,
+        "tokens_share": tokens_share,
+        "requests_share": requests_share,
+        "refused_share": refused / len(records),
+        "steady_per_minute": None,
+    }
+
+
+def foreign_cells(args: argparse.Namespace) -> list[list[str]]:
+    """Issue 17 §3's limiters: 4-s sliding window, OpenAI's headers in both reset formats, with
+    the requests limit off and binding, and Azure's headers; one provider each."""
+    common = [
+        "--window=4",
+        f"--duration={args.duration:g}",
+        f"--tpm={args.tpm}",
+        f"--latency={args.latency}",
+        f"--batch={args.batch}",
+        f"--dimensions={args.dimensions}",
+        f"--concurrency={args.concurrency}",
+        f"--workers={args.workers}",
+    ]
+    # 40 requests per 4 s binds together with the tokens: the pacer's requests are about a
+    # fortieth of the token limit.
+    shapes = [
+        ["--foreign=openai", "--reset-format=go"],
+        ["--foreign=openai", "--reset-format=seconds"],
+        ["--foreign=openai", "--reset-format=go", "--rpw=40"],
+        ["--foreign=openai", "--reset-format=seconds", "--rpw=40"],
+        ["--foreign=azure"],
+        ["--foreign=azure", "--rpw=40"],
+    ]
+    return [[*shape, *common] for shape in shapes]
+
+
 def cell_name(cell: dict[str, Any]) -> str:
+    if cell["limiter"].startswith("foreign"):
+        binding = f", {cell['rpw']} req/window" if cell.get("rpw") else ""
+        fmt = f", reset {cell['reset_report']}" if cell["limiter"] == "foreign openai" else ""
+        return f"{cell['limiter']} sliding {cell['window']:g} s{fmt}{binding}"
     if cell["limiter"] == "bucket":
         return f"bucket {cell['window']:g} s"
     report = f" (reset={cell['reset_report']})" if cell["limiter"] == "sliding" else ""
@@ -278,7 +387,7 @@ def matrix_cells(args: argparse.Namespace) -> list[list[str]]:
 
 
 def run_matrix(args: argparse.Namespace) -> int:
-    cells = matrix_cells(args)
+    cells = foreign_cells(args) if args.foreign_matrix else matrix_cells(args)
 
     def one(flags: list[str]) -> dict[str, Any]:
         done = subprocess.run(
@@ -345,11 +454,20 @@ def main() -> int:
     parser.add_argument("--matrix", action="store_true", help="run every cell and print a table")
     parser.add_argument("--jobs", type=int, default=1, help="--matrix: cells run at once")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    parser.add_argument(
+        "--foreign",
+        choices=("openai", "azure"),
+        default=None,
+        help="run against rag_service.testing.foreign_limiter with these headers",
+    )
+    parser.add_argument("--reset-format", choices=("go", "seconds"), default="go")
+    parser.add_argument("--rpw", type=int, default=None, help="--foreign: requests per window")
+    parser.add_argument("--foreign-matrix", action="store_true", help="every foreign cell")
     args = parser.parse_args()
 
-    if args.matrix:
+    if args.matrix or args.foreign_matrix:
         return run_matrix(args)
-    cell = run_cell(args)
+    cell = run_foreign(args) if args.foreign else run_cell(args)
     if args.json:
         print(json.dumps(cell))
     else:

@@ -140,7 +140,16 @@ class RateLimitHeaders:
 
     @property
     def present(self) -> bool:
-        return self.limit_requests is not None or self.limit_tokens is not None
+        # Azure OpenAI sends remaining-* without limit-*: that is still a limit to pace to.
+        return any(
+            value is not None
+            for value in (
+                self.limit_requests,
+                self.limit_tokens,
+                self.remaining_requests,
+                self.remaining_tokens,
+            )
+        )
 
 
 def _int_header(lowered: Mapping[str, str], name: str) -> int | None:
@@ -411,6 +420,9 @@ _WINDOW_MARGIN = 0.03
 # too small for one more request is left unused until the window moves, so it must be small
 # (a twentieth left about 5 % of every 4-s window unused in a real run).
 _WINDOW_REQUEST_SHARE = 0.025
+# Requests against a requests limit as well are at least this × tokens limit ÷ requests limit:
+# half again the average that spends both at once, for the smaller last requests.
+_REQUESTS_SLACK = 1.5
 
 
 class _Limit:
@@ -446,6 +458,7 @@ class _Limit:
         # (remaining, implied rate) of recent answers, to tell a bucket from a window.
         self.rates: deque[tuple[float, float]] = deque(maxlen=8)
         self.window = 0.0
+        self.window_bound = math.inf  # without reset headers: the least W can be (see learn)
         # Our own use by permit: seq -> [sent at, amount, answered at]; sends are in seq order.
         self.sent: dict[int, list[float]] = {}
         self.base_room: float | None = None  # the newest answer's room less our unseen use
@@ -505,6 +518,8 @@ class _Limit:
         """One answer (success or 429) to the request ``seq`` sent at ``sent_at``."""
         if reset is not None:
             self.window = max(self.window, reset)
+        elif self.style is not LimiterStyle.BUCKET:
+            self._bound_window(remaining, unseen, seq, sent_at)
         self._classify(remaining, reset)
         self.base_room = remaining - unseen_use
         self.base_at = sent_at
@@ -527,6 +542,14 @@ class _Limit:
             self.fixed = True
         if self.fixed and reset:
             self.period_end = sent_at + reset
+        if self.window <= 0:
+            # No reset header and no retry hint yet (Azure sends neither on a success): which of
+            # our requests the answer counted is unknowable, so is others' use; until a hint
+            # shows the window, the room the answers report is all we go by.
+            self.counted_from = seq + 1
+            self.share = 1.0
+            self._forget(now)
+            return
         ours = 0.0
         self.counted_from = seq + 1
         # A fixed window's period began W before its reset; a sliding one counts the last W.
@@ -550,6 +573,28 @@ class _Limit:
             1.0 if others <= 0.02 * used_all else max(_MIN_SHARE, _SHARE_SLACK * mine / used_all)
         )
         self._forget(now)
+
+    def _bound_window(self, remaining: float, unseen: set[int], seq: int, sent_at: float) -> None:
+        """No reset header (Azure OpenAI): learn W from which of our requests an answer still
+        counts. Walking back from the newest, the first request of ours that the reported use
+        cannot hold had left the window when this one arrived, so W ≤ the time between the two
+        sends. The smallest such bound converges on W from above (others' use only loosens it),
+        and pacing to a window W' ≥ W is safe for a window and for a bucket alike."""
+        used = self.limit - remaining
+        counted = 0.0
+        for key in sorted((k for k in self.sent if k <= seq and k not in unseen), reverse=True):
+            at, amount, answered = self.sent[key]
+            if key != seq and answered >= sent_at:
+                # In flight when this one was sent: the server may have admitted it after this
+                # one and not counted it yet. Leaving it out only loosens the bound.
+                continue
+            if counted + amount > used + 0.01 * self.limit:
+                if sent_at - at > 0:
+                    self.window_bound = min(self.window_bound, sent_at - at)
+                    self.window = self.window_bound
+                    self.style = LimiterStyle.WINDOW
+                return
+            counted += amount
 
     def failed(self, retry_after: float | None, now: float) -> None:
         """A 429: it says when the request would have fitted."""
@@ -584,7 +629,10 @@ class _Limit:
         self.rates.append((remaining, rate))
 
     def _forget(self, now: float) -> None:
-        oldest = min(self.base_at, now) - self.window - self.margin - 1.0
+        # Until W is known, keep a minute: learning W without reset headers needs our requests
+        # from before the window's start.
+        horizon = self.window if self.window > 0 else 60.0
+        oldest = min(self.base_at, now) - horizon - self.margin - 1.0
         while self.sent:
             seq, (at, *_) = next(iter(self.sent.items()))
             if at >= oldest:
@@ -662,8 +710,13 @@ class _Limit:
             return max(min(waits), _MIN_SLEEP)
         if busy:
             return math.inf
-        # No answer to come and no hint: look again after a window (or a second).
-        self.reset_at = now + max(self.window, 1.0)
+        # No answer to come and no hint: look again after a window (or a second). Without reset
+        # headers (W learned from the answers) no hint ever comes, and a whole window idle is
+        # most of a short window's budget: look again after a tenth of it.
+        wait = max(self.window, 1.0)
+        if self.window_bound < math.inf:
+            wait = max(0.1 * self.window, _MIN_SLEEP)
+        self.reset_at = now + wait
         return self.reset_at - now
 
 
@@ -759,6 +812,7 @@ class RateLimitPacer:
         # one still in flight: a header answer must be corrected for requests sent after it.
         self._ledger: dict[int, tuple[float, int]] = {}
         self._probe_seq: int | None = None
+        self._inferred: dict[str, int] = {}  # limits the headers do not state (see _observe)
         self._gate = asyncio.Lock()
         self._changed = asyncio.Event()
 
@@ -804,6 +858,11 @@ class RateLimitPacer:
         if self._tokens.style is LimiterStyle.BUCKET:
             return max(1, int(self._tokens.limit * self._request_share))
         usual = max(1, int(self._tokens.limit * _WINDOW_REQUEST_SHARE * self._tokens.share))
+        if self._requests:
+            # With a requests limit too, small requests spend it before the tokens: size them
+            # so the tokens bind first, with room to spare for the smaller last ones.
+            per_request = self._tokens.limit / self._requests.limit
+            usual = max(usual, math.ceil(per_request * _REQUESTS_SLACK))
         # The last room in a window takes a smaller request (down to a quarter of the usual),
         # or it stays unused until the window moves on.
         fits = int(self._tokens.room(self._clock()) / self._margin)
@@ -942,28 +1001,42 @@ class RateLimitPacer:
             for seq, entry in self._ledger.items()
             if seq > permit.seq or (seq < permit.seq and seq in self._in_flight)
         }
+        own_tokens, own_requests = self._ledger.get(permit.seq, (0.0, 0))
         self._tokens = self._synced(
             self._tokens,
-            limit=parsed.limit_tokens,
+            limit=parsed.limit_tokens or self._inferred_limit("tokens", parsed, own_tokens),
             remaining=parsed.remaining_tokens,
             reset=parsed.reset_tokens,
             unseen_use=sum(tokens for tokens, _ in unseen.values()),
             unseen=set(unseen),
-            own_use=self._ledger.get(permit.seq, (0.0, 0))[0],
+            own_use=own_tokens,
             permit=permit,
             now=now,
         )
         self._requests = self._synced(
             self._requests,
-            limit=parsed.limit_requests,
+            limit=parsed.limit_requests or self._inferred_limit("requests", parsed, own_requests),
             remaining=parsed.remaining_requests,
             reset=parsed.reset_requests,
             unseen_use=sum(requests for _, requests in unseen.values()),
             unseen=set(unseen),
-            own_use=self._ledger.get(permit.seq, (0.0, 0))[1],
+            own_use=own_requests,
             permit=permit,
             now=now,
         )
+
+    def _inferred_limit(self, name: str, parsed: RateLimitHeaders, own_use: float) -> int | None:
+        """A limit the server does not state (Azure OpenAI sends only remaining-*): at least the
+        room an answer reported plus the use it had just counted, our request's, so the largest
+        such figure seen. Low at first (others' use and earlier requests are not in it), it
+        grows to the true limit as soon as one answer comes from a nearly empty window."""
+        remaining = parsed.remaining_tokens if name == "tokens" else parsed.remaining_requests
+        if remaining is None:
+            return None
+        seen = math.ceil(remaining + own_use)
+        best = max(self._inferred.get(name, 0), seen)
+        self._inferred[name] = best
+        return best
 
     @staticmethod
     def _synced(
