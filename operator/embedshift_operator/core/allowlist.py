@@ -46,6 +46,7 @@ import contextlib
 import ipaddress
 import re
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -215,8 +216,13 @@ def _image_pattern(text: str) -> _ImagePattern:
 
 def image_pattern_problem(pattern: str) -> str | None:
     """What is wrong with an ``--allowed-image`` pattern (None: nothing)."""
+    return _problem(_image_pattern, pattern)
+
+
+def _problem(parse: Callable[[str], object], pattern: str) -> str | None:
+    """``parse``'s ValueError for ``pattern`` as a message; None when it parses. Pure."""
     try:
-        _image_pattern(pattern)
+        parse(pattern)
     except ValueError as exc:
         return str(exc)
     return None
@@ -345,11 +351,7 @@ def _port(digits: str) -> int:
 
 def endpoint_pattern_problem(pattern: str) -> str | None:
     """What is wrong with an ``--allowed-endpoint`` pattern (None: nothing)."""
-    try:
-        _endpoint_pattern(pattern)
-    except ValueError as exc:
-        return str(exc)
-    return None
+    return _problem(_endpoint_pattern, pattern)
 
 
 # ---- the operator's allowlists ------------------------------------------------------------------
