@@ -7,6 +7,7 @@ rate-limit, fail and misbehave on request.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -17,9 +18,13 @@ from typing import Any
 
 import pytest
 
+from rag_service.indexes import build_index
+from rag_service.migrate import RunOptions, run_migration
 from rag_service.providers.google import GoogleProvider
 from rag_service.providers.openai import OpenAIProvider
 from rag_service.providers.retry import RetryPolicy
+from rag_service.schema import setup
+from rag_service.spec import DataPlaneSpec
 from rag_service.testing import EmbeddingServer
 
 # Looks like nothing a real provider issues, so a leak in an error message is unambiguous.
@@ -144,3 +149,33 @@ def embedding_server_process() -> Iterator[ServerProcess]:
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def migrate_through_openai(
+    database_url: str, spec: DataPlaneSpec, *, migration: str, batch_size: int
+) -> None:
+    """``setup``, re-embed through the real ``openai`` SDK at ``spec.target``'s baseURL (the
+    local API), then build the index: a data plane ready to serve v2."""
+
+    async def prepare() -> None:
+        await setup(database_url, spec, migration=migration)
+        provider = OpenAIProvider(
+            model=spec.target.model,
+            dimensions=spec.target.dimensions,
+            api_key=EMBEDDING_API_KEY,
+            base_url=spec.target.base_url,
+            retry_policy=FAST_RETRIES,
+        )
+        try:
+            await run_migration(
+                database_url,
+                spec,
+                provider=provider,
+                options=RunOptions(batch_size=batch_size),
+                migration=migration,
+            )
+        finally:
+            await provider.aclose()
+        await build_index(database_url, spec)
+
+    asyncio.run(prepare())

@@ -6,7 +6,6 @@ talking to the local embedding API (made slow on purpose), plain HTTP from outsi
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import signal
@@ -22,16 +21,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 
-from rag_service.indexes import build_index
-from rag_service.migrate import RunOptions, run_migration
-from rag_service.providers.openai import OpenAIProvider
 from rag_service.routing import bucket
-from rag_service.schema import QUERY_CACHE_TABLE, ident, layout_for, setup
+from rag_service.schema import QUERY_CACHE_TABLE, ident, layout_for
 from rag_service.spec import DataPlaneSpec, EmbeddingSpec
 from rag_service.testing import EmbeddingServer
 from rag_service.testing.corpus import corpus_spec, create_corpus
 from rag_service.testing.service_process import start_serve, wait_healthy
-from tests.embedding_fixtures import EMBEDDING_API_KEY, FAST_RETRIES
+from tests.embedding_fixtures import EMBEDDING_API_KEY, migrate_through_openai
 
 TABLE = "limits_docs"
 MIGRATION = "rag/limits"
@@ -69,26 +65,7 @@ def served(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
             TABLE, source_dimensions=64, target={**target, "baseURL": api.openai_base_url}
         )
 
-        async def prepare() -> None:
-            await setup(database_url, spec, migration=MIGRATION)
-            provider = OpenAIProvider(
-                model="text-embedding-3-small",
-                dimensions=256,
-                api_key=EMBEDDING_API_KEY,
-                base_url=api.openai_base_url,
-                retry_policy=FAST_RETRIES,
-            )
-            await run_migration(
-                database_url,
-                spec,
-                provider=provider,
-                options=RunOptions(batch_size=300),
-                migration=MIGRATION,
-            )
-            await provider.aclose()
-            await build_index(database_url, spec)
-
-        asyncio.run(prepare())
+        migrate_through_openai(database_url, spec, migration=MIGRATION, batch_size=300)
         with psycopg.connect(database_url, autocommit=True) as conn:
             conn.execute(
                 f"INSERT INTO {QUERY_CACHE_TABLE} (descriptor, query_hash, embedding, created_at) "

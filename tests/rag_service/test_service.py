@@ -15,17 +15,14 @@ from psycopg import sql
 
 from rag_service.criteria import DASHBOARD_METRICS, metric_query
 from rag_service.errors import ConfigError
-from rag_service.indexes import build_index
-from rag_service.migrate import RunOptions, run_migration
 from rag_service.prometheus import PrometheusClient
-from rag_service.providers.openai import OpenAIProvider
 from rag_service.routing import bucket
-from rag_service.schema import ident, layout_for, setup
+from rag_service.schema import ident, layout_for
 from rag_service.service import MAX_BODY_BYTES, ServiceSettings
 from rag_service.spec import EmbeddingSpec
 from rag_service.testing import EmbeddingServer
 from rag_service.testing.corpus import corpus_spec, create_corpus
-from tests.embedding_fixtures import EMBEDDING_API_KEY, FAST_RETRIES
+from tests.embedding_fixtures import EMBEDDING_API_KEY, migrate_through_openai
 from tests.prometheus_fixtures import PrometheusFactory
 from tests.service_harness import Running, serving
 
@@ -53,26 +50,7 @@ def world(database_url: str) -> Iterator[World]:
         )
         spec = corpus_spec(TABLE, target={**target, "baseURL": api.openai_base_url})
 
-        async def prepare() -> None:
-            await setup(database_url, spec, migration=MIGRATION)
-            provider = OpenAIProvider(
-                model="text-embedding-3-small",
-                dimensions=768,
-                api_key=EMBEDDING_API_KEY,
-                base_url=api.openai_base_url,
-                retry_policy=FAST_RETRIES,
-            )
-            await run_migration(
-                database_url,
-                spec,
-                provider=provider,
-                options=RunOptions(batch_size=500),
-                migration=MIGRATION,
-            )
-            await provider.aclose()
-            await build_index(database_url, spec)
-
-        asyncio.run(prepare())
+        migrate_through_openai(database_url, spec, migration=MIGRATION, batch_size=500)
         settings = ServiceSettings(
             database_url=database_url,
             spec=spec,
