@@ -909,11 +909,21 @@ def _may_force(settings: ServiceSettings, authorization: str | None) -> None:
             "X-Embedding-Version is off: start embedshift serve with --allow-version-override "
             f"(and {WEBHOOK_SECRET_ENV}), then send its bearer token",
         )
-    verdict = check_bearer(authorization, settings.webhook_secret)
+    _require_bearer(authorization, settings.webhook_secret, what="X-Embedding-Version")
+
+
+def _require_bearer(authorization: str | None, secret: str, *, what: str) -> None:
+    """401 without a bearer token, 403 with another than ``secret``; ``what`` names the
+    request or header that needs it."""
+    verdict = check_bearer(authorization, secret)
     if verdict == "missing":
-        raise HTTPException(401, "X-Embedding-Version needs Authorization: Bearer <token>")
+        raise HTTPException(
+            401,
+            f"{what} needs Authorization: Bearer <{WEBHOOK_SECRET_ENV}>",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     if verdict == "wrong":
-        raise HTTPException(403, "wrong token")
+        raise HTTPException(403, f"{what}: wrong token")
 
 
 def _service_of(request: Request) -> Service:
@@ -942,15 +952,7 @@ async def _with_token(
             f"{what} is off: {WEBHOOK_SECRET_ENV} is not set on the service, and it is served "
             "only to requests carrying that secret as their bearer token",
         )
-    verdict = check_bearer(authorization, secret)
-    if verdict == "missing":
-        raise HTTPException(
-            401,
-            f"{what} needs Authorization: Bearer <{WEBHOOK_SECRET_ENV}>",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    if verdict == "wrong":
-        raise HTTPException(403, f"{what}: wrong token")
+    _require_bearer(authorization, secret, what=what)
     return service
 
 
