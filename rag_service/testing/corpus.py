@@ -66,8 +66,18 @@ def _sentence(rng: random.Random, category: str) -> str:
     return f"The {rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(pool)}."
 
 
-def documents(count: int, *, seed: int = 7) -> Iterator[tuple[int, str, str]]:
-    """(id, text, category) for ``count`` documents, ids 1..count. Pure for a seed."""
+SHORT = (2, 4)
+"""Sentences per document by default: 12–30 words, the tests' and the demo's size."""
+CHUNK_SIZED = (9, 15)
+"""Sentences per document for benchmarks at users' sizes: 56–127 words (98 % within 60–120,
+mean 87), a typical RAG chunk."""
+
+
+def documents(
+    count: int, *, seed: int = 7, sentence_count: tuple[int, int] = SHORT
+) -> Iterator[tuple[int, str, str]]:
+    """(id, text, category) for ``count`` documents, ids 1..count, each of ``sentence_count``
+    (least, most) sentences. Pure for a seed."""
     rng = random.Random(seed)
     for doc_id in range(1, count + 1):
         category = CATEGORIES[doc_id % len(CATEGORIES)]
@@ -76,7 +86,7 @@ def documents(count: int, *, seed: int = 7) -> Iterator[tuple[int, str, str]]:
                 rng,
                 rng.choice(CATEGORIES) if rng.random() < _CROSS_SENTENCE_SHARE else category,
             )
-            for _ in range(rng.randint(2, 4))
+            for _ in range(rng.randint(*sentence_count))
         ]
         yield doc_id, f"{' '.join(sentences)} Note {doc_id}.", category
 
@@ -89,6 +99,7 @@ def create_corpus(
     source_dimensions: int = 1536,
     seed: int = 7,
     chunk: int = 5_000,
+    sentence_count: tuple[int, int] = SHORT,
 ) -> TableName:
     """(Re)create ``table`` (id bigint PK, content, category, embedding vector(d)) and fill it.
 
@@ -110,7 +121,7 @@ def create_corpus(
                 else sql.SQL(""),
             )
         )
-        docs = list(documents(count, seed=seed))
+        docs = list(documents(count, seed=seed, sentence_count=sentence_count))
         with conn.cursor() as cur:
             for start in range(0, len(docs), chunk):
                 part = docs[start : start + chunk]
