@@ -67,7 +67,7 @@ def _sentence(rng: random.Random, category: str) -> str:
 
 
 SHORT = (2, 4)
-"""Sentences per document by default: 12–30 words, the tests' and the demo's size."""
+"""Sentences per document by default: 11–38 words (mean 23), the tests' and the demo's size."""
 CHUNK_SIZED = (9, 15)
 """Sentences per document for benchmarks at users' sizes: 56–127 words (98 % within 60–120,
 mean 87), a typical RAG chunk."""
