@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from rag_service.errors import EXIT_VERIFICATION
 from rag_service.schema import layout_for
@@ -106,3 +108,46 @@ def test_verify_finds_stale_pending_and_broken_vectors(
     status = json.loads(cli(capsys, "migrate", "status", *base, "--json").out)
     assert status["pending"] == 3 and status["stale"] == 2 and status["queued"] == 3
     assert status["byCategory"]["events"]["pending"] >= 1
+
+
+def test_the_index_build_asks_for_the_memory_its_graph_needs(
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    database_url: str,
+    migrated: str,
+) -> None:
+    """Too little maintenance_work_mem: pgvector spills the graph to disk part way and says so;
+    the default sizes the build so it does not, and asks for parallel workers."""
+    base = flags(database_url, migrated)
+    with caplog.at_level(logging.WARNING, logger="rag_service.indexes"):
+        small = cli(capsys, "migrate", "index", *base, "--maintenance-work-mem", "1MB")
+    assert small.code == 0, small.err
+    assert "(maintenance_work_mem 1MB, up to" in small.out
+    assert "hnsw graph no longer fits into maintenance_work_mem" in caplog.text
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(index_name(migrated))))
+        server_workers = int(conn.execute("SHOW max_parallel_workers").fetchone()[0])  # type: ignore[index]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rag_service.indexes"):
+        auto = json.loads(cli(capsys, "migrate", "index", *base, "--json").out)
+    assert auto["action"] == "created"
+    assert "no longer fits" not in caplog.text
+    assert auto["maintenance_work_mem"] >= 900 * 768 * 4  # at least the vectors themselves
+    assert auto["parallel_workers"] == server_workers
+
+
+def test_a_memory_size_postgresql_would_refuse_is_refused_by_the_flag(
+    capsys: pytest.CaptureFixture[str], database_url: str, migrated: str
+) -> None:
+    base = flags(database_url, migrated)
+    for flag, value in [("--maintenance-work-mem", v) for v in ("512mb", "lots", "0MB", "3TB")] + [
+        ("--parallel-workers", "-1"),
+        ("--max-maintenance-work-mem", "auto"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            cli(capsys, "migrate", "index", *base, flag, value)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument {flag}: " in err and value in err
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT to_regclass(%s)", [index_name(migrated)]).fetchone() == (None,)

@@ -37,11 +37,14 @@ __all__ = [
     "MAX_SECONDS",
     "add_spec_flags",
     "config_file",
+    "count_or_auto",
     "duration",
     "ef_search",
     "env",
     "fraction",
     "interval",
+    "memory_size",
+    "memory_size_or_auto",
     "port",
     "port_or_off",
     "positive",
@@ -227,6 +230,26 @@ def shard(value: str) -> Shard:
         return Shard.parse(value)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc).removeprefix("--shard: ")) from None
+
+
+def memory_size(value: str) -> int:
+    """A PostgreSQL memory setting (``512MB``, ``4GB``) in bytes."""
+    from rag_service.indexes import parse_memory
+
+    try:
+        return parse_memory(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def memory_size_or_auto(value: str) -> int | None:
+    """``auto`` (None: sized by the step itself) or a memory setting in bytes."""
+    return None if value == "auto" else memory_size(value)
+
+
+def count_or_auto(value: str) -> int | None:
+    """``auto`` (None) or a whole number from 0 to 1024."""
+    return None if value == "auto" else _whole_within(value, (0, 1024), what="the range")
 
 
 def migration_key(value: str) -> str:

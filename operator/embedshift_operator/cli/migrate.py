@@ -13,9 +13,12 @@ from rich.table import Table
 from embedshift_operator.cli.flags import (
     EF_SEARCH_HELP,
     add_spec_flags,
+    count_or_auto,
     ef_search,
     fraction,
     interval,
+    memory_size,
+    memory_size_or_auto,
     positive,
     resolve,
     shard,
@@ -23,7 +26,7 @@ from embedshift_operator.cli.flags import (
 )
 from rag_service.errors import ConfigError, VerificationFailed
 from rag_service.follow import DEFAULT_SWEEP_SECONDS, follow_command
-from rag_service.indexes import build_index
+from rag_service.indexes import DEFAULT_MEMORY_CAP, build_index, memory_text
 from rag_service.migrate import DryRun, RunOptions, RunReport, Shard, plan_run, run_migration
 from rag_service.progress import MigrationProgress, migration_progress
 from rag_service.providers import PriceTable, api_key_from_env, make_provider
@@ -123,7 +126,32 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "index", help="build the target ANN index concurrently (repairs leftovers)"
     )
     add_spec_flags(p)
-    p.add_argument("--maintenance-work-mem", default="512MB", help="memory for the build")
+    p.add_argument(
+        "--maintenance-work-mem",
+        type=memory_size_or_auto,
+        default=None,
+        metavar="SIZE|auto",
+        help="the build's maintenance_work_mem, in PostgreSQL's units (512MB, 4GB); default "
+        "auto: the HNSW graph's estimated size, so it is built in memory (several times faster "
+        "than spilling to disk), never less than the server's setting",
+    )
+    p.add_argument(
+        "--max-maintenance-work-mem",
+        type=memory_size,
+        default=DEFAULT_MEMORY_CAP,
+        metavar="SIZE",
+        help=f"the most auto asks for (default {memory_text(DEFAULT_MEMORY_CAP)}): size it to "
+        "what the database server can spare",
+    )
+    p.add_argument(
+        "--parallel-workers",
+        type=count_or_auto,
+        default=None,
+        metavar="N|auto",
+        help="max_parallel_maintenance_workers for the build; default auto: the server's "
+        "max_parallel_workers, of which PostgreSQL uses what the table's size warrants; 0 "
+        "builds in one process (needed when the server's /dev/shm cannot hold the graph)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable result")
     p.set_defaults(handler=_index)
 
@@ -350,13 +378,26 @@ async def _verify(args: argparse.Namespace) -> int:
 
 async def _index(args: argparse.Namespace) -> int:
     spec, _, url, _ = resolve(args)
-    report = await build_index(url, spec, maintenance_work_mem=args.maintenance_work_mem)
+    report = await build_index(
+        url,
+        spec,
+        maintenance_work_mem=args.maintenance_work_mem,
+        max_maintenance_work_mem=args.max_maintenance_work_mem,
+        parallel_workers=args.parallel_workers,
+    )
     if args.json:
         print(json.dumps(asdict(report)))
-    else:
-        _out.print(
-            f"index {report.name}: {report.action} in {report.seconds:.1f}s\n  {report.definition}"
-        )
+        return 0
+    settings = (
+        f" (maintenance_work_mem {memory_text(report.maintenance_work_mem)}, up to "
+        f"{report.parallel_workers} parallel workers)"
+        if report.maintenance_work_mem is not None
+        else ""
+    )
+    _out.print(
+        f"index {report.name}: {report.action} in {report.seconds:.1f}s{settings}\n"
+        f"  {report.definition}"
+    )
     return 0
 
 
