@@ -55,7 +55,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -77,6 +76,7 @@ from rag_service.providers import api_key_from_env, make_provider
 from rag_service.providers.base import EmbeddingProvider
 from rag_service.providers.pricing import PriceTable
 from rag_service.schema import FOLLOW_CHANNEL, connect
+from rag_service.signals import stop_on_signals
 from rag_service.spec import DataPlaneSpec
 
 log = logging.getLogger(__name__)
@@ -164,17 +164,8 @@ async def follow_command(
     """
     from rag_service.terminal import JsonLinesProgress  # rich: only when a sink is wanted
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    installed: list[signal.Signals] = []
     prices = prices or PriceTable()
-    try:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            try:
-                loop.add_signal_handler(signum, stop.set)
-                installed.append(signum)
-            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
-                pass
+    async with stop_on_signals() as stop:
         provider = make_provider(
             spec.target,
             api_key=api_key_from_env(spec.target, "target"),
@@ -203,9 +194,6 @@ async def follow_command(
             )
         finally:
             await provider.aclose()
-    finally:
-        for signum in installed:
-            loop.remove_signal_handler(signum)
     log.info(
         "follow: stopped after %.0fs: %d rows embedded, %d queued changes settled, %d passes, "
         "%d reconnects, %d tokens, $%.4f",

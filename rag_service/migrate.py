@@ -139,7 +139,7 @@ class RunReport:
     batches: int = 0
     seconds: float = 0.0
     pending: int = 0
-    stopped_by: str | None = None  # "limit" when --limit ended the run early
+    stopped_by: str | None = None  # "limit" (--limit ended it early) or "signal" (stop was set)
 
     @property
     def rows_per_second(self) -> float:
@@ -757,7 +757,10 @@ class Worker:
             if (self.report.batches, self.report.settled_from_queue) == before:
                 break
 
-    async def run(self) -> RunReport:
+    async def run(self, stop: asyncio.Event | None = None) -> RunReport:
+        """Backfill, then drain the queue. Once ``stop`` is set no batch is started; those
+        under way are written, the checkpoint stays where they left it, and the report says
+        ``stopped_by="signal"`` (without the closing pending count: a full comparison)."""
         started = time.monotonic()
         last_id, completed = await self._checkpoint.read(self.reader)
         if self.options.rescan:
@@ -769,7 +772,9 @@ class Worker:
                 target=self.layout.migration_target,
                 phase="backfill",
             )
-            await self._pipeline(self._backfill_batches(last_id))
+            await self._pipeline(self._backfill_batches(last_id), stop)
+            if stop is not None and stop.is_set():
+                return self._stopped(started)
             if self.options.limit is None or self._launched < self.options.limit:
                 async with self.writer.transaction():
                     query, params = self._checkpoint.write(last_id=None, completed=True)
@@ -790,10 +795,18 @@ class Worker:
                 target=self.layout.migration_target,
                 phase="catchup",
             )
-        await self.catch_up()
+        await self.catch_up(stop)
+        if stop is not None and stop.is_set():
+            return self._stopped(started)
         self.report.pending = int(
             await _scalar(self.reader, pending_query(self.layout, self.options)) or 0
         )
+        self.report.seconds = time.monotonic() - started
+        self.progress.finished(self.report)
+        return self.report
+
+    def _stopped(self, started: float) -> RunReport:
+        self.report.stopped_by = "signal"
         self.report.seconds = time.monotonic() - started
         self.progress.finished(self.report)
         return self.report
@@ -916,8 +929,10 @@ async def run_migration(
     migration: str,
     prices: PriceTable | None = None,
     progress: ProgressSink | None = None,
+    stop: asyncio.Event | None = None,
 ) -> RunReport:
-    """Run one shard to completion (or ``--limit``/budget). Raises EmbedshiftError subclasses."""
+    """Run one shard to completion (or ``--limit``/budget, or until ``stop`` is set: see
+    :meth:`Worker.run`). Raises EmbedshiftError subclasses."""
     async with worker_session(
         url,
         spec,
@@ -927,7 +942,7 @@ async def run_migration(
         prices=prices,
         progress=progress,
     ) as worker:
-        return await worker.run()
+        return await worker.run(stop)
 
 
 @dataclass

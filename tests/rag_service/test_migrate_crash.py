@@ -5,6 +5,7 @@ Everything is counted in SQL from the tables, not from what the worker reports.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -70,6 +71,36 @@ def test_kill_9_at_20_random_moments_loses_nothing_and_doubles_nothing(
     assert c.complete and c.embeddable == 12_000
     assert c.embedded_by_batches == 12_000
     assert cli_subprocess(["migrate", "verify", *base]).code == 0
+
+
+def test_sigterm_writes_the_batches_under_way_and_exits_143(
+    database_url: str, request: pytest.FixtureRequest
+) -> None:
+    """What Kubernetes does to a Job's pod it deletes or preempts: SIGTERM, then SIGKILL later.
+    The worker starts no new batch, writes those it has embedded, and says it stopped."""
+    table = table_name(request)
+    create_corpus(database_url, table=table, count=12_000)
+    base = flags(database_url, table)
+    assert cli_subprocess(["migrate", "setup", *base]).code == 0
+    proc = start_run([*base, "--batch-size", "5", "--json"], stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert json.loads(proc.stdout.readline())["event"] == "started"
+    while json.loads(proc.stdout.readline())["event"] != "batch":
+        pass
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM: the batches under way were written; rerun to resume" in err.decode()
+    assert b"Traceback" not in err
+    finished = json.loads(out.decode().splitlines()[-1])
+    assert finished["event"] == "finished" and finished["stopped_by"] == "signal"
+    spec = spec_for(table)
+    partial = counts(database_url, spec)
+    assert 0 < partial.target_rows < 12_000  # it stopped, and what it embedded was kept
+    assert partial.embedded_by_batches == partial.target_rows == finished["embedded"]
+    final = cli_subprocess(["migrate", "run", *base])
+    assert final.code == 0, final.err
+    assert counts(database_url, spec).complete
 
 
 def test_live_inserts_updates_and_deletes_during_the_run_are_all_caught_up(

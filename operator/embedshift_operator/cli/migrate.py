@@ -33,6 +33,7 @@ from rag_service.providers import PriceTable, api_key_from_env, make_provider
 from rag_service.providers.pricing import spend_text
 from rag_service.rollout_row import read_routing
 from rag_service.schema import setup
+from rag_service.signals import stop_on_signals
 from rag_service.spec import DataPlaneSpec, EmbeddingSpec
 from rag_service.terminal import JsonLinesProgress, RichProgress
 from rag_service.verify import verify
@@ -289,20 +290,30 @@ async def _run(args: argparse.Namespace) -> int:
         if args.json
         else RichProgress(_err, priced=priced)
     )
-    try:
-        report = await run_migration(
-            url,
-            spec,
-            provider=provider,
-            options=options,
-            migration=migration,
-            prices=prices,
-            progress=progress,
-        )
-    finally:
-        await provider.aclose()
+    async with stop_on_signals() as stop:
+        try:
+            report = await run_migration(
+                url,
+                spec,
+                provider=provider,
+                options=options,
+                migration=migration,
+                prices=prices,
+                progress=progress,
+                stop=stop,
+            )
+        finally:
+            await provider.aclose()
     if not args.json:
         _print_run(report, cost=_usd(_known_cost(report.cost_usd, spec, prices), spec.target))
+    if report.stopped_by == "signal":
+        # Not 0: a Job whose worker was stopped has not finished its shard.
+        name = stop.signum.name if stop.signum else "a signal"
+        print(
+            f"embedshift: stopped by {name}: the batches under way were written; rerun to resume",
+            file=sys.stderr,
+        )
+        return stop.exit_code
     return 0
 
 
@@ -334,7 +345,8 @@ def _print_run(report: RunReport, *, cost: str) -> None:
     _out.print(
         f"embedded {report.embedded} rows in {report.seconds:.1f}s "
         f"({report.rows_per_second:.0f} rows/s) with {report.target}; "
-        f"{report.tokens:,} tokens, {cost}; {report.pending} pending"
+        f"{report.tokens:,} tokens, {cost}; "
+        + ("stopped early" if report.stopped_by == "signal" else f"{report.pending} pending")
         + ("; stopped at --limit" if report.stopped_by == "limit" else "")
         + (
             f"; {report.changed_while_embedding} rows changed while embedding and stay queued"
