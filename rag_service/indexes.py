@@ -148,7 +148,8 @@ def plan_build(
         m=index.m,
         bytes_per_dimension=2 if index.halfvec else 4,
     )
-    wanted = max(math.ceil(graph * _HEADROOM), server_memory)
+    # Whole megabytes: what a person reads in the log and would have typed.
+    wanted = max(math.ceil(graph * _HEADROOM / 1024**2) * 1024**2, server_memory)
     if wanted > memory_cap:
         return BuildPlan(
             max(memory_cap, server_memory),

@@ -69,6 +69,7 @@ def test_auto_sizes_the_build_to_the_graph_with_the_servers_workers() -> None:
     plan = _plan(target="local:hash@256")
     graph = hnsw_graph_bytes(1_000_000, dimensions=256, m=16, bytes_per_dimension=4)
     assert graph < plan.maintenance_work_mem < 1.3 * graph  # type: ignore[attr-defined]
+    assert plan.maintenance_work_mem % MB == 0  # type: ignore[attr-defined]
     assert plan.parallel_workers == 8  # type: ignore[attr-defined]
     assert "sized to the graph of 1,000,000 rows" in plan.reason  # type: ignore[attr-defined]
 
