@@ -117,7 +117,7 @@ def test_the_index_build_asks_for_the_memory_its_graph_needs(
     migrated: str,
 ) -> None:
     """Too little maintenance_work_mem: pgvector spills the graph to disk part way and says so;
-    the default sizes the build so it does not, and asks for parallel workers."""
+    the default sizes the build so it does not, with the server's own parallel workers."""
     base = flags(database_url, migrated)
     with caplog.at_level(logging.WARNING, logger="rag_service.indexes"):
         small = cli(capsys, "migrate", "index", *base, "--maintenance-work-mem", "1MB")
@@ -126,7 +126,7 @@ def test_the_index_build_asks_for_the_memory_its_graph_needs(
     assert "hnsw graph no longer fits into maintenance_work_mem" in caplog.text
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(index_name(migrated))))
-        server_workers = int(conn.execute("SHOW max_parallel_workers").fetchone()[0])  # type: ignore[index]
+        server_workers = int(conn.execute("SHOW max_parallel_maintenance_workers").fetchone()[0])  # type: ignore[index]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="rag_service.indexes"):
         auto = json.loads(cli(capsys, "migrate", "index", *base, "--json").out)

@@ -149,9 +149,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         type=count_or_auto,
         default=None,
         metavar="N|auto",
-        help="max_parallel_maintenance_workers for the build; default auto: the server's "
-        "max_parallel_workers, of which PostgreSQL uses what the table's size warrants; 0 "
-        "builds in one process (needed when the server's /dev/shm cannot hold the graph)",
+        help="max_parallel_maintenance_workers for the build; default auto: the server's own "
+        "setting (PostgreSQL's default is 2; more workers than the database server has cores "
+        "is slower); 0 builds in one process (needed when the server's /dev/shm cannot hold "
+        "the graph)",
     )
     p.add_argument("--json", action="store_true", help="machine-readable result")
     p.set_defaults(handler=_index)
