@@ -49,6 +49,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -148,6 +149,19 @@ def migration_spec() -> EmbeddingMigrationSpec:
     return parse_migration(document, where="benchmark manifest").spec
 
 
+def fill_side_table(
+    conn: psycopg.Connection[Any], *, side: str, source: str, dimensions: int
+) -> None:
+    """The side table as a finished backfill leaves it, in one statement instead of embedding:
+    a constant vector (its values change nothing a tick or the follower does) and each row's
+    real content hash (which the progress counts and the hash guard compare)."""
+    conn.execute(
+        f'INSERT INTO "{side}" (id, embedding, content_hash, category) '
+        f"SELECT id, array_fill(0.25, ARRAY[{dimensions}])::vector, "
+        f"sha256(convert_to(content, 'UTF8')), category FROM \"{source}\""
+    )
+
+
 def prepare(url: str, rows: int, changes: int, spec: EmbeddingMigrationSpec) -> None:
     began = time.perf_counter()
     create_corpus(url, table=TABLE, count=rows, source_dimensions=0)
@@ -155,11 +169,7 @@ def prepare(url: str, rows: int, changes: int, spec: EmbeddingMigrationSpec) -> 
     side = layout_for(spec.data_plane, id_type="bigint").target.name
     dims = spec.target.dimensions
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(
-            f'INSERT INTO "{side}" (id, embedding, content_hash, category) '
-            f"SELECT id, array_fill(0.25, ARRAY[{dims}])::vector, "
-            f"sha256(convert_to(content, 'UTF8')), category FROM \"{TABLE}\""
-        )
+        fill_side_table(conn, side=side, source=TABLE, dimensions=dims)
         conn.execute(
             f"UPDATE \"{TABLE}\" SET content = content || ' Changed.' "
             f'WHERE id IN (SELECT id FROM "{TABLE}" ORDER BY random() LIMIT {changes})'
