@@ -36,6 +36,9 @@ BAD: dict[Callable[[str], Any], tuple[str, ...]] = {
     flags.duration_or_off: ("-5m", "5", "nan", "inf", "99999999999999h"),
     flags.promql_range: ("0s", "-1h", "1.5h", "nan", "inf", "24"),
     flags.shard: ("2/2", "-1/2", "0/0", "1/-2", "1.5/2", "nan/2", "3"),
+    flags.memory_size: ("0MB", "-1MB", "512mb", "1.5GB", "3TB", "99999999999999999999GB", "auto"),
+    flags.memory_size_or_auto: ("0MB", "512mb", "1.5GB", "3TB", "Auto", "nan"),
+    flags.count_or_auto: ("-1", "1025", "1.5", "nan", "all", "99999999999999999999"),
 }
 # Types that take no number: files, phase names, migration keys, allowlist patterns.
 NOT_NUMERIC: set[Any] = {
