@@ -10,7 +10,7 @@ slower (its notice "hnsw graph no longer fits into maintenance_work_mem"), so th
 the memory the whole graph needs, within a cap. Parallel workers (pgvector's HNSW and IVFFlat
 builds use them) stay at what the server allows a maintenance command,
 ``max_parallel_maintenance_workers``: the step cannot see the database server's cores, and more
-workers than cores is slower, not faster (7 workers on 2 cores built a 1M-row HNSW index 1.3×
+workers than cores is slower, not faster (7 workers on 2 cores built a 1M-row HNSW index 1.2×
 slower than 2: docs/benchmarks.md).
 """
 
@@ -115,7 +115,9 @@ def memory_text(value: int) -> str:
 def hnsw_graph_bytes(rows: int, *, dimensions: int, m: int, bytes_per_dimension: int) -> int:
     """The memory pgvector's in-memory HNSW build needs for ``rows`` vectors. Pure."""
     neighbour_slots = 2 * m + m / math.log(m)
-    per_element = _ELEMENT_BYTES + bytes_per_dimension * dimensions + 16 * neighbour_slots
+    per_element = (
+        _ELEMENT_BYTES + bytes_per_dimension * dimensions + _NEIGHBOUR_BYTES * neighbour_slots
+    )
     return math.ceil(rows * per_element)
 
 

@@ -801,12 +801,13 @@ class Worker:
         self.report.pending = int(
             await _scalar(self.reader, pending_query(self.layout, self.options)) or 0
         )
-        self.report.seconds = time.monotonic() - started
-        self.progress.finished(self.report)
-        return self.report
+        return self._finished(started)
 
     def _stopped(self, started: float) -> RunReport:
         self.report.stopped_by = "signal"
+        return self._finished(started)
+
+    def _finished(self, started: float) -> RunReport:
         self.report.seconds = time.monotonic() - started
         self.progress.finished(self.report)
         return self.report
