@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rag_service.providers.base import Purpose
 from rag_service.providers.openai import OpenAIProvider
-from rag_service.testing.embedding_server import make_limiter
+from rag_service.testing.embedding_server import Limiter, make_limiter
 
 API_KEY = "benchmark-key"
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,21 +196,36 @@ def backfill_against(
     return run, stats
 
 
-def run_cell(args: argparse.Namespace) -> dict[str, Any]:
-    """One run: start the server, backfill, measure from the server's record."""
-    run, stats = backfill_against(start_server, args)
+def budget_from_record(
+    stats: dict[str, Any], *, tpm: int, deadline: float, args: argparse.Namespace
+) -> tuple[Limiter, float, int]:
+    """From the server's record: the limiter rebuilt as the server started it, the share of its
+    budget admitted from the first admission to ``deadline`` (``time.monotonic()``), and the
+    requests refused (429)."""
     records: list[dict[str, Any]] = stats["records"]
     limiter = make_limiter(
-        args.tpm,
+        tpm,
         stats["tokens_limiter_started"],
         style=args.limiter,
         window=args.window,
         reset_report=args.reset_report,
     )
-    admitted = [(r["time"], r["tokens"]) for r in records if r["status"] == 200]
+    # Sorted: a record is appended when its answer is sent, so a request admitted first may be
+    # recorded second, and share_of_budget takes the first pair as the run's start.
+    admitted = sorted((r["time"], r["tokens"]) for r in records if r["status"] == 200)
     refused = sum(1 for r in records if r["status"] == 429)
-    end = run["deadline"] - stats["monotonic_origin"]  # on the records' clock
-    budget = limiter.share_of_budget(admitted, end)
+    end = deadline - stats["monotonic_origin"]  # on the records' clock
+    budget = limiter.share_of_budget(admitted, end) if admitted else 0.0
+    return limiter, budget, refused
+
+
+def run_cell(args: argparse.Namespace) -> dict[str, Any]:
+    """One run: start the server, backfill, measure from the server's record."""
+    run, stats = backfill_against(start_server, args)
+    records: list[dict[str, Any]] = stats["records"]
+    limiter, budget, refused = budget_from_record(
+        stats, tpm=args.tpm, deadline=run["deadline"], args=args
+    )
     steady = steady_state(records, limiter.limit, args.warmup) if args.limiter == "bucket" else None
     return {
         "limiter": args.limiter,

@@ -88,11 +88,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.control_loop import CLOCK_TICKS, ServerCpu, _stat  # noqa: E402
-from benchmarks.ratelimit import API_KEY, server_stats, start_server  # noqa: E402
+from benchmarks.ratelimit import API_KEY, budget_from_record, server_stats, start_server  # noqa: E402
 from rag_service.schema import ident, layout_for, setup  # noqa: E402
 from rag_service.spec import DataPlaneSpec  # noqa: E402
 from rag_service.testing.corpus import CHUNK_SIZED, create_corpus  # noqa: E402
-from rag_service.testing.embedding_server import make_limiter  # noqa: E402
 from rag_service.testing.postgres import create_database, drop_database, postgres_server  # noqa: E402
 
 TABLE = "documents"
@@ -460,21 +459,8 @@ def budget_use(cell: Cell, args: argparse.Namespace) -> BudgetUse:
     """As ``benchmarks.ratelimit.run_cell`` computes it: the limiter rebuilt as the server
     started it, the run from the first admission to the SIGTERM on the records' clock."""
     stats = cell.stats
-    records: list[dict[str, Any]] = stats["records"]
-    limiter = make_limiter(
-        cell.tpm,
-        stats["tokens_limiter_started"],
-        style=args.limiter,
-        window=args.window,
-        reset_report=args.reset_report,
-    )
-    # Sorted: a record is appended when its answer is sent, so a request admitted first may be
-    # recorded second, and share_of_budget takes the first pair as the run's start.
-    admitted = sorted((r["time"], r["tokens"]) for r in records if r["status"] == 200)
-    refused = sum(1 for r in records if r["status"] == 429)
-    end = cell.deadline - stats["monotonic_origin"]
-    budget = limiter.share_of_budget(admitted, end) if admitted else 0.0
-    return BudgetUse(budget, len(records), refused, int(stats["ok_tokens"]))
+    _, budget, refused = budget_from_record(stats, tpm=cell.tpm, deadline=cell.deadline, args=args)
+    return BudgetUse(budget, len(stats["records"]), refused, int(stats["ok_tokens"]))
 
 
 # -- reports
