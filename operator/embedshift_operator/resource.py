@@ -81,6 +81,7 @@ __all__ = [
     "CleanupStatus",
     "Condition",
     "ConditionType",
+    "CountsKind",
     "Criterion",
     "CriterionKind",
     "CriterionResult",
@@ -726,6 +727,15 @@ class CategoryProgress(_Status):
     migrated: int = Field(default=0, description="Rows with a current v2 vector.")
 
 
+class CountsKind(str, Enum):
+    """How the row counts in ``status.migration`` were obtained."""
+
+    # From the counters setup installs and the change queue: O(changes), every tick.
+    MAINTAINED = "maintained"
+    # From a full source ⟕ target comparison (a setup by an older embedshift has no counters).
+    EXACT = "exact"
+
+
 class MigrationProgress(_Status):
     """Where the re-embedding stands, as last read from the database."""
 
@@ -738,6 +748,18 @@ class MigrationProgress(_Status):
     )
     by_category: dict[str, CategoryProgress] = Field(
         default_factory=dict, description="Progress per category."
+    )
+    counts: CountsKind | None = Field(
+        default=None,
+        description="How total, migrated, pending and byCategory were counted: maintained "
+        "(counters kept in the writers' transactions and the change queue, read every tick) or "
+        "exact (a full comparison of the tables). failed and oldestPendingSeconds are always "
+        "read directly. `embedshift migrate status --exact` compares the two.",
+    )
+    counted_since: datetime | None = Field(
+        default=None,
+        description="maintained: when the counters were last counted from the tables (by setup, "
+        "or by a check that found them drifted).",
     )
     jobs: list[JobRecord] = Field(default_factory=list, description="Jobs of the migration.")
 

@@ -23,7 +23,7 @@ import psycopg
 import pytest
 
 from embedshift_operator.adapters.postgres import ControlStore
-from embedshift_operator.resource import parse_migration
+from embedshift_operator.resource import CountsKind, parse_migration
 from rag_service.follow import follow_changes
 from rag_service.migrate import RunOptions, run_migration
 from rag_service.progress import (
@@ -552,6 +552,7 @@ async def test_a_tick_reads_nothing_of_the_corpus(
 
     assert observed.total == TICK_ROWS and observed.migrated == TICK_ROWS - TICK_QUEUED
     assert observed.pending == TICK_QUEUED and observed.oldest_pending_seconds is not None
+    assert observed.counts is CountsKind.MAINTAINED and observed.counted_since is not None
     for name in (source, side):
         assert after[name][0] == before[name][0], f"a sequential scan of {name}"
         # Index lookups of the queued rows (and their side rows) only, never the table.
@@ -571,6 +572,11 @@ async def test_a_tick_reads_nothing_of_the_corpus(
     exact = await migration_progress(url, data_plane, exact=True)
     assert exact.counters is not None and exact.counters.agreed
     assert observed.by_category == {c.category: (c.source, c.current) for c in exact.categories}
+    # Counters lost (as after a setup by an older embedshift): the tick says it counted exactly.
+    sql(url, f"DELETE FROM {COUNTS_TABLE} WHERE target_table = '{found.target}'")
+    fallback = await store.progress()
+    assert fallback.counts is CountsKind.EXACT and fallback.counted_since is None
+    assert fallback.by_category == observed.by_category
 
 
 def test_drift_names_each_figure_that_differs() -> None:

@@ -36,7 +36,11 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from embedshift_operator.core.model import ProgressObservation, RoutingObservation, SetPercentage
-from embedshift_operator.resource import EmbeddingMigrationSpec, EmbeddingMigrationStatus
+from embedshift_operator.resource import (
+    CountsKind,
+    EmbeddingMigrationSpec,
+    EmbeddingMigrationStatus,
+)
 from rag_service.errors import DatabaseError, EmbedshiftError
 from rag_service.identifiers import TableName
 from rag_service.progress import migration_progress
@@ -227,6 +231,8 @@ class ControlStore:
             failed_batches=progress.failed_batches,
             oldest_pending_seconds=progress.oldest_pending_seconds,
             by_category={c.category: (c.source, c.current) for c in progress.categories},
+            counts=CountsKind(progress.counts),
+            counted_since=progress.counted_since,
         )
 
     async def drop_source(self, column: str) -> str | None:

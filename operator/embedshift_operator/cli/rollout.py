@@ -43,6 +43,7 @@ from embedshift_operator.replay import (
     series_from_ranges,
 )
 from embedshift_operator.resource import (
+    CountsKind,
     EmbeddingMigration,
     EmbeddingMigrationStatus,
     Phase,
@@ -328,7 +329,8 @@ def render_status(
         bars.add_row(
             "re-embedded",
             ProgressBar(total=max(m.total, 1), completed=m.migrated, width=40),
-            f"{m.migrated:,}/{m.total:,} ({m.pending:,} pending{lag})",
+            f"{m.migrated:,}/{m.total:,} ({m.pending:,} pending{lag}"
+            f"{'; counted exactly' if m.counts is CountsKind.EXACT else ''})",
         )
     parts: list[RenderableType] = [header, bars]
     if status.analysis.results:

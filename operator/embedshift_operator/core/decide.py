@@ -509,6 +509,8 @@ class _Tick:
                         c: CategoryProgress(total=t, migrated=m)
                         for c, (t, m) in progress.by_category.items()
                     },
+                    "counts": progress.counts,
+                    "counted_since": progress.counted_since,
                 }
             )
         )

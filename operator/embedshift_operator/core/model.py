@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TypeVar
 
 from embedshift_operator.core.allowlist import Refusal
-from embedshift_operator.resource import EmbeddingMigrationStatus, JobKind, JobState
+from embedshift_operator.resource import CountsKind, EmbeddingMigrationStatus, JobKind, JobState
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,8 @@ class ProgressObservation:
     failed_batches: int = 0
     oldest_pending_seconds: float | None = None
     by_category: Mapping[str, tuple[int, int]] = field(default_factory=dict)  # (total, migrated)
+    counts: CountsKind = CountsKind.MAINTAINED
+    counted_since: datetime | None = None  # maintained: when the counters were last counted
 
 
 @dataclass(frozen=True)

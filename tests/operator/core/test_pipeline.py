@@ -12,6 +12,7 @@ from embedshift_operator.core import (
     EnsureFollower,
     JobObservation,
     Observations,
+    ProgressObservation,
     RoutingObservation,
     RunJob,
     SetPercentage,
@@ -19,6 +20,7 @@ from embedshift_operator.core import (
 )
 from embedshift_operator.resource import (
     ConditionType,
+    CountsKind,
     EmbeddingMigrationSpec,
     EmbeddingMigrationStatus,
     JobKind,
@@ -586,3 +588,26 @@ def test_the_routing_row_stays_at_zero_before_the_rollout() -> None:
     spec = make_spec()
     d = tick(spec, status_at(spec, Phase.INDEXING), Observations(routing=RoutingObservation(0)))
     assert percentages(d) == []
+
+
+@pytest.mark.parametrize("counts", list(CountsKind))
+def test_status_says_how_the_progress_was_counted(counts: CountsKind) -> None:
+    """A person reading status.migration learns whether the figures came from the maintained
+    counters (cheap, every tick) or a full comparison (an older setup: a cost on every tick)."""
+    spec = make_spec()
+    seeded = at(hours=-3) if counts is CountsKind.MAINTAINED else None
+    progress = ProgressObservation(
+        total=100,
+        migrated=40,
+        pending=60,
+        by_category={"faq": (100, 40)},
+        counts=counts,
+        counted_since=seeded,
+    )
+    status = status_at(spec, Phase.MIGRATING)
+    migration = tick(spec, status, Observations(progress=progress)).status.migration
+    assert (migration.total, migration.migrated, migration.pending) == (100, 40, 60)
+    assert migration.counts is counts and migration.counted_since == seeded
+    written = migration.model_dump(mode="json", by_alias=True, exclude_none=True)
+    assert written["counts"] == counts.value
+    assert ("countedSince" in written) is (counts is CountsKind.MAINTAINED)
