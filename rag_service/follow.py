@@ -71,7 +71,7 @@ from rag_service.migrate import (
     Worker,
     worker_session,
 )
-from rag_service.progress import count_rows
+from rag_service.progress import count_rows, fold_batch_rows
 from rag_service.providers import api_key_from_env, make_provider
 from rag_service.providers.base import EmbeddingProvider
 from rag_service.providers.pricing import PriceTable
@@ -84,6 +84,8 @@ log = logging.getLogger(__name__)
 DEFAULT_SWEEP_SECONDS = 30.0
 _BACKOFF_FIRST_SECONDS = 0.5
 _BACKOFF_MAX_SECONDS = 30.0
+# Between two folds of the batch rows (rag_service.progress.fold_batch_rows).
+FOLD_EVERY_SECONDS = 600.0
 # A standby retries the lock this often (or every sweep, if sweeps are more frequent).
 _STANDBY_POLL_SECONDS = 5.0
 
@@ -237,6 +239,7 @@ class _Follower:
         self.passes = 0
         self.reconnects = 0
         self._announced = False
+        self._folded_at: float | None = None  # time.monotonic() of the last fold
 
     async def run(self) -> FollowReport:
         started = time.monotonic()
@@ -312,6 +315,7 @@ class _Follower:
                     await self._drain(worker)
                     if self.stop.is_set():
                         break
+                    await self._fold(worker)
                     await self._wait(wake, listening)
             finally:
                 listening.cancel()
@@ -343,6 +347,16 @@ class _Follower:
                 report.settled_from_queue - settled,
                 time.monotonic() - began,
             )
+
+    async def _fold(self, worker: Worker) -> None:
+        """Every ``FOLD_EVERY_SECONDS`` (and once a session starts), fold the target's batch rows
+        of more than an hour ago: the follower is the one part that runs for the whole two weeks
+        and writes a row per batch all along."""
+        now = time.monotonic()
+        if self._folded_at is not None and now - self._folded_at < FOLD_EVERY_SECONDS:
+            return
+        self._folded_at = now
+        await fold_batch_rows(worker.writer, worker.layout)
 
     async def _wait(self, wake: asyncio.Event, listening: asyncio.Task[None]) -> None:
         """Until a notification for this target, the next sweep, or ``stop``."""

@@ -10,8 +10,10 @@ What ``setup`` installs next to the user's source table (which is never rewritte
   upserts the id with a fresh ``seq`` and notifies ``FOLLOW_CHANNEL`` (wakes ``migrate follow``).
   Workers delete only the ``(id, seq)`` pairs they read, so a change that races a worker stays
   queued and is never lost.
-- ``embedding_migration_status`` (one row per batch: rows, tokens, cost, errors), the backfill
-  checkpoint, and the routing row table ``embedshift_rollout`` that rag_service follows.
+- ``embedding_migration_status`` (one row per batch: rows, tokens, cost, errors; successful
+  batches older than an hour folded into one row per shard, phase and hour, ``batches`` saying
+  how many: :func:`rag_service.progress.fold_batch_rows`), the backfill checkpoint, and the
+  routing row table ``embedshift_rollout`` that rag_service follows.
 """
 
 from __future__ import annotations
@@ -437,9 +439,14 @@ def setup_statements(
             "    error text,\n"
             "    worker text,\n"
             "    started_at timestamptz NOT NULL,\n"
-            "    finished_at timestamptz NOT NULL DEFAULT now()\n"
+            "    finished_at timestamptz NOT NULL DEFAULT now(),\n"
+            "    batches integer NOT NULL DEFAULT 1\n"
             ")"
         ).format(status=ident(layout.status)),
+        # A table made by an older setup: its rows are one batch each, as the default says.
+        sql.SQL(
+            "ALTER TABLE {} ADD COLUMN IF NOT EXISTS batches integer NOT NULL DEFAULT 1"
+        ).format(ident(layout.status)),
         sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (target_table, status, id)").format(
             sql.Identifier(derived_identifier(STATUS_TABLE, "target")), ident(layout.status)
         ),

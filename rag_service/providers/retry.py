@@ -352,22 +352,33 @@ class _Bucket:
             self.history.append((now, amount, 0.0))
             self._forget_before(now - _SHARE_WINDOW)
 
-    def sync(self, server_now: float, now: float) -> None:
-        """Move our level to the server's, and learn the others' use from the difference."""
+    def sync(self, server_now: float, now: float, *, round_trip: float = 0.0) -> None:
+        """Move our level to the server's, and learn the others' use from the difference.
+
+        ``round_trip``: how long the answer took. The others' requests in flight are not in the
+        server's figure yet; what they used in the last round trip is what they probably have
+        in flight now, and is held back from the room (see :meth:`others_in_flight`)."""
         self.refill(now)
         if self.shadow is not None:
             self.history.append((now, 0.0, self.shadow - server_now))
         self.shadow = server_now
         self._update_share(now)
-        if server_now * self.share <= self.level:
+        room = server_now - self.others_in_flight(now, round_trip)
+        if room * self.share <= self.level:
             # Every client on the key sees the same level: each may count on its share of it
             # (alone, all of it), or together they would spend it several times over.
-            self.level = server_now * self.share if server_now > 0 else server_now
+            self.level = room * self.share if room > 0 else room
         else:
             # Raise too, or every cautious error stays banked for good. But only by our share
             # of the surplus: every client on the key sees the same surplus in its headers,
             # and if each took all of it they would collide.
-            self.level += (server_now - self.level) * self.share
+            self.level += (room - self.level) * self.share
+
+    def others_in_flight(self, now: float, round_trip: float) -> float:
+        """The others' use the answers showed over the last ``round_trip`` seconds: about what
+        they have in flight now, unseen by the server's figure (0 alone)."""
+        since = now - round_trip
+        return max(0.0, sum(entry[2] for entry in self.history if entry[0] >= since))
 
     def _forget_before(self, moment: float) -> None:
         while self.history and self.history[0][0] < moment:
@@ -1080,7 +1091,7 @@ class RateLimitPacer:
         # sent it: a little early, so a little optimistic, which the safety floor absorbs.
         since = now - permit.issued_at
         server_now = min(bucket.limit, remaining + since * bucket.rate) - unseen_use
-        bucket.sync(server_now, now)
+        bucket.sync(server_now, now, round_trip=since)
         return limit_state
 
     def _finish(self, permit: Permit) -> None:

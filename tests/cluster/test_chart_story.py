@@ -347,7 +347,11 @@ def test_a_migration_from_kubectl_apply_to_kubectl_delete(story: Story) -> None:
         story.kubectl(
             "wait", f"em/{NAME}", f"--for=condition={condition}", f"--timeout={int(PIPELINE)}s"
         )
-    story.wait_phase("Progressing", 10)
+    progressing = story.wait_phase("Progressing", 10)
+    # The API server kept how the progress was counted (the CRD's schema prunes what it lacks).
+    migrated = progressing["migration"]
+    assert migrated["counts"] == "maintained" and migrated["countedSince"], migrated
+    assert migrated["migrated"] == migrated["total"] > 0, migrated
 
     # The follower (a Deployment's Pod running `migrate follow`) embeds what the application
     # writes from now on: a new document reaches the side table.

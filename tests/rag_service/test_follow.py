@@ -26,10 +26,10 @@ from psycopg.conninfo import conninfo_to_dict
 
 from rag_service.follow import FollowReport, follow_changes
 from rag_service.migrate import RunOptions, run_migration
-from rag_service.progress import migration_progress, oldest_pending_seconds
+from rag_service.progress import fold_batch_rows, migration_progress, oldest_pending_seconds
 from rag_service.providers.base import EmbeddingProvider
 from rag_service.providers.local import LocalProvider
-from rag_service.schema import FOLLOW_CHANNEL, layout_for, setup
+from rag_service.schema import FOLLOW_CHANNEL, Layout, layout_for, setup
 from rag_service.spec import DataPlaneSpec
 from rag_service.testing import EmbeddingServer
 from rag_service.testing.corpus import create_corpus
@@ -403,3 +403,133 @@ async def test_oldest_pending_seconds_is_the_queues_age(database_url: str, corpu
     assert await oldest_pending_seconds(database_url, others) is None
     async with await psycopg.AsyncConnection.connect(database_url) as conn:
         assert await oldest_pending_seconds(conn, spec) == pytest.approx(lag, abs=30)
+
+
+# ---- the status table grows with hours, not batches ------------------------------------------
+
+
+def status_rows(url: str, layout: Layout) -> list[tuple[Any, ...]]:
+    """(phase, status, worker is null, batches, rows, tokens, by_category) of every row of this
+    target (the status table is shared by every target in the schema)."""
+    with psycopg.connect(url) as conn:
+        return conn.execute(
+            "SELECT phase, status, worker IS NULL, batches, rows, tokens, by_category "
+            f'FROM "{layout.status.name}" WHERE target_table = %s ORDER BY id',
+            [str(layout.target)],
+        ).fetchall()
+
+
+def sums(url: str, layout: Layout) -> tuple[Any, ...]:
+    """What every reader of the table takes: batches, rows, tokens and cost of the successful
+    batches, the failed ones, and the rows per category."""
+    status = layout.status.name
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT sum(batches) FILTER (WHERE status = 'done'), sum(rows), sum(tokens), "
+            "sum(cost_usd), count(*) FILTER (WHERE status = 'failed'), "
+            "(SELECT jsonb_object_agg(key, n) FROM (SELECT c.key, sum(c.value::bigint) AS n "
+            f'FROM "{status}", jsonb_each_text(by_category) c WHERE target_table = %(t)s '
+            f'GROUP BY c.key) per) FROM "{status}" WHERE target_table = %(t)s',
+            {"t": str(layout.target)},
+        ).fetchone()
+    assert row is not None
+    return tuple(row)
+
+
+async def test_the_follower_folds_batch_rows_older_than_an_hour_keeping_every_sum(
+    database_url: str, corpus: str
+) -> None:
+    """A follower writes a status row per batch for the two weeks a rollout lasts (≈1.5M rows a
+    day at 100 changes/s). Rows of more than an hour ago are folded, one per shard, phase and
+    hour, and every figure status reads stays the same; failed batches and the last hour's
+    batches stay one by one."""
+    url = database_url
+    spec = spec_for(corpus)
+    await setup(url, spec, migration=MIGRATION)
+    await run_migration(
+        url, spec, provider=local(), options=RunOptions(batch_size=10), migration=MIGRATION
+    )
+    layout = layout_for(spec, id_type="bigint")
+    status = layout.status.name
+    assert len(status_rows(url, layout)) == ROWS // 10
+    # The backfill ran two and three hours ago (half each), one batch failed then, one just now.
+    sql(
+        url,
+        f"UPDATE \"{status}\" SET started_at = started_at - interval '2 hours' * (1 + id % 2), "
+        f"finished_at = date_trunc('hour', now()) - interval '2 hours' * (1 + id % 2) "
+        "+ interval '1 minute'",
+        f'INSERT INTO "{status}" (migration, target_table, target, shard, phase, status, '
+        f"error, worker, started_at, finished_at, tokens) SELECT migration, target_table, target, "
+        f"shard, phase, 'failed', 'HTTP 500', worker, started_at, finished_at, 7 "
+        f"FROM \"{status}\" WHERE target_table = '{layout.target}' LIMIT 1",
+        f'INSERT INTO "{status}" (migration, target_table, target, shard, phase, status, rows, '
+        f"tokens, worker, started_at) SELECT migration, target_table, target, shard, 'catchup', "
+        f"'done', 3, 11, worker, now() FROM \"{status}\" "
+        f"WHERE target_table = '{layout.target}' LIMIT 1",
+    )
+    before = sums(url, layout)
+    progress = await migration_progress(url, spec)
+    assert (progress.batches, progress.failed_batches) == (ROWS // 10 + 1, 1)
+
+    async with Follower(url, spec) as follower:
+        await until(lambda: idle(url), within=10, what="the follower waits")
+        await follower.stop()
+
+    rows = status_rows(url, layout)
+    folded = [r for r in rows if r[2]]
+    # Two hours of backfill batches: one folded row each, holding ten batches.
+    assert sorted((r[0], r[3]) for r in folded) == [("backfill", 10), ("backfill", 10)], rows
+    assert [r[1] for r in rows if not r[2]] == ["failed", "done"]  # kept as they were
+    assert sums(url, layout) == before
+    after = await migration_progress(url, spec)
+    assert (after.batches, after.tokens, after.cost_usd, after.failed_batches) == (
+        progress.batches,
+        progress.tokens,
+        progress.cost_usd,
+        1,
+    )
+    assert after.recent_errors == progress.recent_errors
+    # A fold with nothing new to fold changes nothing.
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await fold_batch_rows(conn, layout)
+    assert status_rows(url, layout) == rows
+
+
+async def test_a_status_table_from_an_older_setup_is_read_and_left_unfolded(
+    database_url: str, corpus: str
+) -> None:
+    """Made before the ``batches`` column: status counts its rows, the follower leaves them, and
+    setup run again adds the column (each old row one batch)."""
+    url = database_url
+    spec = spec_for(corpus)
+    await backfill(url, spec, local())
+    layout = layout_for(spec, id_type="bigint")
+    status = layout.status.name
+    sql(
+        url,
+        f'ALTER TABLE "{status}" DROP COLUMN batches',
+        f"UPDATE \"{status}\" SET finished_at = now() - interval '3 hours' "
+        f"WHERE target_table = '{layout.target}'",
+    )
+    try:
+        assert (await migration_progress(url, spec)).batches == ROWS // 100
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            await fold_batch_rows(conn, layout)
+        assert (
+            scalar(url, f"SELECT count(*) FROM \"{status}\" WHERE target_table = '{layout.target}'")
+            == ROWS // 100
+        )
+        await setup(url, spec, migration=MIGRATION)
+    finally:  # the status table is the whole module's
+        sql(url, f'ALTER TABLE "{status}" ADD COLUMN IF NOT EXISTS batches int NOT NULL DEFAULT 1')
+    assert (
+        scalar(url, f"SELECT sum(batches) FROM \"{status}\" WHERE target_table = '{layout.target}'")
+        == ROWS // 100
+    )
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await fold_batch_rows(conn, layout)
+    assert (
+        scalar(url, f"SELECT count(*) FROM \"{status}\" WHERE target_table = '{layout.target}'")
+        == 1
+    )
+    assert (await migration_progress(url, spec)).batches == ROWS // 100
