@@ -7,8 +7,10 @@ it was answered. Vectors are checked against the local HashEmbedder, which the s
 from __future__ import annotations
 
 import asyncio
+import http.server
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 
@@ -452,3 +454,62 @@ async def test_the_pacer_learns_each_limiter_and_keeps_within_it(
     records = embedding_server.requests
     refused = sum(1 for r in records if r.status == 429)
     assert refused <= 0.1 * len(records)
+
+
+class _Answering(http.server.BaseHTTPRequestHandler):
+    """Answers every POST 200 with the body the test sets: a proxy's page, a cut-off answer."""
+
+    body = b""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args: object) -> None:
+        return None
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        pytest.param(b"<html>502 Bad Gateway</html>", "JSONDecodeError", id="a-proxy-page"),
+        pytest.param(b'{"data": [{"index": 0, "embedding": "AAAA', "JSONDecodeError", id="cut"),
+        pytest.param(b'{"object": "list"}', "KeyError", id="no-data"),
+        pytest.param(b'{"data": [{"index": 0, "embedding": "@@@@"}]}', "Error", id="not-base64"),
+        pytest.param(b'{"data": [{"embedding": "AAAAAA=="}]}', "KeyError", id="no-index"),
+        pytest.param(b'{"data": []}', "asked for 1 embeddings, got 0", id="too-few"),
+    ],
+)
+async def test_an_answer_that_is_not_embeddings_is_a_retried_malformed_answer(
+    body: bytes, why: str
+) -> None:
+    """Parsed by us, not by the SDK's models: whatever a 200 carries, the failure says what was
+    wrong, is retried like a server error, and never carries the key."""
+    from rag_service.providers.openai import OpenAIProvider
+    from rag_service.providers.retry import RetryPolicy
+
+    handler = type("Handler", (_Answering,), {"body": body})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    provider = OpenAIProvider(
+        model=MODEL,
+        dimensions=1,
+        api_key=EMBEDDING_API_KEY,
+        base_url=f"http://127.0.0.1:{server.server_address[1]}/v1",
+        retry_policy=RetryPolicy(max_attempts=2, base_delay=0.01),
+    )
+    try:
+        with pytest.raises(ProviderError, match="malformed answer") as caught:
+            await provider.embed(["x"], Purpose.DOCUMENT)
+    finally:
+        await provider.aclose()
+        server.shutdown()
+        server.server_close()
+    message = str(caught.value)
+    assert why in message and "gave up after 2 attempts" in message, message
+    assert EMBEDDING_API_KEY not in message
