@@ -20,6 +20,7 @@ on one connection, which keeps the checkpoint contiguous.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import os
@@ -47,7 +48,13 @@ from rag_service.errors import (
     ProviderError,
     WorkerBusy,
 )
-from rag_service.providers.base import EmbeddingProvider, Embeddings, Purpose
+from rag_service.providers.base import (
+    EmbeddingProvider,
+    Embeddings,
+    Purpose,
+    Usage,
+    request_watch,
+)
 from rag_service.providers.pricing import PriceTable
 from rag_service.schema import (
     Layout,
@@ -165,6 +172,45 @@ class NullProgress:
 
     def finished(self, report: RunReport) -> None:
         return None
+
+
+@dataclass
+class _InFlight:
+    """A batch being embedded: its task (None: nothing to embed), its estimated cost, when it
+    started, and (as the provider's :class:`RequestWatch`) its requests out and its spend."""
+
+    batch: Batch
+    task: asyncio.Task[Embeddings] | None
+    estimate: float
+    started: datetime
+    changed: asyncio.Event  # shared by the pipeline's batches: a request went out or came back
+    requests_out: int = 0
+    spent: Usage = field(default_factory=Usage)
+
+    def sent(self) -> None:
+        self.requests_out += 1
+        self.changed.set()
+
+    def answered(self, usage: Usage | None) -> None:
+        self.requests_out -= 1
+        if usage is not None:
+            self.spent += usage
+        self.changed.set()
+
+    @property
+    def embedding(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+
+async def _done_or_set(task: asyncio.Task[Any] | None, event: asyncio.Event) -> None:
+    """Until ``task`` is done or ``event`` is set, whichever is first (None: at once)."""
+    if task is None or task.done() or event.is_set():
+        return
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
 
 
 def shard_filter(column: sql.Composable, shard: Shard) -> sql.Composable:
@@ -429,14 +475,26 @@ class Worker:
             await ahead.put(None)
 
         reader = asyncio.create_task(read_ahead())
-        inflight: deque[tuple[Batch, asyncio.Task[Embeddings] | None, float, datetime]] = deque()
+        inflight: deque[_InFlight] = deque()
         reserved = 0.0  # estimated cost of the batches still embedding, for the budget check
 
+        changed = asyncio.Event()
+        abandoned = False  # a batch was given up on stop: later ones keep the checkpoint
+
         async def write_oldest() -> None:
-            nonlocal reserved
-            batch, task, estimate, started = inflight.popleft()
-            reserved -= estimate
-            await self._write(batch, task, started)
+            nonlocal reserved, abandoned
+            if stop is not None:
+                await _done_or_set(inflight[0].task, stop)
+                if stop.is_set():
+                    await self._give_up_waiting(inflight, changed)
+            entry = inflight.popleft()
+            reserved -= entry.estimate
+            if entry.task is not None and entry.task.cancelled():
+                abandoned = True
+                await self._record_abandoned(entry)
+                return
+            batch = replace(entry.batch, checkpoint_id=None) if abandoned else entry.batch
+            await self._write(batch, entry.task, entry.started)
 
         try:
             while (batch := await ahead.get()) is not None:
@@ -454,14 +512,7 @@ class Worker:
                         f"(≈${estimate:.4f}) would exceed it. Progress is saved; raise the "
                         "budget (spec.migration.budgetUSD) and rerun to continue"
                     )
-                task = (
-                    asyncio.create_task(
-                        self.provider.embed([r.text for r in batch.rows], Purpose.DOCUMENT)
-                    )
-                    if batch.rows
-                    else None
-                )
-                inflight.append((batch, task, estimate, datetime.now(UTC)))
+                inflight.append(self._launch(batch, estimate, changed))
                 reserved += estimate
                 while len(inflight) >= self.options.concurrency:
                     await write_oldest()
@@ -471,13 +522,84 @@ class Worker:
                 await reader  # surfaces a reading error; a stopped one is cancelled below
         finally:
             reader.cancel()
-            for _, task, _, _ in inflight:
-                if task is not None:
-                    task.cancel()
+            for entry in inflight:
+                if entry.task is not None:
+                    entry.task.cancel()
             # Let a reader cancelled mid-query unwind before its connection is used or closed.
             await asyncio.wait([reader])
             if not reader.cancelled():
                 reader.exception()  # retrieved: the error that matters is the one propagating
+
+    def _launch(self, batch: Batch, estimate: float, changed: asyncio.Event) -> _InFlight:
+        """Start embedding ``batch``, the entry watching its requests."""
+        entry = _InFlight(
+            batch=batch, task=None, estimate=estimate, started=datetime.now(UTC), changed=changed
+        )
+        if batch.rows:
+            context = contextvars.copy_context()
+            context.run(request_watch.set, entry)
+            entry.task = asyncio.create_task(
+                self.provider.embed([r.text for r in batch.rows], Purpose.DOCUMENT),
+                context=context,
+            )
+        return entry
+
+    async def _give_up_waiting(self, inflight: deque[_InFlight], changed: asyncio.Event) -> None:
+        """On stop: once no batch still embedding has a request out (each answered request is
+        paid for and kept), cancel those still embedding. They are waiting for the pacer's
+        room or to retry, which a tight rate limit can make longer than a pod's grace period,
+        and a request is never cut off mid-way. Their rows stay pending."""
+        while any(e.embedding and e.requests_out > 0 for e in inflight):
+            changed.clear()
+            tasks = [e.task for e in inflight if e.task is not None and not e.task.done()]
+            waiter = asyncio.ensure_future(changed.wait())
+            try:
+                await asyncio.wait([*tasks, waiter], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+        given_up = [e for e in inflight if e.embedding]
+        for entry in given_up:
+            assert entry.task is not None
+            entry.task.cancel()
+        await asyncio.gather(*(e.task for e in given_up if e.task), return_exceptions=True)
+        if given_up:
+            log.info(
+                "stop: %d batches (%d rows) given up while waiting for room; they stay pending",
+                len(given_up),
+                sum(len(e.batch.rows) for e in given_up),
+            )
+
+    async def _record_abandoned(self, entry: _InFlight) -> None:
+        """A batch given up on stop: nothing stored, nothing settled, but what its answered
+        requests cost is recorded (a successful row of 0 rows: spend and budget stay exact)."""
+        spent = entry.spent
+        if spent.requests == 0:
+            return
+        batch = entry.batch
+        self.report.tokens += spent.tokens
+        self.report.cost_usd += spent.cost_usd
+        async with self.writer.transaction():
+            await self.writer.execute(
+                sql.SQL(
+                    "INSERT INTO {} (migration, target_table, target, shard, phase, status, "
+                    "first_id, last_id, rows, skipped, tokens, cost_usd, worker, started_at) "
+                    "VALUES (%s, %s, %s, %s, %s, 'done', %s, %s, 0, %s, %s, %s, %s, %s)"
+                ).format(ident(self.layout.status)),
+                [
+                    self.migration,
+                    str(self.layout.target),
+                    self.layout.migration_target,
+                    str(self.options.shard),
+                    batch.phase,
+                    str(batch.rows[0].id),
+                    str(batch.rows[-1].id),
+                    len(batch.rows),
+                    spent.tokens,
+                    spent.cost_usd,
+                    self.worker_id,
+                    entry.started,
+                ],
+            )
 
     async def _write(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
@@ -66,6 +67,40 @@ class EmbeddingProvider(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+class RequestWatch(Protocol):
+    """Told about each request of one ``embed`` call (set in :data:`request_watch`)."""
+
+    def sent(self) -> None:
+        """A request is going out (the pacer let it)."""
+        ...
+
+    def answered(self, usage: Usage | None) -> None:
+        """A request came back: with what it cost, or None (it failed and is not billed)."""
+        ...
+
+
+# The watch of the ``embed`` call running in this context. A caller that may abandon calls (a
+# worker stopping on SIGTERM) sets it in the call's task context, and so learns which calls have
+# no request out and what each has spent so far. None: nobody is watching.
+request_watch: ContextVar[RequestWatch | None] = ContextVar(
+    "embedshift_request_watch", default=None
+)
+
+
+def request_sent() -> None:
+    """Tell this context's watch, if any, that a request is going out."""
+    watch = request_watch.get()
+    if watch is not None:
+        watch.sent()
+
+
+def request_answered(usage: Usage | None) -> None:
+    """Tell this context's watch, if any, that a request came back (None: failed, unbilled)."""
+    watch = request_watch.get()
+    if watch is not None:
+        watch.answered(usage)
 
 
 def checked_vectors(rows: Sequence[Sequence[float]], *, dimensions: int, source: str) -> Vectors:

@@ -31,7 +31,14 @@ from typing import Final, Generic, TypeVar
 import numpy as np
 
 from rag_service.errors import AuthenticationFailed, ProviderError, QuotaExceeded
-from rag_service.providers.base import Embeddings, Usage, Vectors, estimate_tokens
+from rag_service.providers.base import (
+    Embeddings,
+    Usage,
+    Vectors,
+    estimate_tokens,
+    request_answered,
+    request_sent,
+)
 from rag_service.redaction import redact  # the one rule; re-exported for the providers
 
 __all__ = [
@@ -1154,9 +1161,11 @@ async def send_with_retries(
     counts: dict[FailureKind, int] = {}
     while True:
         permit = await pacer.acquire(estimated_tokens)
+        request_sent()
         try:
             outcome = await send()
         except Exception as exc:
+            request_answered(None)
             failure = classify(exc)
             pacer.release(permit, failure)
             if failure is None:
@@ -1302,7 +1311,9 @@ async def embed_in_requests(
         )
         vectors[start:end] = rows
         tokens = counted if counted is not None else sum(estimates[start:end])
-        usage += Usage(tokens=tokens, requests=1, cost_usd=price(tokens))
+        spent = Usage(tokens=tokens, requests=1, cost_usd=price(tokens))
+        request_answered(spent)
+        usage += spent
 
     try:
         await send_in_requests(

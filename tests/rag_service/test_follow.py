@@ -472,7 +472,8 @@ async def test_the_follower_folds_batch_rows_older_than_an_hour_keeping_every_su
     assert (progress.batches, progress.failed_batches) == (ROWS // 10 + 1, 1)
 
     async with Follower(url, spec) as follower:
-        await until(lambda: idle(url), within=10, what="the follower waits")
+        # Its first fold comes right after its first drain.
+        await until(lambda: any(r[2] for r in status_rows(url, layout)), within=10, what="a fold")
         await follower.stop()
 
     rows = status_rows(url, layout)

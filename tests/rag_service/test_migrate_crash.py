@@ -16,9 +16,14 @@ import time
 import psycopg
 import pytest
 
+from rag_service.spec import DataPlaneSpec
+from rag_service.testing import EmbeddingServer
 from rag_service.testing.corpus import create_corpus
+from tests.embedding_fixtures import EMBEDDING_API_KEY
 from tests.helpers import PYTHON, cli_subprocess, counts, flags, spec_for, table_name
 from tests.rag_service.test_migrate import vectors_match_text
+
+OPENAI = "openai:text-embedding-3-small@64"
 
 
 def start_run(argv: list[str], *, stdout: int = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
@@ -90,7 +95,7 @@ def test_sigterm_writes_the_batches_under_way_and_exits_143(
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 143, err
-    assert "stopped by SIGTERM: the batches under way were written; rerun to resume" in err.decode()
+    assert "stopped by SIGTERM: what the API answered was written; rerun to resume" in err.decode()
     assert b"Traceback" not in err
     finished = json.loads(out.decode().splitlines()[-1])
     assert finished["event"] == "finished" and finished["stopped_by"] == "signal"
@@ -101,6 +106,69 @@ def test_sigterm_writes_the_batches_under_way_and_exits_143(
     final = cli_subprocess(["migrate", "run", *base])
     assert final.code == 0, final.err
     assert counts(database_url, spec).complete
+
+
+def booked_tokens(url: str, spec: DataPlaneSpec) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT COALESCE(sum(tokens), 0) FROM embedding_migration_status "
+            "WHERE target_table = %s",
+            [spec.target_table.name],
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_sigterm_at_a_tight_rate_limit_drops_the_batches_still_waiting_for_room(
+    database_url: str, request: pytest.FixtureRequest
+) -> None:
+    """At a tight limit the pacer holds batches for many seconds before they send anything; a
+    pod's grace period is 30 s. On SIGTERM those are dropped (they cost nothing, their rows stay
+    pending), the ones that reached the API are written, and the process ends at once."""
+    table = table_name(request)
+    create_corpus(database_url, table=table, count=400)
+    # A 1,500-token bucket refilling 25 tokens a second: the first batches of 20 rows go at
+    # once, then one about every 20 s, so the batches behind them in the pipeline wait.
+    with EmbeddingServer(api_key=EMBEDDING_API_KEY, tpm=1_500) as server:
+        base = [*flags(database_url, table, OPENAI), "--target-base-url", server.openai_base_url]
+        env = {**os.environ, "EMBEDSHIFT_TARGET_API_KEY": EMBEDDING_API_KEY}
+        assert cli_subprocess(["migrate", "setup", *base]).code == 0
+        run = [PYTHON, "-m", "embedshift_operator.cli", "migrate", "run", *base]
+        proc = subprocess.Popen(
+            [*run, "--batch-size", "20", "--concurrency", "4", "--json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        assert proc.stdout is not None
+        assert json.loads(proc.stdout.readline())["event"] == "started"
+        for _ in range(2):  # the bucket's first room spent: what follows waits for more
+            while json.loads(proc.stdout.readline())["event"] != "batch":
+                pass
+        proc.send_signal(signal.SIGTERM)
+        # Waiting for the held batches would take ~20 s each; dropping them takes none of it.
+        out, err = proc.communicate(timeout=10)
+        assert proc.returncode == 143, err
+        assert "given up while waiting for room; they stay pending" in err.decode(), err
+        finished = json.loads(out.decode().splitlines()[-1])
+        spec = spec_for(table, OPENAI)
+        partial = counts(database_url, spec)
+        assert partial.embedded_by_batches == partial.target_rows == finished["embedded"]
+        assert 0 < partial.target_rows < 400
+        # Every answered request is on the books, the given-up batches' ones included.
+        assert booked_tokens(database_url, spec) == sum(
+            r.tokens for r in server.requests if r.status == 200
+        )
+        # Nothing was skipped past: with the limit lifted, the next run embeds every row left.
+        server.tpm = None
+        final = subprocess.run(
+            run,
+            capture_output=True,
+            env=env,
+            timeout=120,
+        )
+        assert final.returncode == 0, final.stderr
+    done = counts(database_url, spec)
+    assert done.complete and done.embedded_by_batches == 400
 
 
 def test_live_inserts_updates_and_deletes_during_the_run_are_all_caught_up(

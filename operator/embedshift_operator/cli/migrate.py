@@ -311,7 +311,7 @@ async def _run(args: argparse.Namespace) -> int:
         # Not 0: a Job whose worker was stopped has not finished its shard.
         name = stop.signum.name if stop.signum else "a signal"
         print(
-            f"embedshift: stopped by {name}: the batches under way were written; rerun to resume",
+            f"embedshift: stopped by {name}: what the API answered was written; rerun to resume",
             file=sys.stderr,
         )
         return stop.exit_code
