@@ -575,30 +575,11 @@ class Worker:
         spent = entry.spent
         if spent.requests == 0:
             return
-        batch = entry.batch
         self.report.tokens += spent.tokens
         self.report.cost_usd += spent.cost_usd
         async with self.writer.transaction():
-            await self.writer.execute(
-                sql.SQL(
-                    "INSERT INTO {} (migration, target_table, target, shard, phase, status, "
-                    "first_id, last_id, rows, skipped, tokens, cost_usd, worker, started_at) "
-                    "VALUES (%s, %s, %s, %s, %s, 'done', %s, %s, 0, %s, %s, %s, %s, %s)"
-                ).format(ident(self.layout.status)),
-                [
-                    self.migration,
-                    str(self.layout.target),
-                    self.layout.migration_target,
-                    str(self.options.shard),
-                    batch.phase,
-                    str(batch.rows[0].id),
-                    str(batch.rows[-1].id),
-                    len(batch.rows),
-                    spent.tokens,
-                    spent.cost_usd,
-                    self.worker_id,
-                    entry.started,
-                ],
+            await self._record_batch(
+                entry.batch, entry.started, skipped=len(entry.batch.rows), spent=entry.spent
             )
 
     async def _write(
@@ -662,29 +643,13 @@ class Worker:
             cost = usage.cost_usd if usage else 0.0
             stored = set(stored_ids)
             by_category = Counter(r.category or "" for r in batch.rows if r.id in stored)
-            await self.writer.execute(
-                sql.SQL(
-                    "INSERT INTO {} (migration, target_table, target, shard, phase, status, "
-                    "first_id, last_id, rows, skipped, tokens, cost_usd, by_category, worker, "
-                    "started_at) VALUES (%s, %s, %s, %s, %s, 'done', %s, %s, %s, %s, %s, %s, "
-                    "%s::jsonb, %s, %s)"
-                ).format(ident(layout.status)),
-                [
-                    self.migration,
-                    str(layout.target),
-                    layout.migration_target,
-                    str(self.options.shard),
-                    batch.phase,
-                    str(batch.rows[0].id) if batch.rows else None,
-                    str(batch.rows[-1].id) if batch.rows else None,
-                    len(stored_ids),
-                    len(batch.rows) - len(stored_ids),
-                    tokens,
-                    cost,
-                    _json(dict(by_category)),
-                    self.worker_id,
-                    started,
-                ],
+            await self._record_batch(
+                batch,
+                started,
+                rows=len(stored_ids),
+                skipped=len(batch.rows) - len(stored_ids),
+                spent=Usage(tokens=tokens, cost_usd=cost),
+                by_category=dict(by_category),
             )
             if batch.checkpoint_id is not None:
                 query, params = self._checkpoint.write(last_id=batch.checkpoint_id, completed=False)
@@ -803,30 +768,58 @@ class Worker:
         )
         return [r[0] for r in await cur.fetchall()]
 
+    async def _record_batch(
+        self,
+        batch: Batch,
+        started: datetime,
+        *,
+        rows: int = 0,
+        skipped: int = 0,
+        spent: Usage,
+        by_category: dict[str, int] | None = None,
+        error: str | None = None,
+    ) -> None:
+        """The batch's status row: 'done' (rows stored, rows not, what it cost, per category), or
+        'failed' with ``error``. The one INSERT every outcome of a batch goes through."""
+        await self.writer.execute(
+            sql.SQL(
+                "INSERT INTO {} (migration, target_table, target, shard, phase, status, "
+                "first_id, last_id, rows, skipped, tokens, cost_usd, by_category, error, worker, "
+                "started_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, "
+                "%s, %s, %s)"
+            ).format(ident(self.layout.status)),
+            [
+                self.migration,
+                str(self.layout.target),
+                self.layout.migration_target,
+                str(self.options.shard),
+                batch.phase,
+                "done" if error is None else "failed",
+                str(batch.rows[0].id) if batch.rows else None,
+                str(batch.rows[-1].id) if batch.rows else None,
+                rows,
+                skipped,
+                spent.tokens,
+                spent.cost_usd,
+                _json(by_category or {}),
+                error,
+                self.worker_id,
+                started,
+            ],
+        )
+
     async def _record_failure(self, batch: Batch, started: datetime, exc: EmbedshiftError) -> None:
         """Record the failed batch, with what its successful requests were billed."""
         spent = exc if isinstance(exc, ProviderError) else None
         try:
-            await self.writer.execute(
-                sql.SQL(
-                    "INSERT INTO {} (migration, target_table, target, shard, phase, status, "
-                    "first_id, last_id, rows, tokens, cost_usd, error, worker, started_at) VALUES "
-                    "(%s, %s, %s, %s, %s, 'failed', %s, %s, 0, %s, %s, %s, %s, %s)"
-                ).format(ident(self.layout.status)),
-                [
-                    self.migration,
-                    str(self.layout.target),
-                    self.layout.migration_target,
-                    str(self.options.shard),
-                    batch.phase,
-                    str(batch.rows[0].id) if batch.rows else None,
-                    str(batch.rows[-1].id) if batch.rows else None,
-                    spent.spent_tokens if spent else 0,
-                    spent.spent_usd if spent else 0.0,
-                    str(exc)[:2000],
-                    self.worker_id,
-                    started,
-                ],
+            await self._record_batch(
+                batch,
+                started,
+                spent=Usage(
+                    tokens=spent.spent_tokens if spent else 0,
+                    cost_usd=spent.spent_usd if spent else 0.0,
+                ),
+                error=str(exc)[:2000],
             )
         except psycopg.Error:
             log.exception("could not record the failed batch")
