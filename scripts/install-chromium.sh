@@ -10,30 +10,11 @@ if command -v chromium >/dev/null 2>&1; then
     exit 0
 fi
 
-if [[ "$(id -u)" -ne 0 ]]; then
-    if command -v sudo >/dev/null 2>&1; then
-        SUDO=(sudo)
-    else
-        echo "install-chromium: 'chromium' is missing and this is not root (no sudo either);" \
-            "install Debian's 'chromium' package by hand" >&2
-        exit 1
-    fi
-else
-    SUDO=()
-fi
-
-# Through env: sudo would drop an exported DEBIAN_FRONTEND.
-if ! "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q; then
-    echo "install-chromium: 'apt-get update' failed; the tests need Debian's 'chromium' package" >&2
-    exit 1
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/lib/apt.sh"
+apt_use_root install-chromium "'chromium' is missing" "Debian's 'chromium' package"
 # fonts-dejavu-core: without any font the screenshot is boxes.
-if ! "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-    --no-install-recommends chromium fonts-dejavu-core; then
-    echo "install-chromium: 'apt-get install chromium' failed; the tests need Debian's" \
-        "'chromium' package" >&2
-    exit 1
-fi
+apt_install install-chromium "the tests need Debian's 'chromium' package" \
+    chromium fonts-dejavu-core
 
 if ! command -v chromium >/dev/null 2>&1; then
     echo "install-chromium: the 'chromium' package installed but 'chromium' is not on PATH" >&2

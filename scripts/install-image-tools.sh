@@ -20,28 +20,9 @@ if [[ "${#missing[@]}" -eq 0 ]]; then
     exit 0
 fi
 
-if [[ "$(id -u)" -ne 0 ]]; then
-    if command -v sudo >/dev/null 2>&1; then
-        SUDO=(sudo)
-    else
-        echo "install-image-tools: ${missing[*]} missing and this is not root (no sudo either);" \
-            "install Debian's '${missing[*]}' packages by hand" >&2
-        exit 1
-    fi
-else
-    SUDO=()
-fi
-
-# Through env: sudo would drop an exported DEBIAN_FRONTEND.
-if ! "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q; then
-    echo "install-image-tools: 'apt-get update' failed; 'make image' needs Debian's" \
-        "'${missing[*]}' packages" >&2
-    exit 1
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/lib/apt.sh"
+apt_use_root install-image-tools "${missing[*]} missing" "Debian's '${missing[*]}' packages"
 # uidmap and the vfs-friendly defaults come with the packages' recommends we do not need:
 # buildah/podman run as root here, with --storage-driver vfs (no overlay module needed).
-if ! "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-    --no-install-recommends "${missing[@]}"; then
-    echo "install-image-tools: 'apt-get install ${missing[*]}' failed" >&2
-    exit 1
-fi
+apt_install install-image-tools "'make image' needs Debian's '${missing[*]}' packages" \
+    "${missing[@]}"

@@ -2,7 +2,8 @@
 # Install Debian's `prometheus` package (the server and promtool) and `prometheus-alertmanager`
 # (amtool, which checks the example Alertmanager route) for the test suite.
 #
-# Idempotent: exits at once when prometheus, promtool and amtool are on PATH, or Debian's are installed. The tests start their own
+# Idempotent: exits at once when prometheus, promtool and amtool are on PATH, or Debian's are
+# installed. The tests start their own
 # Prometheus on a free loopback port, so the packaged daemon must not start: machines without
 # systemd (containers, CI) would fail the maintainer scripts, and a running daemon would hold
 # port 9090 and the package's TSDB for nothing.
@@ -22,17 +23,8 @@ if [[ -x "$BINARY" && -x "$AMTOOL" ]]; then
     exit 0
 fi
 
-if [[ "$(id -u)" -ne 0 ]]; then
-    if command -v sudo >/dev/null 2>&1; then
-        SUDO=(sudo)
-    else
-        echo "install-prometheus: $BINARY is missing and this is not root (no sudo either);" \
-            "install Debian's 'prometheus' package by hand" >&2
-        exit 1
-    fi
-else
-    SUDO=()
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/lib/apt.sh"
+apt_use_root install-prometheus "$BINARY is missing" "Debian's 'prometheus' package"
 
 # invoke-rc.d asks policy-rc.d before starting any service; 101 means "action forbidden".
 # Only a policy we wrote is removed again: an existing one (Docker images ship one) is the
@@ -52,18 +44,9 @@ if [[ ! -e "$POLICY" ]]; then
     "${SUDO[@]}" chmod 0755 "$POLICY"
 fi
 
-# Through env: sudo would drop an exported DEBIAN_FRONTEND.
-if ! "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q; then
-    echo "install-prometheus: 'apt-get update' failed; the tests need Debian's 'prometheus'" \
-        "package" >&2
-    exit 1
-fi
-if ! "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-    --no-install-recommends prometheus prometheus-alertmanager; then
-    echo "install-prometheus: 'apt-get install prometheus prometheus-alertmanager' failed; the" \
-        "tests need Debian's 'prometheus' and 'prometheus-alertmanager' packages" >&2
-    exit 1
-fi
+apt_install install-prometheus \
+    "the tests need Debian's 'prometheus' and 'prometheus-alertmanager' packages" \
+    prometheus prometheus-alertmanager
 
 for installed in "$BINARY" "$AMTOOL"; do
     if [[ ! -x "$installed" ]]; then
