@@ -359,33 +359,22 @@ class _Bucket:
             self.history.append((now, amount, 0.0))
             self._forget_before(now - _SHARE_WINDOW)
 
-    def sync(self, server_now: float, now: float, *, round_trip: float = 0.0) -> None:
-        """Move our level to the server's, and learn the others' use from the difference.
-
-        ``round_trip``: how long the answer took. The others' requests in flight are not in the
-        server's figure yet; what they used in the last round trip is what they probably have
-        in flight now, and is held back from the room (see :meth:`others_in_flight`)."""
+    def sync(self, server_now: float, now: float) -> None:
+        """Move our level to the server's, and learn the others' use from the difference."""
         self.refill(now)
         if self.shadow is not None:
             self.history.append((now, 0.0, self.shadow - server_now))
         self.shadow = server_now
         self._update_share(now)
-        room = server_now - self.others_in_flight(now, round_trip)
-        if room * self.share <= self.level:
+        if server_now * self.share <= self.level:
             # Every client on the key sees the same level: each may count on its share of it
             # (alone, all of it), or together they would spend it several times over.
-            self.level = room * self.share if room > 0 else room
+            self.level = server_now * self.share if server_now > 0 else server_now
         else:
             # Raise too, or every cautious error stays banked for good. But only by our share
             # of the surplus: every client on the key sees the same surplus in its headers,
             # and if each took all of it they would collide.
-            self.level += (room - self.level) * self.share
-
-    def others_in_flight(self, now: float, round_trip: float) -> float:
-        """The others' use the answers showed over the last ``round_trip`` seconds: about what
-        they have in flight now, unseen by the server's figure (0 alone)."""
-        since = now - round_trip
-        return max(0.0, sum(entry[2] for entry in self.history if entry[0] >= since))
+            self.level += (server_now - self.level) * self.share
 
     def _forget_before(self, moment: float) -> None:
         while self.history and self.history[0][0] < moment:
@@ -588,7 +577,9 @@ class _Limit:
         used_all = sum(max(sample[1], sample[2]) for sample in self.samples)
         others = used_all - mine
         self.share = (
-            1.0 if others <= 0.02 * used_all else max(_MIN_SHARE, _SHARE_SLACK * mine / used_all)
+            1.0
+            if others <= 0.02 * used_all
+            else max(_MIN_SHARE, _WINDOW_SHARE_SLACK * mine / used_all)
         )
         self._forget(now)
 
@@ -756,6 +747,10 @@ _SHARE_WINDOW = 30.0
 # Our share never drops below this, so a pacer cannot starve itself.
 _MIN_SHARE = 0.05
 _SHARE_SLACK = 0.97
+# Against a window each pacer's own use is capped at its share of LIMIT, so the slack is budget
+# left unused by all of them (4 pacers on a 4-s window: shares × 0.97 summed to 0.963 of LIMIT,
+# 0.939 of the budget used); the measured shares summed to 0.99 there, so half the slack does.
+_WINDOW_SHARE_SLACK = 0.985
 _MIN_SLEEP = 0.001
 # The first request's size (calibrated tokens), before any answer has told us the limit.
 _PROBE_TOKENS = 500
@@ -881,8 +876,14 @@ class RateLimitPacer:
             # so the tokens bind first, with room to spare for the smaller last ones.
             per_request = self._tokens.limit / self._requests.limit
             usual = max(usual, math.ceil(per_request * _REQUESTS_SLACK))
-        # The last room in a window takes a smaller request (down to a quarter of the usual),
-        # or it stays unused until the window moves on.
+        if self._tokens.style is LimiterStyle.WINDOW and not self._tokens.fixed:
+            # A sliding window loses no room by waiting: it frees as our own requests leave.
+            # Sized by the room at the moment of sizing (the window is full most of the time)
+            # requests would shrink to what happens to be free, small requests free small
+            # room a window later, and 4 in flight can then no longer carry the limit's rate.
+            return usual
+        # The last room in a fixed window takes a smaller request (down to a quarter of the
+        # usual), or it stays unused until the period ends.
         fits = int(self._tokens.room(self._clock()) / self._margin)
         return min(usual, max(usual // 4, fits))
 
@@ -1098,7 +1099,7 @@ class RateLimitPacer:
         # sent it: a little early, so a little optimistic, which the safety floor absorbs.
         since = now - permit.issued_at
         server_now = min(bucket.limit, remaining + since * bucket.rate) - unseen_use
-        bucket.sync(server_now, now, round_trip=since)
+        bucket.sync(server_now, now)
         return limit_state
 
     def _finish(self, permit: Permit) -> None:

@@ -791,6 +791,7 @@ LIMITERS = {
         ("bucket", 1),
         ("bucket", 2),
         ("sliding-first-4s", 1),
+        ("sliding-first-4s", 2),
         ("sliding-first-4s", 4),
         ("sliding-empty-10s", 1),
         ("sliding-empty-10s", 2),
@@ -854,3 +855,42 @@ async def test_a_limit_passed_in_gives_way_to_what_the_answers_show() -> None:
         time.now += 0.1
     assert pacer.style is LimiterStyle.WINDOW
     assert pacer.tokens_per_minute == 4000  # the header's limit, per its window
+
+
+@pytest.mark.parametrize(
+    ("style", "shrinks"),
+    [
+        # A fixed window's last room is lost at the period's end: a smaller request takes it.
+        ("fixed-4s", True),
+        ("fixed-10s", True),
+        # A sliding window loses nothing by waiting (its room frees as our requests leave):
+        # sized by the little room free at the moment, requests shrink, and small requests
+        # free small room a window later (issue 17 §3: 352 tokens on average where the usual
+        # was 500, and 4 in flight could no longer carry the limit's rate).
+        ("sliding-first-4s", False),
+        ("sliding-empty-10s", False),
+    ],
+)
+async def test_only_a_fixed_windows_last_room_takes_a_smaller_request(
+    style: str, shrinks: bool
+) -> None:
+    time = FakeTime()
+    limiter = LIMITERS[style]()
+    pacer = RateLimitPacer(clock=time.clock, sleep=time.sleep)
+
+    async def send(size: int) -> None:
+        permit = await pacer.acquire(size)
+        limiter.take(size, time.now)
+        pacer.settle(permit, headers=limiter.headers("tokens", time.now), actual_tokens=size)
+
+    for _ in range(60):  # long enough to learn the window (and that it is fixed)
+        await send(pacer.max_request_tokens() or 1000)
+        time.now += 0.05
+    usual = pacer.max_request_tokens()
+    assert usual is not None
+    # Fill the window until less than one usual request of room is left.
+    while int(limiter.headers("tokens", time.now)["x-ratelimit-remaining-tokens"]) >= usual:
+        await send(30)
+    size = pacer.max_request_tokens()
+    assert size is not None
+    assert (size < usual) is shrinks
