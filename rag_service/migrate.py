@@ -202,13 +202,14 @@ class _InFlight:
         return self.task is not None and not self.task.done()
 
 
-async def _done_or_set(task: asyncio.Task[Any] | None, event: asyncio.Event) -> None:
-    """Until ``task`` is done or ``event`` is set, whichever is first (None: at once)."""
-    if task is None or task.done() or event.is_set():
+async def _until_done_or_set(tasks: Sequence[asyncio.Task[Any]], event: asyncio.Event) -> None:
+    """Until one of ``tasks`` is done or ``event`` is set, whichever is first (at once if one
+    already is, or if there is no task)."""
+    if not tasks or any(task.done() for task in tasks) or event.is_set():
         return
     waiter = asyncio.ensure_future(event.wait())
     try:
-        await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([*tasks, waiter], return_when=asyncio.FIRST_COMPLETED)
     finally:
         waiter.cancel()
 
@@ -484,7 +485,8 @@ class Worker:
         async def write_oldest() -> None:
             nonlocal reserved, abandoned
             if stop is not None:
-                await _done_or_set(inflight[0].task, stop)
+                oldest = inflight[0].task
+                await _until_done_or_set([oldest] if oldest else [], stop)
                 if stop.is_set():
                     await self._give_up_waiting(inflight, changed)
             entry = inflight.popleft()
@@ -551,12 +553,7 @@ class Worker:
         and a request is never cut off mid-way. Their rows stay pending."""
         while any(e.embedding and e.requests_out > 0 for e in inflight):
             changed.clear()
-            tasks = [e.task for e in inflight if e.task is not None and not e.task.done()]
-            waiter = asyncio.ensure_future(changed.wait())
-            try:
-                await asyncio.wait([*tasks, waiter], return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                waiter.cancel()
+            await _until_done_or_set([e.task for e in inflight if e.embedding and e.task], changed)
         given_up = [e for e in inflight if e.embedding]
         for entry in given_up:
             assert entry.task is not None
